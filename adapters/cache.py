@@ -1,0 +1,94 @@
+"""An evicting KV cache that is a native member of the transformers ``cache_utils`` family.
+
+:class:`EvictingLayer` stores keys/values ``[B, H_kv, K, D]`` where K is the largest number of tokens
+kept by any (sample, head); which slots are real is tracked by a core
+:class:`~namm_transfer.memory.LayerMemory`. Like ``DynamicSlidingWindowLayer``, it reports the number
+of tokens *seen* from ``get_seq_length()`` and ``(stored + q, seen - stored)`` from
+``get_mask_sizes()``, so default position ids, ``generate()`` and chunked prefill keep working after
+tokens were removed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from namm_transfer.memory import LayerMemory
+from namm_transfer.policies import MemoryPolicy
+
+
+class EvictingLayer(DynamicLayer):
+    """One layer's cache, whose slots a memory policy may evict after each forward."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, memory: LayerMemory):
+        super().__init__()
+        self.memory = memory
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        batch, heads, n_new, _ = key_states.shape
+        self.memory.append(batch, heads, n_new, key_states.device)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.memory.tokens_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.memory.n_slots
+        return stored + query_length, self.memory.tokens_seen - stored
+
+    def apply_eviction(self) -> None:
+        """Ask the policy (if due) which tokens to keep and physically drop the others."""
+        needs_keys = getattr(self.memory.policy, "needs_keys", False)
+        index = self.memory.maybe_evict(self.keys if needs_keys else None)
+        if index is None:
+            return
+        t0 = time.perf_counter()
+        gather = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, gather)
+        self.values = self.values.gather(2, gather)
+        self.memory.stats.timing["eviction_s"] += time.perf_counter() - t0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an evicting cache cannot be cropped (assisted decoding is not supported)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("an evicting cache does not support contrastive search or beam pruning")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("an evicting cache does not support beam search; use greedy or sampling")
+
+    def stored_bytes(self) -> int:
+        if self.keys is None or self.keys.numel() == 0:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def full_bytes(self) -> int:
+        """Bytes a full (never evicting) cache would hold for the same tokens."""
+        if self.keys is None or self.keys.numel() == 0:
+            return 0
+        batch, heads, _, dim = self.keys.shape
+        return 2 * batch * heads * self.memory.tokens_seen * dim * self.keys.element_size()
+
+
+class EvictingCache(DynamicCache):
+    """A ``DynamicCache`` whose layers are :class:`EvictingLayer` s driven by ``policy``.
+
+    Args:
+        policy: the memory policy shared by all layers (per-layer state lives in each LayerMemory).
+        num_layers: decoder layers with a KV cache.
+        n_groups: query heads per KV head.
+    """
+
+    def __init__(self, policy: MemoryPolicy, num_layers: int, n_groups: int = 1):
+        self.policy = policy
+        layers = [EvictingLayer(LayerMemory(policy, i, n_groups)) for i in range(num_layers)]
+        super(DynamicCache, self).__init__(layers=layers)
+
+    def memory(self, layer_idx: int) -> LayerMemory:
+        return self.layers[layer_idx].memory

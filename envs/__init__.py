@@ -1,0 +1,1 @@
+"""RL side (gymnasium env factories, Minari datasets, score normalisation): added by the offline-RL issue."""

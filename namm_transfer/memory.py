@@ -1,0 +1,166 @@
+"""Model-agnostic bookkeeping of one attention layer's KV cache under a memory policy.
+
+:class:`LayerMemory` tracks, for every stored slot, the token's arrival index and validity (padding,
+evicted, empty), builds the attention mask from those absolute indices, feeds the policy the latest
+attention, and at the policy's cadence turns its keep mask into a compact gather index. An adapter
+owns the key/value tensors and applies that index; nothing here knows which model it serves.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from namm_transfer.policies.base import CacheView, MemoryPolicy
+from namm_transfer.selection import compact_index
+
+
+@dataclass
+class LayerStats:
+    evictions: int = 0
+    nonfinite: int = 0
+    updates: int = 0
+    timing: dict[str, float] = field(
+        default_factory=lambda: {"capture_s": 0.0, "features_s": 0.0, "scoring_s": 0.0, "eviction_s": 0.0}
+    )
+
+
+class LayerMemory:
+    """Slot table of one layer: ``positions`` and ``valid``, both ``[B, H_kv, S]``.
+
+    Args:
+        policy: the memory policy.
+        layer_idx: which layer (policies may use per-layer budgets).
+        n_groups: query heads per KV head (GQA); attention is averaged over each group.
+    """
+
+    def __init__(self, policy: MemoryPolicy, layer_idx: int, n_groups: int = 1):
+        self.policy, self.layer_idx, self.n_groups = policy, layer_idx, n_groups
+        self.state = policy.new_state(layer_idx)
+        self.positions: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.protect: torch.Tensor | None = None
+        self.tokens_seen = 0  # arrival indices handed out, padding included
+        self.real_seen: torch.Tensor | None = None  # [B] non-padding tokens per sample
+        self.last_update: torch.Tensor | None = None  # [B] real_seen at the last policy update
+        self.stats = LayerStats()
+
+    @property
+    def n_slots(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[-1]
+
+    def append(self, batch: int, heads: int, n_new: int, device: torch.device) -> None:
+        """Register ``n_new`` new tokens (all valid until :meth:`mark_padding` says otherwise)."""
+        if self.positions is None:
+            self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
+            self.valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
+            self.real_seen = torch.zeros(batch, dtype=torch.long, device=device)
+            self.last_update = torch.zeros(batch, dtype=torch.long, device=device)
+        new_pos = torch.arange(self.tokens_seen, self.tokens_seen + n_new, device=device)
+        self.positions = torch.cat([self.positions, new_pos.expand(batch, heads, n_new)], dim=-1)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(batch, heads, n_new)], dim=-1)
+        if self.protect is not None:
+            self.protect = torch.nn.functional.pad(self.protect, (0, n_new))
+        self.tokens_seen += n_new
+        self.real_seen += n_new
+
+    def mark_padding(self, new_valid: torch.Tensor) -> None:
+        """``new_valid`` ``[B, q]``: validity of the latest q tokens (False = padding)."""
+        n_new = new_valid.shape[-1]
+        pads = (~new_valid).sum(-1)
+        if bool(pads.any()):
+            self.valid[..., -n_new:] &= new_valid[:, None, :].to(self.valid.device)
+            self.real_seen -= pads.to(self.real_seen.device)
+
+    def attention_mask(self, n_queries: int) -> torch.Tensor:
+        """``[B, H_kv, q, S]`` bool: query i may attend to slot s iff s is valid and arrived no later.
+
+        A query always sees its own slot, so padding queries never get an empty (NaN) row.
+        """
+        query_pos = torch.arange(self.tokens_seen - n_queries, self.tokens_seen, device=self.positions.device)
+        key_pos = self.positions[..., None, :]
+        causal = key_pos <= query_pos[:, None]
+        return (causal & self.valid[..., None, :]) | (key_pos == query_pos[:, None])
+
+    def observe(self, attention: torch.Tensor, row_valid: torch.Tensor | None = None) -> None:
+        """Feed ``attention`` ``[B, H_q, q, S]`` (softmax rows of the latest queries) to the policy.
+
+        Non-finite values never reach the policy: the affected keys are protected from the next
+        eviction and counted in ``stats.nonfinite``.
+        """
+        t0 = time.perf_counter()
+        batch, q_heads, n_q, n_keys = attention.shape
+        rows = attention.float()
+        if self.n_groups > 1:
+            rows = rows.view(batch, q_heads // self.n_groups, self.n_groups, n_q, n_keys).mean(2)
+        finite = torch.isfinite(rows)
+        if not bool(finite.all()):
+            bad = ~finite.all(dim=-2)  # [B, H, S] keys with any non-finite received attention
+            count = int(bad.sum())
+            self.stats.nonfinite += count
+            warnings.warn(
+                f"layer {self.layer_idx}: non-finite attention to {count} cached tokens; they are kept "
+                "and their attention is treated as zero",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.protect = bad if self.protect is None else self.protect | bad
+            rows = torch.where(finite, rows, torch.zeros(()))
+        self.stats.timing["capture_s"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.policy.observe(self.state, rows, row_valid)
+        self.stats.timing["features_s"] += time.perf_counter() - t1
+
+    def due(self) -> torch.Tensor:
+        """``[B]`` bool: samples whose token count crossed a multiple of ``update_every``."""
+        every = self.policy.update_every
+        return (self.real_seen // every) > (self.last_update // every)
+
+    def maybe_evict(self, keys: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run the policy where due; return a ``[B, H, K]`` gather index if slots changed, else None."""
+        if self.positions is None:
+            return None
+        due = self.due()
+        if not bool(due.any()):
+            return None
+        t0 = time.perf_counter()
+        view = CacheView(self.layer_idx, self.positions, self.valid, keys, self.protect)
+        keep = self.policy.keep(self.state, view)
+        if self.protect is not None:
+            keep = keep | self.protect
+        keep = torch.where(due[:, None, None], keep, self.valid) & self.valid
+        self.stats.timing["scoring_s"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.last_update = torch.where(due, self.real_seen, self.last_update)
+        self.protect = None
+        self.stats.updates += 1
+        self.stats.evictions += int(self.valid.sum() - keep.sum())
+        index, new_valid = compact_index(keep)
+        if index.shape[-1] == self.n_slots and bool(new_valid.all()):
+            self.stats.timing["eviction_s"] += time.perf_counter() - t1
+            return None  # nothing dropped, nothing to compact
+        self.positions = self.positions.gather(-1, index)
+        self.valid = new_valid
+        self.policy.on_select(self.state, index)
+        self.stats.timing["eviction_s"] += time.perf_counter() - t1
+        return index
+
+    def select(self, index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Apply an externally decided compaction (e.g. to reorder a batch)."""
+        self.positions = self.positions.gather(-1, index)
+        self.valid = valid
+        self.protect = None if self.protect is None else self.protect.gather(-1, index) & valid
+        self.policy.on_select(self.state, index)
+
+    def kept_tokens(self) -> torch.Tensor:
+        """``[B, H]`` valid tokens per sample and KV head."""
+        if self.valid is None:
+            return torch.zeros(0, 0, dtype=torch.long)
+        return self.valid.sum(-1)
+
+    def bookkeeping_nbytes(self) -> int:
+        tables = 0 if self.positions is None else self.positions.numel() * 9  # int64 + bool
+        return tables + self.policy.state_nbytes(self.state)

@@ -1,0 +1,205 @@
+"""The Neural Attention Memory Model policy (Cetin et al. 2024, arXiv 2410.13166).
+
+Per layer and KV head, every ``update_every`` tokens: features = [age embedding, z-scored attention
+spectrogram EMA] -> scorer (BAM or MLP) -> keep iff score >= threshold (newest always kept, padding
+never, optional hard budget).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from namm_transfer.features import StreamingSpectrogram, age_embedding
+from namm_transfer.policies.base import Budget, CacheView, MemoryPolicy, budget_for
+from namm_transfer.scorers import ScorerShapes, keep_all_params, score_tokens
+from namm_transfer.selection import select_tokens
+
+
+@dataclass
+class NAMMConfig:
+    """Every size and cadence of a NAMM; the defaults are the reference's (DESIGN.md section 3)."""
+
+    n_fft: int = 32
+    hop: int = 16
+    ema_decay: float = 0.99
+    age_dim: int = 8
+    age_base: float = 10_000.0
+    scorer: str = "bam"
+    hidden: int = 32
+    update_every: int = 512
+    threshold: float = 0.0
+    budget: int | list[int] | None = None
+    init_keep_bias: float = 1.0
+
+    @property
+    def n_bins(self) -> int:
+        return self.n_fft // 2 + 1
+
+    @property
+    def shapes(self) -> ScorerShapes:
+        return ScorerShapes(in_dim=self.age_dim + self.n_bins, hidden=self.hidden, kind=self.scorer)
+
+    @property
+    def n_params(self) -> int:
+        return self.shapes.n_params
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NAMMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown NAMMConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class NAMM(MemoryPolicy):
+    """A NAMM memory policy.
+
+    Args:
+        config: sizes and cadence (``NAMMConfig()`` by default).
+        params: ``[n_params]`` or ``[P, n_params]`` (one member per batch element). Default: the
+            keep-everything initialisation (zeros, final bias ``init_keep_bias``).
+        norm_mean, norm_var: ``[n_bins]`` frozen per-bin statistics of the spectrogram features.
+            None: no normalisation until :meth:`collecting_statistics` fills them.
+    """
+
+    needs_attention = True
+
+    def __init__(
+        self,
+        config: NAMMConfig | None = None,
+        params: torch.Tensor | None = None,
+        norm_mean: torch.Tensor | None = None,
+        norm_var: torch.Tensor | None = None,
+    ):
+        self.config = config or NAMMConfig()
+        super().__init__(update_every=self.config.update_every)
+        if params is None:
+            params = keep_all_params(self.config.shapes, self.config.init_keep_bias)
+        params = torch.as_tensor(params, dtype=torch.float32)
+        if params.shape[-1] != self.config.n_params or params.ndim > 2:
+            raise ValueError(
+                f"NAMM parameters must be [{self.config.n_params}] or [P, {self.config.n_params}] for "
+                f"scorer={self.config.scorer!r}, hidden={self.config.hidden}, "
+                f"in_dim={self.config.shapes.in_dim}; got shape {tuple(params.shape)}"
+            )
+        self.params = params if params.ndim == 2 else params[None]
+        for name, value in (("norm_mean", norm_mean), ("norm_var", norm_var)):
+            if value is not None and tuple(torch.as_tensor(value).reshape(-1).shape) != (self.config.n_bins,):
+                shape = tuple(torch.as_tensor(value).shape)
+                raise ValueError(f"{name} must hold {self.config.n_bins} values, got shape {shape}")
+        self.norm_mean = None if norm_mean is None else torch.as_tensor(norm_mean).float().reshape(-1)
+        self.norm_var = None if norm_var is None else torch.as_tensor(norm_var).float().reshape(-1)
+        self._collect: list[torch.Tensor] | None = None  # [count, sum, sum of squares] while collecting
+
+    # construction helpers ------------------------------------------------------------------------
+    @classmethod
+    def init_random(cls, seed: int = 0, sigma: float = 0.065, config: NAMMConfig | None = None) -> NAMM:
+        """An untrained NAMM: the keep-all initialisation plus ``sigma`` Gaussian noise (a CMA-ES member)."""
+        config = config or NAMMConfig()
+        base = keep_all_params(config.shapes, config.init_keep_bias)
+        noise = torch.randn(base.shape, generator=torch.Generator().manual_seed(seed))
+        return cls(config, base + sigma * noise)
+
+    @property
+    def budget(self) -> Budget:
+        return self.config.budget
+
+    # policy interface ------------------------------------------------------------------------------
+    def new_state(self, layer_idx: int) -> StreamingSpectrogram:
+        c = self.config
+        return StreamingSpectrogram(n_fft=c.n_fft, hop=c.hop, decay=c.ema_decay)
+
+    def observe(self, state: StreamingSpectrogram, attention: torch.Tensor, row_valid) -> None:
+        state.observe(attention, row_valid)
+
+    def on_select(self, state: StreamingSpectrogram, index: torch.Tensor) -> None:
+        state.select(index)
+
+    def state_nbytes(self, state: StreamingSpectrogram) -> int:
+        return state.nbytes()
+
+    def features(self, state: StreamingSpectrogram, view: CacheView) -> torch.Tensor:
+        """``[B, H, S, age_dim + n_bins]`` scorer input for every slot."""
+        spectral = self._spectral(state, view)
+        if self.norm_mean is not None and self.norm_var is not None:
+            mean, var = self.norm_mean.to(spectral.device), self.norm_var.to(spectral.device)
+            spectral = (spectral - mean) / var.sqrt().clamp_min(1e-7)
+        age = age_embedding(view.age, self.config.age_dim, self.config.age_base)
+        return torch.cat([age, spectral], dim=-1)
+
+    def _spectral(self, state: StreamingSpectrogram, view: CacheView) -> torch.Tensor:
+        if state.ema is None:
+            return torch.zeros(*view.positions.shape, self.config.n_bins, device=view.positions.device)
+        state.grow(view.positions.shape[-1])
+        return state.ema
+
+    def keep(self, state: StreamingSpectrogram, view: CacheView) -> torch.Tensor:
+        if self._collect is not None:
+            self._accumulate(self._spectral(state, view), view.valid)
+            return view.valid.clone()
+        params = self.params.to(view.positions.device)
+        if params.shape[0] not in (1, view.positions.shape[0]):
+            raise ValueError(
+                f"NAMM holds {params.shape[0]} parameter vectors but the batch has "
+                f"{view.positions.shape[0]} samples; use one vector or one per sample"
+            )
+        feats = self.features(state, view)
+        scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
+        cap = budget_for(self.config.budget, view.layer_idx)
+        return select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
+
+    # normalisation statistics --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def collecting_statistics(self) -> Iterator[NAMM]:
+        """Within this block the NAMM keeps everything and accumulates per-bin feature statistics
+        over every valid token at every update; on exit they are frozen as ``norm_mean``/``norm_var``."""
+        self._collect = [torch.zeros(()), torch.zeros(self.config.n_bins), torch.zeros(self.config.n_bins)]
+        try:
+            yield self
+        finally:
+            count, total, squares = self._collect
+            self._collect = None
+            if count > 0:
+                self.norm_mean = total / count
+                self.norm_var = (squares / count - self.norm_mean.square()).clamp_min(0)
+
+    def _accumulate(self, spectral: torch.Tensor, valid: torch.Tensor) -> None:
+        x = spectral[valid].double().cpu()
+        self._collect[0] = self._collect[0] + x.shape[0]
+        self._collect[1] = self._collect[1] + x.sum(0).float()
+        self._collect[2] = self._collect[2] + x.square().sum(0).float()
+
+    # persistence -----------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (parameters + normalisation statistics)."""
+        from namm_transfer.checkpoint import save_namm
+
+        return save_namm(self, Path(directory))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **hub_kwargs) -> NAMM:
+        """Load from a local directory or a Hub repo id (``config.json`` + ``model.safetensors``)."""
+        from namm_transfer.checkpoint import load_namm
+
+        return load_namm(cls, name_or_path, **hub_kwargs)
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"NAMM(scorer={c.scorer!r}, params={tuple(self.params.shape)}, update_every={c.update_every}, "
+            f"budget={c.budget}, normalised={self.norm_mean is not None})"
+        )
+
+
+def config_to_json(config: NAMMConfig) -> str:
+    return json.dumps(asdict(config), indent=2)

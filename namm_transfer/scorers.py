@@ -1,0 +1,111 @@
+"""NAMM token scorers: backward attention memory (BAM) and the MLP ablation (arXiv 2410.13166, sec. 3.2).
+
+Both are pure functions of a flat parameter vector so that a whole CMA-ES population can be scored at
+once: ``params`` is ``[P, n_params]`` with P equal to 1 (shared) or to the batch size (one member per
+batch element). Weights are laid out ``in x out`` and flattened in the reference order
+(qkv weight, qkv bias, out weight, out bias, final weight, final bias).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ScorerShapes:
+    """Sizes of a scorer; the defaults give the reference BAM with 4,172 parameters."""
+
+    in_dim: int = 25
+    hidden: int = 32
+    kind: str = "bam"  # "bam" (counter-causal attention) or "mlp" (no token-to-token attention)
+
+    def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        d, h = self.in_dim, self.hidden
+        first = ("qkv", (d, 3 * h)) if self.kind == "bam" else ("proj", (d, h))
+        return [
+            (f"{first[0]}_weight", first[1]),
+            (f"{first[0]}_bias", (first[1][1],)),
+            ("out_weight", (h, 2 * d)),
+            ("out_bias", (2 * d,)),
+            ("final_weight", (d, 1)),
+            ("final_bias", (1,)),
+        ]
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.layout())
+
+
+def unflatten(params: torch.Tensor, shapes: ScorerShapes) -> dict[str, torch.Tensor]:
+    """Split ``[P, n_params]`` into named ``[P, *shape]`` tensors."""
+    if params.ndim == 1:
+        params = params[None]
+    if params.shape[-1] != shapes.n_params:
+        raise ValueError(
+            f"{shapes.kind} scorer with in_dim={shapes.in_dim}, hidden={shapes.hidden} needs "
+            f"{shapes.n_params} parameters, got a vector of {params.shape[-1]}"
+        )
+    out, start = {}, 0
+    for name, shape in shapes.layout():
+        size = math.prod(shape)
+        out[name] = params[:, start : start + size].reshape(params.shape[0], *shape)
+        start += size
+    return out
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, S, i] @ weight [P, i, o] + bias [P, o]`` with P in {1, B}."""
+    return torch.einsum("bhsi,bio->bhso", x, weight.expand(x.shape[0], -1, -1)) + bias[:, None, None, :]
+
+
+def score_tokens(
+    params: torch.Tensor,
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    shapes: ScorerShapes,
+) -> torch.Tensor:
+    """Score every cached token.
+
+    Args:
+        params: ``[P, n_params]``, P = 1 or B.
+        features: ``[B, H, S, in_dim]`` token features.
+        valid: ``[B, H, S]`` bool, False for empty or padding slots.
+        positions: ``[B, H, S]`` arrival index of each slot (larger = newer).
+        shapes: scorer sizes and kind.
+
+    Returns:
+        ``[B, H, S]`` scores; the keep threshold is 0. In BAM a token attends only to itself and to
+        newer valid tokens (counter-causal), so its score depends on what came after it.
+    """
+    p = unflatten(params.to(features.dtype), shapes)
+    x = features.masked_fill(~valid[..., None], 0.0)  # garbage in empty slots must not leak
+    if shapes.kind == "bam":
+        q, k, v = _linear(x, p["qkv_weight"], p["qkv_bias"]).split(shapes.hidden, dim=-1)
+        if bool(valid.all()) and bool((positions[..., 1:] > positions[..., :-1]).all()):
+            # Slots are stored oldest first, so "itself and newer" is causal attention on the reversed
+            # sequence: SDPA's fused causal kernel, no S x S mask.
+            q, k, v = q.flip(-2), k.flip(-2), v.flip(-2)
+            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True).flip(-2)
+        else:
+            allowed = (positions[..., None, :] >= positions[..., :, None]) & valid[..., None, :]
+            allowed = allowed | torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)  # no empty row
+            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    elif shapes.kind == "mlp":
+        mixed = torch.relu(_linear(x, p["proj_weight"], p["proj_bias"]))
+    else:
+        raise ValueError(f"unknown scorer kind {shapes.kind!r}; expected 'bam' or 'mlp'")
+    residual, multiplier = _linear(mixed, p["out_weight"], p["out_bias"]).split(shapes.in_dim, dim=-1)
+    hidden = x * (1 + multiplier) + residual
+    return _linear(hidden, p["final_weight"], p["final_bias"]).squeeze(-1)
+
+
+def keep_all_params(shapes: ScorerShapes, bias: float = 1.0) -> torch.Tensor:
+    """All-zero parameters with a positive final bias: every score equals ``bias``, so all tokens are kept."""
+    params = torch.zeros(shapes.n_params)
+    params[-1] = bias
+    return params

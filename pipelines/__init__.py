@@ -1,0 +1,1 @@
+"""End-to-end jobs and the ``namm-transfer`` command line (demo, benchmarks, evaluation)."""

@@ -1,0 +1,178 @@
+"""``namm-transfer bench overhead``: what attaching a NAMM costs on SmolLM2's chunked prefill.
+
+For each prompt length, the bare model's chunked prefill (a ``DynamicCache``) is timed against the
+same chunks with a NAMM attached (median of a few repetitions). Results go to a markdown table and a
+JSON file next to it, with the command line, date and library versions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from namm_transfer.pipelines.common import (
+    log,
+    markdown_table,
+    parse_dtype,
+    run_metadata,
+    set_threads,
+    write_json,
+)
+from namm_transfer.pipelines.demo import load_namm
+from namm_transfer.pipelines.models import load_smollm2
+from namm_transfer.pipelines.passkey import make_passkey_example
+
+
+@dataclass
+class OverheadConfig:
+    """Settings of :func:`run_overhead`.
+
+    Attributes:
+        lengths: prompt lengths in tokens.
+        chunk: prefill chunk size (both runs feed the same chunks).
+        reps: timed repetitions per length and setting (the median is reported).
+        warmup: untimed runs before timing (at the shortest length).
+        device: torch device.
+        dtype: model dtype name.
+        namm: path or hub id of a NAMM checkpoint; None uses ``NAMM.init_random(namm_seed)``.
+        namm_seed: seed of that random NAMM.
+        output: markdown result path; the JSON goes beside it with a ``.json`` suffix.
+        threads: torch intra-op threads (None leaves torch's default).
+        cache_dir: converted-model cache directory (None: the default).
+    """
+
+    lengths: Sequence[int] = field(default_factory=lambda: [512, 1024, 2048])
+    chunk: int = 512
+    reps: int = 3
+    warmup: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    namm: str | None = None
+    namm_seed: int = 0
+    output: str = "benchmarks/results/overhead.md"
+    threads: int | None = None
+    cache_dir: str | None = None
+
+
+def _sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def chunked_prefill(model, ids: torch.Tensor, chunk: int, cache) -> None:
+    """Feed ``ids`` ``[B, T]`` through ``model`` in chunks, filling ``cache`` (only last logits computed)."""
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], chunk):
+            part = ids[:, start : start + chunk]
+            model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def _median_time(fn: Callable[[], Any], reps: int, device: str) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def _dynamic_cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig) -> dict[str, Any]:
+    """One row of the overhead table for the prompt ``ids``."""
+    from namm_transfer.adapters import attach
+    from transformers import DynamicCache
+
+    def bare() -> int:
+        cache = DynamicCache(config=model.config)
+        chunked_prefill(model, ids, cfg.chunk, cache)
+        return _dynamic_cache_bytes(cache)
+
+    bare_s, bare_bytes = _median_time(bare, cfg.reps, cfg.device)
+    with attach(model, namm) as handle:
+        def with_namm() -> dict[str, Any]:
+            chunked_prefill(model, ids, cfg.chunk, handle.new_cache())
+            return handle.stats()
+
+        namm_s, stats = _median_time(with_namm, cfg.reps, cfg.device)
+    bookkeeping_s = sum(stats["timing"].values())
+    return {
+        "tokens": int(ids.shape[1]),
+        "bare_s": bare_s,
+        "namm_s": namm_s,
+        "overhead_ratio": namm_s / bare_s,
+        "bookkeeping_s": bookkeeping_s,
+        "bookkeeping_fraction_of_bare": bookkeeping_s / bare_s,
+        "timing": stats["timing"],
+        "kv_bytes_bare": bare_bytes,
+        "kv_bytes_full": stats["full_kv_bytes"],
+        "kv_bytes_namm": stats["stored_kv_bytes"],
+        "kept_fraction": stats["kept_fraction"],
+        "evictions": stats["evictions"],
+        "bookkeeping_bytes": stats["bookkeeping_bytes"],
+        "max_rows_buffered": stats["max_rows_buffered"],
+    }
+
+
+def format_overhead(rows: list[dict[str, Any]]) -> str:
+    """The overhead results as a markdown table."""
+    mib = 2**20
+    headers = ["tokens", "bare s", "NAMM s", "overhead x", "bookkeeping / bare", "KV MiB bare",
+               "KV MiB NAMM", "kept", "bookkeeping MiB", "max rows buffered"]
+    body = [
+        [r["tokens"], f"{r['bare_s']:.2f}", f"{r['namm_s']:.2f}", f"{r['overhead_ratio']:.2f}",
+         f"{r['bookkeeping_fraction_of_bare']:.1%}", f"{r['kv_bytes_bare'] / mib:.2f}",
+         f"{r['kv_bytes_namm'] / mib:.2f}", f"{r['kept_fraction']:.1%}",
+         f"{r['bookkeeping_bytes'] / mib:.2f}", r["max_rows_buffered"]]
+        for r in rows
+    ]
+    return markdown_table(headers, body)
+
+
+def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the overhead benchmark; prints the table, writes ``cfg.output`` (.md) and its .json twin."""
+    set_threads(cfg.threads)
+    log("loading SmolLM2-135M-Instruct ...")
+    model, tokenizer = load_smollm2(device=cfg.device, dtype=parse_dtype(cfg.dtype), cache_dir=cfg.cache_dir)
+    namm = load_namm(cfg.namm, cfg.namm_seed)
+    lengths = sorted(int(n) for n in cfg.lengths)
+    prompts = {n: torch.tensor([make_passkey_example(tokenizer, 0, n).prompt_ids], device=cfg.device)
+               for n in lengths}
+    if cfg.warmup:
+        log("warming up ...")
+        warm = OverheadConfig(**{**asdict(cfg), "reps": cfg.warmup})
+        measure_length(model, prompts[lengths[0]], namm, warm)
+    rows = []
+    for n in lengths:
+        log(f"timing {prompts[n].shape[1]} tokens x {cfg.reps} reps ...")
+        rows.append(measure_length(model, prompts[n], namm, cfg))
+        log(f"{n}: bare {rows[-1]['bare_s']:.2f} s, NAMM {rows[-1]['namm_s']:.2f} s")
+
+    meta = run_metadata(argv)
+    table = format_overhead(rows)
+    print(table)
+    md_path = Path(cfg.output)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(
+        "# NAMM overhead on SmolLM2-135M-Instruct (chunked prefill)\n\n"
+        f"- command: `{meta['command']}`\n- date: {meta['date']}\n"
+        f"- torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}\n"
+        f"- device: {cfg.device}, dtype: {cfg.dtype}, torch threads: {meta['torch_threads']}, "
+        f"chunk: {cfg.chunk}, median of {cfg.reps} reps\n"
+        f"- NAMM: {cfg.namm or f'NAMM.init_random(seed={cfg.namm_seed})'}\n\n"
+        "`overhead x` = NAMM seconds / bare seconds; `bookkeeping / bare` = the NAMM's own time "
+        "(capture + features + scoring + eviction, from `stats()['timing']`) over the bare forward.\n\n"
+        f"{table}\n"
+    )
+    json_path = write_json(md_path.with_suffix(".json"), {"config": asdict(cfg), "meta": meta, "rows": rows})
+    log(f"wrote {md_path} and {json_path}")
+    return rows

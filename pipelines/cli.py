@@ -1,0 +1,116 @@
+"""The ``namm-transfer`` command line.
+
+Subcommands mirror the pipeline config dataclasses: ``demo`` (:class:`DemoConfig`) and
+``bench overhead`` (:class:`OverheadConfig`). ``bench`` is a nested group so more benchmarks can join it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from namm_transfer.pipelines.bench import OverheadConfig
+from namm_transfer.pipelines.demo import DemoConfig
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the descriptions' line breaks."""
+
+
+def _add_model_args(p: argparse.ArgumentParser, defaults: DemoConfig | OverheadConfig) -> None:
+    p.add_argument("--device", default=defaults.device, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (float32 is fastest on CPU)")
+    p.add_argument("--threads", type=int, default=defaults.threads,
+                   help="torch intra-op threads; None keeps torch's choice (1 is best beside a busy process)")
+    p.add_argument("--cache-dir", default=defaults.cache_dir,
+                   help="converted SmolLM2 cache; None: <root>/smollm2-135m-instruct, <root> being "
+                        "$NAMM_TRANSFER_CACHE or ~/.cache/namm-transfer")
+    p.add_argument("--namm", default=defaults.namm,
+                   help="path or hub id of a trained NAMM checkpoint; None uses an untrained "
+                        "NAMM.init_random(--namm-seed)")
+    p.add_argument("--namm-seed", type=int, default=defaults.namm_seed, help="seed of the random NAMM")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``namm-transfer`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="namm-transfer",
+        description="Neural Attention Memory Models: evolve on text, attach zero-shot to any transformer's "
+                    "KV cache, and compare with KV-cache baselines at matched cache size.",
+        formatter_class=_Formatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    d = DemoConfig()
+    demo = sub.add_parser(
+        "demo", formatter_class=_Formatter,
+        help="passkey retrieval on SmolLM2: full cache, NAMM and baselines at the NAMM's cache size",
+        description="Build one passkey-retrieval prompt, run SmolLM2-135M-Instruct with the full cache, then "
+                    "with a NAMM, then with Recency, H2O, L2Norm and RandomEviction each given the NAMM's "
+                    "mean kept tokens per layer as budget.\nPrints a table (policy | answer | correct? | "
+                    "mean kept fraction | stored KV MiB | seconds) and writes OUTPUT_DIR/demo.json.",
+    )
+    demo.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="prompt length in tokens")
+    demo.add_argument("--seed", type=int, default=d.seed, help="seed of the passkey prompt")
+    demo.add_argument("--depth", type=float, default=d.depth,
+                      help="key position in the filler, 0 (start) to 1 (end)")
+    demo.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens generated")
+    demo.add_argument("--chunk", type=int, default=d.chunk, help="prompt prefill chunk size in tokens")
+    demo.add_argument("--output-dir", default=d.output_dir, help="directory for demo.json")
+    _add_model_args(demo, d)
+    demo.set_defaults(handler=_run_demo)
+
+    bench = sub.add_parser(
+        "bench", formatter_class=_Formatter, help="benchmarks (overhead)",
+        description="Benchmarks of the toolkit itself.",
+    )
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    o = OverheadConfig()
+    overhead = bench_sub.add_parser(
+        "overhead", formatter_class=_Formatter,
+        help="time and memory cost of a NAMM on SmolLM2's chunked prefill",
+        description="Time SmolLM2-135M-Instruct's chunked prefill bare (DynamicCache) and with a "
+                    "NAMM attached, per prompt length (median of --reps).\nReports the end-to-end overhead "
+                    "ratio, the NAMM's bookkeeping time as a fraction of the bare forward, KV bytes with and "
+                    "without eviction, bookkeeping bytes and the attention rows buffered. Writes OUTPUT "
+                    "(.md) and its .json twin.",
+    )
+    overhead.add_argument("--lengths", type=int, nargs="+", default=list(o.lengths),
+                          help="prompt lengths in tokens")
+    overhead.add_argument("--chunk", type=int, default=o.chunk, help="prefill chunk size in tokens")
+    overhead.add_argument("--reps", type=int, default=o.reps, help="timed repetitions (median reported)")
+    overhead.add_argument("--warmup", type=int, default=o.warmup, help="untimed warm-up runs")
+    overhead.add_argument("--output", default=o.output, help="markdown result file (JSON written beside it)")
+    _add_model_args(overhead, o)
+    overhead.set_defaults(handler=_run_overhead)
+    return parser
+
+
+def _fields(args: argparse.Namespace, cls: type) -> dict:
+    names = cls.__dataclass_fields__
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _run_demo(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.demo import run_demo
+
+    run_demo(DemoConfig(**_fields(args, DemoConfig)), argv)
+    return 0
+
+
+def _run_overhead(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.bench import run_overhead
+
+    run_overhead(OverheadConfig(**_fields(args, OverheadConfig)), argv)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``namm-transfer`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args, None if argv is None else list(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""``namm-transfer demo``: one passkey prompt on SmolLM2 under a NAMM and every baseline, at matched size.
+
+Runs the full cache, then the NAMM; measures how many tokens the NAMM kept per layer (mean over
+samples and KV heads) and gives each baseline exactly that per-layer budget (DESIGN.md section 6).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from namm_transfer.pipelines.common import (
+    log,
+    markdown_table,
+    parse_dtype,
+    run_metadata,
+    set_threads,
+    write_json,
+)
+from namm_transfer.pipelines.models import load_smollm2
+from namm_transfer.pipelines.passkey import PasskeyExample, make_passkey_example, score
+
+
+@dataclass
+class DemoConfig:
+    """Settings of :func:`run_demo`.
+
+    Attributes:
+        prompt_tokens: passkey prompt length in tokens (chat template included).
+        seed: seed of the passkey prompt (the key).
+        depth: where the key sits in the filler, 0 (start) to 1 (end).
+        max_new_tokens: tokens generated after the answer prefix.
+        device: torch device.
+        dtype: model dtype name (float32 is fastest on CPU).
+        chunk: the prompt is fed in chunks of this many tokens, so policies can evict during it.
+        namm: path or hub id of a trained NAMM checkpoint; None uses ``NAMM.init_random(namm_seed)``,
+            an untrained population member, until a trained NAMM ships.
+        namm_seed: seed of that random NAMM.
+        output_dir: where ``demo.json`` is written.
+        threads: torch intra-op threads (None leaves torch's default).
+        cache_dir: converted-model cache directory (None: the default, see ``models.py``).
+    """
+
+    prompt_tokens: int = 2000
+    seed: int = 0
+    depth: float = 0.5
+    max_new_tokens: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    chunk: int = 512
+    namm: str | None = None
+    namm_seed: int = 0
+    output_dir: str = "runs/demo"
+    threads: int | None = None
+    cache_dir: str | None = None
+
+
+def load_namm(source: str | None, seed: int = 0):
+    """A trained NAMM from a path / hub id, or an untrained ``NAMM.init_random(seed)`` when None."""
+    from namm_transfer import NAMM
+
+    return NAMM.init_random(seed=seed) if source is None else NAMM.from_pretrained(source)
+
+
+def per_layer_budget(stats: dict[str, Any]) -> list[int]:
+    """Mean tokens kept per layer (over samples and KV heads), rounded, at least 1."""
+    budgets = []
+    for layer in stats["kept_tokens_per_layer"]:
+        counts = [c for sample in layer for c in sample]
+        budgets.append(max(1, round(sum(counts) / len(counts))))
+    return budgets
+
+
+def run_policy(
+    model, tokenizer, example: PasskeyExample, name: str, policy, cfg: DemoConfig
+) -> dict[str, Any]:
+    """Generate with ``policy`` attached; the result row (answer, correctness, cache size, time)."""
+    from namm_transfer.adapters import attach
+
+    ids = torch.tensor([example.prompt_ids], device=cfg.device)
+    log(f"running {name} ...")
+    with attach(model, policy, prefill_chunk=cfg.chunk) as handle:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            )
+        seconds = time.perf_counter() - start
+        stats = handle.stats()
+    answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    row = {
+        "policy": name,
+        "answer": answer,
+        "correct": score(answer, example.answer),
+        "kept_fraction": stats["kept_fraction"],
+        "stored_kv_mib": stats["stored_kv_bytes"] / 2**20,
+        "full_kv_mib": stats["full_kv_bytes"] / 2**20,
+        "seconds": seconds,
+        "stats": stats,
+    }
+    log(f"{name}: {answer!r} ({'correct' if row['correct'] else 'wrong'}), kept {row['kept_fraction']:.1%}, "
+        f"{seconds:.1f} s")
+    return row
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """The demo's result table in markdown."""
+    headers = ["policy", "answer", "correct?", "mean kept fraction", "stored KV MiB", "seconds"]
+    body = [
+        [r["policy"], repr(r["answer"]), "yes" if r["correct"] else "no", f"{r['kept_fraction']:.3f}",
+         f"{r['stored_kv_mib']:.2f}", f"{r['seconds']:.1f}"]
+        for r in rows
+    ]
+    return markdown_table(headers, body)
+
+
+def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the demo: prints the table to stdout, writes ``<output_dir>/demo.json``, returns the rows."""
+    from namm_transfer.policies import H2O, FullCache, L2Norm, RandomEviction, Recency
+
+    set_threads(cfg.threads)
+    total = time.perf_counter()
+    log("loading SmolLM2-135M-Instruct ...")
+    model, tokenizer = load_smollm2(device=cfg.device, dtype=parse_dtype(cfg.dtype), cache_dir=cfg.cache_dir)
+    example = make_passkey_example(tokenizer, cfg.seed, cfg.prompt_tokens, cfg.depth)
+    log(f"passkey prompt: {example.num_tokens} tokens, key {example.answer} at depth {example.depth:.2f}")
+
+    namm = load_namm(cfg.namm, cfg.namm_seed)
+    rows = [run_policy(model, tokenizer, example, "FullCache", FullCache(), cfg)]
+    rows.append(run_policy(model, tokenizer, example, "NAMM", namm, cfg))
+    budget = per_layer_budget(rows[-1]["stats"])
+    log(f"NAMM kept per layer (mean over heads): {budget}")
+    every = namm.update_every
+    baselines = {
+        "Recency": Recency(budget, update_every=every),
+        "H2O": H2O(budget, update_every=every),
+        "L2Norm": L2Norm(budget, update_every=every),
+        "RandomEviction": RandomEviction(budget, seed=cfg.seed, update_every=every),
+    }
+    for name, policy in baselines.items():
+        rows.append(run_policy(model, tokenizer, example, name, policy, cfg))
+
+    print(format_rows(rows))
+    out = Path(cfg.output_dir) / "demo.json"
+    write_json(out, {
+        "config": asdict(cfg),
+        "meta": run_metadata(argv),
+        "example": {"tokens": example.num_tokens, "answer": example.answer, "depth": example.depth,
+                    "seed": example.seed, "needle_span": list(example.needle_span)},
+        "namm": repr(namm),
+        "budget_per_layer": budget,
+        "rows": rows,
+    })
+    log(f"wrote {out}; total {time.perf_counter() - total:.1f} s")
+    return rows

@@ -1,0 +1,177 @@
+"""BAM and MLP token scorers against an independent re-implementation (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _reference_bam import bam_scores
+
+from namm_transfer.scorers import ScorerShapes, keep_all_params, score_tokens, unflatten
+
+BAM = ScorerShapes()
+MLP = ScorerShapes(kind="mlp")
+
+
+def make_inputs(batch=2, heads=2, slots=7, seed=0, shuffle=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, heads, slots, 25, generator=g)
+    valid = torch.rand(batch, heads, slots, generator=g) > 0.25
+    valid[..., 0] = True
+    if shuffle:  # slots need not be in arrival order after compaction + appends
+        positions = torch.stack(
+            [torch.randperm(slots * 3, generator=g)[:slots] for _ in range(batch * heads)]
+        )
+        positions = positions.reshape(batch, heads, slots)
+    else:
+        positions = torch.arange(slots).expand(batch, heads, slots).clone()
+    return x, valid, positions
+
+
+def random_params(shapes=BAM, n=1, seed=1, scale=0.3):
+    return torch.randn(n, shapes.n_params, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_bam_parameter_count_and_layout():
+    assert BAM.n_params == 4172
+    assert BAM.layout() == [
+        ("qkv_weight", (25, 96)),
+        ("qkv_bias", (96,)),
+        ("out_weight", (32, 50)),
+        ("out_bias", (50,)),
+        ("final_weight", (25, 1)),
+        ("final_bias", (1,)),
+    ]
+    flat = torch.arange(4172.0)
+    parts = unflatten(flat, BAM)
+    assert parts["qkv_weight"].shape == (1, 25, 96)
+    assert parts["qkv_weight"][0, 0, 1] == 1 and parts["qkv_weight"][0, 1, 0] == 96  # in x out, row-major
+    assert parts["qkv_bias"][0, 0] == 2400 and parts["out_weight"][0, 0, 0] == 2496
+    assert parts["out_bias"][0, 0] == 4096 and parts["final_weight"][0, 0, 0] == 4146
+    assert parts["final_bias"][0, 0] == 4171
+
+
+def test_mlp_parameter_count():
+    assert MLP.n_params == 25 * 32 + 32 + 32 * 50 + 50 + 25 + 1
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_bam_matches_independent_reference(shuffle):
+    x, valid, positions = make_inputs(shuffle=shuffle)
+    params = random_params()
+    got = score_tokens(params, x, valid, positions, BAM)
+    expected = bam_scores(params[0], x, valid, positions)
+    torch.testing.assert_close(got[valid].double(), expected[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_bam_is_counter_causal():
+    x, valid, positions = make_inputs(batch=1, heads=1, slots=8, shuffle=False)
+    valid[:] = True
+    params = random_params(seed=2, scale=0.1)
+    base = score_tokens(params, x, valid, positions, BAM)
+    for t in range(8):
+        x2 = x.clone()
+        x2[..., t, :] += torch.randn(25, generator=torch.Generator().manual_seed(t))
+        new = score_tokens(params, x2, valid, positions, BAM)
+        changed = (new - base).abs()[0, 0] > 1e-6
+        # newer tokens (position > t) never see an older token; older ones (and t itself) do see it
+        assert not changed[t + 1 :].any(), (t, changed)
+        assert changed[: t + 1].all(), (t, changed)
+
+
+def test_bam_counter_causal_uses_positions_not_slots():
+    x, valid, _ = make_inputs(batch=1, heads=1, slots=6)
+    valid[:] = True
+    positions = torch.tensor([[[10, 3, 7, 0, 12, 5]]])
+    params = random_params(seed=3, scale=0.5)
+    base = score_tokens(params, x, valid, positions, BAM)
+    x2 = x.clone()
+    x2[..., 2, :] += 1.0  # position 7: changes positions <= 7 (slots 1, 2, 3, 5), not 10 or 12
+    changed = ((score_tokens(params, x2, valid, positions, BAM) - base).abs() > 1e-6)[0, 0]
+    assert changed.tolist() == [False, True, True, True, False, True]
+
+
+def test_invalid_slots_never_influence_valid_scores():
+    x, valid, positions = make_inputs(slots=9, seed=4)
+    params = random_params(seed=5)
+    base = score_tokens(params, x, valid, positions, BAM)
+    x2 = x.clone()
+    x2[~valid] = torch.randn(int((~valid).sum()), 25) * 100
+    new = score_tokens(params, x2, valid, positions, BAM)
+    torch.testing.assert_close(new[valid], base[valid], atol=0, rtol=0)
+    assert torch.isfinite(base[valid]).all()
+
+
+def test_nonfinite_invalid_slots_never_poison_valid_scores():
+    """Garbage (NaN/inf) features in empty or padding slots must not leak through 0-weight attention."""
+    x, valid, positions = make_inputs(slots=9, seed=4)
+    params = random_params(seed=5)
+    base = score_tokens(params, x, valid, positions, BAM)
+    for bad in (float("nan"), float("inf")):
+        x2 = x.clone()
+        x2[~valid] = bad
+        new = score_tokens(params, x2, valid, positions, BAM)
+        torch.testing.assert_close(new[valid], base[valid], atol=0, rtol=0)
+
+
+def test_population_equals_each_sample_alone():
+    batch = 3
+    x, valid, positions = make_inputs(batch=batch, seed=6)
+    for shapes in (BAM, MLP):
+        params = random_params(shapes, n=batch, seed=7)
+        together = score_tokens(params, x, valid, positions, shapes)
+        for b in range(batch):
+            alone = score_tokens(params[b], x[b : b + 1], valid[b : b + 1], positions[b : b + 1], shapes)
+            torch.testing.assert_close(together[b : b + 1], alone, atol=1e-6, rtol=1e-6)
+    params = random_params(n=batch, seed=7)
+    expected = bam_scores(params, x, valid, positions)
+    torch.testing.assert_close(
+        score_tokens(params, x, valid, positions, BAM)[valid].double(), expected[valid], atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("shapes", [BAM, MLP], ids=["bam", "mlp"])
+def test_keep_all_params_give_bias(shapes):
+    x, valid, positions = make_inputs(seed=8)
+    params = keep_all_params(shapes, bias=0.75)
+    assert params.shape == (shapes.n_params,) and params[:-1].abs().sum() == 0
+    scores = score_tokens(params, x, valid, positions, shapes)
+    assert torch.all(scores == 0.75)
+
+
+def test_mlp_scores_tokens_independently():
+    x, valid, positions = make_inputs(batch=1, heads=1, slots=6, seed=9)
+    params = random_params(MLP, seed=10, scale=0.5)
+    base = score_tokens(params, x, valid, positions, MLP)
+    for t in range(6):
+        x2 = x.clone()
+        x2[..., t, :] += 1.0
+        changed = ((score_tokens(params, x2, valid, positions, MLP) - base).abs() > 1e-6)[0, 0]
+        assert changed.tolist() == [i == t for i in range(6)]
+
+
+def test_mlp_matches_manual_formula():
+    x, valid, positions = make_inputs(batch=1, heads=1, slots=4, seed=11)
+    flat = random_params(MLP, seed=12)[0].double()
+    sizes = [25 * 32, 32, 32 * 50, 50, 25, 1]
+    pw, pb, ow, ob, fw, fb = torch.split(flat, sizes)
+    xd = x[0, 0].double()
+    out = torch.relu(xd @ pw.reshape(25, 32) + pb) @ ow.reshape(32, 50) + ob
+    expected = (xd * (1 + out[:, 25:]) + out[:, :25]) @ fw + fb
+    got = score_tokens(flat.float(), x, valid, positions, MLP)[0, 0]
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shapes", [BAM, MLP], ids=["bam", "mlp"])
+def test_wrong_parameter_count_raises(shapes):
+    x, valid, positions = make_inputs()
+    with pytest.raises(ValueError, match=f"needs {shapes.n_params} parameters, got a vector of 4000"):
+        score_tokens(torch.zeros(4000), x, valid, positions, shapes)
+    with pytest.raises(ValueError, match=str(shapes.n_params)):
+        unflatten(torch.zeros(2, shapes.n_params + 1), shapes)
+
+
+def test_unknown_kind_raises():
+    shapes = ScorerShapes(kind="transformer")
+    x, valid, positions = make_inputs()
+    with pytest.raises(ValueError, match="unknown scorer kind 'transformer'"):
+        score_tokens(torch.zeros(shapes.n_params), x, valid, positions, shapes)

@@ -84,24 +84,24 @@ def namm_attention_forward(
     if padding is not None:
         new_valid = padding[:, -n_q:].bool()
         memory.mark_padding(new_valid)
-    allowed = memory.attention_mask(n_q)  # [B, H_kv, q, S]
-
     if memory.policy.needs_attention:
         # Fold each KV head's query group into the query axis: one batched matmul per KV head.
         grouped = query.reshape(batch, kv_heads, groups * n_q, dim)
         scores = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(scaling)
-        scores = scores.view(batch, kv_heads, groups, n_q, n_keys).masked_fill_(
-            ~allowed[:, :, None], float("-inf")
-        )
+        scores = scores.view(batch, kv_heads, groups, n_q, n_keys)
+        if bool(memory.valid.all()):  # only the new tokens' own causal triangle needs masking
+            future = torch.ones(n_q, n_q, dtype=torch.bool, device=query.device).triu(1)
+            scores[..., n_keys - n_q :].masked_fill_(future, float("-inf"))
+        else:
+            scores.masked_fill_(~memory.attention_mask(n_q)[:, :, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G, q, S]
         out = torch.matmul(probs.view(batch, kv_heads, groups * n_q, n_keys).to(value.dtype), value)
         out = out.view(batch, q_heads, n_q, dim)
         memory.observe(probs.view(batch, q_heads, n_q, n_keys), new_valid)
     else:
+        allowed = memory.attention_mask(n_q)  # [B, H_kv, q, S]
         mask = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, n_q, n_keys)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
-        )
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
 
     layer.apply_eviction()
     return out.transpose(1, 2).contiguous(), None

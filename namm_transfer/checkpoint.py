@@ -105,4 +105,6 @@ def import_reference_checkpoint(path: str | Path, config: NAMMConfig | None = No
                     f"{path}: token_embedding_0_{key} has {value.numel()} values, expected {config.n_bins}"
                 )
         stats[key] = value
+    if (stats["output_mean"] is None) != (stats["output_var"] is None):
+        raise ValueError(f"{path}: stored_buffers_to_save has only one of output_mean / output_var")
     return NAMM(config, mean, stats["output_mean"], stats["output_var"])

@@ -96,8 +96,8 @@ class LayerMemory:
         rows = attention.float()
         if self.n_groups > 1:
             rows = rows.view(batch, q_heads // self.n_groups, self.n_groups, n_q, n_keys).mean(2)
-        finite = torch.isfinite(rows)
-        if not bool(finite.all()):
+        if not bool(torch.isfinite(rows.sum())):  # one reduction: NaN and inf propagate to the sum
+            finite = torch.isfinite(rows)
             bad = ~finite.all(dim=-2)  # [B, H, S] keys with any non-finite received attention
             count = int(bad.sum())
             self.stats.nonfinite += count
@@ -108,7 +108,7 @@ class LayerMemory:
                 stacklevel=2,
             )
             self.protect = bad if self.protect is None else self.protect | bad
-            rows = torch.where(finite, rows, torch.zeros(()))
+            rows = torch.where(finite, rows, torch.zeros((), device=rows.device))
         self.stats.timing["capture_s"] += time.perf_counter() - t0
         t1 = time.perf_counter()
         self.policy.observe(self.state, rows, row_valid)
@@ -135,16 +135,15 @@ class LayerMemory:
         self.stats.timing["scoring_s"] += time.perf_counter() - t0
         t1 = time.perf_counter()
         self.last_update = torch.where(due, self.real_seen, self.last_update)
-        self.protect = None
+        if self.protect is not None:  # samples not due keep their protection for their own update
+            self.protect = None if bool(due.all()) else self.protect & ~due[:, None, None]
         self.stats.updates += 1
         self.stats.evictions += int(self.valid.sum() - keep.sum())
         index, new_valid = compact_index(keep)
         if index.shape[-1] == self.n_slots and bool(new_valid.all()):
             self.stats.timing["eviction_s"] += time.perf_counter() - t1
             return None  # nothing dropped, nothing to compact
-        self.positions = self.positions.gather(-1, index)
-        self.valid = new_valid
-        self.policy.on_select(self.state, index)
+        self.select(index, new_valid)
         self.stats.timing["eviction_s"] += time.perf_counter() - t1
         return index
 

@@ -37,6 +37,16 @@ class NAMMConfig:
     budget: int | list[int] | None = None
     init_keep_bias: float = 1.0
 
+    def __post_init__(self) -> None:
+        budgets = [self.budget] if isinstance(self.budget, int) else list(self.budget or [])
+        if budgets and min(budgets) < 1:
+            raise ValueError(f"NAMMConfig.budget must be >= 1 token per layer and head, got {self.budget}")
+        if self.update_every < 1 or self.hop < 1 or self.n_fft < self.hop:
+            raise ValueError(
+                f"need update_every >= 1 and n_fft >= hop >= 1, got update_every={self.update_every}, "
+                f"n_fft={self.n_fft}, hop={self.hop}"
+            )
+
     @property
     def n_bins(self) -> int:
         return self.n_fft // 2 + 1
@@ -83,7 +93,7 @@ class NAMM(MemoryPolicy):
         if params is None:
             params = keep_all_params(self.config.shapes, self.config.init_keep_bias)
         params = torch.as_tensor(params, dtype=torch.float32)
-        if params.shape[-1] != self.config.n_params or params.ndim > 2:
+        if params.ndim == 0 or params.shape[-1] != self.config.n_params or params.ndim > 2:
             raise ValueError(
                 f"NAMM parameters must be [{self.config.n_params}] or [P, {self.config.n_params}] for "
                 f"scorer={self.config.scorer!r}, hidden={self.config.hidden}, "
@@ -94,6 +104,8 @@ class NAMM(MemoryPolicy):
             if value is not None and tuple(torch.as_tensor(value).reshape(-1).shape) != (self.config.n_bins,):
                 shape = tuple(torch.as_tensor(value).shape)
                 raise ValueError(f"{name} must hold {self.config.n_bins} values, got shape {shape}")
+        if (norm_mean is None) != (norm_var is None):
+            raise ValueError("give both norm_mean and norm_var (frozen statistics), or neither")
         self.norm_mean = None if norm_mean is None else torch.as_tensor(norm_mean).float().reshape(-1)
         self.norm_var = None if norm_var is None else torch.as_tensor(norm_var).float().reshape(-1)
         self._collect: list[torch.Tensor] | None = None  # [count, sum, sum of squares] while collecting

@@ -44,9 +44,12 @@ def select_tokens(
     else:
         keep = valid.clone()
     if budget is not None:
-        rank_key = torch.where(nan | forced, torch.full_like(scores, float("inf")), scores.float())
+        # Rank forced slots first, then NaN ("keep"), then by score: two stable sorts.
+        rank_key = torch.where(nan, torch.full_like(scores, float("inf")), scores.float())
         rank_key = rank_key.masked_fill(~keep, float("-inf"))
         order = torch.argsort(rank_key, dim=-1, descending=True, stable=True)
+        forced_first = torch.argsort((~forced.gather(-1, order)).to(torch.int8), dim=-1, stable=True)
+        order = order.gather(-1, forced_first)
         rank = torch.empty_like(order)
         rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         cap = torch.as_tensor(budget, device=scores.device)

@@ -54,13 +54,26 @@ def test_mlp_parameter_count():
     assert MLP.n_params == 25 * 32 + 32 + 32 * 50 + 50 + 25 + 1
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_bam_matches_independent_reference(shuffle):
-    x, valid, positions = make_inputs(shuffle=shuffle)
+@pytest.mark.parametrize("case", ["ordered_all_valid", "ordered_some_invalid", "shuffled_some_invalid"])
+def test_bam_matches_independent_reference(case):
+    x, valid, positions = make_inputs(shuffle=case.startswith("shuffled"))
+    if case == "ordered_all_valid":  # the fused causal-kernel path of score_tokens
+        valid[:] = True
     params = random_params()
     got = score_tokens(params, x, valid, positions, BAM)
     expected = bam_scores(params[0], x, valid, positions)
     torch.testing.assert_close(got[valid].double(), expected[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_bam_scores_follow_a_permutation_of_slots():
+    """Only positions matter, not slot order (ordered and shuffled slots take different code paths)."""
+    x, valid, positions = make_inputs(batch=2, heads=2, slots=9, seed=13, shuffle=False)
+    valid[:] = True
+    params = random_params(seed=14)
+    ordered = score_tokens(params, x, valid, positions, BAM)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(15))
+    shuffled = score_tokens(params, x[..., perm, :], valid[..., perm], positions[..., perm], BAM)
+    torch.testing.assert_close(shuffled, ordered[..., perm], atol=1e-6, rtol=1e-6)
 
 
 def test_bam_is_counter_causal():

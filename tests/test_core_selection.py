@@ -113,10 +113,6 @@ def test_protect_forces_keeps():
     assert keep.tolist() == [[[False, True, False, False, True, True]]]  # forced beat the budget
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: forced tokens tie with +inf/NaN rank keys and lose by slot order (selection.py:47-55)",
-)
 def test_forced_newest_counted_first_even_against_infinite_scores():
     scores = torch.tensor([[[NAN, NAN, NAN, 1.0, 2.0, -5.0]]])
     valid, positions = slots(6)

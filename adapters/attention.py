@@ -101,7 +101,9 @@ def namm_attention_forward(
     else:
         allowed = memory.attention_mask(n_q)  # [B, H_kv, q, S]
         mask = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, n_q, n_keys)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
+        )
 
     layer.apply_eviction()
     return out.transpose(1, 2).contiguous(), None

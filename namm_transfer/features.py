@@ -25,17 +25,18 @@ def hann_window(n_fft: int, device: torch.device | str | None = None) -> torch.T
 
 
 def dft_basis(n_fft: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Windowed real-DFT basis ``[2 * (n_fft // 2 + 1), n_fft]``: cosine rows, then minus-sine rows.
+    """Windowed real-DFT basis ``[n_fft, n_fft]``: the cosine rows of bins 0 .. n_fft/2, then the minus-sine
+    rows of bins 1 .. n_fft/2 - 1 (the sine rows of DC and Nyquist are identically zero).
 
-    ``basis @ x`` for a window ``x`` of ``n_fft`` samples gives the real and imaginary parts of
-    ``torch.stft(x, window=hann, onesided=True)`` for that frame.
+    ``basis @ x`` for a window ``x`` of ``n_fft`` samples gives the real parts, then the non-trivial
+    imaginary parts, of ``torch.stft(x, window=hann, onesided=True)`` for that frame.
     """
     n_bins = n_fft // 2 + 1
     t = torch.arange(n_fft, dtype=torch.float64)
     k = torch.arange(n_bins, dtype=torch.float64)[:, None]
     angle = 2 * math.pi * k * t / n_fft
     window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
-    basis = torch.cat([torch.cos(angle), -torch.sin(angle)]) * window
+    basis = torch.cat([torch.cos(angle), -torch.sin(angle[1 : n_bins - 1])]) * window
     return basis.to(dtype=torch.float32, device=device)
 
 
@@ -80,7 +81,7 @@ class StreamingSpectrogram:
 
     State (per sample b, KV head h, key slot s):
       ``window``: the last ``n_fft`` attention rows ``[B, H, n_fft, S]`` (zeros before the first query),
-      ``ema``: the reduced spectrogram ``[B, H, S, n_bins]``,
+      ``ema``: the reduced spectrogram ``[B, H, S, n_bins]`` (stored as ``spectrum`` ``[B, H, n_bins, S]``),
       ``rows_seen``: real (non-padding) rows seen per sample, which fixes each sample's frame phase so a
       left-padded sample gets exactly the features it would get alone.
 
@@ -95,9 +96,18 @@ class StreamingSpectrogram:
         self.n_fft, self.hop, self.decay = n_fft, hop, decay
         self.n_bins = n_fft // 2 + 1
         self.window: torch.Tensor | None = None
-        self.ema: torch.Tensor | None = None
+        self.spectrum: torch.Tensor | None = None  # [B, H, n_bins, S]
         self.rows_seen: torch.Tensor | None = None
         self._basis: torch.Tensor | None = None
+
+    @property
+    def ema(self) -> torch.Tensor | None:
+        """``[B, H, S, n_bins]`` reduced spectrogram of every key slot (a view)."""
+        return None if self.spectrum is None else self.spectrum.transpose(-1, -2)
+
+    @ema.setter
+    def ema(self, value: torch.Tensor) -> None:
+        self.spectrum = value.transpose(-1, -2).contiguous()
 
     @property
     def frame_decay(self) -> float:
@@ -105,16 +115,16 @@ class StreamingSpectrogram:
 
     def _init(self, batch: int, heads: int, device: torch.device) -> None:
         self.window = torch.zeros(batch, heads, self.n_fft, 0, device=device)
-        self.ema = torch.zeros(batch, heads, 0, self.n_bins, device=device)
+        self.spectrum = torch.zeros(batch, heads, self.n_bins, 0, device=device)
         self.rows_seen = torch.zeros(batch, dtype=torch.long, device=device)
         self._basis = dft_basis(self.n_fft, device)
 
     def grow(self, n_keys: int) -> None:
         """Extend the key axis to ``n_keys`` slots (new keys: no attention so far)."""
-        extra = n_keys - self.ema.shape[-2]
+        extra = n_keys - self.spectrum.shape[-1]
         if extra > 0:
             self.window = F.pad(self.window, (0, extra))
-            self.ema = F.pad(self.ema, (0, 0, 0, extra))
+            self.spectrum = F.pad(self.spectrum, (0, extra))
 
     def observe(self, rows: torch.Tensor, row_valid: torch.Tensor | None = None) -> int:
         """Consume the attention rows of a chunk of queries.
@@ -127,53 +137,91 @@ class StreamingSpectrogram:
             The largest number of frames emitted for a sample.
         """
         batch, heads, n_q, n_keys = rows.shape
-        if self.ema is None:
+        if self.spectrum is None:
             self._init(batch, heads, rows.device)
         self.grow(n_keys)
         rows = rows.float()
-        if row_valid is None:
-            row_valid = torch.ones(batch, n_q, dtype=torch.bool, device=rows.device)
-        else:
+        if row_valid is not None and bool(row_valid.all()):
+            row_valid = None
+        if row_valid is not None:
             rows = rows * row_valid[:, None, :, None]
-        combined = torch.cat([self.window, rows], dim=-2)  # [B, H, n_fft + q, S]
+        combined = torch.cat([self.window, rows], dim=-2).contiguous()  # [B, H, n_fft + q, S]
+        self.window = combined[..., -self.n_fft :, :]
+        if row_valid is None and bool((self.rows_seen == self.rows_seen[0]).all()):
+            return self._observe_aligned(combined, n_q)
+        return self._observe_per_sample(combined, row_valid)
 
+    def _observe_aligned(self, combined: torch.Tensor, n_q: int) -> int:
+        """All samples share a frame phase: frames are evenly spaced windows of ``combined``."""
+        seen = int(self.rows_seen[0])
+        self.rows_seen += n_q
+        first_end = (self.hop - 1 - seen % self.hop) % self.hop  # chunk row completing the first frame
+        if first_end >= n_q:
+            return 0
+        n_frames = (n_q - 1 - first_end) // self.hop + 1
+        # Frame f covers combined[start + f*hop : start + f*hop + n_fft]: an overlapping strided view, so
+        # one batched matmul computes every frame without copying windows.
+        start = first_end + 1
+        batch_stride, head_stride, row_stride = combined.stride(0), combined.stride(1), combined.stride(2)
+        windows = combined.as_strided(
+            (*combined.shape[:2], n_frames, self.n_fft, combined.shape[-1]),
+            (batch_stride, head_stride, self.hop * row_stride, row_stride, 1),
+            combined.storage_offset() + start * row_stride,
+        )
+        spec = torch.matmul(self._basis, windows)  # [B, H, F, n_fft, S]
+        mag = self._magnitude(spec)  # [B, H, F, bins, S]
+        fd = self.frame_decay
+        weights = (1 - fd) * fd ** torch.arange(n_frames - 1, -1, -1, device=spec.device, dtype=torch.float32)
+        self.spectrum = self.spectrum * fd**n_frames + torch.einsum("f,bhfks->bhks", weights, mag)
+        return n_frames
+
+    def _observe_per_sample(self, combined: torch.Tensor, row_valid: torch.Tensor | None) -> int:
+        """General case (left padding shifts each sample's frame phase): gather each frame's window."""
+        batch, _, total, _ = combined.shape
+        n_q = total - self.n_fft
+        if row_valid is None:
+            row_valid = torch.ones(batch, n_q, dtype=torch.bool, device=combined.device)
         # Row j of the chunk completes a frame for sample b when b's real-row count hits a multiple of hop.
         counts = self.rows_seen[:, None] + torch.cumsum(row_valid.long(), dim=1)  # [B, q]
         ends = row_valid & (counts % self.hop == 0)
         n_frames = ends.sum(1)  # [B]
         max_frames = int(n_frames.max()) if n_q else 0
-        if max_frames:
-            # End positions per sample, left-aligned; unused slots point at the last row with weight 0.
-            order = torch.argsort((~ends).to(torch.int8), dim=1, stable=True)[:, :max_frames]
-            end_pos = order + self.n_fft + 1  # one past the frame's last row in `combined`
-            offsets = torch.arange(-self.n_fft, 0, device=rows.device)
-            idx = end_pos[:, :, None] + offsets  # [B, F, n_fft]
-            b_idx = torch.arange(batch, device=rows.device)[:, None, None]
-            windows = combined.permute(0, 2, 1, 3)[b_idx, idx]  # [B, F, n_fft, H, S]
-            spec = torch.einsum("kt,bfths->bfhsk", self._basis, windows)
-            real, imag = spec.split(self.n_bins, dim=-1)
-            mag = torch.sqrt(real.square() + imag.square())  # [B, F, H, S, bins]
-            fd = self.frame_decay
-            frame_idx = torch.arange(max_frames, device=rows.device)
-            age = n_frames[:, None] - 1 - frame_idx  # frames after this one
-            w = torch.where(age >= 0, (1 - fd) * fd ** age.clamp(min=0).float(), torch.zeros(()))
-            self.ema = self.ema * (fd ** n_frames.float())[:, None, None, None]
-            self.ema = self.ema + torch.einsum("bf,bfhsk->bhsk", w, mag)
-        self.window = combined[..., -self.n_fft :, :]
-        self.rows_seen = counts[:, -1] if n_q else self.rows_seen
+        if n_q:
+            self.rows_seen = counts[:, -1]
+        if not max_frames:
+            return 0
+        # End positions per sample, left-aligned; unused slots point at some row and get weight 0.
+        order = torch.argsort((~ends).to(torch.int8), dim=1, stable=True)[:, :max_frames]
+        end_pos = order + self.n_fft + 1  # one past the frame's last row in `combined`
+        idx = end_pos[:, :, None] + torch.arange(-self.n_fft, 0, device=combined.device)  # [B, F, n_fft]
+        b_idx = torch.arange(batch, device=combined.device)[:, None, None]
+        windows = combined.permute(0, 2, 1, 3)[b_idx, idx]  # [B, F, n_fft, H, S]
+        mag = self._magnitude(torch.einsum("kt,bfths->bhfks", self._basis, windows))  # [B, H, F, bins, S]
+        fd = self.frame_decay
+        age = n_frames[:, None] - 1 - torch.arange(max_frames, device=combined.device)  # frames after it
+        w = torch.where(age >= 0, (1 - fd) * fd ** age.clamp(min=0).float(), torch.zeros((), device=age.device))
+        self.spectrum = self.spectrum * (fd ** n_frames.float())[:, None, None, None]
+        self.spectrum = self.spectrum + torch.einsum("bf,bhfks->bhks", w, mag)
         return max_frames
+
+    def _magnitude(self, spec: torch.Tensor) -> torch.Tensor:
+        """``|STFT|`` ``[..., n_bins, S]`` from the basis outputs ``[..., n_fft, S]`` (cos rows, then sin rows
+        of bins 1 .. n_bins - 2; the sine rows of DC and Nyquist are identically zero)."""
+        power = spec[..., : self.n_bins, :].square()
+        power[..., 1 : self.n_bins - 1, :] += spec[..., self.n_bins :, :].square()
+        return power.sqrt()
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only key slots ``index`` ``[B, H, K]`` (after an eviction)."""
-        if self.ema is None:
+        if self.spectrum is None:
             return
         self.window = self.window.gather(-1, index[:, :, None, :].expand(-1, -1, self.n_fft, -1))
-        self.ema = self.ema.gather(-2, index[..., None].expand(-1, -1, -1, self.n_bins))
+        self.spectrum = self.spectrum.gather(-1, index[:, :, None, :].expand(-1, -1, self.n_bins, -1))
 
     def nbytes(self) -> int:
-        if self.ema is None:
+        if self.spectrum is None:
             return 0
-        return self.window.numel() * self.window.element_size() + self.ema.numel() * self.ema.element_size()
+        return (self.window.numel() + self.spectrum.numel()) * self.window.element_size()
 
 
 def age_embedding(age: torch.Tensor, dim: int = 8, base: float = 10_000.0) -> torch.Tensor:

@@ -70,9 +70,10 @@ def test_dft_basis_matches_torch_stft():
     spec = torch.stft(
         x, N_FFT, HOP, window=torch.hann_window(N_FFT), center=False, onesided=True, return_complex=True
     )[..., 0]
-    real, imag = (x @ dft_basis(N_FFT).T).split(17, dim=-1)
+    real, imag = (x @ dft_basis(N_FFT).T).split([17, 15], dim=-1)
     torch.testing.assert_close(real, spec.real, atol=1e-5, rtol=0)
-    torch.testing.assert_close(imag, spec.imag, atol=1e-5, rtol=0)
+    torch.testing.assert_close(imag, spec.imag[:, 1:16], atol=1e-5, rtol=0)
+    torch.testing.assert_close(spec.imag[:, [0, 16]], torch.zeros(5, 2), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -199,7 +199,7 @@ class StreamingSpectrogram:
         mag = self._magnitude(torch.einsum("kt,bfths->bhfks", self._basis, windows))  # [B, H, F, bins, S]
         fd = self.frame_decay
         age = n_frames[:, None] - 1 - torch.arange(max_frames, device=combined.device)  # frames after it
-        w = torch.where(age >= 0, (1 - fd) * fd ** age.clamp(min=0).float(), torch.zeros((), device=age.device))
+        w = ((1 - fd) * fd ** age.clamp(min=0).float()).masked_fill(age < 0, 0.0)
         self.spectrum = self.spectrum * (fd ** n_frames.float())[:, None, None, None]
         self.spectrum = self.spectrum + torch.einsum("bf,bhfks->bhks", w, mag)
         return max_frames

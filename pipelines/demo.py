@@ -7,7 +7,7 @@ samples and KV heads) and gives each baseline exactly that per-layer budget (DES
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ class DemoConfig:
         namm: path or hub id of a trained NAMM checkpoint; None uses ``NAMM.init_random(namm_seed)``,
             an untrained population member, until a trained NAMM ships.
         namm_seed: seed of that random NAMM.
+        namm_budget: optional hard cap on the tokens the NAMM keeps per layer and KV head (top-k by
+            score); an untrained NAMM keeps almost everything without one.
         output_dir: where ``demo.json`` is written.
         threads: torch intra-op threads (None leaves torch's default).
         cache_dir: converted-model cache directory (None: the default, see ``models.py``).
@@ -53,25 +55,49 @@ class DemoConfig:
     chunk: int = 512
     namm: str | None = None
     namm_seed: int = 0
+    namm_budget: int | None = None
     output_dir: str = "runs/demo"
     threads: int | None = None
     cache_dir: str | None = None
 
 
-def load_namm(source: str | None, seed: int = 0):
-    """A trained NAMM from a path / hub id, or an untrained ``NAMM.init_random(seed)`` when None."""
+def load_namm(source: str | None, seed: int = 0, budget: int | None = None):
+    """A trained NAMM from a path / hub id, or an untrained ``NAMM.init_random(seed)`` when None.
+
+    ``budget`` (if given) caps the tokens kept per layer and KV head.
+    """
     from namm_transfer import NAMM
 
-    return NAMM.init_random(seed=seed) if source is None else NAMM.from_pretrained(source)
+    namm = NAMM.init_random(seed=seed) if source is None else NAMM.from_pretrained(source)
+    if budget is not None:
+        namm = NAMM(replace(namm.config, budget=budget), namm.params, namm.norm_mean, namm.norm_var)
+    return namm
 
 
-def per_layer_budget(stats: dict[str, Any]) -> list[int]:
-    """Mean tokens kept per layer (over samples and KV heads), rounded, at least 1."""
+def per_layer_budget(stats: dict[str, Any], since_update: list[float] | None = None) -> list[int]:
+    """The baselines' budget per layer: the NAMM's mean kept tokens (over samples and KV heads).
+
+    Tokens that arrived after the last policy update are in every policy's cache whatever its budget;
+    ``since_update`` (per layer) subtracts them, so a baseline at the same cadence ends with the NAMM's
+    cache size rather than with the NAMM's size plus those tokens. Rounded, at least 1.
+    """
     budgets = []
-    for layer in stats["kept_tokens_per_layer"]:
+    for i, layer in enumerate(stats["kept_tokens_per_layer"]):
         counts = [c for sample in layer for c in sample]
-        budgets.append(max(1, round(sum(counts) / len(counts))))
+        fresh = since_update[i] if since_update else 0.0
+        budgets.append(max(1, round(sum(counts) / len(counts) - fresh)))
     return budgets
+
+
+def tokens_since_update(handle, stats: dict[str, Any]) -> list[float] | None:
+    """Per layer, tokens added since the policy last ran (mean over samples), or None if unknown."""
+    if "tokens_since_update_per_layer" in stats:
+        return [float(x) for x in stats["tokens_since_update_per_layer"]]
+    try:  # read the adapter's per-layer memory (LayerMemory.real_seen / last_update)
+        memories = [layer.memory for layer in handle.cache.layers]
+        return [float((m.real_seen - m.last_update).float().mean()) for m in memories]
+    except (AttributeError, TypeError):
+        return None
 
 
 def run_policy(
@@ -91,6 +117,7 @@ def run_policy(
             )
         seconds = time.perf_counter() - start
         stats = handle.stats()
+        since_update = tokens_since_update(handle, stats)
     answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     row = {
         "policy": name,
@@ -101,6 +128,7 @@ def run_policy(
         "full_kv_mib": stats["full_kv_bytes"] / 2**20,
         "seconds": seconds,
         "stats": stats,
+        "tokens_since_update_per_layer": since_update,
     }
     log(f"{name}: {answer!r} ({'correct' if row['correct'] else 'wrong'}), kept {row['kept_fraction']:.1%}, "
         f"{seconds:.1f} s")
@@ -129,11 +157,13 @@ def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, A
     example = make_passkey_example(tokenizer, cfg.seed, cfg.prompt_tokens, cfg.depth)
     log(f"passkey prompt: {example.num_tokens} tokens, key {example.answer} at depth {example.depth:.2f}")
 
-    namm = load_namm(cfg.namm, cfg.namm_seed)
+    namm = load_namm(cfg.namm, cfg.namm_seed, cfg.namm_budget)
     rows = [run_policy(model, tokenizer, example, "FullCache", FullCache(), cfg)]
     rows.append(run_policy(model, tokenizer, example, "NAMM", namm, cfg))
-    budget = per_layer_budget(rows[-1]["stats"])
-    log(f"NAMM kept per layer (mean over heads): {budget}")
+    namm_kept = per_layer_budget(rows[-1]["stats"])
+    budget = per_layer_budget(rows[-1]["stats"], rows[-1]["tokens_since_update_per_layer"])
+    log(f"NAMM kept per layer (mean over heads): {namm_kept}")
+    log(f"baseline budget per layer (less the tokens added since the last update): {budget}")
     every = namm.update_every
     baselines = {
         "Recency": Recency(budget, update_every=every),
@@ -152,6 +182,7 @@ def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, A
         "example": {"tokens": example.num_tokens, "answer": example.answer, "depth": example.depth,
                     "seed": example.seed, "needle_span": list(example.needle_span)},
         "namm": repr(namm),
+        "namm_kept_per_layer": namm_kept,
         "budget_per_layer": budget,
         "rows": rows,
     })

@@ -199,3 +199,36 @@ def test_non_empty_foreign_cache_is_rejected(model):
     model(ids, past_key_values=cache, use_cache=True)
     with attach(model, NAMM()), pytest.raises(ValueError, match="EvictingCache"):
         model(ids, past_key_values=cache, use_cache=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_supported_families_keep_all_equals_bare(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        family, vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    ids = prompt(40) % 61
+    bare = lm.generate(ids, max_new_tokens=8, do_sample=False)
+    with attach(lm, NAMM(NAMMConfig(update_every=16)), prefill_chunk=16) as handle:
+        assert torch.equal(lm.generate(ids, max_new_tokens=8, do_sample=False), bare)
+        assert handle.stats()["updates"] > 0
+
+
+@torch.no_grad()
+def test_bookkeeping_holds_one_stft_window_of_rows(model):
+    ids = prompt(200, seed=6)
+    with attach(model, evicting_namm(model, update_every=64), prefill_chunk=48) as handle:
+        model.generate(ids, max_new_tokens=5, do_sample=False)
+        stats = handle.stats()
+        memories = [handle.cache.memory(i) for i in range(len(handle.cache.layers))]
+    assert stats["max_rows_buffered"] == 32  # n_fft rows per layer, whatever the chunk or update cadence
+    stored = [m.n_slots for m in memories]
+    expected = sum(m.bookkeeping_nbytes() for m in memories)
+    assert stats["bookkeeping_bytes"] == expected
+    # window (32 rows) + spectrum (17 bins) per stored slot, float32, plus the slot tables
+    assert expected == sum(2 * 1 * (32 + 17) * 4 * s + 2 * s * 9 for s in stored)

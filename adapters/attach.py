@@ -6,9 +6,9 @@ import functools
 from typing import Any
 
 import torch
+
 from namm_transfer.adapters.attention import register
 from namm_transfer.adapters.cache import EvictingCache
-
 from namm_transfer.policies import MemoryPolicy
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -130,6 +130,10 @@ class AttachedPolicy:
             "kept_fraction": sum(per_layer) / len(per_layer),
             "kept_fraction_per_layer": per_layer,
             "kept_tokens_per_layer": kept,
+            "tokens_since_update_per_layer": [
+                0.0 if m.real_seen is None else float((m.real_seen - m.last_update).float().mean())
+                for m in memories
+            ],
             "evictions": sum(m.stats.evictions for m in memories),
             "nonfinite": sum(m.stats.nonfinite for m in memories),
             "updates": sum(m.stats.updates for m in memories),

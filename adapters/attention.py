@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from namm_transfer.adapters.cache import EvictingLayer
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+
+from namm_transfer.adapters.cache import EvictingLayer
 
 ATTENTION_NAME = "namm_sdpa"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -122,6 +122,10 @@ class NAMM(MemoryPolicy):
     @property
     def budget(self) -> Budget:
         return self.config.budget
+
+    def with_budget(self, budget: Budget) -> NAMM:
+        """This NAMM (same parameters and statistics) with a hard token budget per layer and KV head."""
+        return NAMM(replace(self.config, budget=budget), self.params, self.norm_mean, self.norm_var)
 
     # policy interface ------------------------------------------------------------------------------
     def new_state(self, layer_idx: int) -> StreamingSpectrogram:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from namm_transfer.pipelines.common import (
     log,
     markdown_table,
@@ -72,39 +73,49 @@ def chunked_prefill(model, ids: torch.Tensor, chunk: int, cache) -> None:
             model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
-def _median_time(fn: Callable[[], Any], reps: int, device: str) -> tuple[float, Any]:
-    times, result = [], None
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    _sync(device)
+    start = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - start, result
 
 
 def _dynamic_cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def benchmark_prompt(tokenizer, tokens: int) -> torch.Tensor:
+    """``[1, tokens]`` ids: a passkey prompt cut to exactly ``tokens`` (so update points are hit exactly)."""
+    ids = make_passkey_example(tokenizer, seed=0, prompt_tokens=tokens + 64).prompt_ids[:tokens]
+    if len(ids) < tokens:
+        raise ValueError(f"could not build a {tokens}-token prompt")
+    return torch.tensor([ids])
+
+
 def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig) -> dict[str, Any]:
     """One row of the overhead table for the prompt ``ids``."""
-    from namm_transfer.adapters import attach
     from transformers import DynamicCache
+
+    from namm_transfer.adapters import attach
 
     def bare() -> int:
         cache = DynamicCache(config=model.config)
         chunked_prefill(model, ids, cfg.chunk, cache)
         return _dynamic_cache_bytes(cache)
 
-    bare_s, bare_bytes = _median_time(bare, cfg.reps, cfg.device)
-    with attach(model, namm) as handle:
-        def with_namm() -> dict[str, Any]:
-            chunked_prefill(model, ids, cfg.chunk, handle.new_cache())
-            return handle.stats()
-
-        namm_s, stats = _median_time(with_namm, cfg.reps, cfg.device)
-    bookkeeping_s = sum(stats["timing"].values())
+    bare_times, namm_times, bookkeeping = [], [], []
+    for _ in range(max(1, cfg.reps)):  # interleaved, so load from other processes hits both alike
+        seconds, bare_bytes = _timed(bare, cfg.device)
+        bare_times.append(seconds)
+        with attach(model, namm) as handle:
+            cache = handle.new_cache()
+            seconds, _ = _timed(lambda c=cache: chunked_prefill(model, ids, cfg.chunk, c), cfg.device)
+            stats = handle.stats()
+        namm_times.append(seconds)
+        bookkeeping.append(sum(stats["timing"].values()))
+    bare_s, namm_s = statistics.median(bare_times), statistics.median(namm_times)
+    bookkeeping_s = statistics.median(bookkeeping)
     return {
         "tokens": int(ids.shape[1]),
         "bare_s": bare_s,
@@ -112,7 +123,9 @@ def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig) -> dict[
         "overhead_ratio": namm_s / bare_s,
         "bookkeeping_s": bookkeeping_s,
         "bookkeeping_fraction_of_bare": bookkeeping_s / bare_s,
-        "timing": stats["timing"],
+        "bare_s_all": bare_times,
+        "namm_s_all": namm_times,
+        "timing_last_rep": stats["timing"],
         "kv_bytes_bare": bare_bytes,
         "kv_bytes_full": stats["full_kv_bytes"],
         "kv_bytes_namm": stats["stored_kv_bytes"],
@@ -145,8 +158,7 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
     model, tokenizer = load_smollm2(device=cfg.device, dtype=parse_dtype(cfg.dtype), cache_dir=cfg.cache_dir)
     namm = load_namm(cfg.namm, cfg.namm_seed)
     lengths = sorted(int(n) for n in cfg.lengths)
-    prompts = {n: torch.tensor([make_passkey_example(tokenizer, 0, n).prompt_ids], device=cfg.device)
-               for n in lengths}
+    prompts = {n: benchmark_prompt(tokenizer, n).to(cfg.device) for n in lengths}
     if cfg.warmup:
         log("warming up ...")
         warm = OverheadConfig(**{**asdict(cfg), "reps": cfg.warmup})

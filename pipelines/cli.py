@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens generated")
     demo.add_argument("--chunk", type=int, default=d.chunk, help="prompt prefill chunk size in tokens")
     demo.add_argument("--namm-budget", type=int, default=d.namm_budget,
-                      help="hard cap on tokens the NAMM keeps per layer and KV head; None: no cap "
-                           "(an untrained NAMM then keeps almost everything)")
+                      help="hard cap on tokens the NAMM keeps per layer and KV head; 0: no cap "
+                           "(an untrained NAMM then keeps everything)")
     demo.add_argument("--output-dir", default=d.output_dir, help="directory for demo.json")
     _add_model_args(demo, d)
     demo.set_defaults(handler=_run_demo)

@@ -7,11 +7,12 @@ samples and KV heads) and gives each baseline exactly that per-layer budget (DES
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
 from namm_transfer.pipelines.common import (
     log,
     markdown_table,
@@ -39,7 +40,9 @@ class DemoConfig:
         namm: path or hub id of a trained NAMM checkpoint; None uses ``NAMM.init_random(namm_seed)``,
             an untrained population member, until a trained NAMM ships.
         namm_seed: seed of that random NAMM.
-        namm_budget: optional hard cap on the tokens the NAMM keeps per layer and KV head (top-k by
+        namm_budget: hard cap on the tokens the NAMM keeps per layer and KV head (top-k by score; 0 for
+            none). An untrained NAMM keeps everything on its own, so until an evolved NAMM ships the
+            demo caps it at 1024 tokens (about half the prompt) so that the comparison evicts.
             score); an untrained NAMM keeps almost everything without one.
         output_dir: where ``demo.json`` is written.
         threads: torch intra-op threads (None leaves torch's default).
@@ -55,7 +58,7 @@ class DemoConfig:
     chunk: int = 512
     namm: str | None = None
     namm_seed: int = 0
-    namm_budget: int | None = None
+    namm_budget: int | None = 1024
     output_dir: str = "runs/demo"
     threads: int | None = None
     cache_dir: str | None = None
@@ -69,9 +72,21 @@ def load_namm(source: str | None, seed: int = 0, budget: int | None = None):
     from namm_transfer import NAMM
 
     namm = NAMM.init_random(seed=seed) if source is None else NAMM.from_pretrained(source)
-    if budget is not None:
-        namm = NAMM(replace(namm.config, budget=budget), namm.params, namm.norm_mean, namm.norm_var)
-    return namm
+    return namm if budget is None else namm.with_budget(budget)
+
+
+def calibrate_namm(model, tokenizer, namm, cfg: DemoConfig) -> None:
+    """Freeze the NAMM's feature statistics on a keep-everything run over another prompt (the reference
+    collects them on its first, keep-everything evaluation); without them an untrained NAMM's spectral
+    features are ~1e-2 and it decides on token age alone."""
+    from namm_transfer.adapters import attach
+
+    calibration = make_passkey_example(tokenizer, cfg.seed + 10_000, cfg.prompt_tokens, cfg.depth)
+    ids = torch.tensor([calibration.prompt_ids], device=cfg.device)
+    log("collecting the NAMM's feature statistics on a calibration prompt ...")
+    with torch.no_grad(), namm.collecting_statistics(), attach(model, namm, prefill_chunk=cfg.chunk):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)
 
 
 def per_layer_budget(stats: dict[str, Any], since_update: list[float] | None = None) -> list[int]:
@@ -157,7 +172,9 @@ def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, A
     example = make_passkey_example(tokenizer, cfg.seed, cfg.prompt_tokens, cfg.depth)
     log(f"passkey prompt: {example.num_tokens} tokens, key {example.answer} at depth {example.depth:.2f}")
 
-    namm = load_namm(cfg.namm, cfg.namm_seed, cfg.namm_budget)
+    namm = load_namm(cfg.namm, cfg.namm_seed, cfg.namm_budget or None)
+    if namm.norm_mean is None:
+        calibrate_namm(model, tokenizer, namm, cfg)
     rows = [run_policy(model, tokenizer, example, "FullCache", FullCache(), cfg)]
     rows.append(run_policy(model, tokenizer, example, "NAMM", namm, cfg))
     namm_kept = per_layer_budget(rows[-1]["stats"])

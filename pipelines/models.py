@@ -149,7 +149,7 @@ def load_causal_lm(
         if not local.is_dir():
             raise FileNotFoundError(f"Model path {name!r} is not a directory")
         name = str(local)
-    elif name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an "org/name" hub id
         raise FileNotFoundError(f"Model directory {name!r} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)

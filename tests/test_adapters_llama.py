@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from namm_transfer.adapters import EvictingCache, attach
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from namm_transfer import NAMM, NAMMConfig
+from namm_transfer.adapters import EvictingCache, attach
 from namm_transfer.policies import L2Norm, RandomEviction, Recency
 
 

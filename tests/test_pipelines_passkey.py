@@ -6,6 +6,7 @@ import re
 from dataclasses import fields
 
 import pytest
+
 from namm_transfer.pipelines.bench import OverheadConfig
 from namm_transfer.pipelines.cli import build_parser, main
 from namm_transfer.pipelines.common import markdown_table
@@ -134,6 +135,7 @@ def test_score(text, ok):
 def test_per_layer_budget():
     stats = {"kept_tokens_per_layer": [[[10, 20, 30]], [[1, 1, 2]], [[0, 0, 0]], [[4, 5, 6], [6, 7, 8]]]}
     assert per_layer_budget(stats) == [20, 1, 1, 6]
+    assert per_layer_budget(stats, [5.0, 0.0, 0.0, 2.4]) == [15, 1, 1, 4]
 
 
 def test_markdown_table():

@@ -1,0 +1,39 @@
+"""End-to-end smoke runs of ``demo`` and ``bench overhead`` on the real SmolLM2 (slow: ``-m slow``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from namm_transfer.pipelines.cli import main
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.slow
+
+
+def test_demo_small(tmp_path, capsys):
+    assert main(["demo", "--prompt-tokens", "600", "--chunk", "256", "--namm-budget", "300",
+                 "--threads", "1", "--output-dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    for name in ("FullCache", "NAMM", "Recency", "H2O", "L2Norm", "RandomEviction"):
+        assert name in table
+    result = json.loads((tmp_path / "demo.json").read_text())
+    rows = {r["policy"]: r for r in result["rows"]}
+    assert rows["FullCache"]["correct"] and rows["FullCache"]["kept_fraction"] == 1.0
+    assert len(result["budget_per_layer"]) == 30
+    namm_kept = rows["NAMM"]["kept_fraction"]
+    assert namm_kept < 1.0
+    for name in ("Recency", "H2O", "L2Norm", "RandomEviction"):  # matched cache size
+        assert rows[name]["kept_fraction"] == pytest.approx(namm_kept, abs=0.02)
+
+
+def test_bench_overhead_small(tmp_path):
+    out = tmp_path / "results" / "overhead.md"
+    assert main(["bench", "overhead", "--lengths", "256", "512", "--chunk", "256", "--reps", "1",
+                 "--warmup", "0", "--threads", "1", "--output", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["tokens"] for r in data["rows"]] == [256, 512]
+    assert data["meta"]["command"].startswith("namm-transfer bench overhead")
+    assert "| tokens |" in out.read_text() and "transformers" in out.read_text()

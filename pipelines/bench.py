@@ -42,6 +42,9 @@ class OverheadConfig:
         dtype: model dtype name.
         namm: path or hub id of a NAMM checkpoint; None uses ``NAMM.init_random(namm_seed)``.
         namm_seed: seed of that random NAMM.
+        namm_budget: optional hard cap on the tokens the NAMM keeps per layer and KV head. None (the
+            default) measures the pure bookkeeping cost: an untrained NAMM keeps everything, so every
+            forward sees the full cache; a budget shows the net effect when eviction shrinks it.
         output: markdown result path; the JSON goes beside it with a ``.json`` suffix.
         threads: torch intra-op threads (None leaves torch's default).
         cache_dir: converted-model cache directory (None: the default).
@@ -55,6 +58,7 @@ class OverheadConfig:
     dtype: str = "float32"
     namm: str | None = None
     namm_seed: int = 0
+    namm_budget: int | None = None
     output: str = "benchmarks/results/overhead.md"
     threads: int | None = None
     cache_dir: str | None = None
@@ -156,7 +160,7 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
     set_threads(cfg.threads)
     log("loading SmolLM2-135M-Instruct ...")
     model, tokenizer = load_smollm2(device=cfg.device, dtype=parse_dtype(cfg.dtype), cache_dir=cfg.cache_dir)
-    namm = load_namm(cfg.namm, cfg.namm_seed)
+    namm = load_namm(cfg.namm, cfg.namm_seed, cfg.namm_budget)
     lengths = sorted(int(n) for n in cfg.lengths)
     prompts = {n: benchmark_prompt(tokenizer, n).to(cfg.device) for n in lengths}
     if cfg.warmup:
@@ -180,7 +184,7 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
         f"- torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}\n"
         f"- device: {cfg.device}, dtype: {cfg.dtype}, torch threads: {meta['torch_threads']}, "
         f"chunk: {cfg.chunk}, median of {cfg.reps} reps\n"
-        f"- NAMM: {cfg.namm or f'NAMM.init_random(seed={cfg.namm_seed})'}\n\n"
+        f"- NAMM: {cfg.namm or f'NAMM.init_random(seed={cfg.namm_seed})'}, budget: {cfg.namm_budget}\n\n"
         "`overhead x` = NAMM seconds / bare seconds; `bookkeeping / bare` = the NAMM's own time "
         "(capture + features + scoring + eviction, from `stats()['timing']`) over the bare forward.\n\n"
         f"{table}\n"

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--chunk", type=int, default=o.chunk, help="prefill chunk size in tokens")
     overhead.add_argument("--reps", type=int, default=o.reps, help="timed repetitions (median reported)")
     overhead.add_argument("--warmup", type=int, default=o.warmup, help="untimed warm-up runs")
+    overhead.add_argument("--namm-budget", type=int, default=o.namm_budget,
+                          help="cap on tokens the NAMM keeps per layer and KV head (default: none, so the "
+                               "pure bookkeeping cost is measured on a full cache)")
     overhead.add_argument("--output", default=o.output, help="markdown result file (JSON written beside it)")
     _add_model_args(overhead, o)
     overhead.set_defaults(handler=_run_overhead)

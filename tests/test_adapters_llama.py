@@ -232,3 +232,16 @@ def test_bookkeeping_holds_one_stft_window_of_rows(model):
     assert stats["bookkeeping_bytes"] == expected
     # window (32 rows) + spectrum (17 bins) per stored slot, float32, plus the slot tables
     assert expected == sum(2 * 1 * (32 + 17) * 4 * s + 2 * s * 9 for s in stored)
+
+
+@torch.no_grad()
+def test_forward_without_cache_is_plain_causal_attention(model):
+    ids = torch.cat([prompt(20, seed=8), prompt(20, seed=9)])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding in the second row
+    bare = model(ids, attention_mask=mask, use_cache=False).logits
+    with attach(model, NAMM()) as handle:
+        ours = model(ids, attention_mask=mask, use_cache=False).logits
+        assert handle.cache is None
+    torch.testing.assert_close(ours[0], bare[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1, 5:], bare[1, 5:], atol=1e-5, rtol=1e-5)  # real tokens

@@ -99,6 +99,12 @@ def namm_attention_forward(
         out = torch.matmul(probs.view(batch, kv_heads, groups * n_q, n_keys).to(value.dtype), value)
         out = out.view(batch, q_heads, n_q, dim)
         memory.observe(probs.view(batch, q_heads, n_q, n_keys), new_valid)
+    elif bool(memory.valid.all()):  # one causal mask shared by every sample and head
+        q_pos = torch.arange(n_keys - n_q, n_keys, device=query.device)[:, None]
+        mask = torch.arange(n_keys, device=query.device) <= q_pos
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
+        )
     else:
         allowed = memory.attention_mask(n_q)  # [B, H_kv, q, S]
         mask = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, n_q, n_keys)

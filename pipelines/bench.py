@@ -140,14 +140,20 @@ def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig) -> dict[
     }
 
 
+TIMING_KEYS = ("capture_s", "features_s", "scoring_s", "eviction_s")
+
+
 def format_overhead(rows: list[dict[str, Any]]) -> str:
     """The overhead results as a markdown table."""
     mib = 2**20
-    headers = ["tokens", "bare s", "NAMM s", "overhead x", "bookkeeping / bare", "KV MiB bare",
-               "KV MiB NAMM", "kept", "bookkeeping MiB", "max rows buffered"]
+    headers = ["tokens", "bare s", "NAMM s", "overhead x", "bookkeeping / bare",
+               "capture / features / scoring / eviction s", "KV MiB bare", "KV MiB NAMM", "kept",
+               "bookkeeping MiB", "max rows buffered"]
     body = [
         [r["tokens"], f"{r['bare_s']:.2f}", f"{r['namm_s']:.2f}", f"{r['overhead_ratio']:.2f}",
-         f"{r['bookkeeping_fraction_of_bare']:.1%}", f"{r['kv_bytes_bare'] / mib:.2f}",
+         f"{r['bookkeeping_fraction_of_bare']:.1%}",
+         " / ".join(f"{r['timing_last_rep'][k]:.2f}" for k in TIMING_KEYS),
+         f"{r['kv_bytes_bare'] / mib:.2f}",
          f"{r['kv_bytes_namm'] / mib:.2f}", f"{r['kept_fraction']:.1%}",
          f"{r['bookkeeping_bytes'] / mib:.2f}", r["max_rows_buffered"]]
         for r in rows
@@ -167,17 +173,17 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
         log("warming up ...")
         warm = OverheadConfig(**{**asdict(cfg), "reps": cfg.warmup})
         measure_length(model, prompts[lengths[0]], namm, warm)
-    rows = []
+    meta = run_metadata(argv)
+    md_path = Path(cfg.output)
+    rows: list[dict[str, Any]] = []
     for n in lengths:
         log(f"timing {prompts[n].shape[1]} tokens x {cfg.reps} reps ...")
         rows.append(measure_length(model, prompts[n], namm, cfg))
         log(f"{n}: bare {rows[-1]['bare_s']:.2f} s, NAMM {rows[-1]['namm_s']:.2f} s")
+        json_path = write_json(md_path.with_suffix(".json"), {"config": asdict(cfg), "meta": meta, "rows": rows})
 
-    meta = run_metadata(argv)
     table = format_overhead(rows)
     print(table)
-    md_path = Path(cfg.output)
-    md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(
         "# NAMM overhead on SmolLM2-135M-Instruct (chunked prefill)\n\n"
         f"- command: `{meta['command']}`\n- date: {meta['date']}\n"
@@ -189,6 +195,5 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
         "(capture + features + scoring + eviction, from `stats()['timing']`) over the bare forward.\n\n"
         f"{table}\n"
     )
-    json_path = write_json(md_path.with_suffix(".json"), {"config": asdict(cfg), "meta": meta, "rows": rows})
     log(f"wrote {md_path} and {json_path}")
     return rows

@@ -61,10 +61,12 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON, creating parent directories."""
+    """Write ``data`` as indented JSON atomically (temporary file, then rename), creating parent dirs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 

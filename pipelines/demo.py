@@ -175,33 +175,33 @@ def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, A
     namm = load_namm(cfg.namm, cfg.namm_seed, cfg.namm_budget or None)
     if namm.norm_mean is None:
         calibrate_namm(model, tokenizer, namm, cfg)
-    rows = [run_policy(model, tokenizer, example, "FullCache", FullCache(), cfg)]
-    rows.append(run_policy(model, tokenizer, example, "NAMM", namm, cfg))
-    namm_kept = per_layer_budget(rows[-1]["stats"])
-    budget = per_layer_budget(rows[-1]["stats"], rows[-1]["tokens_since_update_per_layer"])
-    log(f"NAMM kept per layer (mean over heads): {namm_kept}")
-    log(f"baseline budget per layer (less the tokens added since the last update): {budget}")
-    every = namm.update_every
-    baselines = {
-        "Recency": Recency(budget, update_every=every),
-        "H2O": H2O(budget, update_every=every),
-        "L2Norm": L2Norm(budget, update_every=every),
-        "RandomEviction": RandomEviction(budget, seed=cfg.seed, update_every=every),
-    }
-    for name, policy in baselines.items():
-        rows.append(run_policy(model, tokenizer, example, name, policy, cfg))
-
-    print(format_rows(rows))
     out = Path(cfg.output_dir) / "demo.json"
-    write_json(out, {
+    record: dict[str, Any] = {
         "config": asdict(cfg),
         "meta": run_metadata(argv),
         "example": {"tokens": example.num_tokens, "answer": example.answer, "depth": example.depth,
                     "seed": example.seed, "needle_span": list(example.needle_span)},
         "namm": repr(namm),
-        "namm_kept_per_layer": namm_kept,
-        "budget_per_layer": budget,
-        "rows": rows,
-    })
+        "rows": [],
+    }
+    rows = record["rows"]
+
+    def add(name: str, policy) -> None:  # results are written after every policy: nothing finished is lost
+        rows.append(run_policy(model, tokenizer, example, name, policy, cfg))
+        write_json(out, record)
+
+    add("FullCache", FullCache())
+    add("NAMM", namm)
+    record["namm_kept_per_layer"] = per_layer_budget(rows[-1]["stats"])
+    budget = per_layer_budget(rows[-1]["stats"], rows[-1]["tokens_since_update_per_layer"])
+    record["budget_per_layer"] = budget
+    log(f"NAMM kept per layer (mean over heads): {record['namm_kept_per_layer']}")
+    log(f"baseline budget per layer (less the tokens added since the last update): {budget}")
+    every = namm.update_every
+    add("Recency", Recency(budget, update_every=every))
+    add("H2O", H2O(budget, update_every=every))
+    add("L2Norm", L2Norm(budget, update_every=every))
+    add("RandomEviction", RandomEviction(budget, seed=cfg.seed, update_every=every))
+    print(format_rows(rows))
     log(f"wrote {out}; total {time.perf_counter() - total:.1f} s")
     return rows

@@ -180,7 +180,8 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
         log(f"timing {prompts[n].shape[1]} tokens x {cfg.reps} reps ...")
         rows.append(measure_length(model, prompts[n], namm, cfg))
         log(f"{n}: bare {rows[-1]['bare_s']:.2f} s, NAMM {rows[-1]['namm_s']:.2f} s")
-        json_path = write_json(md_path.with_suffix(".json"), {"config": asdict(cfg), "meta": meta, "rows": rows})
+        record = {"config": asdict(cfg), "meta": meta, "rows": rows}
+        json_path = write_json(md_path.with_suffix(".json"), record)  # after every length: nothing is lost
 
     table = format_overhead(rows)
     print(table)

@@ -37,6 +37,11 @@ class AttachedPolicy:
 
     def __init__(self, model: torch.nn.Module, policy: MemoryPolicy, prefill_chunk: int | None = None):
         _check_supported(model)
+        if getattr(model, "_namm_attached", None) is not None:
+            raise RuntimeError(
+                f"a memory policy ({model._namm_attached.policy!r}) is already attached to this model; "
+                "detach it first (handle.detach() or leave its `with` block)"
+            )
         self.model, self.policy = model, policy
         text = _text_config(model)
         self.num_layers = text.num_hidden_layers
@@ -67,6 +72,7 @@ class AttachedPolicy:
             return original_generate(*args, **kwargs)
 
         model.generate = generate
+        model._namm_attached = self
         self._attached = True
 
     def new_cache(self) -> EvictingCache:
@@ -100,6 +106,7 @@ class AttachedPolicy:
         for module in self._attention_modules:
             del module._namm_handle
         del self.model.generate
+        self.model._namm_attached = None
         self.model.generation_config.prefill_chunk_size = self._previous_chunk
         self.model.set_attn_implementation(self._previous_attn)
         self.cache, self._attached = None, False

@@ -245,3 +245,13 @@ def test_forward_without_cache_is_plain_causal_attention(model):
         assert handle.cache is None
     torch.testing.assert_close(ours[0], bare[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours[1, 5:], bare[1, 5:], atol=1e-5, rtol=1e-5)  # real tokens
+
+
+def test_attaching_twice_is_refused_until_detached(model):
+    handle = attach(model, NAMM())
+    try:
+        with pytest.raises(RuntimeError, match="already attached"):
+            attach(model, Recency(budget=4))
+    finally:
+        handle.detach()
+    attach(model, Recency(budget=4)).detach()  # fine once detached

@@ -255,3 +255,29 @@ def test_attaching_twice_is_refused_until_detached(model):
     finally:
         handle.detach()
     attach(model, Recency(budget=4)).detach()  # fine once detached
+
+
+@torch.no_grad()
+def test_generate_continues_a_cache_with_new_tokens_and_a_full_mask(model):
+    """Multi-turn: the second generate() gets only the new tokens and a 2-D mask over every token seen."""
+    ids, more = prompt(50, seed=10), prompt(7, seed=11)
+    full_mask = torch.ones(1, 50 + 5 + 7, dtype=torch.long)
+    cache = DynamicCache(config=model.config)
+    model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    bare = model.generate(
+        more, attention_mask=full_mask, past_key_values=cache, max_new_tokens=5, do_sample=False
+    )
+    for policy in (NAMM(NAMMConfig(update_every=16)), Recency(budget=10, update_every=16)):
+        with attach(model, policy) as handle:
+            ours_cache = handle.new_cache()
+            model.generate(ids, past_key_values=ours_cache, max_new_tokens=5, do_sample=False)
+            ours = model.generate(
+                more, attention_mask=full_mask, past_key_values=ours_cache, max_new_tokens=5, do_sample=False
+            )
+            stats = handle.stats()
+        assert stats["tokens_seen"] == 50 + 4 + 7 + 4
+        if isinstance(policy, NAMM):
+            assert torch.equal(ours, bare)
+        else:  # evicted down to the budget at 64 tokens, then one more token arrived
+            assert stats["kept_tokens_per_layer"] == [[[11, 11]], [[11, 11]]]
+            assert ours.shape == bare.shape

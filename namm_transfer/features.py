@@ -146,7 +146,8 @@ class StreamingSpectrogram:
         if row_valid is not None:
             rows = rows * row_valid[:, None, :, None]
         combined = torch.cat([self.window, rows], dim=-2).contiguous()  # [B, H, n_fft + q, S]
-        self.window = combined[..., -self.n_fft :, :]
+        # A copy, not a view: a view would keep the whole chunk's rows alive between forwards.
+        self.window = combined[..., -self.n_fft :, :].clone()
         if row_valid is None and bool((self.rows_seen == self.rows_seen[0]).all()):
             return self._observe_aligned(combined, n_q)
         return self._observe_per_sample(combined, row_valid)

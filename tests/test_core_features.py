@@ -200,3 +200,11 @@ def test_age_embedding_formula():
 def test_age_embedding_odd_dim_rejected():
     with pytest.raises(ValueError, match="even"):
         age_embedding(torch.zeros(2), dim=7)
+
+
+def test_window_does_not_pin_the_chunk_rows():
+    """The persistent window must own its 32 rows, not view a larger chunk buffer."""
+    stream = StreamingSpectrogram()
+    stream.observe(torch.rand(1, 2, 200, 210))
+    assert stream.window.shape[-2] == 32
+    assert stream.window.untyped_storage().nbytes() == stream.window.numel() * 4

@@ -68,10 +68,18 @@ class LayerMemory:
         self.real_seen += n_new
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
-        """``new_valid`` ``[B, q]``: validity of the latest q tokens (False = padding)."""
+        """``new_valid`` ``[B, q]``: validity of the latest q tokens (False = padding, left only)."""
         n_new = new_valid.shape[-1]
         pads = (~new_valid).sum(-1)
         if bool(pads.any()):
+            new_valid = new_valid.bool()
+            had_real = (self.real_seen - n_new) > 0  # real tokens before this chunk
+            late_pad = (new_valid.long().cumsum(-1) > 0) & ~new_valid  # a pad after a real token
+            if bool(late_pad.any()) or bool((had_real & (pads > 0)).any()):
+                raise ValueError(
+                    "padding after real tokens (right or interior padding) is not supported with an "
+                    "evicting cache: pad on the left (tokenizer.padding_side = 'left')"
+                )
             self.valid[..., -n_new:] &= new_valid[:, None, :].to(self.valid.device)
             self.real_seen -= pads.to(self.real_seen.device)
 

@@ -301,3 +301,16 @@ def test_full_cache_never_evicts():
     for n in (100, 1000, 5):
         assert feed(mem, n, batch=1, heads=1) is None
     assert mem.stats.updates == 0 and mem.valid.all() and mem.n_slots == 1105
+
+
+def test_right_padding_is_rejected_with_a_clear_error():
+    mem = LayerMemory(FullCache(), 0)
+    mem.append(2, 1, 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="pad on the left"):
+        mem.mark_padding(torch.tensor([[True, True, True, False], [True, True, True, True]]))
+    mem = LayerMemory(FullCache(), 0)
+    mem.append(1, 1, 4, torch.device("cpu"))
+    mem.mark_padding(torch.tensor([[False, True, True, True]]))  # left padding is fine
+    mem.append(1, 1, 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="pad on the left"):
+        mem.mark_padding(torch.tensor([[False, True]]))

@@ -168,5 +168,10 @@ def attach(model: torch.nn.Module, policy: MemoryPolicy, prefill_chunk: int | No
 
     Returns:
         A handle: ``handle.stats()``, ``handle.detach()``; usable as ``with attach(...) as handle:``.
+
+    Batches must be left-padded. Decisions are per sample and, with the prompt fed in one forward,
+    equal to running each sample alone; with ``prefill_chunk`` the chunk boundaries fall at different
+    points of each sample's own tokens, so a padded sample's decisions may differ from a solo run.
+    Beam search and assisted decoding are not supported (the cache cannot be reordered or cropped).
     """
     return AttachedPolicy(model, policy, prefill_chunk)

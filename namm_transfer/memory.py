@@ -156,7 +156,7 @@ class LayerMemory:
         return index
 
     def select(self, index: torch.Tensor, valid: torch.Tensor) -> None:
-        """Apply an externally decided compaction (e.g. to reorder a batch)."""
+        """Compact the slots to ``index`` ``[B, H, K]`` with validity ``valid``; per-slot state follows."""
         self.positions = self.positions.gather(-1, index)
         self.valid = valid
         self.protect = None if self.protect is None else self.protect.gather(-1, index) & valid

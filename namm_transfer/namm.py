@@ -8,9 +8,8 @@ never, optional hard budget).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -206,9 +205,6 @@ class NAMM(MemoryPolicy):
 
         return load_namm(cls, name_or_path, **hub_kwargs)
 
-    def config_dict(self) -> dict:
-        return asdict(self.config)
-
     def __repr__(self) -> str:
         c = self.config
         return (
@@ -216,6 +212,3 @@ class NAMM(MemoryPolicy):
             f"budget={c.budget}, normalised={self.norm_mean is not None})"
         )
 
-
-def config_to_json(config: NAMMConfig) -> str:
-    return json.dumps(asdict(config), indent=2)

@@ -225,7 +225,7 @@ class StreamingSpectrogram:
         return (self.window.numel() + self.spectrum.numel()) * self.window.element_size()
 
 
-def age_embedding(age: torch.Tensor, dim: int = 8, base: float = 10_000.0) -> torch.Tensor:
+def age_embedding(age: torch.Tensor, dim: int = 8, base: float = 50_000.0) -> torch.Tensor:
     """Sinusoidal age embedding (0 = newest): ``[..., dim]``, sin then cos of ``age / base**(2i/dim)``."""
     if dim % 2:
         raise ValueError(f"age embedding dim must be even, got {dim}")

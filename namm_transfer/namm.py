@@ -28,7 +28,7 @@ class NAMMConfig:
     hop: int = 16
     ema_decay: float = 0.99
     age_dim: int = 8
-    age_base: float = 10_000.0
+    age_base: float = 50_000.0  # the reference recency embedding's max_freq
     scorer: str = "bam"
     hidden: int = 32
     update_every: int = 512

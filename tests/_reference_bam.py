@@ -70,7 +70,7 @@ def bam_scores(params: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, pos: 
     return out
 
 
-def age_embedding_ref(age: torch.Tensor, dim: int = 8, base: float = 10_000.0) -> torch.Tensor:
+def age_embedding_ref(age: torch.Tensor, dim: int = 8, base: float = 50_000.0) -> torch.Tensor:
     """sin(age / base**(2i/dim)) for i < dim/2, then the cosines."""
     cols = []
     for fn in (math.sin, math.cos):

@@ -189,8 +189,8 @@ def test_age_embedding_formula():
     for idx in np.ndindex(2, 3):
         a = float(age[idx])
         for i in range(4):
-            manual[idx][i] = math.sin(a / 10_000 ** (2 * i / 8))
-            manual[idx][4 + i] = math.cos(a / 10_000 ** (2 * i / 8))
+            manual[idx][i] = math.sin(a / 50_000 ** (2 * i / 8))
+            manual[idx][4 + i] = math.cos(a / 50_000 ** (2 * i / 8))
     torch.testing.assert_close(got.double(), manual, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.double(), age_embedding_ref(age), atol=1e-5, rtol=0)
     zero = age_embedding(torch.zeros(3, dtype=torch.long))

@@ -1,0 +1,440 @@
+"""``namm-transfer evolve``: CMA-ES over a NAMM's parameters on long-context text tasks.
+
+Config -> data -> model -> evaluate, top to bottom (DESIGN.md section 3, Evolution):
+
+- Separable CMA-ES (``cmaes.SepCMA``; at ~4k dimensions the full covariance barely adapts), the
+  population sampled around the keep-everything initialisation with sigma 0.065.
+- Each generation draws fresh training prompts, shared by every member. A member's fitness is, per
+  task, its mean score divided by the full-cache model's mean score on the same prompts (full-cache
+  results are cached), averaged over the stage's tasks. CMA-ES minimises, so it is told -fitness.
+- Members are evaluated together: one ``generate()`` over a batch holding the same prompt once per
+  member, with one NAMM parameter vector per batch row.
+- Stages add tasks; each starts a new CMA-ES from the previous stage's mean. The CMA **mean** is the
+  evaluated, logged (``mean_fitness``) and saved solution.
+- The feature normalisation statistics are collected on the first keep-everything evaluation (the
+  first full-cache pass) and frozen.
+- After every generation the whole state (optimizer, its RNG, the full-cache cache, statistics,
+  history) is written atomically; ``resume`` continues from it and, with the same seed, follows the
+  same trajectory as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from namm_transfer import NAMM, NAMMConfig
+from namm_transfer.pipelines.common import log, set_threads
+
+STATE_NAME, RESULTS_NAME, BEST_DIR = "evolve_state.pkl", "results.jsonl", "namm"
+
+
+class Example(Protocol):
+    prompt_ids: Sequence[int]
+    answer: str
+
+
+class EvolveTask(Protocol):
+    """A text task: seeded prompts and a scorer in [0, 1]."""
+
+    name: str
+
+    def make(self, tokenizer: Any, seed: int, prompt_tokens: int) -> Example: ...
+
+    def score(self, generated_text: str, example: Example) -> float: ...
+
+
+@dataclass
+class EvolveConfig:
+    """Settings of :func:`run_evolve` (defaults: DESIGN.md section 3, scaled to a 2-core CPU).
+
+    Attributes:
+        stages: task names per stage; each stage adds tasks and restarts CMA-ES from the last mean.
+        generations: generations per stage.
+        population: CMA-ES population size (the reference uses 32).
+        sigma: initial step size (reference 0.065).
+        prompts_per_task: training prompts per task per generation, shared by all members.
+        prompt_tokens: approximate prompt length.
+        max_new_tokens: greedy generation length when scoring.
+        members_per_batch: members evaluated in one forward (1 = one at a time).
+        update_every: NAMM update cadence in tokens (also the prefill chunk).
+        seed: seeds CMA-ES and the prompt draws.
+        out_dir: where the state, results.jsonl, TensorBoard logs and the NAMM are written.
+        resume: continue from ``out_dir``'s saved state.
+        device, dtype, threads: model placement.
+        scorer: "bam" or "mlp" (the ablation).
+    """
+
+    stages: list[list[str]] = field(default_factory=lambda: [["passkey"], ["passkey", "kv"]])
+    generations: int = 10
+    population: int = 8
+    sigma: float = 0.065
+    prompts_per_task: int = 2
+    prompt_tokens: int = 1024
+    max_new_tokens: int = 8
+    members_per_batch: int = 8
+    update_every: int = 256
+    seed: int = 0
+    out_dir: str = "runs/evolve"
+    resume: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    scorer: str = "bam"
+
+    def namm_config(self) -> NAMMConfig:
+        return NAMMConfig(update_every=self.update_every, scorer=self.scorer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclass
+class Evaluation:
+    """Scores ``[members, examples]``, mean kept fraction per member, and for the last member on the
+    last example: kept fraction per layer and a retention map ``[layers, tokens]`` (share of KV heads
+    still holding each token at the end)."""
+
+    scores: np.ndarray
+    kept: np.ndarray
+    kept_per_layer: list[float] = field(default_factory=list)
+    retention: np.ndarray | None = None
+
+
+class LocalEvaluator:
+    """Evaluates NAMM parameter vectors in-process on one model replica."""
+
+    def __init__(self, model, tokenizer, cfg: EvolveConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+
+    @torch.no_grad()
+    def run(
+        self, namm_factory: Callable[[torch.Tensor], Any], params: np.ndarray, examples, tasks
+    ) -> Evaluation:
+        """Score every parameter vector (rows of ``params``) on every example."""
+        from namm_transfer.adapters import attach
+
+        n_members = params.shape[0]
+        kept_per_layer, retention = [], None
+        scores = np.zeros((n_members, len(examples)))
+        kept = np.zeros((n_members, len(examples)))
+        step = max(1, self.cfg.members_per_batch)
+        for e, (task, example) in enumerate(zip(tasks, examples, strict=True)):
+            ids = torch.tensor([list(example.prompt_ids)], device=self.cfg.device)
+            for start in range(0, n_members, step):
+                block = torch.as_tensor(params[start : start + step], dtype=torch.float32)
+                batch = ids.expand(block.shape[0], -1)
+                policy = namm_factory(block)
+                with attach(self.model, policy, prefill_chunk=self.cfg.update_every) as handle:
+                    out = self.model.generate(
+                        input_ids=batch,
+                        attention_mask=torch.ones_like(batch),
+                        do_sample=False,
+                        max_new_tokens=self.cfg.max_new_tokens,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                    stats = handle.stats()
+                    per_sample = _kept_per_sample(stats)
+                    if start + block.shape[0] == n_members and e == len(examples) - 1:
+                        last = block.shape[0] - 1
+                        kept_per_layer = _kept_per_layer(stats, last)
+                        retention = _retention(handle.cache, last)
+                texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+                for i, text in enumerate(texts):
+                    scores[start + i, e] = task.score(text.strip(), example)
+                    kept[start + i, e] = per_sample[i]
+        return Evaluation(scores, kept.mean(axis=1), kept_per_layer, retention)
+
+
+def _kept_per_sample(stats: dict) -> list[float]:
+    """Mean kept fraction per batch row (over layers and KV heads)."""
+    seen = max(stats["tokens_seen"], 1)
+    layers = stats["kept_tokens_per_layer"]
+    n_rows = len(layers[0])
+    return [float(np.mean([np.mean(layer[row]) for layer in layers]) / seen) for row in range(n_rows)]
+
+
+def _kept_per_layer(stats: dict, row: int) -> list[float]:
+    seen = max(stats["tokens_seen"], 1)
+    return [float(np.mean(layer[row]) / seen) for layer in stats["kept_tokens_per_layer"]]
+
+
+def _retention(cache, row: int) -> np.ndarray:
+    """``[layers, tokens seen]``: share of the row's KV heads still holding each token."""
+    layers = [cache.memory(i) for i in range(len(cache.layers))]
+    seen = layers[0].tokens_seen
+    image = np.zeros((len(layers), seen), dtype=np.float32)
+    for i, memory in enumerate(layers):
+        positions, valid = memory.positions[row], memory.valid[row]
+        for head in range(positions.shape[0]):
+            image[i, positions[head][valid[head]].cpu().numpy()] += 1.0 / positions.shape[0]
+    return image
+
+
+def task_fitness(scores: np.ndarray, full: np.ndarray, task_of: Sequence[str]) -> np.ndarray:
+    """Per member: mean over tasks of (member's mean score / full cache's mean score), same prompts.
+
+    A task on which the full cache scored 0 everywhere says nothing about memory and is skipped.
+    """
+    names = sorted(set(task_of))
+    ratios = []
+    for name in names:
+        cols = [i for i, t in enumerate(task_of) if t == name]
+        reference = full[cols].mean()
+        if reference > 0:
+            ratios.append(scores[:, cols].mean(axis=1) / reference)
+    if not ratios:
+        return np.zeros(scores.shape[0])
+    return np.mean(ratios, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# state
+
+
+@dataclass
+class EvolveState:
+    stage: int = 0
+    generation: int = 0  # within the stage
+    total_generations: int = 0
+    mean: np.ndarray | None = None
+    optimizer: Any = None
+    optimizer_rng: Any = None
+    full_cache: dict = field(default_factory=dict)  # (task, seed) -> full-cache score
+    norm_mean: np.ndarray | None = None
+    norm_var: np.ndarray | None = None
+    elapsed_s: float = 0.0
+
+
+def save_state(state: EvolveState, out_dir: Path) -> None:
+    """Atomic: write a temporary file, then rename over the previous state."""
+    if state.optimizer is not None:
+        state.optimizer_rng = state.optimizer._rng.get_state()  # cmaes does not pickle its RNG
+    tmp = out_dir / (STATE_NAME + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(state, f)
+    os.replace(tmp, out_dir / STATE_NAME)
+
+
+def load_state(out_dir: Path) -> EvolveState:
+    path = out_dir / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no saved state at {path}")
+    with open(path, "rb") as f:
+        state: EvolveState = pickle.load(f)
+    if state.optimizer is not None and state.optimizer_rng is not None:
+        state.optimizer._rng.set_state(state.optimizer_rng)
+    return state
+
+
+def draw_examples(
+    tasks: dict[str, EvolveTask], names: Sequence[str], tokenizer, cfg: EvolveConfig, generation: int
+) -> tuple[list, list[str], list[int]]:
+    """Fresh training prompts for a generation, shared by all members; deterministic in (seed, generation)."""
+    rng = random.Random(f"{cfg.seed}-{generation}")
+    examples, task_of, seeds = [], [], []
+    for name in names:
+        for _ in range(cfg.prompts_per_task):
+            seed = train_seed(rng)
+            examples.append(tasks[name].make(tokenizer, seed, cfg.prompt_tokens))
+            task_of.append(name)
+            seeds.append(seed)
+    return examples, task_of, seeds
+
+
+def train_seed(rng: random.Random) -> int:
+    """Training prompts use seeds in [0, 10^6); validation and test splits use seeds above that."""
+    return rng.randrange(0, 1_000_000)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the job
+
+
+def run_evolve(
+    cfg: EvolveConfig,
+    tasks: dict[str, EvolveTask],
+    model=None,
+    tokenizer=None,
+    evaluator=None,
+    max_total_generations: int | None = None,
+) -> EvolveState:
+    """Run (or resume) the evolution; returns the final state. ``max_total_generations`` stops early
+    (as a kill would) after that many generations in total, for tests."""
+    from cmaes import SepCMA
+    from tqdm.auto import tqdm
+
+    set_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unknown = sorted({t for stage in cfg.stages for t in stage} - set(tasks))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; available: {sorted(tasks)}")
+    if model is None:
+        from namm_transfer.pipelines.common import parse_dtype
+        from namm_transfer.pipelines.models import load_smollm2
+
+        model, tokenizer = load_smollm2(device=cfg.device, dtype=parse_dtype(cfg.dtype))
+    evaluator = evaluator or LocalEvaluator(model, tokenizer, cfg)
+    namm_cfg = cfg.namm_config()
+
+    state = load_state(out_dir) if cfg.resume else EvolveState()
+    if not cfg.resume:
+        (out_dir / RESULTS_NAME).unlink(missing_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if state.mean is None:
+        state.mean = NAMM(namm_cfg).params[0].numpy().astype(np.float64)
+    writer = _tensorboard(out_dir)
+    total = cfg.generations * len(cfg.stages)
+    bar = tqdm(total=total, initial=state.total_generations, desc="evolve", unit="gen")
+    started = time.perf_counter() - state.elapsed_s
+
+    while state.stage < len(cfg.stages):
+        names = cfg.stages[state.stage]
+        if state.optimizer is None:
+            state.optimizer = SepCMA(
+                mean=state.mean.copy(),
+                sigma=cfg.sigma,
+                population_size=cfg.population,
+                seed=cfg.seed + 1000 * state.stage,
+            )
+        opt = state.optimizer
+        while state.generation < cfg.generations:
+            if max_total_generations is not None and state.total_generations >= max_total_generations:
+                bar.close()
+                return state
+            examples, task_of, seeds = draw_examples(tasks, names, tokenizer, cfg, state.total_generations)
+            full = _full_cache_scores(state, evaluator, namm_cfg, examples, task_of, seeds, tasks)
+            members = [opt.ask() for _ in range(cfg.population)]
+            params = np.stack(members + [opt.mean])  # last row: the CMA mean, the shipped solution
+
+            def factory(block: torch.Tensor) -> NAMM:
+                return NAMM(namm_cfg, block, _t(state.norm_mean), _t(state.norm_var))
+
+            evaluation = evaluator.run(factory, params, examples, [tasks[t] for t in task_of])
+            fitness = task_fitness(evaluation.scores, full, task_of)
+            opt.tell([(x, -float(f)) for x, f in zip(members, fitness[:-1], strict=True)])
+            state.mean = opt.mean.copy()
+            record = {
+                "stage": state.stage,
+                "generation": state.generation,
+                "total_generation": state.total_generations,
+                "tasks": names,
+                "fitness_mean": float(fitness[:-1].mean()),
+                "fitness_best": float(fitness[:-1].max()),
+                "mean_fitness": float(fitness[-1]),
+                "mean_kept_fraction": float(evaluation.kept[-1]),
+                "population_kept_fraction": float(evaluation.kept[:-1].mean()),
+                "sigma": float(opt._sigma),
+                "full_cache_score": float(full.mean()),
+                "seconds": time.perf_counter() - started,
+            }
+            record["kept_per_layer"] = evaluation.kept_per_layer
+            _log(out_dir, writer, record, evaluation.retention)
+            state.generation += 1
+            state.total_generations += 1
+            state.elapsed_s = time.perf_counter() - started
+            save_state(state, out_dir)
+            NAMM(
+                namm_cfg,
+                torch.as_tensor(state.mean, dtype=torch.float32),
+                _t(state.norm_mean),
+                _t(state.norm_var),
+            ).save_pretrained(out_dir / BEST_DIR)
+            bar.update(1)
+            bar.set_postfix(
+                fitness=f"{record['mean_fitness']:.3f}", kept=f"{record['mean_kept_fraction']:.2f}"
+            )
+        state.stage += 1
+        state.generation = 0
+        state.optimizer = None
+        save_state(state, out_dir)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    log(f"evolution finished: {state.total_generations} generations, NAMM (CMA mean) in {out_dir / BEST_DIR}")
+    return state
+
+
+def _t(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.as_tensor(array, dtype=torch.float32)
+
+
+def _full_cache_scores(
+    state: EvolveState, evaluator, namm_cfg: NAMMConfig, examples, task_of, seeds, tasks
+) -> np.ndarray:
+    """Full-cache score of each example, cached by (task, seed). The first pass is a keep-everything
+    NAMM collecting the feature statistics, which are then frozen for the rest of the run."""
+    missing = [i for i, key in enumerate(zip(task_of, seeds, strict=True)) if key not in state.full_cache]
+    if missing:
+        from namm_transfer.policies import FullCache
+
+        collecting = state.norm_mean is None
+        keep_all = NAMM(namm_cfg)
+        policy = keep_all if collecting else FullCache()
+        context = keep_all.collecting_statistics() if collecting else _nullcontext()
+        with context:
+            ev = evaluator.run(
+                lambda block: policy,
+                keep_all.params.numpy(),
+                [examples[i] for i in missing],
+                [tasks[task_of[i]] for i in missing],
+            )
+        if collecting:
+            state.norm_mean, state.norm_var = keep_all.norm_mean.numpy(), keep_all.norm_var.numpy()
+        for j, i in enumerate(missing):
+            state.full_cache[(task_of[i], seeds[i])] = float(ev.scores[0, j])
+    return np.array([state.full_cache[key] for key in zip(task_of, seeds, strict=True)])
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in the `evolve` extra
+        log(
+            "tensorboard is not installed: logging to results.jsonl only "
+            "(pip install 'namm-transfer[evolve]')"
+        )
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def _log(out_dir: Path, writer, record: dict, retention: np.ndarray | None) -> None:
+    with open(out_dir / RESULTS_NAME, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        step = record["total_generation"]
+        for key in (
+            "fitness_mean",
+            "fitness_best",
+            "mean_fitness",
+            "sigma",
+            "mean_kept_fraction",
+            "population_kept_fraction",
+            "full_cache_score",
+        ):
+            writer.add_scalar(f"evolve/{key}", record[key], step)
+        for layer, fraction in enumerate(record["kept_per_layer"]):
+            writer.add_scalar(f"kept_fraction_per_layer/{layer:02d}", fraction, step)
+        if retention is not None:  # rows: layers, columns: token position; white = kept by every head
+            writer.add_image("retention/cma_mean", retention[None], step, dataformats="CHW")
+        writer.flush()

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from namm_transfer.pipelines.bench import OverheadConfig
 from namm_transfer.pipelines.demo import DemoConfig
+from namm_transfer.pipelines.evolve import EvolveConfig
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo, d)
     demo.set_defaults(handler=_run_demo)
 
+    _add_evolve(sub)
+
     bench = sub.add_parser(
         "bench", formatter_class=_Formatter, help="benchmarks (overhead)",
         description="Benchmarks of the toolkit itself.",
@@ -91,6 +94,58 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(overhead, o)
     overhead.set_defaults(handler=_run_overhead)
     return parser
+
+
+def _parse_stages(text: str) -> list[list[str]]:
+    """``"passkey;passkey,kv"`` -> ``[["passkey"], ["passkey", "kv"]]``."""
+    stages = [[t.strip() for t in stage.split(",") if t.strip()] for stage in text.split(";")]
+    if not stages or not all(stages):
+        raise argparse.ArgumentTypeError(f"bad --stages {text!r}: use e.g. 'passkey;passkey,kv'")
+    return stages
+
+
+def _add_evolve(sub) -> None:
+    e = EvolveConfig()
+    evolve = sub.add_parser(
+        "evolve", formatter_class=_Formatter,
+        help="evolve a NAMM with CMA-ES on long-context text tasks (SmolLM2-135M-Instruct)",
+        description="Separable CMA-ES over the NAMM's parameters. Each generation draws fresh training "
+                    "prompts shared by all members; fitness = per-task score / full-cache score on the same "
+                    "prompts, averaged over the stage's tasks. Stages add tasks, each starting from the "
+                    "previous CMA mean, which is the saved solution (OUT_DIR/namm). Writes "
+                    "OUT_DIR/results.jsonl, TensorBoard logs and a checkpoint after every generation; "
+                    "--resume continues a killed run.",
+    )
+    evolve.add_argument("--stages", type=_parse_stages, default=e.stages,
+                        help="tasks per stage: ';' between stages, ',' between tasks")
+    evolve.add_argument("--generations", type=int, default=e.generations, help="generations per stage")
+    evolve.add_argument("--population", type=int, default=e.population, help="CMA-ES population size")
+    evolve.add_argument("--sigma", type=float, default=e.sigma, help="initial CMA-ES step size")
+    evolve.add_argument("--prompts-per-task", type=int, default=e.prompts_per_task,
+                        help="training prompts per task per generation")
+    evolve.add_argument("--prompt-tokens", type=int, default=e.prompt_tokens, help="prompt length in tokens")
+    evolve.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens, help="tokens generated")
+    evolve.add_argument("--members-per-batch", type=int, default=e.members_per_batch,
+                        help="population members evaluated in one forward (1 = one at a time)")
+    evolve.add_argument("--update-every", type=int, default=e.update_every,
+                        help="NAMM update cadence in tokens (also the prefill chunk)")
+    evolve.add_argument("--scorer", default=e.scorer, choices=["bam", "mlp"], help="NAMM scorer")
+    evolve.add_argument("--seed", type=int, default=e.seed, help="seeds CMA-ES and the prompt draws")
+    evolve.add_argument("--out-dir", default=e.out_dir, help="output directory")
+    evolve.add_argument("--resume", action="store_true", help="continue from OUT_DIR's saved state")
+    evolve.add_argument("--device", default=e.device, help="torch device, e.g. cpu or cuda")
+    evolve.add_argument("--dtype", default=e.dtype, choices=["float32", "bfloat16", "float16"],
+                        help="model dtype")
+    evolve.add_argument("--threads", type=int, default=e.threads, help="torch intra-op threads")
+    evolve.set_defaults(handler=_run_evolve)
+
+
+def _run_evolve(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.evolve import run_evolve
+    from namm_transfer.pipelines.text_tasks import TASKS
+
+    run_evolve(EvolveConfig(**_fields(args, EvolveConfig)), TASKS)
+    return 0
 
 
 def _fields(args: argparse.Namespace, cls: type) -> dict:

@@ -272,7 +272,10 @@ def run_evolve(
 ) -> EvolveState:
     """Run (or resume) the evolution; returns the final state. ``max_total_generations`` stops early
     (as a kill would) after that many generations in total, for tests."""
-    from cmaes import SepCMA
+    try:
+        from cmaes import SepCMA
+    except ImportError as err:
+        raise ImportError("evolution needs the `cmaes` package: pip install 'namm-transfer[evolve]'") from err
     from tqdm.auto import tqdm
 
     set_threads(cfg.threads)

@@ -93,6 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--output", default=o.output, help="markdown result file (JSON written beside it)")
     _add_model_args(overhead, o)
     overhead.set_defaults(handler=_run_overhead)
+
+    from namm_transfer.pipelines.bench_population import PopulationConfig
+
+    pc = PopulationConfig()
+    population = bench_sub.add_parser(
+        "population", formatter_class=_Formatter,
+        help="speed-up of evaluating CMA-ES members in one batch vs one at a time",
+        description="Score POPULATION random NAMMs on one passkey prompt with SmolLM2-135M-Instruct, once "
+                    "one member per forward and once all members in one batched forward (per-row NAMM "
+                    "parameters); checks the scores agree and reports the speed-up. Writes OUTPUT (.md) "
+                    "and its .json twin.",
+    )
+    population.add_argument("--population", type=int, default=pc.population, help="members timed")
+    population.add_argument("--prompt-tokens", type=int, default=pc.prompt_tokens, help="prompt length")
+    population.add_argument("--update-every", type=int, default=pc.update_every, help="NAMM cadence")
+    population.add_argument("--max-new-tokens", type=int, default=pc.max_new_tokens, help="tokens generated")
+    population.add_argument("--output", default=pc.output, help="markdown result file (JSON beside it)")
+    population.add_argument("--threads", type=int, default=pc.threads, help="torch intra-op threads")
+    population.add_argument("--device", default=pc.device, help="torch device")
+    population.add_argument("--dtype", default=pc.dtype, choices=["float32", "bfloat16", "float16"],
+                            help="model dtype")
+    population.set_defaults(handler=_run_population)
     return parser
 
 
@@ -145,6 +167,13 @@ def _run_evolve(args: argparse.Namespace, argv: list[str] | None) -> int:
     from namm_transfer.pipelines.text_tasks import TASKS
 
     run_evolve(EvolveConfig(**_fields(args, EvolveConfig)), TASKS)
+    return 0
+
+
+def _run_population(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.bench_population import PopulationConfig, run_population
+
+    run_population(PopulationConfig(**_fields(args, PopulationConfig)), argv)
     return 0
 
 

@@ -155,6 +155,11 @@ def _add_evolve(sub) -> None:
     evolve.add_argument("--seed", type=int, default=e.seed, help="seeds CMA-ES and the prompt draws")
     evolve.add_argument("--out-dir", default=e.out_dir, help="output directory")
     evolve.add_argument("--resume", action="store_true", help="continue from OUT_DIR's saved state")
+    evolve.add_argument("--backend", default=e.backend, choices=["local", "ray"],
+                        help="evaluate members in-process, or on Ray actors holding one model replica each")
+    evolve.add_argument("--workers", type=int, default=e.workers, help="Ray actors with --backend ray")
+    evolve.add_argument("--ray-address", default=e.ray_address,
+                        help="address of a running Ray cluster (default: start a local one)")
     evolve.add_argument("--device", default=e.device, help="torch device, e.g. cpu or cuda")
     evolve.add_argument("--dtype", default=e.dtype, choices=["float32", "bfloat16", "float16"],
                         help="model dtype")

@@ -20,6 +20,7 @@ Config -> data -> model -> evaluate, top to bottom (DESIGN.md section 3, Evoluti
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -73,6 +74,10 @@ class EvolveConfig:
         resume: continue from ``out_dir``'s saved state.
         device, dtype, threads: model placement.
         scorer: "bam" or "mlp" (the ablation).
+        backend: "local" (in-process, the default) or "ray" (members split over Ray actors, each
+            holding one model replica).
+        workers: Ray actors (one CPU each) with ``backend="ray"``.
+        ray_address: an existing Ray cluster; None starts a local one.
     """
 
     stages: list[list[str]] = field(default_factory=lambda: [["passkey"], ["passkey", "kv"]])
@@ -91,6 +96,9 @@ class EvolveConfig:
     dtype: str = "float32"
     threads: int | None = None
     scorer: str = "bam"
+    backend: str = "local"
+    workers: int = 2
+    ray_address: str | None = None
 
     def namm_config(self) -> NAMMConfig:
         return NAMMConfig(update_every=self.update_every, scorer=self.scorer)
@@ -110,6 +118,18 @@ class Evaluation:
     kept: np.ndarray
     kept_per_layer: list[float] = field(default_factory=list)
     retention: np.ndarray | None = None
+
+
+@dataclass
+class NAMMFactory:
+    """Builds the NAMM for a block of member parameter vectors (picklable, for Ray workers)."""
+
+    config: NAMMConfig
+    norm_mean: np.ndarray | None = None
+    norm_var: np.ndarray | None = None
+
+    def __call__(self, block: torch.Tensor) -> NAMM:
+        return NAMM(self.config, block, _t(self.norm_mean), _t(self.norm_var))
 
 
 class LocalEvaluator:
@@ -155,6 +175,94 @@ class LocalEvaluator:
                     scores[start + i, e] = task.score(text.strip(), example)
                     kept[start + i, e] = per_sample[i]
         return Evaluation(scores, kept.mean(axis=1), kept_per_layer, retention)
+
+    def full_cache(self, namm_cfg: NAMMConfig, examples, tasks, collect: bool):
+        """Full-cache scores ``[examples]``; with ``collect``, the pass is a keep-everything NAMM that
+        also returns the frozen feature statistics ``(mean, var)``, else ``None``."""
+        from namm_transfer.policies import FullCache
+
+        keep_all = NAMM(namm_cfg)
+        policy = keep_all if collect else FullCache()
+        context = keep_all.collecting_statistics() if collect else _nullcontext()
+        with context:
+            ev = self.run(lambda block: policy, keep_all.params.numpy(), examples, tasks)
+        stats = (keep_all.norm_mean.numpy(), keep_all.norm_var.numpy()) if collect else None
+        return ev.scores[0], stats
+
+    def close(self) -> None:
+        pass
+
+
+class _EvaluatorActor:
+    """A Ray actor holding one model replica (built by ``model_factory`` inside the worker)."""
+
+    def __init__(self, model_factory: Callable[[], tuple[Any, Any]], cfg: EvolveConfig):
+        torch.set_num_threads(1)
+        model, tokenizer = model_factory()
+        self.local = LocalEvaluator(model, tokenizer, cfg)
+
+    def run(self, factory, params, examples, tasks) -> Evaluation:
+        return self.local.run(factory, params, examples, tasks)
+
+    def full_cache(self, namm_cfg, examples, tasks, collect):
+        return self.local.full_cache(namm_cfg, examples, tasks, collect)
+
+
+class RayEvaluator:
+    """Evaluates members on Ray actors, each holding one model replica; members are split evenly.
+
+    Args:
+        model_factory: picklable callable returning ``(model, tokenizer)``, run inside each worker.
+        cfg: the evolution config.
+        workers: number of actors (one CPU each).
+        address: a running Ray cluster's address; None starts a local one.
+        runtime_env: passed to ``ray.init`` when a local cluster is started.
+    """
+
+    def __init__(
+        self,
+        model_factory,
+        cfg: EvolveConfig,
+        workers: int = 2,
+        address: str | None = None,
+        runtime_env: dict | None = None,
+    ):
+        try:
+            import ray
+        except ImportError as err:
+            raise ImportError("--backend ray needs Ray: pip install 'namm-transfer[distributed]'") from err
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(
+                address=address,
+                num_cpus=None if address else workers,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env=runtime_env,
+            )
+        actor = ray.remote(num_cpus=1)(_EvaluatorActor)
+        self.actors = [actor.remote(model_factory, cfg) for _ in range(workers)]
+
+    def run(self, factory, params: np.ndarray, examples, tasks) -> Evaluation:
+        parts = [idx for idx in np.array_split(np.arange(params.shape[0]), len(self.actors)) if len(idx)]
+        actors = self.actors[: len(parts)]
+        futures = [
+            a.run.remote(factory, params[idx], examples, tasks) for a, idx in zip(actors, parts, strict=True)
+        ]
+        results = self.ray.get(futures)
+        return Evaluation(
+            np.concatenate([r.scores for r in results]),
+            np.concatenate([r.kept for r in results]),
+            results[-1].kept_per_layer,
+            results[-1].retention,
+        )
+
+    def full_cache(self, namm_cfg, examples, tasks, collect):
+        return self.ray.get(self.actors[0].full_cache.remote(namm_cfg, examples, tasks, collect))
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
 
 
 def _kept_per_sample(stats: dict) -> list[float]:
@@ -285,10 +393,12 @@ def run_evolve(
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; available: {sorted(tasks)}")
     if model is None:
-        from namm_transfer.pipelines.common import parse_dtype
-        from namm_transfer.pipelines.models import load_smollm2
-
-        model, tokenizer = load_smollm2(device=cfg.device, dtype=parse_dtype(cfg.dtype))
+        model, tokenizer = load_model(cfg.device, cfg.dtype)
+    if evaluator is None and cfg.backend == "ray":
+        evaluator = RayEvaluator(functools.partial(load_model, cfg.device, cfg.dtype), cfg, cfg.workers,
+                                 cfg.ray_address)
+    elif evaluator is None and cfg.backend != "local":
+        raise ValueError(f"unknown backend {cfg.backend!r}; use 'local' or 'ray'")
     evaluator = evaluator or LocalEvaluator(model, tokenizer, cfg)
     namm_cfg = cfg.namm_config()
 
@@ -322,9 +432,7 @@ def run_evolve(
             members = [opt.ask() for _ in range(cfg.population)]
             params = np.stack(members + [opt.mean])  # last row: the CMA mean, the shipped solution
 
-            def factory(block: torch.Tensor) -> NAMM:
-                return NAMM(namm_cfg, block, _t(state.norm_mean), _t(state.norm_var))
-
+            factory = NAMMFactory(namm_cfg, state.norm_mean, state.norm_var)
             evaluation = evaluator.run(factory, params, examples, [tasks[t] for t in task_of])
             fitness = task_fitness(evaluation.scores, full, task_of)
             opt.tell([(x, -float(f)) for x, f in zip(members, fitness[:-1], strict=True)])
@@ -364,14 +472,23 @@ def run_evolve(
         state.optimizer = None
         save_state(state, out_dir)
     bar.close()
+    evaluator.close()
     if writer is not None:
         writer.close()
     log(f"evolution finished: {state.total_generations} generations, NAMM (CMA mean) in {out_dir / BEST_DIR}")
     return state
 
 
+def load_model(device: str, dtype: str):
+    """SmolLM2-135M-Instruct and its tokenizer (also what each Ray worker runs)."""
+    from namm_transfer.pipelines.common import parse_dtype
+    from namm_transfer.pipelines.models import load_smollm2
+
+    return load_smollm2(device=device, dtype=parse_dtype(dtype))
+
+
 def _t(array: np.ndarray | None) -> torch.Tensor | None:
-    return None if array is None else torch.as_tensor(array, dtype=torch.float32)
+    return None if array is None else torch.tensor(np.asarray(array), dtype=torch.float32)  # a copy
 
 
 def _full_cache_scores(
@@ -381,23 +498,14 @@ def _full_cache_scores(
     NAMM collecting the feature statistics, which are then frozen for the rest of the run."""
     missing = [i for i, key in enumerate(zip(task_of, seeds, strict=True)) if key not in state.full_cache]
     if missing:
-        from namm_transfer.policies import FullCache
-
-        collecting = state.norm_mean is None
-        keep_all = NAMM(namm_cfg)
-        policy = keep_all if collecting else FullCache()
-        context = keep_all.collecting_statistics() if collecting else _nullcontext()
-        with context:
-            ev = evaluator.run(
-                lambda block: policy,
-                keep_all.params.numpy(),
-                [examples[i] for i in missing],
-                [tasks[task_of[i]] for i in missing],
-            )
-        if collecting:
-            state.norm_mean, state.norm_var = keep_all.norm_mean.numpy(), keep_all.norm_var.numpy()
+        collect = state.norm_mean is None
+        scores, stats = evaluator.full_cache(
+            namm_cfg, [examples[i] for i in missing], [tasks[task_of[i]] for i in missing], collect
+        )
+        if collect:
+            state.norm_mean, state.norm_var = stats
         for j, i in enumerate(missing):
-            state.full_cache[(task_of[i], seeds[i])] = float(ev.scores[0, j])
+            state.full_cache[(task_of[i], seeds[i])] = float(scores[j])
     return np.array([state.full_cache[key] for key in zip(task_of, seeds, strict=True)])
 
 

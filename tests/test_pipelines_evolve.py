@@ -56,14 +56,19 @@ class ToyTask:
 TASKS = {"a": ToyTask("a"), "b": ToyTask("b")}
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_model_and_tokenizer():
+    """The same tiny random Llama in every process (fixed seed), and the stand-in tokenizer."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval(), CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model_and_tokenizer()[0]
 
 
 def config(tmp_path, **overrides) -> EvolveConfig:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from namm_transfer.pipelines.bench import OverheadConfig
 from namm_transfer.pipelines.demo import DemoConfig
+from namm_transfer.pipelines.eval_text import EvalTextConfig
 from namm_transfer.pipelines.evolve import EvolveConfig
 
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_run_demo)
 
     _add_evolve(sub)
+    _add_eval_text(sub)
 
     bench = sub.add_parser(
         "bench", formatter_class=_Formatter, help="benchmarks (overhead)",
@@ -165,6 +167,38 @@ def _add_evolve(sub) -> None:
                         help="model dtype")
     evolve.add_argument("--threads", type=int, default=e.threads, help="torch intra-op threads")
     evolve.set_defaults(handler=_run_evolve)
+
+
+def _add_eval_text(sub) -> None:
+    c = EvalTextConfig()
+    ev = sub.add_parser(
+        "eval-text", formatter_class=_Formatter,
+        help="a NAMM vs full cache and baselines at its budget, on the text tasks' test split",
+        description="Run SmolLM2-135M-Instruct on the test split of each text task with the full cache, the "
+                    "NAMM, and Recency, H2O, L2Norm and RandomEviction given the NAMM's measured per-layer "
+                    "budget. Reports per task the normalised score (score / full-cache score on the same "
+                    "prompts) and the mean kept fraction. Appends every prompt's result to "
+                    "OUTPUT_DIR/rows.jsonl and skips finished ones on a rerun; writes OUTPUT_DIR/summary.md "
+                    "and .json.",
+    )
+    ev.add_argument("--namm", default=c.namm, help="path or hub id of the NAMM to evaluate")
+    ev.add_argument("--tasks", nargs="+", default=c.tasks, help="task names")
+    ev.add_argument("--n", type=int, default=c.n, help="test prompts per task")
+    ev.add_argument("--prompt-tokens", type=int, default=c.prompt_tokens, help="prompt length in tokens")
+    ev.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens, help="tokens generated")
+    ev.add_argument("--output-dir", default=c.output_dir, help="output directory")
+    ev.add_argument("--device", default=c.device, help="torch device")
+    ev.add_argument("--dtype", default=c.dtype, choices=["float32", "bfloat16", "float16"],
+                    help="model dtype")
+    ev.add_argument("--threads", type=int, default=c.threads, help="torch intra-op threads")
+    ev.set_defaults(handler=_run_eval_text)
+
+
+def _run_eval_text(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.eval_text import run_eval_text
+
+    run_eval_text(EvalTextConfig(**_fields(args, EvalTextConfig)), argv)
+    return 0
 
 
 def _run_evolve(args: argparse.Namespace, argv: list[str] | None) -> int:

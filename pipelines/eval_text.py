@@ -48,7 +48,7 @@ class EvalTextConfig:
     """
 
     namm: str = "runs/evolve/namm"
-    tasks: list[str] = field(default_factory=lambda: ["passkey", "kv", "vartrack", "docs"])
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "kv", "docs"])  # see evolve's stages
     n: int = 10
     prompt_tokens: int = 1536
     max_new_tokens: int = 8

@@ -80,7 +80,11 @@ class EvolveConfig:
         ray_address: an existing Ray cluster; None starts a local one.
     """
 
-    stages: list[list[str]] = field(default_factory=lambda: [["passkey"], ["passkey", "kv"]])
+    # Three stages as in the reference (retrieval, + a QA-like task, + a natural-text task). vartrack is
+    # left out: full-cache SmolLM2 scores below chance on it (benchmarks/results/text_tasks_full_cache.md).
+    stages: list[list[str]] = field(
+        default_factory=lambda: [["passkey"], ["passkey", "kv"], ["passkey", "kv", "docs"]]
+    )
     generations: int = 10
     population: int = 8
     sigma: float = 0.065

@@ -19,12 +19,17 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Shows defaults and keeps the descriptions' line breaks."""
 
 
-def _add_model_args(p: argparse.ArgumentParser, defaults: DemoConfig | OverheadConfig) -> None:
+def _add_placement_args(p: argparse.ArgumentParser, defaults) -> None:
+    """--device, --dtype, --threads, from a config dataclass with those fields."""
     p.add_argument("--device", default=defaults.device, help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (float32 is fastest on CPU)")
     p.add_argument("--threads", type=int, default=defaults.threads,
                    help="torch intra-op threads; None keeps torch's choice (1 is best beside a busy process)")
+
+
+def _add_model_args(p: argparse.ArgumentParser, defaults: DemoConfig | OverheadConfig) -> None:
+    _add_placement_args(p, defaults)
     p.add_argument("--cache-dir", default=defaults.cache_dir,
                    help="converted SmolLM2 cache; None: <root>/smollm2-135m-instruct, <root> being "
                         "$NAMM_TRANSFER_CACHE or ~/.cache/namm-transfer")
@@ -112,10 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     population.add_argument("--update-every", type=int, default=pc.update_every, help="NAMM cadence")
     population.add_argument("--max-new-tokens", type=int, default=pc.max_new_tokens, help="tokens generated")
     population.add_argument("--output", default=pc.output, help="markdown result file (JSON beside it)")
-    population.add_argument("--threads", type=int, default=pc.threads, help="torch intra-op threads")
-    population.add_argument("--device", default=pc.device, help="torch device")
-    population.add_argument("--dtype", default=pc.dtype, choices=["float32", "bfloat16", "float16"],
-                            help="model dtype")
+    _add_placement_args(population, pc)
     population.set_defaults(handler=_run_population)
     return parser
 
@@ -162,10 +164,7 @@ def _add_evolve(sub) -> None:
     evolve.add_argument("--workers", type=int, default=e.workers, help="Ray actors with --backend ray")
     evolve.add_argument("--ray-address", default=e.ray_address,
                         help="address of a running Ray cluster (default: start a local one)")
-    evolve.add_argument("--device", default=e.device, help="torch device, e.g. cpu or cuda")
-    evolve.add_argument("--dtype", default=e.dtype, choices=["float32", "bfloat16", "float16"],
-                        help="model dtype")
-    evolve.add_argument("--threads", type=int, default=e.threads, help="torch intra-op threads")
+    _add_placement_args(evolve, e)
     evolve.set_defaults(handler=_run_evolve)
 
 
@@ -187,10 +186,7 @@ def _add_eval_text(sub) -> None:
     ev.add_argument("--prompt-tokens", type=int, default=c.prompt_tokens, help="prompt length in tokens")
     ev.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens, help="tokens generated")
     ev.add_argument("--output-dir", default=c.output_dir, help="output directory")
-    ev.add_argument("--device", default=c.device, help="torch device")
-    ev.add_argument("--dtype", default=c.dtype, choices=["float32", "bfloat16", "float16"],
-                    help="model dtype")
-    ev.add_argument("--threads", type=int, default=c.threads, help="torch intra-op threads")
+    _add_placement_args(ev, c)
     ev.set_defaults(handler=_run_eval_text)
 
 

@@ -4,19 +4,25 @@ Four tasks, each a :class:`TextTask` in :data:`TASKS`:
 
 - ``passkey``: one 5-digit pass key hidden in highly redundant filler (wraps :mod:`.passkey`);
   forgetting the filler is free.
-- ``kv``: multi-key-value retrieval: many similar facts ("The code for Maria is 30517.") scattered
-  in redundant filler; one name is asked.
-- ``vartrack``: variable tracking: several chains of assignments ("VAR QKZTW = 53841." ...
-  "VAR MBRLE = VAR QKZTW." ...) scattered in filler; the value of one chain's last variable is asked,
-  so the model must follow the hops.
-- ``docs``: facts ("Irene Walsh was born in 1942.") inserted into real English prose: paragraphs of
+- ``kv``: multi-key-value retrieval: several similar facts ("The ticket number of Maria Reed is
+  30517.") scattered in redundant filler; one name is asked.
+- ``hop``: a two-hop lookup: "The winner of the race was Maria Reed." plus the ticket numbers of
+  several people; the winner's number is asked. The answer prefix ("The winner of the race was") has the model
+  write the intermediate name before the number, so ``max_new_tokens`` is 20 for this task.
+- ``docs``: facts ("Irene Walsh was born in 1942.") inserted into real English prose: sentences of
   the Python documentation shipped with CPython (``pydoc_data.topics.topics``), so the filler is not
   synthetic; one person's year is asked.
 
+:data:`EXTRA_TASKS` holds two variable-tracking variants SmolLM2-135M cannot do at ~1.5k tokens (its
+full-cache accuracy is at or below chance; measured): reassignment tracking (``vartrack``) and
+multi-hop assignment chains "B = A." (``alias``). They stay usable for larger models.
+
 Every prompt uses SmolLM2's chat template and ends inside the assistant turn with an answer prefix
-("The code for Maria is"), so the answer is in the first generated tokens (DESIGN.md section 5).
-Prompts are sized to the largest that fits in ``prompt_tokens``. Splits are disjoint by seed range
-(:func:`split_seeds`). Scoring is exact match of the first number generated (1.0 or 0.0).
+("The ticket number of Maria Reed is"), so the answer is in the first generated tokens (DESIGN.md section 5).
+Prompts are the longest that fit in ``prompt_tokens``. Splits are disjoint by seed range
+(:func:`split_seeds`); the same seed gives unrelated prompts in different tasks. Scoring is exact
+match of the first number generated (``hop``: of the first 5-digit number), 1.0 or 0.0. Generate with
+greedy decoding and each task's ``max_new_tokens``.
 
 ``python -m namm_transfer.pipelines.text_tasks --measure`` measures the bare model's full-cache
 accuracy per task on validation prompts and writes ``benchmarks/results/text_tasks_full_cache.md``
@@ -80,7 +86,7 @@ class TaskExample:
     """One prompt of a text task.
 
     Attributes:
-        task: the task's name (a key of :data:`TASKS`).
+        task: the task's name (a key of :data:`TASKS` or :data:`EXTRA_TASKS`).
         seed: the seed the example was drawn with.
         prompt_ids: token ids of the whole chat prompt, ending with ``answer_prefix`` in the assistant turn.
         answer: the reference answer (a number, as a string).
@@ -147,7 +153,8 @@ def fit_to_length(
     ``build`` must give prompts whose length grows with ``n``. Returns ``(n, text, ids)``.
 
     Raises:
-        ValueError: when even ``build(min_units)`` is longer than ``prompt_tokens``.
+        ValueError: when even ``build(min_units)`` is longer than ``prompt_tokens``, or when the prompt
+            does not grow (still fits at ``n`` > 64 ``prompt_tokens``).
     """
 
     @functools.cache
@@ -160,6 +167,8 @@ def fit_to_length(
                          f"({len(encoded(min_units)[1])} tokens)")
     lo, hi = min_units, max(min_units, 1) * 2
     while len(encoded(hi)[1]) <= prompt_tokens:  # exponential search for an upper bound
+        if hi > max(prompt_tokens, 1) * 64:
+            raise ValueError(f"build({hi}) still fits in {prompt_tokens} tokens: the prompt does not grow")
         lo, hi = hi, hi * 2
     while hi - lo > 1:  # invariant: lo fits, hi does not
         mid = (lo + hi) // 2
@@ -196,10 +205,11 @@ def _sorted_depths(rng: random.Random, k: int, lo: float, hi: float) -> list[flo
 
 
 def _full_names(rng: random.Random, k: int) -> list[str]:
-    """``k`` distinct "First Last" names with distinct first names."""
-    if k > len(NAMES):
-        raise ValueError(f"at most {len(NAMES)} names, asked for {k}")
-    return [f"{first} {rng.choice(SURNAMES)}" for first in rng.sample(NAMES, k)]
+    """``k`` "First Last" names, no first name and no surname used twice."""
+    if k > len(SURNAMES):
+        raise ValueError(f"at most {len(SURNAMES)} names, asked for {k}")
+    firsts, lasts = rng.sample(NAMES, k), rng.sample(SURNAMES, k)
+    return [f"{first} {last}" for first, last in zip(firsts, lasts, strict=True)]
 
 
 def _distinct_numbers(rng: random.Random, k: int, lo: int, hi: int) -> list[int]:
@@ -241,17 +251,17 @@ class PasskeyTask:
 
 @dataclass(frozen=True)
 class KeyValueTask:
-    """Multi-key-value retrieval: ``num_keys`` facts "The code for <name> is <5 digits>." in filler.
+    """Multi-key-value retrieval: ``num_keys`` facts "The ticket number of <name> is <5 digits>."
 
     The facts sit at seeded depths in [0.02, 0.98] of the redundant filler; one name is asked.
 
     Attributes:
         name: registry name.
-        num_keys: facts in the prompt (all with distinct names and codes).
+        num_keys: facts in the prompt (all with distinct names and numbers).
     """
 
     name: str = "kv"
-    num_keys: int = 16
+    num_keys: int = 8
     max_new_tokens: int = 8
 
     @property
@@ -263,12 +273,12 @@ class KeyValueTask:
         names = _full_names(rng, self.num_keys)
         codes = [str(c) for c in _distinct_numbers(rng, self.num_keys, 10_000, 99_999)]
         depths = _sorted_depths(rng, self.num_keys, 0.02, 0.98)
-        facts = [f"The code for {n} is {c}." for n, c in zip(names, codes, strict=True)]
+        facts = [f"The ticket number of {n} is {c}." for n, c in zip(names, codes, strict=True)]
         asked = rng.randrange(self.num_keys)
-        intro = ("Below is a long text with the secret codes of many people hidden in it. "
-                 "Read it carefully: I will ask you for the code of one person afterwards.")
-        question = f"What is the code for {names[asked]}?"
-        prefix = f"The code for {names[asked]} is"
+        intro = ("Below is a long text with the ticket numbers of many people hidden in it. Read it "
+                 "carefully: I will ask you for the ticket number of one person afterwards.")
+        question = f"What is the ticket number of {names[asked]}?"
+        prefix = f"The ticket number of {names[asked]} is"
 
         def build(n: int) -> str:
             body = " ".join(_place(_redundant_filler(n), list(zip(depths, facts, strict=True))))
@@ -293,20 +303,20 @@ ROLES = (
 
 @dataclass(frozen=True)
 class MultiHopTask:
-    """Two-hop lookup: "The <role> was <name>." plus ``num_keys`` facts "The code for <name> is <code>.".
+    """Two-hop lookup: "The <role> was <name>." plus ``num_keys`` facts "The ticket number of <name> is <n>.".
 
-    The question asks the code of the person holding one role ("What is the code for the winner of
-    the race?"), so the model must resolve the role to a name, then the name to a code; both facts sit
-    at independent seeded depths of the redundant filler, among the other people's codes and
+    The question asks the ticket number of the person holding one role ("... what is the ticket number
+    of the winner?"), so the model must resolve the role to a name, then the name to a number; both facts
+    sit at independent seeded depths of the redundant filler, among the other people's numbers and
     ``num_roles - 1`` other roles held by other people. The answer prefix ("The winner of the race
-    was") makes the model write the intermediate hop (the name) before the code, which SmolLM2-135M
-    needs: asked for the code directly, or to follow assignment chains (:class:`AliasChainTask`), it is
-    at chance. The code therefore comes ~10 tokens after the prefix: generate ``max_new_tokens`` (20).
-    Score: the first 5-digit number generated is the code (names hold no digits).
+    was") makes the model write the intermediate hop (the name) before the number, which SmolLM2-135M
+    needs: asked for the number directly, or to follow assignment chains (:class:`AliasChainTask`), it is
+    at chance. The number therefore comes ~10 tokens after the prefix: generate ``max_new_tokens`` (20).
+    Score: the first 5-digit number generated is the answer (names hold no digits).
 
     Attributes:
         name: registry name.
-        num_keys: people with codes (all distinct names and codes).
+        num_keys: people with ticket numbers (all distinct names and numbers).
         num_roles: role facts (one asked; each role held by a different person).
     """
 
@@ -329,15 +339,15 @@ class MultiHopTask:
         holders = rng.sample(range(self.num_keys), self.num_roles)
         code_depths = [rng.uniform(0.02, 0.98) for _ in names]
         role_depths = [rng.uniform(0.02, 0.98) for _ in roles]
-        inserts = [(d, f"The code for {n} is {c}.")
+        inserts = [(d, f"The ticket number of {n} is {c}.")
                    for d, n, c in zip(code_depths, names, codes, strict=True)]
         inserts += [(d, f"The {r} was {names[h]}.")
                     for d, r, h in zip(role_depths, roles, holders, strict=True)]
         asked = rng.randrange(self.num_roles)
         role, person = roles[asked], holders[asked]
-        intro = ("Below is a long text with the secret codes of several people and some facts about them "
+        intro = ("Below is a long text with the ticket numbers of several people and some facts about them "
                  "hidden in it. Read it carefully.")
-        question = f"Who was the {role}, and what is the code for the {role.split(' of ')[0]}?"
+        question = f"Who was the {role}, and what is the ticket number of the {role.split(' of ')[0]}?"
         prefix = f"The {role} was"
 
         def build(n: int) -> str:
@@ -362,11 +372,12 @@ class MultiHopTask:
 class VariableTrackingTask:
     """Variable tracking through reassignments (not in :data:`TASKS`: SmolLM2-135M fails it).
 
-    ``num_vars`` people's codes are stated ("The code for Maria Reed is 30517.") and later changed
-    ``updates`` times ("The code for Maria Reed is changed to 71046."), at increasing seeded depths of the
-    filler; the latest code of one person is asked. The person whose change is the last statement of
-    the text is never asked, so copying the last code in the text scores 0. SmolLM2-135M does exactly
-    that at ~1.5k tokens (mostly answering the other person's latest code): below chance.
+    ``num_vars`` people's ticket numbers are stated ("The ticket number of Maria Reed is 30517.") and
+    later changed ``updates`` times ("The ticket number of Maria Reed is changed to 71046."), at
+    increasing seeded depths of the filler; the latest number of one person is asked. The person whose
+    change is the last statement of the text is never asked, so copying the last number in the text
+    scores 0. SmolLM2-135M does exactly that at ~1.5k tokens (mostly answering the other person's latest
+    number): below chance.
 
     Attributes:
         name: task name.
@@ -395,16 +406,16 @@ class VariableTrackingTask:
         last_depth = {}
         for person, vals in history.items():
             depths = _sorted_depths(rng, len(vals), 0.02, 0.98)
-            statements.append((depths[0], f"The code for {person} is {vals[0]}."))
-            statements += [(d, f"The code for {person} is changed to {v}.")
+            statements.append((depths[0], f"The ticket number of {person} is {vals[0]}."))
+            statements += [(d, f"The ticket number of {person} is changed to {v}.")
                            for d, v in zip(depths[1:], vals[1:], strict=True)]
             last_depth[person] = depths[-1]
         final = max(last_depth, key=last_depth.__getitem__)
         asked = rng.choice([p for p in names if p != final])
-        intro = ("Below is a long text with the secret codes of several people hidden in it. Codes can be "
-                 "changed; remember the latest code of each person.")
-        question = f"What is the latest code for {asked}?"
-        prefix = f"The latest code for {asked} is"
+        intro = ("Below is a long text with the ticket numbers of several people hidden in it. They can be "
+                 "changed; remember the latest ticket number of each person.")
+        question = f"What is the latest ticket number of {asked}?"
+        prefix = f"The latest ticket number of {asked} is"
 
         def build(n: int) -> str:
             body = " ".join(_place(_redundant_filler(n), statements))

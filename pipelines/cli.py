@@ -156,6 +156,11 @@ def _add_evolve(sub) -> None:
     evolve.add_argument("--update-every", type=int, default=e.update_every,
                         help="NAMM update cadence in tokens (also the prefill chunk)")
     evolve.add_argument("--scorer", default=e.scorer, choices=["bam", "mlp"], help="NAMM scorer")
+    evolve.add_argument("--init-keep-bias", type=float, default=e.init_keep_bias,
+                        help="final bias of the starting mean (positive = keep everything); lower values "
+                             "make the first population evict more")
+    evolve.add_argument("--memory-weight", type=float, default=e.memory_weight,
+                        help="fitness bonus per unit of evicted fraction (0 = the reference's fitness)")
     evolve.add_argument("--seed", type=int, default=e.seed, help="seeds CMA-ES and the prompt draws")
     evolve.add_argument("--out-dir", default=e.out_dir, help="output directory")
     evolve.add_argument("--resume", action="store_true", help="continue from OUT_DIR's saved state")
@@ -201,7 +206,7 @@ def _run_evolve(args: argparse.Namespace, argv: list[str] | None) -> int:
     from namm_transfer.pipelines.evolve import run_evolve
     from namm_transfer.pipelines.text_tasks import TASKS
 
-    run_evolve(EvolveConfig(**_fields(args, EvolveConfig)), TASKS)
+    run_evolve(EvolveConfig(**_fields(args, EvolveConfig)), TASKS, argv=argv)
     return 0
 
 

@@ -44,12 +44,29 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return shlex.join(["namm-transfer", *args])
 
 
+def git_revision(path: str | os.PathLike | None = None) -> str | None:
+    """The git commit of the checkout holding ``path`` (default: this package), with ``-dirty`` when
+    tracked files are modified; None outside a git checkout or without git."""
+    import subprocess
+
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
 def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Command, date and library versions, to store next to results."""
+    """Command, date, git revision and library versions, to store next to results."""
     import transformers
 
     return {
         "command": command_line(argv),
+        "git_revision": git_revision(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

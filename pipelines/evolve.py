@@ -7,6 +7,10 @@ Config -> data -> model -> evaluate, top to bottom (DESIGN.md section 3, Evoluti
 - Each generation draws fresh training prompts, shared by every member. A member's fitness is, per
   task, its mean score divided by the full-cache model's mean score on the same prompts (full-cache
   results are cached), averaged over the stage's tasks. CMA-ES minimises, so it is told -fitness.
+  Optional (our addition, off by default): ``memory_weight`` adds ``memory_weight * (1 - kept
+  fraction)``, a pressure to evict that a small model on ~1k-token prompts does not get from the task
+  score alone (eviction rarely *helps* it), and ``init_keep_bias`` lowers the starting keep bias so
+  the population evicts from the first generation.
 - Members are evaluated together: one ``generate()`` over a batch holding the same prompt once per
   member, with one NAMM parameter vector per batch row.
 - Stages add tasks; each starts a new CMA-ES from the previous stage's mean. The CMA **mean** is the
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 
 from namm_transfer import NAMM, NAMMConfig
-from namm_transfer.pipelines.common import log, set_threads
+from namm_transfer.pipelines.common import log, run_metadata, set_threads
 
 STATE_NAME, RESULTS_NAME, BEST_DIR = "evolve_state.pkl", "results.jsonl", "namm"
 
@@ -74,6 +78,10 @@ class EvolveConfig:
         resume: continue from ``out_dir``'s saved state.
         device, dtype, threads: model placement.
         scorer: "bam" or "mlp" (the ablation).
+        init_keep_bias: final bias of the starting mean (all other parameters zero); the reference's
+            keep-everything start is any positive value (1.0 here). Smaller values put the population's
+            scores nearer the threshold, so members evict more.
+        memory_weight: fitness bonus per unit of evicted fraction (0 = the reference's fitness).
         backend: "local" (in-process, the default) or "ray" (members split over Ray actors, each
             holding one model replica).
         workers: Ray actors (one CPU each) with ``backend="ray"``.
@@ -100,12 +108,22 @@ class EvolveConfig:
     dtype: str = "float32"
     threads: int | None = None
     scorer: str = "bam"
+    init_keep_bias: float = 1.0
+    memory_weight: float = 0.0
     backend: str = "local"
     workers: int = 2
     ray_address: str | None = None
 
     def namm_config(self) -> NAMMConfig:
-        return NAMMConfig(update_every=self.update_every, scorer=self.scorer)
+        return NAMMConfig(
+            update_every=self.update_every, scorer=self.scorer, init_keep_bias=self.init_keep_bias
+        )
+
+    def __post_init__(self) -> None:
+        if self.population < 2 or self.generations < 1 or self.prompts_per_task < 1:
+            raise ValueError("need population >= 2, generations >= 1 and prompts_per_task >= 1")
+        if self.memory_weight < 0:
+            raise ValueError(f"memory_weight must be >= 0, got {self.memory_weight}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -381,9 +399,11 @@ def run_evolve(
     tokenizer=None,
     evaluator=None,
     max_total_generations: int | None = None,
+    argv: Sequence[str] | None = None,
 ) -> EvolveState:
     """Run (or resume) the evolution; returns the final state. ``max_total_generations`` stops early
-    (as a kill would) after that many generations in total, for tests."""
+    (as a kill would) after that many generations in total, for tests. Every start (and resume) appends
+    its command line, git revision and versions to ``out_dir/runs.jsonl``."""
     try:
         from cmaes import SepCMA
     except ImportError as err:
@@ -409,7 +429,10 @@ def run_evolve(
     state = load_state(out_dir) if cfg.resume else EvolveState()
     if not cfg.resume:
         (out_dir / RESULTS_NAME).unlink(missing_ok=True)
+        (out_dir / "runs.jsonl").unlink(missing_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    with open(out_dir / "runs.jsonl", "a") as f:
+        f.write(json.dumps({**run_metadata(argv), "resume": cfg.resume}) + "\n")
     if state.mean is None:
         state.mean = NAMM(namm_cfg).params[0].numpy().astype(np.float64)
     writer = _tensorboard(out_dir)
@@ -438,7 +461,8 @@ def run_evolve(
 
             factory = NAMMFactory(namm_cfg, state.norm_mean, state.norm_var)
             evaluation = evaluator.run(factory, params, examples, [tasks[t] for t in task_of])
-            fitness = task_fitness(evaluation.scores, full, task_of)
+            score_ratio = task_fitness(evaluation.scores, full, task_of)
+            fitness = score_ratio + cfg.memory_weight * (1.0 - evaluation.kept)
             opt.tell([(x, -float(f)) for x, f in zip(members, fitness[:-1], strict=True)])
             state.mean = opt.mean.copy()
             record = {
@@ -449,6 +473,8 @@ def run_evolve(
                 "fitness_mean": float(fitness[:-1].mean()),
                 "fitness_best": float(fitness[:-1].max()),
                 "mean_fitness": float(fitness[-1]),
+                "mean_score_ratio": float(score_ratio[-1]),
+                "population_score_ratio": float(score_ratio[:-1].mean()),
                 "mean_kept_fraction": float(evaluation.kept[-1]),
                 "population_kept_fraction": float(evaluation.kept[:-1].mean()),
                 "sigma": float(opt._sigma),
@@ -542,6 +568,8 @@ def _log(out_dir: Path, writer, record: dict, retention: np.ndarray | None) -> N
             "fitness_mean",
             "fitness_best",
             "mean_fitness",
+            "mean_score_ratio",
+            "population_score_ratio",
             "sigma",
             "mean_kept_fraction",
             "population_kept_fraction",

@@ -9,6 +9,7 @@ from namm_transfer.checkpoint import import_reference_checkpoint
 from namm_transfer.memory import LayerMemory
 from namm_transfer.namm import NAMM, NAMMConfig
 from namm_transfer.policies import H2O, FullCache, L2Norm, MemoryPolicy, RandomEviction, Recency
+from namm_transfer.shipped import pretrained
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "RandomEviction",
     "Recency",
     "import_reference_checkpoint",
+    "pretrained",
 ]

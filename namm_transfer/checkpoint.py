@@ -40,6 +40,10 @@ def _resolve(name_or_path: str | Path, **hub_kwargs) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         return path
+    from namm_transfer.shipped import available, pretrained_dir
+
+    if str(name_or_path) in available():  # a shipped NAMM's short name, e.g. "smollm2-text"
+        return pretrained_dir(str(name_or_path))
     if path.exists():
         raise ValueError(f"{path} is a file; pass the directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     from huggingface_hub import snapshot_download

@@ -200,7 +200,9 @@ class NAMM(MemoryPolicy):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **hub_kwargs) -> NAMM:
-        """Load from a local directory or a Hub repo id (``config.json`` + ``model.safetensors``)."""
+        """Load from a local directory, a shipped NAMM's short name (``"smollm2-text"``, see
+        :func:`namm_transfer.shipped.available`) or a Hub repo id (``config.json`` +
+        ``model.safetensors``)."""
         from namm_transfer.checkpoint import load_namm
 
         return load_namm(cls, name_or_path, **hub_kwargs)

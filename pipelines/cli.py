@@ -34,8 +34,8 @@ def _add_model_args(p: argparse.ArgumentParser, defaults: DemoConfig | OverheadC
                    help="converted SmolLM2 cache; None: <root>/smollm2-135m-instruct, <root> being "
                         "$NAMM_TRANSFER_CACHE or ~/.cache/namm-transfer")
     p.add_argument("--namm", default=defaults.namm,
-                   help="path or hub id of a trained NAMM checkpoint; None uses an untrained "
-                        "NAMM.init_random(--namm-seed)")
+                   help="a shipped NAMM's short name (smollm2-text), a checkpoint directory or a Hub id; "
+                        "'random' uses an untrained NAMM.init_random(--namm-seed)")
     p.add_argument("--namm-seed", type=int, default=defaults.namm_seed, help="seed of the random NAMM")
 
 
@@ -63,16 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--depth", type=float, default=d.depth,
                       help="key position in the filler, 0 (start) to 1 (end)")
     demo.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens generated")
-    demo.add_argument("--chunk", type=int, default=d.chunk, help="prompt prefill chunk size in tokens")
+    demo.add_argument("--chunk", type=int, default=d.chunk,
+                      help="prompt prefill chunk size in tokens (default: the NAMM's update cadence)")
     demo.add_argument("--namm-budget", type=int, default=d.namm_budget,
-                      help="hard cap on tokens the NAMM keeps per layer and KV head; 0: no cap "
-                           "(an untrained NAMM then keeps everything)")
+                      help="optional hard cap on tokens the NAMM keeps per layer and KV head (0: none; an "
+                           "untrained --namm random keeps almost everything without one)")
     demo.add_argument("--output-dir", default=d.output_dir, help="directory for demo.json")
     _add_model_args(demo, d)
     demo.set_defaults(handler=_run_demo)
 
     _add_evolve(sub)
     _add_eval_text(sub)
+    _add_export(sub)
 
     bench = sub.add_parser(
         "bench", formatter_class=_Formatter, help="benchmarks (overhead)",
@@ -171,6 +173,28 @@ def _add_evolve(sub) -> None:
                         help="address of a running Ray cluster (default: start a local one)")
     _add_placement_args(evolve, e)
     evolve.set_defaults(handler=_run_evolve)
+
+
+def _add_export(sub) -> None:
+    export = sub.add_parser(
+        "export-namm", formatter_class=_Formatter,
+        help="ship a finished evolve run's NAMM as package data, loadable by short name",
+        description="Copy RUN_DIR/namm (the CMA mean) into namm_transfer/pretrained/NAME with training.json "
+                    "(command, git revision, seed, config, run time), results.jsonl and fitness_curve.md. "
+                    "Then NAMM.from_pretrained(NAME) and namm_transfer.pretrained(NAME) load it.",
+    )
+    export.add_argument("run_dir", help="the evolve job's --out-dir")
+    export.add_argument("--name", required=True, help="short name, e.g. smollm2-text")
+    export.add_argument("--destination", default=None,
+                        help="parent directory (default: namm_transfer/pretrained of this installation)")
+    export.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.export import export_namm
+
+    print(export_namm(args.run_dir, args.name, args.destination))
+    return 0
 
 
 def _add_eval_text(sub) -> None:

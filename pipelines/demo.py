@@ -7,7 +7,7 @@ samples and KV heads) and gives each baseline exactly that per-layer budget (DES
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,15 @@ class DemoConfig:
         max_new_tokens: tokens generated after the answer prefix.
         device: torch device.
         dtype: model dtype name (float32 is fastest on CPU).
-        chunk: the prompt is fed in chunks of this many tokens, so policies can evict during it.
-        namm: path or hub id of a trained NAMM checkpoint; None uses ``NAMM.init_random(namm_seed)``,
-            an untrained population member, until a trained NAMM ships.
+        chunk: the prompt is fed in chunks of this many tokens, so policies can evict during it; None
+            uses the NAMM's update cadence (every policy then runs at the same points).
+        namm: a shipped NAMM's short name, a checkpoint directory or a Hub id; the default is the
+            text-evolved ``smollm2-text``. ``"random"`` uses an untrained ``NAMM.init_random(namm_seed)``
+            with feature statistics collected on a calibration prompt (it keeps almost everything unless
+            given ``namm_budget``).
         namm_seed: seed of that random NAMM.
-        namm_budget: hard cap on the tokens the NAMM keeps per layer and KV head (top-k by score; 0 for
-            none). An untrained NAMM keeps everything on its own, so until an evolved NAMM ships the
-            demo caps it at 1024 tokens (about half the prompt) so that the comparison evicts.
-            score); an untrained NAMM keeps almost everything without one.
+        namm_budget: optional hard cap on the tokens the NAMM keeps per layer and KV head (top-k by
+            score; None or 0: the NAMM's own threshold decides).
         output_dir: where ``demo.json`` is written.
         threads: torch intra-op threads (None leaves torch's default).
         cache_dir: converted-model cache directory (None: the default, see ``models.py``).
@@ -55,23 +56,24 @@ class DemoConfig:
     max_new_tokens: int = 8
     device: str = "cpu"
     dtype: str = "float32"
-    chunk: int = 512
-    namm: str | None = None
+    chunk: int | None = None
+    namm: str = "smollm2-text"
     namm_seed: int = 0
-    namm_budget: int | None = 1024
+    namm_budget: int | None = None
     output_dir: str = "runs/demo"
     threads: int | None = None
     cache_dir: str | None = None
 
 
 def load_namm(source: str | None, seed: int = 0, budget: int | None = None):
-    """A trained NAMM from a path / hub id, or an untrained ``NAMM.init_random(seed)`` when None.
+    """A trained NAMM (short name, path or Hub id), or an untrained ``NAMM.init_random(seed)`` when
+    ``source`` is None or ``"random"``.
 
     ``budget`` (if given) caps the tokens kept per layer and KV head.
     """
     from namm_transfer import NAMM
 
-    namm = NAMM.init_random(seed=seed) if source is None else NAMM.from_pretrained(source)
+    namm = NAMM.init_random(seed=seed) if source in (None, "random") else NAMM.from_pretrained(source)
     return namm if budget is None else namm.with_budget(budget)
 
 
@@ -173,6 +175,8 @@ def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, A
     log(f"passkey prompt: {example.num_tokens} tokens, key {example.answer} at depth {example.depth:.2f}")
 
     namm = load_namm(cfg.namm, cfg.namm_seed, cfg.namm_budget or None)
+    if cfg.chunk is None:
+        cfg = replace(cfg, chunk=namm.update_every)
     if namm.norm_mean is None:
         calibrate_namm(model, tokenizer, namm, cfg)
     out = Path(cfg.output_dir) / "demo.json"

@@ -99,6 +99,22 @@ def test_evolution_logs_checkpoints_and_saves_the_cma_mean(tmp_path, model):
     assert (tmp_path / "tensorboard").is_dir()
 
 
+def test_memory_weight_adds_the_evicted_fraction_and_init_bias_sets_the_start(tmp_path, model):
+    cfg = config(tmp_path, stages=[["a"]], generations=1, memory_weight=0.5, init_keep_bias=0.2)
+    state = run_evolve(cfg, TASKS, model, CharTokenizer(), argv=["evolve", "--memory-weight", "0.5"])
+    (row,) = records(tmp_path)
+    bonus = 0.5 * (1 - row["mean_kept_fraction"])
+    assert row["mean_fitness"] == pytest.approx(row["mean_score_ratio"] + bonus)
+    assert not np.isclose(row["fitness_mean"], row["population_score_ratio"])  # members do evict
+    assert state.optimizer is None  # the single stage finished
+    start = NAMM(cfg.namm_config()).params[0]
+    assert start[-1] == pytest.approx(0.2) and torch.count_nonzero(start[:-1]) == 0
+    (run,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert run["command"] == "namm-transfer evolve --memory-weight 0.5" and "git_revision" in run
+    with pytest.raises(ValueError, match="memory_weight"):
+        EvolveConfig(memory_weight=-1.0)
+
+
 def test_resume_after_a_kill_follows_the_uninterrupted_trajectory(tmp_path, model):
     straight = run_evolve(config(tmp_path / "straight"), TASKS, model, CharTokenizer())
     killed_dir = tmp_path / "killed"
@@ -151,3 +167,23 @@ def test_cli_mirrors_the_config():
     assert args.stages == [["passkey"], ["passkey", "kv"]] and args.resume
     with pytest.raises(SystemExit):
         build_parser().parse_args(["evolve", "--stages", ";"])
+
+
+def test_export_ships_the_cma_mean_with_its_records(tmp_path, model):
+    from namm_transfer.pipelines.cli import main
+    from namm_transfer.pipelines.export import export_namm
+
+    run_dir = tmp_path / "run"
+    run_evolve(config(run_dir), TASKS, model, CharTokenizer(), max_total_generations=3, argv=["evolve"])
+    with pytest.raises(ValueError, match="--resume"):  # unfinished: stage 2, generation 1
+        export_namm(run_dir, "tiny", tmp_path / "ship")
+    resume = config(run_dir, resume=True)
+    state = run_evolve(resume, TASKS, model, CharTokenizer(), argv=["evolve", "--resume"])
+    assert main(["export-namm", str(run_dir), "--name", "tiny", "--destination", str(tmp_path / "ship")]) == 0
+    shipped = NAMM.from_pretrained(tmp_path / "ship" / "tiny")
+    np.testing.assert_allclose(shipped.params[0].numpy(), state.mean.astype(np.float32))
+    record = json.loads((tmp_path / "ship" / "tiny" / "training.json").read_text())
+    assert record["command"] == "namm-transfer evolve" and len(record["runs"]) == 2
+    assert record["generations"] == 4 and record["seed"] == 0 and record["final_generation"]["stage"] == 1
+    curve = (tmp_path / "ship" / "tiny" / "fitness_curve.md").read_text()
+    assert curve.count("\n| ") == 1 + 4  # header + one row per generation

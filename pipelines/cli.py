@@ -152,7 +152,8 @@ def _add_evolve(sub) -> None:
     evolve.add_argument("--prompts-per-task", type=int, default=e.prompts_per_task,
                         help="training prompts per task per generation")
     evolve.add_argument("--prompt-tokens", type=int, default=e.prompt_tokens, help="prompt length in tokens")
-    evolve.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens, help="tokens generated")
+    evolve.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens,
+                        help="tokens generated (default: each task's own)")
     evolve.add_argument("--members-per-batch", type=int, default=e.members_per_batch,
                         help="population members evaluated in one forward (1 = one at a time)")
     evolve.add_argument("--update-every", type=int, default=e.update_every,
@@ -213,7 +214,8 @@ def _add_eval_text(sub) -> None:
     ev.add_argument("--tasks", nargs="+", default=c.tasks, help="task names")
     ev.add_argument("--n", type=int, default=c.n, help="test prompts per task")
     ev.add_argument("--prompt-tokens", type=int, default=c.prompt_tokens, help="prompt length in tokens")
-    ev.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens, help="tokens generated")
+    ev.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens,
+                    help="tokens generated (default: each task's own)")
     ev.add_argument("--output-dir", default=c.output_dir, help="output directory")
     _add_placement_args(ev, c)
     ev.set_defaults(handler=_run_eval_text)

@@ -38,20 +38,21 @@ class EvalTextConfig:
     """Settings of :func:`run_eval_text`.
 
     Attributes:
-        namm: path or hub id of the NAMM to evaluate (default: the ``evolve`` job's output).
+        namm: a shipped NAMM's short name, a directory (e.g. an ``evolve`` job's ``OUT_DIR/namm``) or a
+            Hub id (default: the shipped text-evolved NAMM).
         tasks: task names (keys of ``text_tasks.TASKS``).
         n: test prompts per task.
         prompt_tokens: prompt length.
-        max_new_tokens: greedy generation length.
+        max_new_tokens: greedy generation length; None uses each task's own (``hop`` needs 20).
         output_dir: where rows.jsonl and the summary (.md, .json) go.
         device, dtype, threads: model placement.
     """
 
-    namm: str = "runs/evolve/namm"
+    namm: str = "smollm2-text"
     tasks: list[str] = field(default_factory=lambda: ["passkey", "kv", "docs"])  # see evolve's stages
-    n: int = 10
-    prompt_tokens: int = 1536
-    max_new_tokens: int = 8
+    n: int = 16
+    prompt_tokens: int = 1024
+    max_new_tokens: int | None = None
     output_dir: str = "runs/eval_text"
     device: str = "cpu"
     dtype: str = "float32"
@@ -96,6 +97,23 @@ def evaluate_prompt(
     }
 
 
+def _check_same_setting(out_dir: Path, cfg: EvalTextConfig) -> None:
+    """Resuming mixes rows only from the same NAMM, prompt length and generation length: the first run
+    records them in ``setting.json`` and a rerun with others is refused."""
+    setting = {"namm": str(cfg.namm), "prompt_tokens": cfg.prompt_tokens,
+               "max_new_tokens": cfg.max_new_tokens}
+    path = out_dir / "setting.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != setting:
+            raise ValueError(
+                f"{out_dir} holds results for {before}, not {setting}: use another --output-dir "
+                "(or delete it) rather than mixing the two in one table"
+            )
+    else:
+        write_json(path, setting)
+
+
 def namm_budget(rows: list[dict[str, Any]]) -> list[int]:
     """Per-layer budget for the baselines: the NAMM's mean kept tokens after its last update."""
     kept = np.array([r["kept_per_layer"] for r in rows])
@@ -110,14 +128,24 @@ def summarise(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[st
     }
     summary = {}
     for policy in dict.fromkeys(r["policy"] for r in rows):
-        per_task = {}
+        per_task, per_task_se = {}, {}
         for t in tasks:
             scores = [r["score"] for r in rows if r["policy"] == policy and r["task"] == t]
-            per_task[t] = float(np.mean(scores) / full[t]) if scores and full[t] > 0 else float("nan")
+            ok = bool(scores) and full[t] > 0
+            per_task[t] = float(np.mean(scores) / full[t]) if ok else float("nan")
+            # standard error of the policy's mean over prompts, in normalised units (the full cache's
+            # mean is taken as exact)
+            spread = np.std(scores, ddof=1) / np.sqrt(len(scores)) if len(scores) > 1 else 0.0
+            per_task_se[t] = float(spread / full[t]) if ok else float("nan")
         kept = [r["kept_fraction"] for r in rows if r["policy"] == policy]
+        counted = [t for t in tasks if not np.isnan(per_task[t])]
         summary[policy] = {
             "normalised": per_task,
+            "normalised_se": per_task_se,
             "mean_normalised": float(np.nanmean(list(per_task.values()))),
+            "mean_normalised_se": float(
+                np.sqrt(sum(per_task_se[t] ** 2 for t in counted)) / max(len(counted), 1)
+            ),
             "kept_fraction": float(np.mean(kept)),
             "raw_score": float(np.mean([r["score"] for r in rows if r["policy"] == policy])),
         }
@@ -139,6 +167,7 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_path = out_dir / ROWS_NAME
+    _check_same_setting(out_dir, cfg)
     rows = _load_rows(rows_path)
     done = {(r["policy"], r["task"], r["seed"]) for r in rows}
     if rows:
@@ -154,7 +183,8 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
         todo = [(t, ex) for t, ex in examples if (name, t, ex.seed) not in done]
         for t, ex in tqdm(todo, desc=name, unit="prompt"):
             start = time.perf_counter()
-            row = evaluate_prompt(model, tokenizer, policy, ex, TASKS[t], chunk, cfg.max_new_tokens)
+            max_new = cfg.max_new_tokens or TASKS[t].max_new_tokens
+            row = evaluate_prompt(model, tokenizer, policy, ex, TASKS[t], chunk, max_new)
             row.update(
                 policy=name,
                 task=t,
@@ -182,17 +212,20 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
     summary = summarise(rows, cfg.tasks)
     meta = run_metadata(argv)
     table = markdown_table(
-        ["policy", *cfg.tasks, "mean normalised", "mean kept fraction"],
+        ["policy", *cfg.tasks, "mean normalised", "mean kept fraction", "raw accuracy"],
         [
             [
                 p,
-                *(f"{s['normalised'][t]:.3f}" for t in cfg.tasks),
-                f"{s['mean_normalised']:.3f}",
+                *(f"{s['normalised'][t]:.2f} ± {s['normalised_se'][t]:.2f}" for t in cfg.tasks),
+                f"{s['mean_normalised']:.3f} ± {s['mean_normalised_se']:.3f}",
                 f"{s['kept_fraction']:.3f}",
+                f"{s['raw_score']:.3f}",
             ]
             for p, s in summary.items()
         ],
     )
+    full_raw = {t: np.mean([r["score"] for r in rows if r["policy"] == "FullCache" and r["task"] == t])
+                for t in cfg.tasks}
     write_json(
         out_dir / f"{SUMMARY_NAME}.json",
         {"config": asdict(cfg), "meta": meta, "budget": budget, "summary": summary},
@@ -201,7 +234,11 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
         f"# Text tasks, test split ({cfg.n} prompts per task, ~{cfg.prompt_tokens} tokens)\n\n"
         f"- command: `{meta['command']}`\n- date: {meta['date']}\n- NAMM: {cfg.namm}\n"
         f"- baselines' per-layer budget: {budget}\n\n"
-        "Normalised score = mean score / full cache's mean score on the same prompts.\n\n" + table + "\n"
+        f"- full-cache accuracy per task: {', '.join(f'{t} {v:.3f}' for t, v in full_raw.items())}\n\n"
+        "Normalised score = mean score / full cache's mean score on the same prompts, ± its standard "
+        "error over prompts; kept fraction = tokens cached at the end / tokens seen, mean over layers, "
+        "KV heads and prompts. Baselines run at the NAMM's cadence with its measured per-layer budget.\n\n"
+        + table + "\n"
     )
     print(table)
     return summary

@@ -70,7 +70,8 @@ class EvolveConfig:
         sigma: initial step size (reference 0.065).
         prompts_per_task: training prompts per task per generation, shared by all members.
         prompt_tokens: approximate prompt length.
-        max_new_tokens: greedy generation length when scoring.
+        max_new_tokens: greedy generation length when scoring; None uses each task's own
+            ``max_new_tokens`` (8 when a task has none).
         members_per_batch: members evaluated in one forward (1 = one at a time).
         update_every: NAMM update cadence in tokens (also the prefill chunk).
         seed: seeds CMA-ES and the prompt draws.
@@ -98,7 +99,7 @@ class EvolveConfig:
     sigma: float = 0.065
     prompts_per_task: int = 2
     prompt_tokens: int = 1024
-    max_new_tokens: int = 8
+    max_new_tokens: int | None = None
     members_per_batch: int = 8
     update_every: int = 256
     seed: int = 0
@@ -183,7 +184,7 @@ class LocalEvaluator:
                         input_ids=batch,
                         attention_mask=torch.ones_like(batch),
                         do_sample=False,
-                        max_new_tokens=self.cfg.max_new_tokens,
+                        max_new_tokens=self.cfg.max_new_tokens or getattr(task, "max_new_tokens", 8),
                         pad_token_id=self.tokenizer.pad_token_id,
                     )
                     stats = handle.stats()

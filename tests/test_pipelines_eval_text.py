@@ -35,6 +35,20 @@ def test_summary_normalises_by_the_full_cache_on_the_same_task():
     assert summary["NAMM"]["mean_normalised"] == pytest.approx(1.0 / 0.75)
     assert summary["NAMM"]["kept_fraction"] == pytest.approx(0.5)
     assert summary["FullCache"]["mean_normalised"] == pytest.approx(1.0)
+    # standard error over prompts in normalised units: std([1, 0.5], ddof=1) / sqrt(2) / 0.75
+    assert summary["FullCache"]["normalised_se"]["a"] == pytest.approx(0.25 / 0.75)
+    assert summary["NAMM"]["normalised_se"]["a"] == 0.0
+    assert summary["NAMM"]["mean_normalised_se"] == 0.0
+
+
+def test_resuming_into_a_directory_of_another_setting_is_refused(tmp_path):
+    from namm_transfer.pipelines.eval_text import _check_same_setting
+
+    cfg = EvalTextConfig(namm="a", output_dir=str(tmp_path))
+    _check_same_setting(tmp_path, cfg)
+    _check_same_setting(tmp_path, EvalTextConfig(namm="a", n=3, output_dir=str(tmp_path)))  # more prompts: ok
+    with pytest.raises(ValueError, match="another --output-dir"):
+        _check_same_setting(tmp_path, EvalTextConfig(namm="b", output_dir=str(tmp_path)))
 
 
 def test_cli_mirrors_the_config():

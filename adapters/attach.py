@@ -1,4 +1,12 @@
-"""``attach(model, policy)``: run a Hugging Face decoder LM with a memory policy managing its KV cache."""
+"""``attach(model, policy)``: run a Hugging Face transformer with a memory policy managing its KV cache.
+
+Two kinds of model are supported. RoPE decoders (Llama, Qwen2, Mistral) cache keys after RoPE and
+take default positions from the cache's count of tokens seen. GPT-2-style models (GPT-2 LMs and the
+Decision Transformer's GPT-2 encoder) add learned absolute position embeddings before attention, so
+their cached keys never depend on where they sit in the cache either; the Decision Transformer passes
+all-zero position ids and carries time in a timestep embedding. Both run attention through the
+function registered in :mod:`namm_transfer.adapters.attention`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,9 @@ from namm_transfer.adapters.attention import register
 from namm_transfer.adapters.cache import EvictingCache
 from namm_transfer.policies import MemoryPolicy
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+ROPE_DECODER_TYPES = ("llama", "qwen2", "mistral")
+GPT2_TYPES = ("gpt2", "decision_transformer")
+SUPPORTED_MODEL_TYPES = ROPE_DECODER_TYPES + GPT2_TYPES
 
 
 def _text_config(model: torch.nn.Module):
@@ -19,13 +29,34 @@ def _text_config(model: torch.nn.Module):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def _check_supported(model: torch.nn.Module) -> None:
-    model_type = getattr(_text_config(model), "model_type", None)
+def _check_supported(model: torch.nn.Module) -> str:
+    """The model's ``model_type`` if supported; else a NotImplementedError naming the supported families."""
+    config = _text_config(model)
+    model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
             f"namm-transfer cannot attach to a {type(model).__name__} (model_type={model_type!r}); "
-            f"supported decoder families: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if model_type in GPT2_TYPES and getattr(config, "add_cross_attention", False):
+        raise NotImplementedError(
+            f"namm-transfer cannot attach to a {type(model).__name__} with cross-attention "
+            "(add_cross_attention=True): only self-attention caches are managed"
+        )
+    return model_type
+
+
+def _self_attention_modules(model: torch.nn.Module, model_type: str) -> list[torch.nn.Module]:
+    """The self-attention module of each layer, in layer order."""
+    if model_type in GPT2_TYPES:  # GPT2Attention / DecisionTransformerGPT2Attention
+        found = [
+            m
+            for m in model.modules()
+            if hasattr(m, "layer_idx") and hasattr(m, "c_attn") and not getattr(m, "is_cross_attention", 0)
+        ]
+    else:
+        found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    return sorted(found, key=lambda m: m.layer_idx)
 
 
 class AttachedPolicy:
@@ -33,10 +64,12 @@ class AttachedPolicy:
 
     Every forward or ``generate()`` call without ``past_key_values`` gets a fresh
     :class:`~namm_transfer.adapters.cache.EvictingCache`; :meth:`stats` describes the latest one.
+    For a Decision Transformer the cache belongs to ``model.encoder`` (the module that takes
+    ``past_key_values``): both ``model(...)`` and direct ``model.encoder(...)`` calls are managed.
     """
 
     def __init__(self, model: torch.nn.Module, policy: MemoryPolicy, prefill_chunk: int | None = None):
-        _check_supported(model)
+        self.model_type = _check_supported(model)
         if getattr(model, "_namm_attached", None) is not None:
             raise RuntimeError(
                 f"a memory policy ({model._namm_attached.policy!r}) is already attached to this model; "
@@ -45,33 +78,45 @@ class AttachedPolicy:
         self.model, self.policy = model, policy
         text = _text_config(model)
         self.num_layers = text.num_hidden_layers
-        self.n_groups = text.num_attention_heads // (text.num_key_value_heads or text.num_attention_heads)
+        if self.model_type in GPT2_TYPES:  # multi-head attention: one KV head per query head
+            self.n_groups = 1
+        else:
+            kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            self.n_groups = text.num_attention_heads // kv_heads
         self.cache: EvictingCache | None = None
         self._previous_attn = model.config._attn_implementation
-        self._attention_modules = [
-            m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")
-        ]
-        if len(self._attention_modules) != self.num_layers:
+        self._attention_modules = _self_attention_modules(model, self.model_type)
+        if [m.layer_idx for m in self._attention_modules] != list(range(self.num_layers)):
             raise NotImplementedError(
                 f"found {len(self._attention_modules)} attention modules for {self.num_layers} layers in "
-                f"{type(model).__name__}; is this a supported decoder ({', '.join(SUPPORTED_MODEL_TYPES)})?"
+                f"{type(model).__name__}; is this a supported model ({', '.join(SUPPORTED_MODEL_TYPES)})?"
+            )
+        self._can_generate = callable(getattr(model, "generate", None)) and model.can_generate()
+        generation_config = getattr(model, "generation_config", None)
+        if prefill_chunk is not None and (not self._can_generate or generation_config is None):
+            raise ValueError(
+                f"prefill_chunk applies to generate(), which a {type(model).__name__} does not have; feed "
+                "the sequence in chunks yourself (each forward with the returned past_key_values)"
             )
         model.set_attn_implementation(register())
         for module in self._attention_modules:
             module._namm_handle = self
-        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        self._previous_chunk = getattr(model.generation_config, "prefill_chunk_size", None)
+        # the module whose forward takes ``past_key_values``: the DT's forward does not, its encoder does
+        cache_owner = getattr(model, "encoder", model) if self.model_type == "decision_transformer" else model
+        self._hook = cache_owner.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._previous_chunk = getattr(generation_config, "prefill_chunk_size", None)
         if prefill_chunk is not None:
             model.generation_config.prefill_chunk_size = prefill_chunk
-        original_generate = model.generate
+        if self._can_generate:
+            original_generate = model.generate
 
-        @functools.wraps(original_generate)
-        def generate(*args, **kwargs):
-            if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-                kwargs["past_key_values"] = self.new_cache()
-            return original_generate(*args, **kwargs)
+            @functools.wraps(original_generate)
+            def generate(*args, **kwargs):
+                if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+                    kwargs["past_key_values"] = self.new_cache()
+                return original_generate(*args, **kwargs)
 
-        model.generate = generate
+            model.generate = generate
         model._namm_attached = self
         self._attached = True
 
@@ -105,9 +150,11 @@ class AttachedPolicy:
         self._hook.remove()
         for module in self._attention_modules:
             del module._namm_handle
-        del self.model.generate
+        if self._can_generate:
+            del self.model.generate
         self.model._namm_attached = None
-        self.model.generation_config.prefill_chunk_size = self._previous_chunk
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.prefill_chunk_size = self._previous_chunk
         self.model.set_attn_implementation(self._previous_attn)
         self.cache, self._attached = None, False
 
@@ -158,10 +205,12 @@ def _rows_buffered(state: Any) -> int:
 
 
 def attach(model: torch.nn.Module, policy: MemoryPolicy, prefill_chunk: int | None = None) -> AttachedPolicy:
-    """Make ``model`` (a Llama / Qwen2 / Mistral causal LM) run with ``policy`` managing its KV cache.
+    """Make ``model`` run with ``policy`` managing its KV cache.
 
     Args:
-        model: a transformers decoder LM; its default attention (SDPA) is kept for the output.
+        model: a transformers Llama / Qwen2 / Mistral / GPT-2 causal LM, or a
+            ``DecisionTransformerModel`` (see :mod:`namm_transfer.envs.dt_rollout` for its KV-cached
+            rollout); its default attention (SDPA) is kept for the output.
         policy: a :class:`~namm_transfer.policies.MemoryPolicy` (a NAMM or a baseline).
         prefill_chunk: if set, ``generate()`` feeds the prompt in chunks of this many tokens, so the
             policy can evict during the prompt (the reference feeds 128-token chunks).

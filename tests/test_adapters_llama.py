@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.adapters import EvictingCache, attach
@@ -187,9 +187,12 @@ def test_recency_budget_and_stats(model):
 
 
 def test_unsupported_model_names_supported_families():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    neox = GPTNeoXForCausalLM(
+        GPTNeoXConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+                      vocab_size=50)
+    )
     with pytest.raises(NotImplementedError, match="llama, qwen2, mistral"):
-        attach(gpt2, NAMM())
+        attach(neox, NAMM())
 
 
 @torch.no_grad()

@@ -68,8 +68,15 @@ class AttachedPolicy:
     ``past_key_values``): both ``model(...)`` and direct ``model.encoder(...)`` calls are managed.
     """
 
-    def __init__(self, model: torch.nn.Module, policy: MemoryPolicy, prefill_chunk: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        policy: MemoryPolicy,
+        prefill_chunk: int | None = None,
+        exact_output: bool = False,
+    ):
         self.model_type = _check_supported(model)
+        self.exact_output = exact_output
         if getattr(model, "_namm_attached", None) is not None:
             raise RuntimeError(
                 f"a memory policy ({model._namm_attached.policy!r}) is already attached to this model; "
@@ -204,7 +211,12 @@ def _rows_buffered(state: Any) -> int:
     return 0 if window is None else int(window.shape[-2])
 
 
-def attach(model: torch.nn.Module, policy: MemoryPolicy, prefill_chunk: int | None = None) -> AttachedPolicy:
+def attach(
+    model: torch.nn.Module,
+    policy: MemoryPolicy,
+    prefill_chunk: int | None = None,
+    exact_output: bool = False,
+) -> AttachedPolicy:
     """Make ``model`` run with ``policy`` managing its KV cache.
 
     Args:
@@ -214,6 +226,10 @@ def attach(model: torch.nn.Module, policy: MemoryPolicy, prefill_chunk: int | No
         policy: a :class:`~namm_transfer.policies.MemoryPolicy` (a NAMM or a baseline).
         prefill_chunk: if set, ``generate()`` feeds the prompt in chunks of this many tokens, so the
             policy can evict during the prompt (the reference feeds 128-token chunks).
+        exact_output: when the policy reads attention, compute the layer output with the same fused
+            SDPA kernel as an unattached model (and the attention rows for the policy separately), so a
+            policy that evicts nothing reproduces the model bit for bit. Costs one more attention
+            product per layer; the default reuses the rows for the output (equal up to float rounding).
 
     Returns:
         A handle: ``handle.stats()``, ``handle.detach()``; usable as ``with attach(...) as handle:``.
@@ -223,4 +239,4 @@ def attach(model: torch.nn.Module, policy: MemoryPolicy, prefill_chunk: int | No
     points of each sample's own tokens, so a padded sample's decisions may differ from a solo run.
     Beam search and assisted decoding are not supported (the cache cannot be reordered or cropped).
     """
-    return AttachedPolicy(model, policy, prefill_chunk)
+    return AttachedPolicy(model, policy, prefill_chunk, exact_output)

@@ -69,6 +69,7 @@ def namm_attention_forward(
     scaling = dim**-0.5 if scaling is None else scaling
     padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
     layer = _evicting_layer(module)
+    exact = bool(getattr(getattr(module, "_namm_handle", None), "exact_output", False))
 
     if layer is None:  # no evicting cache (use_cache=False): ordinary causal attention
         if attention_mask is not None and attention_mask.ndim == 4:
@@ -85,6 +86,9 @@ def namm_attention_forward(
     if padding is not None:
         new_valid = padding[:, -n_q:].bool()
         memory.mark_padding(new_valid)
+    out = None
+    if exact or not memory.policy.needs_attention:
+        out = _sdpa_output(query, key, value, memory, scaling)
     if memory.policy.needs_attention:
         # Fold each KV head's query group into the query axis: one batched matmul per KV head.
         grouped = query.reshape(batch, kv_heads, groups * n_q, dim)
@@ -96,24 +100,27 @@ def namm_attention_forward(
         else:
             scores.masked_fill_(~memory.attention_mask(n_q)[:, :, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G, q, S]
-        out = torch.matmul(probs.view(batch, kv_heads, groups * n_q, n_keys).to(value.dtype), value)
-        out = out.view(batch, q_heads, n_q, dim)
+        if out is None:
+            out = torch.matmul(probs.view(batch, kv_heads, groups * n_q, n_keys).to(value.dtype), value)
+            out = out.view(batch, q_heads, n_q, dim)
         memory.observe(probs.view(batch, q_heads, n_q, n_keys), new_valid)
-    elif bool(memory.valid.all()):  # one causal mask shared by every sample and head
-        q_pos = torch.arange(n_keys - n_q, n_keys, device=query.device)[:, None]
-        mask = torch.arange(n_keys, device=query.device) <= q_pos
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
-        )
-    else:
-        allowed = memory.attention_mask(n_q)  # [B, H_kv, q, S]
-        mask = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, n_q, n_keys)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
-        )
 
     layer.apply_eviction()
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa_output(query, key, value, memory, scaling: float) -> torch.Tensor:
+    """The layer output ``[B, H_q, q, D]`` with the fused SDPA kernel and the memory's mask."""
+    batch, q_heads, n_q, _ = query.shape
+    n_keys = key.shape[2]
+    if bool(memory.valid.all()):  # one causal mask shared by every sample and head
+        q_pos = torch.arange(n_keys - n_q, n_keys, device=query.device)[:, None]
+        mask = torch.arange(n_keys, device=query.device) <= q_pos
+    else:
+        allowed = memory.attention_mask(n_q)  # [B, H_kv, q, S]
+        groups = q_heads // key.shape[1]
+        mask = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, n_q, n_keys)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
 def register() -> str:

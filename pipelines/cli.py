@@ -1,7 +1,8 @@
 """The ``namm-transfer`` command line.
 
-Subcommands mirror the pipeline config dataclasses: ``demo`` (:class:`DemoConfig`) and
-``bench overhead`` (:class:`OverheadConfig`). ``bench`` is a nested group so more benchmarks can join it.
+Subcommands mirror the pipeline config dataclasses: ``demo`` (:class:`DemoConfig`),
+``bench overhead`` (:class:`OverheadConfig`), ``make-rl-datasets`` (:class:`RLDatasetsConfig`),
+``train-dt`` (:class:`TrainDTConfig`), ... ``bench`` is a nested group so more benchmarks can join it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from namm_transfer.pipelines.bench import OverheadConfig
 from namm_transfer.pipelines.demo import DemoConfig
 from namm_transfer.pipelines.eval_text import EvalTextConfig
 from namm_transfer.pipelines.evolve import EvolveConfig
+from namm_transfer.pipelines.rl_datasets import ENV_NAMES, LEVEL_NAMES, RLDatasetsConfig
+from namm_transfer.pipelines.train_dt import TrainDTConfig
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evolve(sub)
     _add_eval_text(sub)
     _add_export(sub)
+    _add_make_rl_datasets(sub)
+    _add_train_dt(sub)
 
     bench = sub.add_parser(
         "bench", formatter_class=_Formatter, help="benchmarks (overhead)",
@@ -219,6 +224,93 @@ def _add_eval_text(sub) -> None:
     ev.add_argument("--output-dir", default=c.output_dir, help="output directory")
     _add_placement_args(ev, c)
     ev.set_defaults(handler=_run_eval_text)
+
+
+def _add_make_rl_datasets(sub) -> None:
+    c = RLDatasetsConfig()
+    p = sub.add_parser(
+        "make-rl-datasets", formatter_class=_Formatter,
+        help="local D4RL-style Minari datasets (expert / medium / replay) from gymnasium's heuristics",
+        description="The Minari servers are unreachable here, so offline-RL data is made locally: "
+                    "gymnasium's heuristic controllers (LunarLanderContinuous-v3, BipedalWalker-v3) with "
+                    "controlled action noise give the quality levels expert (small noise), medium (noisier, "
+                    "return about half-way between random and expert) and replay (a mix across noise "
+                    "levels). Each is written as a Minari dataset namm/<env>/<level>-v0 under ROOT with "
+                    "ref_min_score (a uniform random policy's mean return) and ref_max_score (the expert "
+                    "level's), so normalised scores work. Seeded: the same seed gives identical arrays. A "
+                    "rerun keeps datasets made with the same settings; writes a summary table "
+                    "ROOT/namm_datasets.md (and .json) unless --summary says otherwise.",
+    )
+    p.add_argument("--envs", nargs="+", choices=ENV_NAMES, default=c.envs, help="environments")
+    p.add_argument("--levels", nargs="+", choices=LEVEL_NAMES, default=c.levels, help="quality levels")
+    p.add_argument("--episodes", type=int, default=c.episodes, help="episodes per dataset")
+    p.add_argument("--seed", type=int, default=c.seed, help="seeds the envs and the noise")
+    p.add_argument("--root", default=c.root,
+                   help="Minari root; None: $MINARI_DATASETS_PATH, else ~/.minari/datasets")
+    p.add_argument("--ref-episodes", type=int, default=c.ref_episodes,
+                   help="episodes of the random policy and of the expert level for the reference scores")
+    p.add_argument("--max-episode-steps", type=int, default=c.max_episode_steps,
+                   help="override the envs' time limits; None keeps them")
+    p.add_argument("--overwrite", action="store_true", help="replace datasets that already exist")
+    p.add_argument("--summary", default=c.summary,
+                   help="markdown summary file, JSON beside it; None: ROOT/namm_datasets.md")
+    p.set_defaults(handler=_run_make_rl_datasets)
+
+
+def _run_make_rl_datasets(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.rl_datasets import run_make_rl_datasets
+
+    run_make_rl_datasets(RLDatasetsConfig(**_fields(args, RLDatasetsConfig)), argv)
+    return 0
+
+
+def _add_train_dt(sub) -> None:
+    c = TrainDTConfig()
+    p = sub.add_parser(
+        "train-dt", formatter_class=_Formatter,
+        help="train a Decision Transformer (transformers.DecisionTransformerModel) on a Minari dataset",
+        description="The standard recipe: K-step subsequences (episodes drawn in proportion to their length, "
+                    "padded on the left), states normalised by the dataset's mean/std, returns-to-go divided "
+                    "by --return-scale, action MSE on the non-padded steps, AdamW with linear warm-up. "
+                    "Writes OUT_DIR as a Hugging Face model directory plus dt_meta.json (state mean/std, "
+                    "return scale, K, target return, env and dataset ids, reference scores, seed, command, "
+                    "git revision), OUT_DIR/train_log.jsonl and TensorBoard scalars in OUT_DIR/tensorboard.",
+    )
+    p.add_argument("--dataset", default=c.dataset, help="Minari dataset id")
+    p.add_argument("--root", default=c.root,
+                   help="Minari root; None: $MINARI_DATASETS_PATH, else ~/.minari/datasets")
+    p.add_argument("--steps", type=int, default=c.steps, help="gradient steps")
+    p.add_argument("--batch-size", type=int, default=c.batch_size, help="subsequences per step")
+    p.add_argument("--context", "-K", type=int, default=c.context, help="K, steps per subsequence")
+    p.add_argument("--hidden", type=int, default=c.hidden, help="GPT-2 hidden size")
+    p.add_argument("--layers", type=int, default=c.layers, help="GPT-2 layers")
+    p.add_argument("--heads", type=int, default=c.heads, help="attention heads")
+    p.add_argument("--dropout", type=float, default=c.dropout, help="residual/embedding/attention dropout")
+    p.add_argument("--lr", type=float, default=c.lr, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=c.weight_decay, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=int, default=c.warmup_steps, help="linear learning-rate warm-up")
+    p.add_argument("--grad-clip", type=float, default=c.grad_clip, help="gradient norm clip")
+    p.add_argument("--return-scale", type=float, default=c.return_scale,
+                   help="returns-to-go divisor; None: the dataset's largest absolute episode return")
+    p.add_argument("--target-return", type=float, default=c.target_return,
+                   help="return to condition rollouts on, stored in dt_meta.json; None: the dataset's "
+                        "best episode return")
+    p.add_argument("--max-ep-len", type=int, default=c.max_ep_len,
+                   help="timestep-embedding size; None: the env's time limit")
+    p.add_argument("--log-every", type=int, default=c.log_every, help="steps between log records")
+    p.add_argument("--seed", type=int, default=c.seed, help="seeds initialisation, dropout and sampling")
+    p.add_argument("--device", default=c.device, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, default=c.threads,
+                   help="torch intra-op threads; None keeps torch's choice (1 is best beside a busy process)")
+    p.add_argument("--out-dir", default=c.out_dir, help="model directory written")
+    p.set_defaults(handler=_run_train_dt)
+
+
+def _run_train_dt(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.train_dt import train_dt
+
+    train_dt(TrainDTConfig(**_fields(args, TrainDTConfig)), argv)
+    return 0
 
 
 def _run_eval_text(args: argparse.Namespace, argv: list[str] | None) -> int:

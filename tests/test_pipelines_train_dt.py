@@ -1,0 +1,210 @@
+"""train-dt and the Decision Transformer loader, on tiny local datasets and tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+from namm_transfer.envs import datasets, generate
+from namm_transfer.pipelines.cli import main
+from namm_transfer.pipelines.dt_models import load_dt
+from namm_transfer.pipelines.train_dt import SubsequenceSampler, TrainDTConfig, action_loss, train_dt
+
+LUNAR_ID = "namm/lunarlandercontinuous/expert-v0"
+TINY = dict(hidden=32, layers=1, heads=1, context=5, batch_size=16, dropout=0.0, warmup_steps=1, threads=1)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minari")
+    generate.make_local_dataset("lunarlander", "expert", 4, seed=0, root=root, ref_episodes=2,
+                                max_episode_steps=60)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dt")
+    cfg = TrainDTConfig(dataset=LUNAR_ID, root=str(root), steps=20, lr=3e-3, log_every=5, out_dir=str(out),
+                        seed=1, **TINY)
+    return cfg, train_dt(cfg, argv=["train-dt", "--steps", "20"])
+
+
+def fixed_batch(root, seed: int = 0):
+    dataset = datasets.load_dataset(LUNAR_ID, root)
+    eps = datasets.episodes(dataset)
+    obs = np.concatenate([ep.observations for ep in eps])
+    sampler = SubsequenceSampler(eps, 5, obs.mean(0), obs.std(0) + 1e-6, 100.0, 1000,
+                                 np.random.default_rng(seed))
+    return sampler.sample(64)
+
+
+def test_sampler_pads_on_the_left_and_scales():
+    episode = datasets.Episode(
+        observations=np.arange(12, dtype=np.float32).reshape(3, 4),
+        actions=np.full((3, 2), 0.5, np.float32),
+        rewards=np.array([1.0, 2.0, 3.0], np.float32),
+        terminated=True,
+        truncated=False,
+    )
+    sampler = SubsequenceSampler([episode], 4, np.zeros(4, np.float32), np.full(4, 2.0, np.float32), 10.0,
+                                 2, np.random.default_rng(0))
+    batch = sampler.sample(32)
+    for b in range(32):
+        mask = batch["attention_mask"][b]
+        n = int(mask.sum())
+        assert mask.tolist() == [0] * (4 - n) + [1] * n  # left padding
+        start = 3 - n
+        assert batch["states"][b, 4 - n :].tolist() == (episode.observations[start:] / 2).tolist()
+        assert batch["states"][b, : 4 - n].abs().sum() == 0
+        rtg = np.array([6.0, 5.0, 3.0])[start:] / 10
+        np.testing.assert_allclose(batch["returns_to_go"][b, 4 - n :, 0].numpy(), rtg)
+        assert batch["timesteps"][b, 4 - n :].tolist() == [min(t, 1) for t in range(start, 3)]  # clipped
+
+
+def test_sampler_weights_episodes_by_length():
+    def ep(n):
+        return datasets.Episode(np.zeros((n, 1), np.float32), np.zeros((n, 1), np.float32),
+                                np.zeros(n, np.float32), True, False)
+
+    sampler = SubsequenceSampler([ep(1), ep(3)], 2, np.zeros(1), np.ones(1), 1.0, 10,
+                                 np.random.default_rng(0))
+    np.testing.assert_allclose(sampler.probs, [0.25, 0.75])
+
+
+def test_training_reduces_the_loss_and_writes_its_outputs(trained):
+    cfg, result = trained
+    assert len(result.losses) == 20 and all(np.isfinite(result.losses))
+    assert np.mean(result.losses[-5:]) < 0.7 * result.losses[0]
+    log = [json.loads(line) for line in open(f"{cfg.out_dir}/train_log.jsonl")]
+    assert [r["step"] for r in log] == [5, 10, 15, 20]
+    events = [p.name for p in (Path(cfg.out_dir) / "tensorboard").iterdir()]
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    meta = json.loads(open(f"{cfg.out_dir}/dt_meta.json").read())
+    assert meta["dataset_id"] == LUNAR_ID and meta["env_id"] == "LunarLanderContinuous-v3"
+    assert len(meta["state_mean"]) == len(meta["state_std"]) == 8
+    assert meta["context"] == 5 and meta["seed"] == 1 and meta["max_ep_len"] == 60
+    assert meta["command"] == "namm-transfer train-dt --steps 20" and "git_revision" in meta
+    assert meta["ref_min_score"] is not None and meta["ref_max_score"] is not None
+    assert meta["target_return"] == pytest.approx(meta["dataset_stats"]["return_max"])
+
+
+def test_saved_directory_predicts_like_the_in_memory_model(trained, root):
+    cfg, result = trained
+    loaded = load_dt(cfg.out_dir)
+    assert loaded.context == 5 and loaded.dataset_id == LUNAR_ID
+    np.testing.assert_array_equal(loaded.state_mean, np.array(result.meta["state_mean"], np.float32))
+    batch = fixed_batch(root)
+    with torch.no_grad():
+        a = result.model(**batch, return_dict=True).action_preds
+        b = loaded.model(**batch, return_dict=True).action_preds
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_training_is_seeded(trained, root, tmp_path):
+    cfg, result = trained
+    again = train_dt(TrainDTConfig(**{**cfg.__dict__, "out_dir": str(tmp_path)}))
+    assert again.losses == result.losses
+
+
+def test_train_dt_cli(root, tmp_path):
+    out = tmp_path / "dt"
+    args = ["train-dt", "--dataset", LUNAR_ID, "--root", str(root), "--steps", "2", "--batch-size", "4",
+            "-K", "3", "--hidden", "16", "--layers", "1", "--heads", "2", "--threads", "1",
+            "--out-dir", str(out)]
+    assert main(args) == 0
+    loaded = load_dt(out)
+    assert loaded.model.config.n_head == 2 and loaded.context == 3
+    assert loaded.meta["command"].startswith("namm-transfer train-dt --dataset")
+
+
+def test_unknown_dataset_is_a_clear_error(root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="'namm/nothing/expert-v0'.*unreachable"):
+        train_dt(TrainDTConfig(dataset="namm/nothing/expert-v0", root=str(root), out_dir=str(tmp_path),
+                               **TINY))
+
+
+def test_dataset_with_the_wrong_observation_shape_is_refused(trained, root):
+    cfg, _ = trained
+    bipedal = generate.make_local_dataset("bipedalwalker", "expert", 1, seed=0, root=root, ref_episodes=1,
+                                          max_episode_steps=3)
+    loaded = load_dt(cfg.out_dir)
+    loaded.check_dataset(datasets.load_dataset(LUNAR_ID, root))  # the right one passes
+    with pytest.raises(ValueError, match=r"observations of shape \(24,\).*expects \(8,\)"):
+        loaded.check_dataset(bipedal)
+    with pytest.raises(ValueError, match="state_dim 8"):
+        loaded.normalise_states(np.zeros((2, 24)))
+
+
+# --------------------------------------------------------------------------------------------------
+# the public edbeeching/decision-transformer-gym-* format: config.json + weights, no state statistics
+
+
+def public_dir(tmp_path, weights: str):
+    torch.manual_seed(0)
+    config = DecisionTransformerConfig(state_dim=11, act_dim=3, hidden_size=32, n_layer=1, n_head=1,
+                                       max_ep_len=1000, action_tanh=True)
+    model = DecisionTransformerModel(config).eval()
+    directory = tmp_path / "decision-transformer-gym-hopper-medium"
+    if weights == "safetensors":
+        model.save_pretrained(directory)
+    else:  # what the edbeeching repositories hold
+        config.save_pretrained(directory)
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    return model, directory
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_public_format_loads_with_caller_statistics(tmp_path, weights):
+    model, directory = public_dir(tmp_path, weights)
+    with pytest.raises(ValueError, match="pass state_mean and state_std"):
+        load_dt(directory)
+    with pytest.raises(ValueError, match=r"state_mean has shape \(8,\)"):
+        load_dt(directory, np.zeros(8), np.ones(8))
+    mean, std = np.linspace(-1, 1, 11), np.linspace(0.5, 2, 11)
+    loaded = load_dt(directory, mean, std)
+    assert loaded.context == 20 and loaded.return_scale == 1000.0 and loaded.env_id == "Hopper-v4"
+    assert loaded.meta == {} and loaded.target_return is None
+    np.testing.assert_allclose(loaded.normalise_states(np.ones(11)), (1 - mean) / std, rtol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(states=torch.randn(2, 4, 11, generator=g), actions=torch.randn(2, 4, 3, generator=g),
+                  returns_to_go=torch.randn(2, 4, 1, generator=g), timesteps=torch.arange(4).expand(2, 4),
+                  attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**inputs).action_preds, model(**inputs).action_preds,
+                                   rtol=0, atol=0)
+    assert load_dt(directory, mean, std, context=10, return_scale=3600.0).context == 10
+
+
+def test_load_dt_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Decision Transformer directory"):
+        load_dt(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_dt(tmp_path)
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="'gpt2' model, not a decision_transformer"):
+        load_dt(tmp_path / "gpt2")
+
+
+def test_hub_id_without_network_says_so():
+    with pytest.raises(FileNotFoundError, match="pass a local directory"):
+        load_dt("edbeeching/decision-transformer-gym-hopper-medium", np.zeros(11), np.ones(11))
+
+
+def test_loss_ignores_padded_steps(root):
+    batch = fixed_batch(root)
+    torch.manual_seed(0)
+    model = DecisionTransformerModel(DecisionTransformerConfig(state_dim=8, act_dim=2, hidden_size=16,
+                                                               n_layer=1, n_head=1, max_ep_len=1000))
+    padded = {k: v.clone() for k, v in batch.items()}
+    pad = padded["attention_mask"] == 0
+    assert pad.any()
+    padded["actions"][pad] = 5.0  # padded targets must not count
+    torch.testing.assert_close(action_loss(model.eval(), batch), action_loss(model, padded))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from namm_transfer.pipelines.bench import OverheadConfig
 from namm_transfer.pipelines.demo import DemoConfig
+from namm_transfer.pipelines.eval_rollout import POLICIES, EvalRolloutConfig
 from namm_transfer.pipelines.eval_text import EvalTextConfig
 from namm_transfer.pipelines.evolve import EvolveConfig
 from namm_transfer.pipelines.rl_datasets import ENV_NAMES, LEVEL_NAMES, RLDatasetsConfig
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_make_rl_datasets(sub)
     _add_train_dt(sub)
+    _add_eval_rollout(sub)
 
     bench = sub.add_parser(
         "bench", formatter_class=_Formatter, help="benchmarks (overhead)",
@@ -304,6 +306,58 @@ def _add_train_dt(sub) -> None:
                    help="torch intra-op threads; None keeps torch's choice (1 is best beside a busy process)")
     p.add_argument("--out-dir", default=c.out_dir, help="model directory written")
     p.set_defaults(handler=_run_train_dt)
+
+
+def _add_eval_rollout(sub) -> None:
+    c = EvalRolloutConfig()
+    p = sub.add_parser(
+        "eval-rollout", formatter_class=_Formatter,
+        help="Decision Transformer rollouts: windowed, full cache, a zero-shot NAMM, baselines at its budget",
+        description="Run EPISODES episodes of a Decision Transformer in parallel (seeds SEED, SEED+1, ...) "
+                    "with each policy: windowed (the standard re-encode-the-last-K reference), full (KV-"
+                    "cached, the whole episode in cache), NAMM (the text-evolved NAMM zero-shot, every "
+                    "UPDATE_EVERY tokens), then Recency, H2O, L2Norm and RandomEviction at the NAMM's "
+                    "measured per-layer budget and the same cadence. Reports per policy the return and "
+                    "normalised score (mean ± standard error), mean and peak cached tokens and KV bytes, the "
+                    "kept fraction of return / state / action tokens and env steps per second; a PNG per "
+                    "policy of the timesteps in memory over the first episode. Appends one row per policy and"
+                    " episode to OUTPUT_DIR/rows.jsonl (a rerun skips finished policies and refuses other "
+                    "settings); writes OUTPUT_DIR/summary.md and .json and TensorBoard logs in "
+                    "OUTPUT_DIR/tensorboard.",
+    )
+    p.add_argument("--dt", default=c.dt,
+                   help="a shipped Decision Transformer (lunarlander-expert, bipedalwalker-expert) or a "
+                        "directory written by train-dt")
+    p.add_argument("--namm", default=c.namm,
+                   help="a shipped NAMM's short name, a checkpoint directory or a Hub id")
+    p.add_argument("--update-every", type=int, default=c.update_every,
+                   help="tokens between policy updates, NAMM and baselines alike (3 tokens per env step)")
+    p.add_argument("--episodes", type=int, default=c.episodes, help="episodes per policy")
+    p.add_argument("--seed", type=int, default=c.seed, help="episode i is seeded SEED + i")
+    p.add_argument("--policies", nargs="+", choices=POLICIES, default=c.policies, help="policies to run")
+    p.add_argument("--batch-size", type=int, default=c.batch_size,
+                   help="episodes stepped together; None: all of them")
+    p.add_argument("--target-return", type=float, default=c.target_return,
+                   help="return to condition on; None: the DT's own (dt_meta.json)")
+    p.add_argument("--max-steps", type=int, default=c.max_steps,
+                   help="cap on env steps per episode; None: the env's time limit")
+    p.add_argument("--env", default=c.env, help="gymnasium id or short name; None: the DT's training env")
+    p.add_argument("--root", default=c.root,
+                   help="Minari root, for reference scores the DT's metadata does not carry")
+    p.add_argument("--calibrate-episodes", type=int, default=c.calibrate_episodes,
+                   help="0: zero-shot, the NAMM's frozen text statistics; N: re-collect its feature "
+                        "statistics on N keep-everything episodes with other seeds first")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the memory PNGs")
+    p.add_argument("--output-dir", default=c.output_dir, help="output directory")
+    _add_placement_args(p, c)
+    p.set_defaults(handler=_run_eval_rollout)
+
+
+def _run_eval_rollout(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.eval_rollout import run_eval_rollout
+
+    run_eval_rollout(EvalRolloutConfig(**_fields(args, EvalRolloutConfig)), argv)
+    return 0
 
 
 def _run_train_dt(args: argparse.Namespace, argv: list[str] | None) -> int:

@@ -9,6 +9,9 @@ medium-replay,expert}`` hold only ``config.json`` and the weights (``pytorch_mod
 mean/std are not stored, so :func:`load_dt` takes them from the caller (the D4RL dataset's observation
 statistics); their return scale is 1000 and their context 20 (the Hugging Face DT example they were
 trained with). They were trained on D4RL v2 data (v3 envs): pair them with the v4 envs.
+
+Small trained DTs ship with the package (``namm_transfer/pretrained_dt/<name>/``, our format plus a
+README with the command and scores): ``load_dt("lunarlander-expert")``; :func:`available_dts` lists them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 META_NAME = "dt_meta.json"
+SHIPPED_DIR = "pretrained_dt"
 META_FORMAT = "namm-transfer-dt/1"
 PUBLIC_RETURN_SCALE = 1000.0  # the Hugging Face DT example / edbeeching checkpoints
 PUBLIC_CONTEXT = 20
@@ -108,13 +112,35 @@ def save_dt(model: Any, directory: str | os.PathLike, meta: dict[str, Any]) -> P
     return directory
 
 
+def available_dts() -> list[str]:
+    """Short names of the Decision Transformers shipped with the package."""
+    from importlib import resources
+
+    root = resources.files("namm_transfer") / SHIPPED_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
+
+
+def shipped_dt_dir(name: str) -> Path:
+    """The directory of the shipped Decision Transformer ``name`` (KeyError listing them if unknown)."""
+    from importlib import resources
+
+    if name not in available_dts():
+        raise KeyError(f"no shipped Decision Transformer named {name!r}; available: {available_dts()}")
+    return Path(str(resources.files("namm_transfer") / SHIPPED_DIR / name))
+
+
 def _local_dir(source: str | os.PathLike) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
+    if not path.exists() and str(source) in available_dts():
+        return shipped_dt_dir(str(source))
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise FileNotFoundError(
-            f"{source!r} is not a Decision Transformer directory nor a Hub id (owner/name)"
+            f"{source!r} is not a Decision Transformer directory, a shipped one "
+            f"({', '.join(available_dts())}) nor a Hub id (owner/name)"
         )
     from huggingface_hub import snapshot_download
 
@@ -137,7 +163,8 @@ def load_dt(
     target_return: float | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedDT:
-    """Load a Decision Transformer directory or Hub id, ours or the public edbeeching format.
+    """Load a Decision Transformer: a directory, a shipped short name (:func:`available_dts`, e.g.
+    ``"lunarlander-expert"``) or a Hub id; ours or the public edbeeching format.
 
     Arguments given here override what ``dt_meta.json`` says; for the public format ``state_mean``
     and ``state_std`` are required (``context`` defaults to 20, ``return_scale`` to 1000).

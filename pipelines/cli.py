@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build one passkey-retrieval prompt, run SmolLM2-135M-Instruct with the full cache, then "
                     "with a NAMM, then with Recency, H2O, L2Norm and RandomEviction each given the NAMM's "
                     "mean kept tokens per layer as budget.\nPrints a table (policy | answer | correct? | "
-                    "mean kept fraction | stored KV MiB | seconds) and writes OUTPUT_DIR/demo.json.",
+                    "mean kept fraction | stored KV MiB | seconds). Then, zero-shot, a few episodes of the "
+                    "shipped LunarLander Decision Transformer with the full cache, the same NAMM and Recency "
+                    "at its budget (needs the rl extra). Writes OUTPUT_DIR/demo.json.",
     )
     demo.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="prompt length in tokens")
     demo.add_argument("--seed", type=int, default=d.seed, help="seed of the passkey prompt")
@@ -73,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="optional hard cap on tokens the NAMM keeps per layer and KV head (0: none; an "
                            "untrained --namm random keeps almost everything without one)")
     demo.add_argument("--output-dir", default=d.output_dir, help="directory for demo.json")
+    demo.add_argument("--rollout-dt", default=d.rollout_dt,
+                      help="shipped Decision Transformer (or directory) for the rollout comparison")
+    demo.add_argument("--rollout-episodes", type=int, default=d.rollout_episodes,
+                      help="episodes per policy in the rollout comparison (0 skips it)")
+    demo.add_argument("--rollout-update-every", type=int, default=d.rollout_update_every,
+                      help="the NAMM's cadence on the DT in tokens (3 per env step)")
     _add_model_args(demo, d)
     demo.set_defaults(handler=_run_demo)
 

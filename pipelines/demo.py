@@ -1,7 +1,12 @@
-"""``namm-transfer demo``: one passkey prompt on SmolLM2 under a NAMM and every baseline, at matched size.
+"""``namm-transfer demo``: the text-evolved NAMM on a passkey prompt and, zero-shot, on a DT's rollouts.
 
-Runs the full cache, then the NAMM; measures how many tokens the NAMM kept per layer (mean over
-samples and KV heads) and gives each baseline exactly that per-layer budget (DESIGN.md section 6).
+1. Text: one passkey prompt on SmolLM2 with the full cache, then the NAMM; measures how many tokens
+   the NAMM kept per layer (mean over samples and KV heads) and gives each baseline exactly that
+   per-layer budget (DESIGN.md section 6).
+2. Rollouts (when gymnasium is installed, the ``rl`` extra): a few episodes of the shipped
+   ``lunarlander-expert`` Decision Transformer with the whole episode in cache, with the same NAMM
+   applied zero-shot (every 30 tokens = 10 env steps), and with Recency at the NAMM's budget
+   (``namm-transfer eval-rollout`` is the full comparison).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class DemoConfig:
         output_dir: where ``demo.json`` is written.
         threads: torch intra-op threads (None leaves torch's default).
         cache_dir: converted-model cache directory (None: the default, see ``models.py``).
+        rollout_dt: shipped DT (or directory) for the rollout comparison.
+        rollout_episodes: episodes per policy in the rollout comparison (0 skips it).
+        rollout_update_every: the NAMM's cadence on the DT, in tokens (3 per env step).
     """
 
     prompt_tokens: int = 2000
@@ -63,6 +71,9 @@ class DemoConfig:
     output_dir: str = "runs/demo"
     threads: int | None = None
     cache_dir: str | None = None
+    rollout_dt: str = "lunarlander-expert"
+    rollout_episodes: int = 6
+    rollout_update_every: int = 30
 
 
 def load_namm(source: str | None, seed: int = 0, budget: int | None = None):
@@ -207,5 +218,43 @@ def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, A
     add("L2Norm", L2Norm(budget, update_every=every))
     add("RandomEviction", RandomEviction(budget, seed=cfg.seed, update_every=every))
     print(format_rows(rows))
+    if cfg.rollout_episodes > 0:
+        record["rollouts"] = run_rollouts(cfg)
+        write_json(out, record)
     log(f"wrote {out}; total {time.perf_counter() - total:.1f} s")
     return rows
+
+
+def run_rollouts(cfg: DemoConfig) -> dict[str, Any] | None:
+    """Full cache vs the NAMM (zero-shot) vs Recency at its budget on a shipped DT; prints a table."""
+    try:
+        import gymnasium  # noqa: F401
+    except ImportError:
+        log("rollout comparison skipped: gymnasium is not installed (pip install 'namm-transfer[rl]')")
+        return None
+    from namm_transfer.pipelines import eval_rollout as er
+    from namm_transfer.pipelines.dt_models import load_dt
+    from namm_transfer.policies import FullCache, Recency
+
+    dt = load_dt(cfg.rollout_dt, device=cfg.device)
+    env_id = dt.env_id
+    seeds = list(range(cfg.seed, cfg.seed + cfg.rollout_episodes))
+    normalise = er.reference_normaliser(dt, env_id, None)
+    namm = er.load_namm_with_cadence(cfg.namm if cfg.namm != "random" else "smollm2-text",
+                                     cfg.rollout_update_every)
+    log(f"rollouts: {cfg.rollout_dt} on {env_id}, {len(seeds)} episodes per policy ...")
+    rows = []
+    for name, policy in (("full", FullCache()), ("NAMM", namm)):
+        rows += er.rollout_batch(dt, name, policy, env_id, seeds, dt.target_return, None, plot=False,
+                                 progress=False).rows
+    budget = er.namm_budget([r for r in rows if r["policy"] == "NAMM"])
+    recency = Recency(budget, update_every=cfg.rollout_update_every)
+    rows += er.rollout_batch(dt, "Recency", recency, env_id, seeds, dt.target_return, None, plot=False,
+                                 progress=False).rows
+    for row in rows:
+        row["normalised"] = float(normalise(row["return"])) if normalise else float("nan")
+    summary = er.summarise(rows)
+    print(f"\nDecision Transformer {cfg.rollout_dt} on {env_id}, {len(seeds)} episodes "
+          f"(Recency at the NAMM's per-layer budget {budget}):")
+    print(er.summary_table(summary))
+    return {"dt": cfg.rollout_dt, "env": env_id, "seeds": seeds, "budget": budget, "summary": summary}

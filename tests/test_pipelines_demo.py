@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_small(tmp_path, capsys):
     assert main(["demo", "--prompt-tokens", "600", "--chunk", "256", "--namm-budget", "300",
-                 "--threads", "1", "--output-dir", str(tmp_path)]) == 0
+                 "--rollout-episodes", "2", "--threads", "1", "--output-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     for name in ("FullCache", "NAMM", "Recency", "H2O", "L2Norm", "RandomEviction"):
         assert name in table
@@ -27,6 +27,12 @@ def test_demo_small(tmp_path, capsys):
     assert namm_kept < 1.0
     for name in ("Recency", "H2O", "L2Norm", "RandomEviction"):  # matched cache size
         assert rows[name]["kept_fraction"] == pytest.approx(namm_kept, abs=0.02)
+    rollouts = result["rollouts"]  # the DT comparison: same seeds, the NAMM holds less than the full cache
+    assert list(rollouts["summary"]) == ["full", "NAMM", "Recency"] and rollouts["seeds"] == [0, 1]
+    summary = rollouts["summary"]
+    assert summary["NAMM"]["tokens_mean"] < summary["full"]["tokens_mean"]
+    assert summary["full"]["kept_fraction"] == 1.0 and len(rollouts["budget"]) == 3
+    assert "Decision Transformer lunarlander-expert" in table
 
 
 def test_bench_overhead_small(tmp_path):

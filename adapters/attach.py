@@ -1,11 +1,14 @@
 """``attach(model, policy)``: run a Hugging Face transformer with a memory policy managing its KV cache.
 
-Two kinds of model are supported. RoPE decoders (Llama, Qwen2, Mistral) cache keys after RoPE and
+Three kinds of model are supported. RoPE decoders (Llama, Qwen2, Mistral) cache keys after RoPE and
 take default positions from the cache's count of tokens seen. GPT-2-style models (GPT-2 LMs and the
 Decision Transformer's GPT-2 encoder) add learned absolute position embeddings before attention, so
 their cached keys never depend on where they sit in the cache either; the Decision Transformer passes
 all-zero position ids and carries time in a timestep embedding. Both run attention through the
-function registered in :mod:`namm_transfer.adapters.attention`.
+function registered in :mod:`namm_transfer.adapters.attention`. LLaVA video models
+(LLaVA-NeXT-Video, LLaVA-OneVision, Video-LLaVA) wrap one of those decoders: the policy manages the
+language model's cache, and only the language model's attention is switched to our function (the
+vision towers keep their own implementation, see :func:`_attn_setting`).
 """
 
 from __future__ import annotations
@@ -22,11 +25,35 @@ from namm_transfer.policies import MemoryPolicy
 ROPE_DECODER_TYPES = ("llama", "qwen2", "mistral")
 GPT2_TYPES = ("gpt2", "decision_transformer")
 SUPPORTED_MODEL_TYPES = ROPE_DECODER_TYPES + GPT2_TYPES
+# multimodal wrappers whose language model (text_config) is one of the types above
+VIDEO_LLAVA_TYPES = ("llava_next_video", "llava_onevision", "video_llava")
 
 
 def _text_config(model: torch.nn.Module):
     config = model.config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _text_config_key(model: torch.nn.Module) -> str | None:
+    """Name of the sub-config holding the language model's config (``"text_config"``), or None when
+    the model *is* the language model."""
+    config = model.config
+    text = _text_config(model)
+    if text is config:
+        return None
+    for key in getattr(config, "sub_configs", {}):
+        if getattr(config, key, None) is text:
+            return key
+    raise NotImplementedError(f"cannot find the language model's sub-config of {type(model).__name__}")
+
+
+def _attn_setting(key: str | None, implementation: str) -> str | dict:
+    """The argument of ``set_attn_implementation`` that changes only the language model.
+
+    In transformers 5.23 a string is dispatched to every sub-model (the vision towers too); a dict
+    keyed by sub-config name changes only that sub-config's modules and leaves the rest as they were.
+    """
+    return implementation if key is None else {key: implementation}
 
 
 def _check_supported(model: torch.nn.Module) -> str:
@@ -47,7 +74,13 @@ def _check_supported(model: torch.nn.Module) -> str:
 
 
 def _self_attention_modules(model: torch.nn.Module, model_type: str) -> list[torch.nn.Module]:
-    """The self-attention module of each layer, in layer order."""
+    """The self-attention module of each layer of the language model, in layer order."""
+    text = _text_config(model)
+    if text is not model.config:  # multimodal: search only the language model, never the vision tower
+        owners = [m for m in model.modules() if m is not model and getattr(m, "config", None) is text]
+        if not owners:
+            raise NotImplementedError(f"cannot find the language model inside {type(model).__name__}")
+        model = owners[0]
     if model_type in GPT2_TYPES:  # GPT2Attention / DecisionTransformerGPT2Attention
         found = [
             m
@@ -91,7 +124,8 @@ class AttachedPolicy:
             kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
             self.n_groups = text.num_attention_heads // kv_heads
         self.cache: EvictingCache | None = None
-        self._previous_attn = model.config._attn_implementation
+        self._text_key = _text_config_key(model)
+        self._previous_attn = text._attn_implementation
         self._attention_modules = _self_attention_modules(model, self.model_type)
         if [m.layer_idx for m in self._attention_modules] != list(range(self.num_layers)):
             raise NotImplementedError(
@@ -105,7 +139,7 @@ class AttachedPolicy:
                 f"prefill_chunk applies to generate(), which a {type(model).__name__} does not have; feed "
                 "the sequence in chunks yourself (each forward with the returned past_key_values)"
             )
-        model.set_attn_implementation(register())
+        model.set_attn_implementation(_attn_setting(self._text_key, register()))
         for module in self._attention_modules:
             module._namm_handle = self
         # the module whose forward takes ``past_key_values``: the DT's forward does not, its encoder does
@@ -162,8 +196,17 @@ class AttachedPolicy:
         self.model._namm_attached = None
         if getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.prefill_chunk_size = self._previous_chunk
-        self.model.set_attn_implementation(self._previous_attn)
+        self.model.set_attn_implementation(_attn_setting(self._text_key, self._previous_attn))
         self.cache, self._attached = None, False
+
+    def frame_retention(self, frame_map) -> Any:
+        """``[layers, frames]`` share of each frame's tokens still cached in the latest cache.
+
+        See :func:`namm_transfer.adapters.frame_map.frame_retention`.
+        """
+        from namm_transfer.adapters.frame_map import frame_retention
+
+        return frame_retention(self, frame_map)
 
     def __enter__(self) -> AttachedPolicy:
         return self
@@ -220,9 +263,14 @@ def attach(
     """Make ``model`` run with ``policy`` managing its KV cache.
 
     Args:
-        model: a transformers Llama / Qwen2 / Mistral / GPT-2 causal LM, or a
+        model: a transformers Llama / Qwen2 / Mistral / GPT-2 causal LM, a
             ``DecisionTransformerModel`` (see :mod:`namm_transfer.envs.dt_rollout` for its KV-cached
-            rollout); its default attention (SDPA) is kept for the output.
+            rollout), or a LLaVA video model (``LlavaNextVideoForConditionalGeneration``,
+            ``LlavaOnevisionForConditionalGeneration``, ``VideoLlavaForConditionalGeneration``) whose
+            language model is one of those decoders; its default attention (SDPA) is kept for the
+            output. For a LLaVA model only the language model's cache and attention are managed: the
+            vision tower runs exactly as without a policy (see :mod:`namm_transfer.adapters.frame_map`
+            for which cached tokens belong to which frame).
         policy: a :class:`~namm_transfer.policies.MemoryPolicy` (a NAMM or a baseline).
         prefill_chunk: if set, ``generate()`` feeds the prompt in chunks of this many tokens, so the
             policy can evict during the prompt (the reference feeds 128-token chunks).

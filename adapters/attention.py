@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from namm_transfer.adapters.cache import EvictingLayer
@@ -68,6 +69,10 @@ def namm_attention_forward(
     groups = q_heads // kv_heads
     scaling = dim**-0.5 if scaling is None else scaling
     padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+    if getattr(module, "_namm_handle", None) is None:
+        # not a managed layer (e.g. a vision tower whose config was switched to this function by a
+        # plain-string set_attn_implementation): plain SDPA with the module's own causality
+        return _unmanaged(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     layer = _evicting_layer(module)
     exact = bool(getattr(getattr(module, "_namm_handle", None), "exact_output", False))
 
@@ -107,6 +112,16 @@ def namm_attention_forward(
 
     layer.apply_eviction()
     return out.transpose(1, 2).contiguous(), None
+
+
+def _unmanaged(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """transformers' SDPA attention for a module no policy manages (bidirectional or causal)."""
+    if attention_mask is not None and attention_mask.ndim == 2:
+        if getattr(module, "is_causal", False):
+            attention_mask = _plain_causal(query, key, attention_mask)
+        else:  # key padding only
+            attention_mask = attention_mask[:, None, None, -key.shape[2] :].bool()
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
 def _sdpa_output(query, key, value, memory, scaling: float) -> torch.Tensor:

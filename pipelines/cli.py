@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_rl_datasets(sub)
     _add_train_dt(sub)
     _add_eval_rollout(sub)
+    _add_eval_video(sub)
 
     bench = sub.add_parser(
         "bench", formatter_class=_Formatter, help="benchmarks (overhead)",
@@ -365,6 +366,71 @@ def _run_eval_rollout(args: argparse.Namespace, argv: list[str] | None) -> int:
     from namm_transfer.pipelines.eval_rollout import run_eval_rollout
 
     run_eval_rollout(EvalRolloutConfig(**_fields(args, EvalRolloutConfig)), argv)
+    return 0
+
+
+def _add_eval_video(sub) -> None:
+    from namm_transfer.pipelines.eval_video import FORMATS, EvalVideoConfig
+    from namm_transfer.pipelines.eval_video import POLICIES as VIDEO_POLICIES
+
+    c = EvalVideoConfig()
+    p = sub.add_parser(
+        "eval-video", formatter_class=_Formatter,
+        help="multiple-choice video QA (MLVU, LongVideoBench, JSONL): full cache, a zero-shot NAMM, "
+             "baselines at its budget, uniform frame subsampling",
+        description="Answer every question of ANNOTATIONS (MLVU's per-task JSON files or json/ folder, "
+                    "LongVideoBench's lvb_val.json, or the generic JSONL of make-video-qa) with a LLaVA "
+                    "video model (LLaVA-NeXT-Video, LLaVA-OneVision, Video-LLaVA) on NUM_FRAMES uniformly "
+                    "sampled frames, the prompt fed in chunks of UPDATE_EVERY tokens, under each policy: "
+                    "FullCache, NAMM (zero-shot, every UPDATE_EVERY tokens), Recency, H2O, L2Norm and "
+                    "RandomEviction at the NAMM's measured per-layer budget, and UniformFrames (a uniform "
+                    "subset of the frames holding as many video tokens as the NAMM kept on average). Scores "
+                    "by option-letter extraction; reports accuracy overall and per task type, kept video "
+                    "tokens and frames, stored KV MiB and seconds per sample. Appends one row per policy and "
+                    "sample to OUTPUT_DIR/rows.jsonl (a rerun skips finished rows, retries failed ones and "
+                    "refuses other settings; an unreadable or missing video is a failed row); writes "
+                    "OUTPUT_DIR/summary.md and .json, retention heatmaps (layer x frame) in "
+                    "OUTPUT_DIR/heatmaps and TensorBoard logs in OUTPUT_DIR/tensorboard.",
+    )
+    p.add_argument("--annotations", required=True,
+                   help="MLVU JSON file or json/ folder, LongVideoBench lvb_val.json, or generic JSONL")
+    p.add_argument("--videos", default=c.videos,
+                   help="videos folder; None: MLVU's video/ beside json/, LongVideoBench's videos/ beside "
+                        "the JSON, the JSONL file's folder")
+    p.add_argument("--format", default=c.format, choices=FORMATS, help="annotation format")
+    p.add_argument("--model", default=c.model,
+                   help="a LLaVA video model directory (from_pretrained, offline) or a name the loader takes")
+    p.add_argument("--loader", default=c.loader,
+                   help="package.module:function returning (model, tokenizer) or a VideoModel; None: "
+                        "from_pretrained on the --model directory")
+    p.add_argument("--namm", default=c.namm,
+                   help="a shipped NAMM's short name, a checkpoint directory or a Hub id")
+    p.add_argument("--update-every", type=int, default=c.update_every,
+                   help="tokens between policy updates (NAMM and baselines) and the prefill chunk")
+    p.add_argument("--num-frames", type=int, default=c.num_frames,
+                   help="frames sampled uniformly per video; None: the model's own count if known, else 32")
+    p.add_argument("--policies", nargs="+", choices=VIDEO_POLICIES, default=c.policies,
+                   help="policies to run (the baselines need the NAMM's rows for their budget)")
+    p.add_argument("--limit", type=int, default=c.limit, help="only the first LIMIT samples; None: all")
+    p.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens, help="tokens generated")
+    p.add_argument("--post-prompt", default=c.post_prompt, help="line after the lettered options")
+    p.add_argument("--answer-prefix", default=c.answer_prefix,
+                   help="text after the assistant marker, e.g. 'Best option: ('")
+    p.add_argument("--exact-output", action="store_true",
+                   help="layer outputs from the fused SDPA kernel, so a keep-all policy is bit-identical to "
+                        "the full cache (one more attention product per layer)")
+    p.add_argument("--heatmaps", type=int, default=c.heatmaps,
+                   help="retention heatmaps for the first HEATMAPS samples of each policy")
+    p.add_argument("--seed", type=int, default=c.seed, help="RandomEviction's seed")
+    p.add_argument("--output-dir", default=c.output_dir, help="output directory")
+    _add_placement_args(p, c)
+    p.set_defaults(handler=_run_eval_video)
+
+
+def _run_eval_video(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.eval_video import EvalVideoConfig, run_eval_video
+
+    run_eval_video(EvalVideoConfig(**_fields(args, EvalVideoConfig)), argv)
     return 0
 
 

@@ -1,0 +1,1001 @@
+"""``namm-transfer eval-video``: multiple-choice video QA with a zero-shot NAMM and the baselines.
+
+Config -> annotations -> model -> policies -> rows -> summary:
+
+1. **Annotations** in one of three formats, normalised to :class:`VideoQASample` by
+   :func:`load_annotations` (``format="auto"`` tells them apart):
+
+   - ``mlvu``: MLVU's published per-task JSON files (``MLVU/json/1_plotQA.json`` ...), a list of
+     ``{"video": "x.mp4", "duration": ..., "question": ..., "candidates": [...], "answer": "<text of the
+     right candidate>", "question_type": ...}``; the annotation path may be one file or the ``json``
+     folder (entries without ``candidates``, the open-ended ``8_sub_scene`` / ``9_summary``, are
+     skipped). Videos: ``VIDEOS/<file stem>/x.mp4`` (the published ``MLVU/video/1_plotQA/`` layout),
+     else ``VIDEOS/<question_type>/x.mp4``, else ``VIDEOS/x.mp4``; VIDEOS defaults to the ``video``
+     folder beside ``json``. Task type: ``question_type`` (else the file stem without its number).
+   - ``longvideobench``: LongVideoBench's ``lvb_val.json``, a list of ``{"id", "video_path",
+     "question", "candidates", "correct_choice": <int>, "question_category", "duration_group", ...}``;
+     subtitles are ignored. Videos: ``VIDEOS/<video_path>``, VIDEOS defaulting to ``videos/`` beside
+     the JSON. Task type: ``question_category`` (``duration_group`` is kept in ``meta``).
+   - ``jsonl``: the generic format (what ``make-video-qa`` writes), one JSON object a line::
+
+         {"video": "<path relative to VIDEOS>", "question": "...", "options": ["...", "...", ...],
+          "answer": "B", "task_type": "colour", "seed": 17, "split": "test", "id": "optional"}
+
+     ``answer`` is the option letter (``A`` = first option); ``id`` is optional (default
+     ``<file stem>:<line index>``); other keys go to ``meta``. VIDEOS defaults to the file's folder
+     (or its ``videos/`` subfolder, where the video is found there).
+
+2. **Model**: a LLaVA-NeXT-Video, LLaVA-OneVision or Video-LLaVA model with its tokenizer (frames
+   prepared by :class:`~namm_transfer.pipelines.video_io.VideoPreprocessor`, never a transformers
+   processor, which would need torchvision), from (first that applies, see :func:`load_video_model`):
+   a loader callable (``loader=`` in Python, ``--loader module:function`` on the command line)
+   returning ``(model, tokenizer)`` or a :class:`VideoModel`; a small video model trained here by
+   ``train-video-model`` (a shipped short name or its directory, with its own frame count,
+   preprocessing and prompt format from ``video_model.json``); a ``from_pretrained`` directory
+   (offline; ``AutoModelForImageTextToText`` + ``AutoTokenizer``).
+
+3. **Policies**, each on every sample, prompt fed in chunks of ``update_every`` tokens (so eviction
+   happens while the video streams in), greedy decoding:
+
+   - ``FullCache``: nothing evicted;
+   - ``NAMM``: the text-evolved NAMM zero-shot, cadence ``update_every`` (its query window the same);
+   - ``Recency``, ``H2O``, ``L2Norm``, ``RandomEviction`` at the NAMM's measured per-layer budget (its
+     mean kept tokens per layer at the end of each sample, less the tokens added since its last
+     update, averaged over samples: as in ``eval-text`` and ``eval-rollout``) and the same cadence;
+   - ``UniformFrames``: the frame-level baseline: a uniform subset of the sampled frames
+     (``round(NAMM's mean kept video tokens / tokens per frame)`` of the ``num_frames``), fed to a
+     full cache, so the model holds as many video tokens as the NAMM kept on average.
+
+Scoring: the option letter is extracted from the generated text (:func:`extract_option_letter`) and
+compared with the gold letter; accuracy overall and per task type. Per row: kept video tokens (mean
+over layers and KV heads) and frames (frames with at least one token cached, mean over layers), the
+kept share of each frame (mean over layers), stored KV bytes, seconds (decoding the video included).
+
+Results: ``rows.jsonl`` (one row per policy and sample, appended as each finishes; a rerun skips
+finished rows, retries failed ones and refuses other settings, see ``setting.json``); a sample whose
+video is missing or unreadable (:class:`~namm_transfer.pipelines.video_io.VideoReadError`) becomes a
+failed row with the error and the run goes on; ``summary.md`` / ``summary.json`` (command, git
+revision, the budget); TensorBoard logs and layer x frame retention heatmaps (PNG) of the first
+``heatmaps`` samples of each policy under ``heatmaps/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from namm_transfer.pipelines.common import (
+    log,
+    markdown_table,
+    parse_dtype,
+    run_metadata,
+    set_threads,
+    write_json,
+)
+
+ROWS_NAME, SUMMARY_NAME, SETTING_NAME = "rows.jsonl", "summary", "setting.json"
+FULL, NAMM_NAME, UNIFORM = "FullCache", "NAMM", "UniformFrames"
+TOKEN_BASELINES = ("Recency", "H2O", "L2Norm", "RandomEviction")
+POLICIES = (FULL, NAMM_NAME, *TOKEN_BASELINES, UNIFORM)
+FORMATS = ("auto", "mlvu", "longvideobench", "jsonl")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+POST_PROMPT = "Answer with the option's letter from the given choices directly."
+
+
+# -------------------------------------------------------------------------------------------------
+# samples and annotation formats
+
+
+@dataclass
+class VideoQASample:
+    """One multiple-choice question about one video, whatever the annotation format.
+
+    Attributes:
+        sample_id: unique within the annotation set (rows are keyed by it).
+        video: the video as the annotation names it.
+        video_path: where it is read from (resolved against the videos folder; may not exist).
+        question: the question text.
+        options: the candidate answers, in order (option ``i`` is letter ``"ABC..."[i]``).
+        answer: the gold option letter.
+        task_type: the benchmark's task / question category (accuracy is also reported per type).
+        meta: everything else the annotation carries (duration, split, seed, ...).
+    """
+
+    sample_id: str
+    video: str
+    video_path: str
+    question: str
+    options: list[str]
+    answer: str
+    task_type: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 2 <= len(self.options) <= len(LETTERS):
+            raise ValueError(f"sample {self.sample_id}: need 2..26 options, got {len(self.options)}")
+        if self.answer not in LETTERS[: len(self.options)]:
+            raise ValueError(
+                f"sample {self.sample_id}: answer {self.answer!r} is not one of the option letters "
+                f"{LETTERS[: len(self.options)]}"
+            )
+
+    @property
+    def answer_index(self) -> int:
+        return LETTERS.index(self.answer)
+
+    def content(self) -> tuple:
+        """What the question is, independent of the annotation format (video, question, options,
+        answer, task type)."""
+        return (self.video, self.question, tuple(self.options), self.answer, self.task_type)
+
+
+def _read_json_list(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):  # some copies wrap the list, e.g. {"data": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise ValueError(f"{path}: expected a JSON list of questions")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
+        raise ValueError(f"{path}: expected a JSON list of question objects")
+    return data
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+    return entries
+
+
+def detect_format(path: str | Path) -> str:
+    """``"mlvu"``, ``"longvideobench"`` or ``"jsonl"`` for an annotation file or folder."""
+    path = Path(path)
+    if path.is_dir():
+        return "mlvu"
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    entries = _read_json_list(path)
+    keys = set(entries[0]) if entries else set()
+    if "correct_choice" in keys:
+        return "longvideobench"
+    if "candidates" in keys:
+        return "mlvu"
+    if "options" in keys:
+        return "jsonl"  # the generic fields, as a JSON list
+    raise ValueError(
+        f"{path}: cannot tell the annotation format from the keys {sorted(keys)}; pass format= one of "
+        f"{FORMATS[1:]}"
+    )
+
+
+def _resolve(videos: Path, candidates: Sequence[str]) -> str:
+    """The first candidate (relative to ``videos``) that exists, else the first (read fails there)."""
+    for name in candidates:
+        if (videos / name).is_file():
+            return str(videos / name)
+    return str(videos / candidates[0])
+
+
+def _mlvu_task(stem: str) -> str:
+    return re.sub(r"^\d+_", "", stem)
+
+
+def _load_mlvu(path: Path, videos: str | None) -> list[VideoQASample]:
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path}: no MLVU *.json annotation files")
+    json_dir = path if path.is_dir() else path.parent
+    root = Path(videos) if videos else json_dir.parent / "video"
+    samples = []
+    for file in files:
+        for i, entry in enumerate(_read_json_list(file)):
+            if "candidates" not in entry:  # open-ended generation tasks (sub-scene captioning, summary)
+                continue
+            candidates = [str(c) for c in entry["candidates"]]
+            answer = str(entry["answer"])
+            if answer not in candidates:
+                raise ValueError(f"{file} entry {i}: answer {answer!r} is not one of its candidates")
+            task = str(entry.get("question_type") or _mlvu_task(file.stem))
+            video = str(entry["video"])
+            meta = {k: v for k, v in entry.items()
+                    if k not in ("video", "question", "candidates", "answer", "question_type")}
+            samples.append(VideoQASample(
+                sample_id=f"{file.stem}:{i}",
+                video=video,
+                video_path=_resolve(root, [f"{file.stem}/{video}", f"{task}/{video}", video]),
+                question=str(entry["question"]),
+                options=candidates,
+                answer=LETTERS[candidates.index(answer)],
+                task_type=task,
+                meta=meta,
+            ))
+    return samples
+
+
+def _load_longvideobench(path: Path, videos: str | None) -> list[VideoQASample]:
+    root = Path(videos) if videos else path.parent / "videos"
+    samples = []
+    for i, entry in enumerate(_read_json_list(path)):
+        if "correct_choice" not in entry:
+            raise ValueError(f"{path} entry {i}: no correct_choice (the test split has no answers)")
+        candidates = [str(c) for c in entry["candidates"]]
+        choice = int(entry["correct_choice"])
+        if not 0 <= choice < len(candidates):
+            raise ValueError(
+                f"{path} entry {i}: correct_choice {choice} outside its {len(candidates)} candidates"
+            )
+        video = str(entry["video_path"])
+        meta = {k: v for k, v in entry.items()
+                if k not in ("video_path", "question", "candidates", "correct_choice", "question_category")}
+        samples.append(VideoQASample(
+            sample_id=str(entry.get("id", f"{path.stem}:{i}")),
+            video=video,
+            video_path=_resolve(root, [video]),
+            question=str(entry["question"]),
+            options=candidates,
+            answer=LETTERS[choice],
+            task_type=str(entry.get("question_category", "all")),
+            meta=meta,
+        ))
+    return samples
+
+
+def _load_generic(path: Path, videos: str | None) -> list[VideoQASample]:
+    root = Path(videos) if videos else path.parent
+    entries = _read_jsonl(path) if path.suffix == ".jsonl" else _read_json_list(path)
+    samples = []
+    for i, entry in enumerate(entries):
+        missing = [k for k in ("video", "question", "options", "answer") if k not in entry]
+        if missing:
+            raise ValueError(f"{path} entry {i}: missing {missing} (generic format: see eval_video's doc)")
+        video = str(entry["video"])
+        meta = {k: v for k, v in entry.items()
+                if k not in ("id", "video", "question", "options", "answer", "task_type")}
+        samples.append(VideoQASample(
+            sample_id=str(entry.get("id", f"{path.stem}:{i}")),
+            video=video,
+            video_path=_resolve(root, [video] if videos else [video, f"videos/{video}"]),
+            question=str(entry["question"]),
+            options=[str(o) for o in entry["options"]],
+            answer=str(entry["answer"]).strip().upper(),
+            task_type=str(entry.get("task_type", "all")),
+            meta=meta,
+        ))
+    return samples
+
+
+def load_annotations(
+    path: str | Path, videos: str | None = None, format: str = "auto"
+) -> list[VideoQASample]:
+    """Read multiple-choice video-QA annotations (MLVU, LongVideoBench or generic JSONL; see the module
+    doc) into :class:`VideoQASample` objects, video paths resolved against ``videos``.
+
+    Raises:
+        ValueError: unknown format, malformed entries, or two samples with the same id.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no annotation file or folder {path}")
+    if format not in FORMATS:
+        raise ValueError(f"unknown annotation format {format!r}; choose from {FORMATS}")
+    kind = detect_format(path) if format == "auto" else format
+    loader = {"mlvu": _load_mlvu, "longvideobench": _load_longvideobench, "jsonl": _load_generic}[kind]
+    samples = loader(path, videos)
+    seen: set[str] = set()
+    for s in samples:
+        if s.sample_id in seen:
+            raise ValueError(f"{path}: two samples have the id {s.sample_id!r}; ids must be unique")
+        seen.add(s.sample_id)
+    return samples
+
+
+# -------------------------------------------------------------------------------------------------
+# prompts and scoring
+
+
+def format_question(sample: VideoQASample, post_prompt: str = POST_PROMPT) -> str:
+    """The question with lettered options, one a line (``A. ...``), then ``post_prompt`` (the
+    lmms-eval / LongVideoBench multiple-choice convention)."""
+    lines = [sample.question.strip()]
+    lines += [f"{LETTERS[i]}. {option}" for i, option in enumerate(sample.options)]
+    if post_prompt:
+        lines.append(post_prompt)
+    return "\n".join(lines)
+
+
+def extract_option_letter(text: str, n_options: int = 4, options: Sequence[str] | None = None) -> str | None:
+    """The option letter a model's answer names, or None.
+
+    Tried in order: a capital letter at the start (``"B"``, ``"B."``, ``"(B)"``, ``"[B]"``, ``"B) ..."``)
+    or a lone lower-case one (``"b"``, ``"(b)"``); a letter after "answer" / "option" / "choice"
+    (``"The answer is C"``, ``"Answer: (c)"``, ``"Best option: D"``); a capital in parentheses anywhere;
+    a capital standing alone before ``.``, ``)``, ``:`` or the end; the text of exactly one option (when
+    ``options`` are given). Only the first ``n_options`` letters count.
+    """
+    if not text:
+        return None
+    valid = LETTERS[:n_options]
+    body = text.strip().strip("*\"'` ")
+    patterns = (
+        r"^[\(\[]?([A-Z])(?:[\)\]\.:,]|\s|$)",
+        r"^[\(\[]?([a-z])[\)\]\.]?$",
+        r"^[\(\[]([a-z])[\)\]]",
+        r"(?i:answer|option|choice)s?\s*(?:is|would be|should be)?\s*[:\-]?\s*"
+        r"(?:[\(\[]\s*([A-Za-z])\s*[\)\]]|([A-Z])(?![A-Za-z])|([a-z])(?=\s*[\.\)]?\s*$))",
+        r"[\(\[]([A-Z])[\)\]]",
+        r"(?<![A-Za-z'])([A-Z])(?=[\.\):]|\s*$)",
+    )
+    for pattern in patterns:
+        for match in re.finditer(pattern, body):
+            letter = next(g for g in match.groups() if g is not None).upper()
+            if letter in valid:
+                return letter
+    if options:
+        lowered = body.lower()
+        hits = [i for i, o in enumerate(options[:n_options]) if o.strip() and o.strip().lower() in lowered]
+        if len(hits) == 1:
+            return valid[hits[0]]
+    return None
+
+
+# -------------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class VideoModel:
+    """A LLaVA video model ready for evaluation.
+
+    Attributes:
+        model: the ``...ForConditionalGeneration`` model (eval mode, on its device).
+        tokenizer: its tokenizer (``__call__`` and ``decode``).
+        preprocessor: frames -> ``pixel_values_videos`` (default: the family's, at the tower's size).
+        format_question: sample -> the user question text (default :func:`format_question`); a model
+            trained with another prompt format brings its own.
+        prompt_builder: sample -> the whole prompt with one ``<video>`` placeholder (overrides
+            ``format_question``, ``answer_prefix`` and ``system``).
+        answer_prefix: appended after the assistant marker (see ``video_io.build_prompt``).
+        system: optional system prompt.
+        num_frames: frames per video the model was trained with (the default of ``num_frames``).
+    """
+
+    model: Any
+    tokenizer: Any
+    preprocessor: Any = None
+    format_question: Callable[[VideoQASample], str] | None = None
+    prompt_builder: Callable[[VideoQASample], str] | None = None
+    answer_prefix: str | None = None
+    system: str | None = None
+    num_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        from namm_transfer.pipelines.video_io import VideoPreprocessor
+
+        if self.preprocessor is None:
+            self.preprocessor = VideoPreprocessor.for_model(self.model)
+
+
+def as_video_model(loaded: Any) -> VideoModel:
+    """A loader's result as a :class:`VideoModel`: a VideoModel, a ``(model, tokenizer[, preprocessor])``
+    tuple, a dict with those keys, or an object with ``model`` and ``tokenizer`` attributes."""
+    if isinstance(loaded, VideoModel):
+        return loaded
+    if isinstance(loaded, (tuple, list)):
+        return VideoModel(*loaded)
+    if isinstance(loaded, dict):
+        known = {f.name for f in dataclasses.fields(VideoModel)}
+        return VideoModel(**{k: v for k, v in loaded.items() if k in known})
+    if hasattr(loaded, "model") and hasattr(loaded, "tokenizer"):
+        names = [f.name for f in dataclasses.fields(VideoModel)][2:]
+        extra = {k: getattr(loaded, k) for k in names if getattr(loaded, k, None) is not None}
+        return VideoModel(loaded.model, loaded.tokenizer, **extra)
+    raise TypeError(
+        f"a video model loader returned {type(loaded).__name__}; expected a VideoModel, a (model, tokenizer) "
+        "tuple, a dict or an object with .model and .tokenizer"
+    )
+
+
+def load_model_dir(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> VideoModel:
+    """A LLaVA video model directory (``config.json`` + weights + tokenizer files), offline.
+
+    Frames are prepared as its ``video_preprocessor_config.json`` / ``preprocessor_config.json`` says
+    when it has one, else with the family's defaults at the vision tower's size.
+    """
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from namm_transfer.pipelines.video_io import VideoPreprocessor
+
+    path = Path(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    preprocessor = None
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        if (path / name).is_file():
+            settings = json.loads((path / name).read_text())
+            preprocessor = VideoPreprocessor.from_dict(model.config.model_type, settings)
+            break
+    return VideoModel(model, tokenizer, preprocessor)
+
+
+def _call_loader(loader: Callable, source: str, device: str, dtype: torch.dtype) -> Any:
+    """Call ``loader(source, device=..., dtype=...)``, passing only the keywords it accepts."""
+    try:
+        params = inspect.signature(loader).parameters
+    except (TypeError, ValueError):
+        params = {}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if accepts_any or k in params}
+    return loader(source, **kwargs)
+
+
+def import_loader(spec: str) -> Callable:
+    """``"package.module:function"`` (or ``package.module.function``) -> the function."""
+    module, _, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if not module or not name:
+        raise ValueError(f"a loader must look like 'package.module:function', got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_trained_video_model(source: str, device: str = "cpu",
+                             dtype: torch.dtype = torch.float32) -> VideoModel | None:
+    """A video model written by ``train-video-model`` (a shipped short name or its directory) with the
+    frame count, preprocessing and prompt builder of its ``video_model.json``; None if ``source`` is not
+    one (or that module is not installed)."""
+    from namm_transfer.pipelines.video_io import VideoPreprocessor
+
+    try:
+        from namm_transfer.pipelines import video_models
+    except ImportError:
+        return None
+    try:
+        directory = video_models.video_model_dir(source)
+    except FileNotFoundError:
+        return None
+    meta = video_models.video_model_meta(directory)
+    model, tokenizer = video_models.load_video_model(directory, device=device, dtype=dtype)
+    preprocessor = None
+    if meta.get("preprocessing"):
+        known = {f.name for f in dataclasses.fields(VideoPreprocessor)}
+        settings = {k: v for k, v in meta["preprocessing"].items() if k in known}
+        for key in ("image_mean", "image_std"):
+            if key in settings:
+                settings[key] = tuple(settings[key])
+        preprocessor = VideoPreprocessor(**settings)
+    prompt_builder = None
+    builder = (meta.get("prompt") or {}).get("builder")
+    if builder:
+        build = import_loader(builder)
+        family = model.config.model_type
+
+        def prompt_builder(sample: VideoQASample) -> str:
+            return build({"question": sample.question, "options": sample.options}, family)
+
+    return VideoModel(model, tokenizer, preprocessor, prompt_builder=prompt_builder,
+                      num_frames=meta.get("num_frames"))
+
+
+def load_video_model(source: str, loader: Callable | str | None = None, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> VideoModel:
+    """The model to evaluate, the first of: ``loader(source)`` when a loader is given; a video model
+    trained by ``train-video-model`` (:func:`load_trained_video_model`); a ``from_pretrained`` directory
+    (:func:`load_model_dir`).
+
+    Raises:
+        ValueError: ``source`` is none of these and no loader was given.
+    """
+    if isinstance(loader, str):
+        loader = import_loader(loader)
+    if loader is not None:
+        video_model = as_video_model(_call_loader(loader, source, device, dtype))
+    else:
+        video_model = load_trained_video_model(source, device, dtype)
+        if video_model is None and Path(source).is_dir():
+            video_model = load_model_dir(source, device, dtype)
+        if video_model is None:
+            raise ValueError(
+                f"{source!r} is neither a from_pretrained model directory nor a video model trained by "
+                "train-video-model; pass one, or --loader package.module:function"
+            )
+    video_model.model.to(device=device, dtype=dtype).eval()
+    return video_model
+
+
+# -------------------------------------------------------------------------------------------------
+# one sample under one policy
+
+
+@dataclass
+class EvalVideoConfig:
+    """Settings of :func:`run_eval_video`.
+
+    Attributes:
+        annotations: an MLVU JSON file or ``json`` folder, LongVideoBench's ``lvb_val.json``, or a generic
+            JSONL file.
+        videos: the videos folder (default: per format, see the module doc).
+        format: ``auto``, ``mlvu``, ``longvideobench`` or ``jsonl``.
+        model: a LLaVA video model directory, or a name the loader understands.
+        loader: ``package.module:function`` returning ``(model, tokenizer)`` or a ``VideoModel``
+            (default: ``from_pretrained`` on the directory).
+        namm: a shipped NAMM's short name, a directory or a Hub id.
+        update_every: tokens between policy updates (NAMM and baselines) and the prefill chunk.
+        num_frames: frames sampled uniformly from each video (None: the frame count the model was
+            trained with when it says, else 32).
+        policies: which of :data:`POLICIES` to run (the baselines need the NAMM's rows).
+        limit: evaluate only the first ``limit`` samples (None: all).
+        max_new_tokens: greedy generation length.
+        post_prompt: line after the options (default: answer with the letter).
+        answer_prefix: text after the assistant marker, e.g. ``"Best option: ("``.
+        exact_output: attach with ``exact_output=True`` (a keep-all policy reproduces the full cache bit
+            for bit; one more attention product per layer).
+        heatmaps: retention heatmaps (PNG + TensorBoard) for the first this many samples per policy.
+        seed: RandomEviction's seed.
+        output_dir: rows.jsonl, summary (.md, .json), heatmaps/, tensorboard/.
+        device, dtype, threads: model placement.
+    """
+
+    annotations: str = ""
+    videos: str | None = None
+    format: str = "auto"
+    model: str | None = None
+    loader: str | None = None
+    namm: str = "smollm2-text"
+    update_every: int = 256
+    num_frames: int | None = None
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    limit: int | None = None
+    max_new_tokens: int = 8
+    post_prompt: str = POST_PROMPT
+    answer_prefix: str = ""
+    exact_output: bool = False
+    heatmaps: int = 3
+    seed: int = 0
+    output_dir: str = "runs/eval_video"
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.policies) - set(POLICIES))
+        if unknown:
+            raise ValueError(f"unknown policies {unknown}; choose from {list(POLICIES)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown annotation format {self.format!r}; choose from {FORMATS}")
+        if self.update_every < 1 or self.max_new_tokens < 1 or (self.num_frames or 1) < 1:
+            raise ValueError("update_every, num_frames and max_new_tokens must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+
+
+def prompt_ids(video_model: VideoModel, sample: VideoQASample, num_frames: int, post_prompt: str,
+               answer_prefix: str) -> list[int]:
+    """The sample's prompt with the family's chat format and its run of video tokens."""
+    from namm_transfer.adapters import video_layout
+    from namm_transfer.pipelines.video_io import build_prompt, encode_video_prompt
+
+    model = video_model.model
+    layout = video_layout(model)
+    if video_model.prompt_builder is not None:
+        text = video_model.prompt_builder(sample)
+    else:
+        question = (video_model.format_question(sample) if video_model.format_question is not None
+                    else format_question(sample, post_prompt))
+        prefix = video_model.answer_prefix if video_model.answer_prefix is not None else answer_prefix
+        text = build_prompt(model.config.model_type, question, system=video_model.system,
+                            answer_prefix=prefix)
+    return encode_video_prompt(video_model.tokenizer, text, layout, num_frames)
+
+
+def _kept_video(retention: np.ndarray, tokens_per_frame: int) -> tuple[float, float]:
+    """Mean over layers of the video tokens still cached, and of the frames with any token cached."""
+    retention = np.nan_to_num(np.asarray(retention, dtype=np.float64), nan=0.0)
+    tokens = float((retention.sum(axis=1) * tokens_per_frame).mean())
+    frames = float((retention > 0).sum(axis=1).mean())
+    return tokens, frames
+
+
+@torch.no_grad()
+def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_frames: int, chunk: int,
+                    max_new_tokens: int, post_prompt: str = POST_PROMPT, answer_prefix: str = "",
+                    frame_subset: int | None = None, exact_output: bool = False) -> tuple[dict, np.ndarray]:
+    """Answer one sample under one policy.
+
+    Reads ``num_frames`` frames uniformly; with ``frame_subset = k`` keeps a uniform subset of ``k`` of
+    them (the frame-level baseline). Returns the row (without ``policy``) and the ``[layers,
+    num_frames]`` retention (a dropped frame's column is 0).
+
+    Raises:
+        VideoReadError: the video is missing or cannot be decoded.
+    """
+    from namm_transfer.adapters import attach, frame_map, video_layout
+    from namm_transfer.pipelines.video_io import read_frames, uniform_indices
+
+    model, tokenizer = video_model.model, video_model.tokenizer
+    layout = video_layout(model)
+    start = time.perf_counter()
+    frames = read_frames(sample.video_path, num_frames=num_frames)
+    chosen = np.arange(num_frames)
+    if frame_subset is not None and frame_subset < num_frames:
+        chosen = uniform_indices(num_frames, frame_subset)
+        frames = frames[chosen]
+    n_frames = len(frames)
+    pixels = video_model.preprocessor(frames)[None].to(device=model.device, dtype=model.dtype)
+    ids = torch.tensor([prompt_ids(video_model, sample, n_frames, post_prompt, answer_prefix)],
+                       device=model.device)
+    prepared = time.perf_counter()
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    with attach(model, policy, prefill_chunk=chunk, exact_output=exact_output) as handle:
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels,
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+        )
+        stats = handle.stats()
+        retention = handle.frame_retention(frame_map(ids.cpu(), layout))
+    generated = time.perf_counter()
+    text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
+    predicted = extract_option_letter(text, len(sample.options), sample.options)
+    full_retention = np.zeros((retention.shape[0], num_frames))
+    full_retention[:, chosen] = np.nan_to_num(retention[:, :n_frames], nan=0.0)
+    kept_tokens, kept_frames = _kept_video(retention[:, :n_frames], layout.tokens_per_frame)
+    frame_tokens = num_frames * layout.tokens_per_frame  # OneVision's newline belongs to no frame
+    row = {
+        "sample_id": sample.sample_id,
+        "task_type": sample.task_type,
+        "video": sample.video,
+        "answer": sample.answer,
+        "output": text,
+        "predicted": predicted,
+        "correct": predicted == sample.answer,
+        "failed": False,
+        "frames": n_frames,
+        "frame_indices": chosen.tolist(),
+        "prompt_tokens": int(ids.shape[1]),
+        "video_tokens": layout.video_tokens(n_frames),
+        "kept_video_tokens": kept_tokens,
+        "kept_video_fraction": kept_tokens / frame_tokens,
+        "kept_frames": kept_frames,
+        "frame_retention": full_retention.mean(axis=0).tolist(),
+        "kept_fraction": stats["kept_fraction"],
+        "kept_per_layer": [float(np.mean(layer)) for layer in stats["kept_tokens_per_layer"]],
+        "since_update": stats["tokens_since_update_per_layer"],
+        "stored_kv_bytes": int(stats["stored_kv_bytes"]),
+        "full_kv_bytes": int(stats["full_kv_bytes"]),
+        "evictions": int(stats["evictions"]),
+        "nonfinite": int(stats["nonfinite"]),
+        "prepare_seconds": prepared - start,
+        "generate_seconds": generated - prepared,
+        "seconds": time.perf_counter() - start,
+    }
+    return row, full_retention
+
+
+# -------------------------------------------------------------------------------------------------
+# budgets, rows, summary
+
+
+def namm_budget(rows: list[dict[str, Any]]) -> list[int]:
+    """Per-layer budget for the token baselines: the NAMM's kept tokens per layer at the end of each
+    sample, less the tokens added since its last update, averaged over its successful samples."""
+    ok = [r for r in rows if not r.get("failed")]
+    if not ok:
+        raise ValueError("the NAMM has no successful sample to measure its budget on")
+    kept = np.array([r["kept_per_layer"] for r in ok], dtype=np.float64)
+    fresh = np.array([r["since_update"] for r in ok], dtype=np.float64)
+    return [max(1, int(round(v))) for v in (kept - fresh).mean(axis=0)]
+
+
+def uniform_frame_count(rows: list[dict[str, Any]], tokens_per_frame: int, num_frames: int) -> int:
+    """Frames for the frame-level baseline: the NAMM's mean kept video tokens in whole frames
+    (rounded, between 1 and ``num_frames``)."""
+    ok = [r for r in rows if not r.get("failed")]
+    if not ok:
+        raise ValueError("the NAMM has no successful sample to measure its kept video tokens on")
+    tokens = float(np.mean([r["kept_video_tokens"] for r in ok]))
+    return int(min(num_frames, max(1, round(tokens / tokens_per_frame))))
+
+
+def make_policy(name: str, namm, budget: list[int] | None, every: int, seed: int):
+    """The policy object of ``name`` (UniformFrames is a full cache on fewer frames)."""
+    from namm_transfer.policies import H2O, FullCache, L2Norm, RandomEviction, Recency
+
+    if name in (FULL, UNIFORM):
+        return FullCache()
+    if name == NAMM_NAME:
+        return namm
+    if budget is None:
+        raise ValueError(f"{name} needs the NAMM's budget: run the NAMM policy first")
+    return {
+        "Recency": lambda: Recency(budget, update_every=every),
+        "H2O": lambda: H2O(budget, update_every=every),
+        "L2Norm": lambda: L2Norm(budget, update_every=every),
+        "RandomEviction": lambda: RandomEviction(budget, seed=seed, update_every=every),
+    }[name]()
+
+
+def with_cadence(namm, update_every: int):
+    """``namm`` with its update cadence (and query window) set to ``update_every`` tokens."""
+    from namm_transfer import NAMM
+
+    config = dataclasses.replace(namm.config, update_every=update_every)
+    return NAMM(config, namm.params, namm.norm_mean, namm.norm_var)
+
+
+def _load_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last row of each (policy, sample): a retried failure replaces the failed row."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        latest[(row["policy"], row["sample_id"])] = row
+    return list(latest.values())
+
+
+def _setting(cfg: EvalVideoConfig) -> dict[str, Any]:
+    return {"annotations": str(cfg.annotations), "videos": cfg.videos, "format": cfg.format,
+            "model": str(cfg.model), "loader": cfg.loader, "namm": str(cfg.namm),
+            "update_every": cfg.update_every, "num_frames": cfg.num_frames, "limit": cfg.limit,
+            "max_new_tokens": cfg.max_new_tokens, "post_prompt": cfg.post_prompt,
+            "answer_prefix": cfg.answer_prefix, "exact_output": cfg.exact_output, "seed": cfg.seed,
+            "dtype": cfg.dtype}
+
+
+def _check_same_setting(out_dir: Path, setting: dict[str, Any]) -> None:
+    """Rows are resumed only under the same annotations, model, NAMM, cadence, frames and prompt."""
+    path = out_dir / SETTING_NAME
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != setting:
+            changed = sorted(k for k in set(before) | set(setting) if before.get(k) != setting.get(k))
+            raise ValueError(
+                f"{out_dir} holds results for another setting (differs in {changed}: {before} vs "
+                f"{setting}): use another --output-dir (or delete it) rather than mixing the two in one table"
+            )
+    else:
+        write_json(path, setting)
+
+
+def _mean_se(values) -> tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    se = values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else 0.0
+    return float(values.mean()), float(se)
+
+
+def summarise(rows: list[dict[str, Any]], task_types: list[str]) -> dict[str, dict[str, Any]]:
+    """Per policy (in :data:`POLICIES` order): accuracy (± standard error) overall and per task type,
+    failures, kept video tokens / frames, stored KV MiB and seconds per sample (successful samples)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name in [p for p in POLICIES if any(r["policy"] == p for r in rows)]:
+        mine = [r for r in rows if r["policy"] == name]
+        ok = [r for r in mine if not r.get("failed")]
+        acc, se = _mean_se([float(r["correct"]) for r in ok])
+        per_task = {}
+        for task in task_types:
+            scores = [float(r["correct"]) for r in ok if r["task_type"] == task]
+            per_task[task] = {"accuracy": _mean_se(scores)[0], "n": len(scores)}
+
+        def mean(key, rows=ok):
+            return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+
+        summary[name] = {
+            "samples": len(mine),
+            "failed": len(mine) - len(ok),
+            "accuracy": acc,
+            "accuracy_se": se,
+            "per_task": per_task,
+            "frames": mean("frames"),
+            "kept_video_tokens": mean("kept_video_tokens"),
+            "kept_video_fraction": mean("kept_video_fraction"),
+            "kept_frames": mean("kept_frames"),
+            "kept_fraction": mean("kept_fraction"),
+            "stored_kv_mib": mean("stored_kv_bytes") / 2**20,
+            "seconds_per_sample": mean("seconds"),
+            "generate_seconds_per_sample": mean("generate_seconds"),
+            "unanswered": sum(1 for r in ok if r.get("predicted") is None),
+        }
+    return summary
+
+
+def summary_tables(summary: dict[str, dict[str, Any]], task_types: list[str]) -> tuple[str, str]:
+    """The main table (one row per policy) and the per-task-type accuracy table."""
+    main = markdown_table(
+        ["policy", "accuracy", "video tokens kept", "share of video tokens", "frames kept", "frames fed",
+         "KV MiB", "s / sample", "failed"],
+        [[name,
+          f"{s['accuracy']:.3f} ± {s['accuracy_se']:.3f}",
+          f"{s['kept_video_tokens']:.0f}",
+          f"{s['kept_video_fraction']:.3f}",
+          f"{s['kept_frames']:.1f}",
+          f"{s['frames']:.0f}",
+          f"{s['stored_kv_mib']:.2f}",
+          f"{s['seconds_per_sample']:.2f}",
+          str(s["failed"])] for name, s in summary.items()],
+    )
+    per_task = markdown_table(
+        ["policy", *task_types],
+        [[name, *(f"{s['per_task'][t]['accuracy']:.3f} (n={s['per_task'][t]['n']})" for t in task_types)]
+         for name, s in summary.items()],
+    )
+    return main, per_task
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80]
+
+
+# -------------------------------------------------------------------------------------------------
+# entry point
+
+
+def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: Callable | None = None,
+                   namm=None) -> dict[str, dict[str, Any]]:
+    """Evaluate every policy of ``cfg.policies`` on the annotations; returns the summary per policy.
+
+    ``loader`` (a callable, overriding ``cfg.loader``) and ``namm`` (a NAMM object, overriding
+    ``cfg.namm``; its cadence is still set to ``cfg.update_every``) serve Python callers and tests.
+    """
+    from tqdm.auto import tqdm
+
+    from namm_transfer.adapters import save_retention_heatmap, video_layout
+    from namm_transfer.pipelines.video_io import VideoReadError
+
+    if not cfg.annotations:
+        raise ValueError("pass the annotations (--annotations): an MLVU JSON / folder, lvb_val.json or JSONL")
+    if cfg.model is None and loader is None and cfg.loader is None:
+        raise ValueError("pass the model (--model): a LLaVA video model directory or a loader's name")
+    set_threads(cfg.threads)
+    samples = load_annotations(cfg.annotations, cfg.videos, cfg.format)
+    if cfg.limit is not None:
+        samples = samples[: cfg.limit]
+    if not samples:
+        raise ValueError(f"{cfg.annotations}: no multiple-choice samples")
+    task_types = list(dict.fromkeys(s.task_type for s in samples))
+    log(f"{len(samples)} samples, task types: {', '.join(task_types)}")
+    video_model = load_video_model(cfg.model or "", loader if loader is not None else cfg.loader,
+                                   cfg.device, parse_dtype(cfg.dtype))
+    layout = video_layout(video_model.model)
+    if cfg.num_frames is None:  # the model's own frame count
+        cfg = dataclasses.replace(cfg, num_frames=video_model.num_frames or 32)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setting = _setting(cfg)
+    _check_same_setting(out_dir, setting)
+
+    rows_path = out_dir / ROWS_NAME
+    rows = latest_rows(_load_rows(rows_path))
+    if rows:
+        log(f"resuming: {len(rows)} rows already in {rows_path} (failed ones are retried)")
+    done = {(r["policy"], r["sample_id"]) for r in rows if not r.get("failed")}
+    writer = _tensorboard(out_dir)
+    if namm is None and any(p != FULL for p in cfg.policies):
+        from namm_transfer import NAMM
+
+        namm = NAMM.from_pretrained(cfg.namm)
+    if namm is not None:
+        namm = with_cadence(namm, cfg.update_every)
+
+    budget, frames_k = None, None
+    order = [p for p in POLICIES if p in cfg.policies]
+    ids = {s.sample_id for s in samples}
+    for name in order:
+        if name in (*TOKEN_BASELINES, UNIFORM) and budget is None:
+            namm_rows = [r for r in rows if r["policy"] == NAMM_NAME and r["sample_id"] in ids]
+            if len(namm_rows) < len(samples):
+                raise ValueError(f"{name} needs the NAMM's budget: include NAMM in --policies")
+            budget = namm_budget(namm_rows)
+            frames_k = uniform_frame_count(namm_rows, layout.tokens_per_frame, cfg.num_frames)
+            log(f"baseline budget per layer (the NAMM's kept tokens less those added since its last "
+                f"update): {budget}; uniform frames: {frames_k} of {cfg.num_frames}")
+        policy = make_policy(name, namm, budget, cfg.update_every, cfg.seed)
+        todo = [(i, s) for i, s in enumerate(samples) if (name, s.sample_id) not in done]
+        if not todo:
+            log(f"{name}: all {len(samples)} samples already done")
+        for index, sample in tqdm(todo, desc=name, unit="sample"):
+            start = time.perf_counter()
+            try:
+                row, retention = evaluate_sample(
+                    video_model, sample, policy, cfg.num_frames, cfg.update_every, cfg.max_new_tokens,
+                    cfg.post_prompt, cfg.answer_prefix, frames_k if name == UNIFORM else None,
+                    cfg.exact_output,
+                )
+            except VideoReadError as error:
+                log(f"{name}: sample {sample.sample_id} failed: {error}")
+                row, retention = {
+                    "sample_id": sample.sample_id, "task_type": sample.task_type, "video": sample.video,
+                    "answer": sample.answer, "failed": True, "error": str(error),
+                    "seconds": time.perf_counter() - start,
+                }, None
+            row = {"policy": name, **row}
+            if name in TOKEN_BASELINES:
+                row["budget"] = budget
+            rows = [r for r in rows if (r["policy"], r["sample_id"]) != (name, sample.sample_id)] + [row]
+            with open(rows_path, "a") as f:  # incremental: a kill loses at most this sample
+                f.write(json.dumps(row) + "\n")
+            if writer is not None and not row["failed"]:
+                writer.add_scalar(f"correct/{name}", float(row["correct"]), index)
+                writer.add_scalar(f"kept_video_tokens/{name}", row["kept_video_tokens"], index)
+            if retention is not None and index < cfg.heatmaps:
+                title = f"{name}: {sample.sample_id} ({sample.task_type})"
+                png = out_dir / "heatmaps" / f"{name}_{index}_{_safe(sample.sample_id)}.png"
+                save_retention_heatmap(retention, png, title)
+                if writer is not None:  # the same picture, not drawn twice
+                    from PIL import Image
+
+                    image = np.asarray(Image.open(png).convert("RGB"))
+                    writer.add_image(f"retention/{name}/{index}", image, 0, dataformats="HWC")
+        mine = [r for r in rows if r["policy"] == name and r["sample_id"] in ids and not r.get("failed")]
+        if mine:
+            kept = np.mean([r["kept_video_tokens"] for r in mine])
+            log(f"{name}: accuracy {np.mean([r['correct'] for r in mine]):.3f}, kept video tokens "
+                f"{kept:.0f} of {cfg.num_frames * layout.tokens_per_frame}")
+
+    selected = [r for r in rows if r["policy"] in cfg.policies and r["sample_id"] in ids]
+    summary = summarise(selected, task_types)
+    namm_rows = [r for r in rows if r["policy"] == NAMM_NAME and r["sample_id"] in ids]
+    if budget is None and len(namm_rows) >= len(samples) and any(not r.get("failed") for r in namm_rows):
+        budget = namm_budget(namm_rows)
+        frames_k = uniform_frame_count(namm_rows, layout.tokens_per_frame, cfg.num_frames)
+    if writer is not None:
+        for name, s in summary.items():
+            for key in ("accuracy", "kept_video_tokens", "kept_frames", "stored_kv_mib",
+                        "seconds_per_sample"):
+                writer.add_scalar(f"summary/{name}/{key}", s[key], 0)
+        writer.close()
+    meta = run_metadata(argv)
+    main_table, task_table = summary_tables(summary, task_types)
+    write_json(out_dir / f"{SUMMARY_NAME}.json", {
+        "config": asdict(cfg), "setting": setting, "meta": meta, "budget": budget,
+        "uniform_frames": frames_k, "tokens_per_frame": layout.tokens_per_frame,
+        "video_tokens": layout.video_tokens(cfg.num_frames), "task_types": task_types, "summary": summary,
+    })
+    (out_dir / f"{SUMMARY_NAME}.md").write_text(
+        f"# Video QA: {cfg.annotations}\n\n"
+        f"- command: `{meta['command']}`\n- date: {meta['date']}, git {meta['git_revision']}\n"
+        f"- model: {cfg.model} ({video_model.model.config.model_type}, {layout.tokens_per_frame} tokens per "
+        f"frame), {cfg.num_frames} frames per video = {layout.video_tokens(cfg.num_frames)} video tokens\n"
+        f"- samples: {len(samples)} ({', '.join(task_types)})\n"
+        f"- NAMM: {cfg.namm}, zero-shot, update every {cfg.update_every} tokens (also the prefill chunk of "
+        f"every policy)\n"
+        f"- token baselines' per-layer budget: {budget}; UniformFrames: {frames_k} of {cfg.num_frames} "
+        f"frames\n\n"
+        "Accuracy: option letter extracted from the greedy answer, ± standard error over samples (failed "
+        "samples excluded and counted apart). Video tokens / frames kept: at the end of generation, mean "
+        "over layers and KV heads (a frame counts as kept while any of its tokens is cached); share of "
+        "video tokens = kept / the full video's tokens. KV MiB: keys and values stored at the end. "
+        "s / sample: wall time per sample, video decoding included.\n\n"
+        + main_table + "\n\nAccuracy per task type:\n\n" + task_table + "\n"
+    )
+    print(main_table)
+    return summary

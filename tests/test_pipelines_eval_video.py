@@ -1,0 +1,394 @@
+"""eval-video: annotation formats, letter extraction, policies at the NAMM's budget, failures, resume,
+summary; on tiny random LLaVA models (tests/_tiny_llava.py) and short generated videos."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _tiny_llava import FAMILIES, VIDEO_ID, build
+
+from namm_transfer import NAMM, NAMMConfig
+from namm_transfer.pipelines.eval_video import (
+    FULL,
+    NAMM_NAME,
+    POLICIES,
+    TOKEN_BASELINES,
+    UNIFORM,
+    EvalVideoConfig,
+    VideoModel,
+    as_video_model,
+    detect_format,
+    extract_option_letter,
+    format_question,
+    load_annotations,
+    load_video_model,
+    namm_budget,
+    run_eval_video,
+    uniform_frame_count,
+)
+
+av = pytest.importorskip("av")
+from namm_transfer.pipelines.video_io import write_video  # noqa: E402
+
+FRAMES_IN_VIDEO, SIDE = 8, 32
+
+QUESTIONS = [  # (video, question, options, answer letter, task type)
+    ("v0.mp4", "Which colour?", ["red", "blue", "green", "grey"], "B", "colour"),
+    ("v1.mp4", "How many?", ["one", "two", "three", "four"], "D", "count"),
+    ("v2.mp4", "Which first?", ["ball", "cube", "cone", "ring"], "A", "order"),
+]
+
+
+class CharTokenizer:
+    """One id per printable ASCII character (2..97, below the tiny models' video id 100); BOS = 1."""
+
+    pad_token_id, eos_token_id, unk_token_id = 0, None, 0
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [2 + (ord(c) - 32) if 32 <= ord(c) < 128 else 2 for c in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+    def convert_tokens_to_ids(self, token):
+        return self.unk_token_id
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i - 2 + 32) for i in ids if 2 <= i < 98)
+
+
+def tiny_loader(source, device="cpu", dtype=torch.float32):
+    """The loader hook: ``source`` names the family of a tiny random model."""
+    return build(source), CharTokenizer()
+
+
+def _frames(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (FRAMES_IN_VIDEO, 1, 1, 3), dtype=np.uint8)
+    return np.broadcast_to(colours, (FRAMES_IN_VIDEO, SIDE, SIDE, 3)).copy()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The same three questions in the three formats, videos laid out as each benchmark publishes them."""
+    root = tmp_path_factory.mktemp("videoqa")
+    # generic JSONL, videos in videos/
+    generic = root / "generic"
+    for i, (video, *_rest) in enumerate(QUESTIONS):
+        write_video(generic / "videos" / video, _frames(i))
+    lines = [
+        {"video": v, "question": q, "options": o, "answer": a, "task_type": t, "seed": i, "split": "test"}
+        for i, (v, q, o, a, t) in enumerate(QUESTIONS)
+    ]
+    (generic / "qa.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # MLVU: MLVU/json/<n>_<task>.json, MLVU/video/<n>_<task>/<video>
+    mlvu = root / "MLVU"
+    for i, (v, q, o, a, t) in enumerate(QUESTIONS):
+        stem = f"{i + 1}_{t}"
+        write_video(mlvu / "video" / stem / v, _frames(i))
+        entry = {"video": v, "duration": 1.0, "question": q, "candidates": o, "answer": o["ABCD".index(a)],
+                 "question_type": t}
+        (mlvu / "json").mkdir(parents=True, exist_ok=True)
+        (mlvu / "json" / f"{stem}.json").write_text(json.dumps([entry]))
+    open_ended = {"video": "x.mp4", "question": "Summarise.", "answer": "...", "question_type": "summary"}
+    (mlvu / "json" / "9_summary.json").write_text(json.dumps([open_ended]))
+    # LongVideoBench: lvb_val.json, videos/<video_path>
+    lvb = root / "LongVideoBench"
+    for i, (v, *_rest) in enumerate(QUESTIONS):
+        write_video(lvb / "videos" / v, _frames(i))
+    entries = [
+        {"id": f"lvb{i}", "video_id": v[:-4], "video_path": v, "subtitle_path": v[:-4] + "_en.json",
+         "question": q, "candidates": o, "correct_choice": "ABCD".index(a), "question_category": t,
+         "duration_group": 15, "duration": 1.0}
+        for i, (v, q, o, a, t) in enumerate(QUESTIONS)
+    ]
+    (lvb / "lvb_val.json").write_text(json.dumps(entries))
+    return {"jsonl": generic / "qa.jsonl", "mlvu": mlvu / "json", "longvideobench": lvb / "lvb_val.json",
+            "root": root}
+
+
+@pytest.fixture(scope="module")
+def broken(data):
+    """Generic annotations whose second video is garbage and third is missing."""
+    folder = data["root"] / "broken"
+    write_video(folder / "ok.mp4", _frames(0))
+    (folder / "garbage.mp4").write_bytes(b"not a video\n" * 40)
+    entries = [
+        {"video": "ok.mp4", "question": "Which colour?", "options": ["a", "b", "c", "d"], "answer": "A",
+         "task_type": "colour"},
+        {"video": "garbage.mp4", "question": "Which colour?", "options": ["a", "b", "c", "d"], "answer": "B",
+         "task_type": "colour"},
+        {"video": "missing.mp4", "question": "How many?", "options": ["a", "b", "c", "d"], "answer": "C",
+         "task_type": "count"},
+        {"video": "ok.mp4", "question": "How many?", "options": ["a", "b", "c", "d"], "answer": "D",
+         "task_type": "count"},
+    ]
+    (folder / "qa.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return folder / "qa.jsonl"
+
+
+def _config(tmp_path, annotations, **overrides) -> EvalVideoConfig:
+    settings = dict(annotations=str(annotations), model="llava_next_video", update_every=16, num_frames=6,
+                    max_new_tokens=3, heatmaps=0, output_dir=str(tmp_path / "out"))
+    settings.update(overrides)
+    return EvalVideoConfig(**settings)
+
+
+def _rows(cfg) -> list[dict]:
+    path = Path(cfg.output_dir) / "rows.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- annotations ---------------------------------------------------------------------------------
+
+
+def test_three_formats_parse_to_the_same_samples(data):
+    parsed = {}
+    for kind in ("jsonl", "mlvu", "longvideobench"):
+        assert detect_format(data[kind]) == kind
+        samples = load_annotations(data[kind])
+        assert load_annotations(data[kind], format=kind) == samples
+        parsed[kind] = samples
+        assert all(os.path.isfile(s.video_path) for s in samples), kind
+    contents = {kind: sorted(s.content() for s in samples) for kind, samples in parsed.items()}
+    assert contents["jsonl"] == contents["mlvu"] == contents["longvideobench"]
+    assert contents["jsonl"] == sorted((v, q, tuple(o), a, t) for v, q, o, a, t in QUESTIONS)
+    assert len({s.sample_id for s in parsed["mlvu"]}) == 3  # the open-ended summary file is skipped
+    assert parsed["longvideobench"][0].sample_id == "lvb0"
+    assert parsed["longvideobench"][0].meta["duration_group"] == 15
+    assert parsed["jsonl"][0].meta == {"seed": 0, "split": "test"}
+
+
+def test_bad_annotations_are_named(tmp_path):
+    bad = tmp_path / "1_plotQA.json"
+    bad.write_text(json.dumps([{"video": "a.mp4", "question": "Q?", "candidates": ["x", "y"],
+                                "answer": "z"}]))
+    with pytest.raises(ValueError, match="not one of its candidates"):
+        load_annotations(bad)
+    dup = tmp_path / "dup.jsonl"
+    line = json.dumps({"id": "same", "video": "a.mp4", "question": "Q?", "options": ["x", "y"],
+                       "answer": "A"})
+    dup.write_text(line + "\n" + line + "\n")
+    with pytest.raises(ValueError, match="same id|the id"):
+        load_annotations(dup)
+    letter = tmp_path / "letter.jsonl"
+    letter.write_text(json.dumps({"video": "a.mp4", "question": "Q?", "options": ["x", "y"], "answer": "C"}))
+    with pytest.raises(ValueError, match="option letters"):
+        load_annotations(letter)
+
+
+def test_question_format(data):
+    sample = load_annotations(data["jsonl"])[0]
+    text = format_question(sample)
+    assert text.splitlines()[:5] == ["Which colour?", "A. red", "B. blue", "C. green", "D. grey"]
+    assert text.endswith("directly.")
+
+
+@pytest.mark.parametrize(
+    "text,letter",
+    [("A", "A"), ("A.", "A"), ("(A)", "A"), ("[C]", "C"), ("B) blue", "B"), ("The answer is B", "B"),
+     ("The answer is (c).", "C"), ("Answer: D", "D"), ("b", "B"), ("(d)", "D"), ("Best option: (A) red", "A"),
+     ("I think the answer is C.", "C"), ("Option B is right", "B"), ("E", None), ("a dog", None),
+     ("I am not sure", None), ("", None), ("It is blue", "B")],
+)
+def test_letter_extraction(text, letter):
+    assert extract_option_letter(text, 4, ["red", "blue", "green", "grey"]) == letter
+
+
+def test_loader_results_become_video_models():
+    model, tok = tiny_loader("video_llava")
+    for loaded in ((model, tok), {"model": model, "tokenizer": tok}, VideoModel(model, tok)):
+        vm = as_video_model(loaded)
+        assert vm.model is model and vm.tokenizer is tok and vm.preprocessor is not None
+    vm = load_video_model("video_llava", loader=tiny_loader)
+    assert vm.model.config.model_type == "video_llava"
+    with pytest.raises(TypeError):
+        as_video_model(object())
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_namm_answers_like_the_full_cache(tmp_path, data, family):
+    cfg = _config(tmp_path, data["jsonl"], model=family, policies=[FULL, NAMM_NAME], max_new_tokens=4,
+                  heatmaps=0)
+    summary = run_eval_video(cfg, loader=tiny_loader, namm=NAMM(NAMMConfig(update_every=999)))
+    rows = _rows(cfg)
+    full = {r["sample_id"]: r for r in rows if r["policy"] == FULL}
+    namm = {r["sample_id"]: r for r in rows if r["policy"] == NAMM_NAME}
+    assert len(full) == len(namm) == 3
+    for sid, row in namm.items():
+        assert row["output"] == full[sid]["output"] and row["predicted"] == full[sid]["predicted"]
+        assert row["evictions"] == 0 and row["kept_video_fraction"] == pytest.approx(1.0)
+        assert row["kept_frames"] == 6 and row["frame_retention"] == [1.0] * 6
+    assert summary[NAMM_NAME]["accuracy"] == summary[FULL]["accuracy"]
+
+
+def test_every_policy_baselines_at_the_namm_budget(tmp_path, data):
+    """A NAMM capped at 12 tokens per head evicts; the token baselines get its measured per-layer budget,
+    UniformFrames as many whole frames as its mean kept video tokens; the summary lists every policy."""
+    cfg = _config(tmp_path, data["jsonl"])
+    namm = NAMM.init_random(0, config=NAMMConfig(budget=12))
+    summary = run_eval_video(cfg, loader=tiny_loader, namm=namm)
+    rows = _rows(cfg)
+    assert len(rows) == len(POLICIES) * 3 and not any(r["failed"] for r in rows)
+    namm_rows = [r for r in rows if r["policy"] == NAMM_NAME]
+    budget = namm_budget(namm_rows)
+    assert budget == [12, 12]  # the NAMM's cap, less the tokens fed since its last update
+    for name in TOKEN_BASELINES:
+        for row in (r for r in rows if r["policy"] == name):
+            assert row["budget"] == budget
+            kept = np.array(row["kept_per_layer"]) - np.array(row["since_update"])
+            assert kept.tolist() == pytest.approx(budget)
+            assert row["evictions"] > 0
+    k = uniform_frame_count(namm_rows, 4, 6)
+    uniform = [r for r in rows if r["policy"] == UNIFORM]
+    assert 1 <= k < 6
+    assert all(r["frames"] == k and len(r["frame_indices"]) == k and r["evictions"] == 0 for r in uniform)
+    assert all(r["video_tokens"] == 4 * k and r["kept_video_tokens"] == pytest.approx(4 * k) for r in uniform)
+    assert uniform[0]["frame_retention"].count(1.0) == k and uniform[0]["frame_retention"].count(0.0) == 6 - k
+    full = [r for r in rows if r["policy"] == FULL]
+    for r, u in zip(full, uniform, strict=True):
+        assert r["frames"] == 6 and r["stored_kv_bytes"] > u["stored_kv_bytes"]
+    # summary: every policy, overall and per task type
+    assert list(summary) == list(POLICIES)
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(saved["summary"]) == list(POLICIES)
+    assert saved["budget"] == budget and saved["uniform_frames"] == k
+    assert saved["meta"]["command"].startswith("namm-transfer") and "git_revision" in saved["meta"]
+    for s in summary.values():
+        assert set(s["per_task"]) == {"colour", "count", "order"} and s["samples"] == 3
+        assert s["stored_kv_mib"] > 0 and s["seconds_per_sample"] > 0
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert all(f"| {name}" in md for name in POLICIES) and "colour" in md
+    assert any((tmp_path / "out" / "tensorboard").iterdir())
+
+
+def test_retention_heatmaps_for_the_first_samples(tmp_path, data):
+    from PIL import Image
+
+    cfg = _config(tmp_path, data["jsonl"], policies=[FULL, NAMM_NAME], heatmaps=1)
+    run_eval_video(cfg, loader=tiny_loader, namm=NAMM.init_random(0, config=NAMMConfig(budget=12)))
+    pngs = sorted((tmp_path / "out" / "heatmaps").iterdir())
+    assert [p.name for p in pngs] == ["FullCache_0_qa_0.png", "NAMM_0_qa_0.png"]
+    assert all(Image.open(p).size[0] > 100 for p in pngs)
+    events = list((tmp_path / "out" / "tensorboard").glob("events.*"))
+    assert events and events[0].stat().st_size > 10_000  # scalars and the two images
+
+
+def test_unreadable_videos_become_failed_rows(tmp_path, broken):
+    cfg = _config(tmp_path, broken, policies=[FULL])
+    summary = run_eval_video(cfg, loader=tiny_loader)
+    rows = {r["sample_id"]: r for r in _rows(cfg)}
+    assert [rows[f"qa:{i}"]["failed"] for i in range(4)] == [False, True, True, False]
+    assert "garbage.mp4" in rows["qa:1"]["error"]
+    assert "no such file" in rows["qa:2"]["error"]
+    assert summary[FULL]["failed"] == 2 and summary[FULL]["samples"] == 4
+    assert summary[FULL]["per_task"]["count"]["n"] == 1
+
+
+def test_resume_skips_finished_rows_retries_failures_and_refuses_other_settings(tmp_path, broken):
+    cfg = _config(tmp_path, broken, policies=[FULL, NAMM_NAME])
+    namm = NAMM(NAMMConfig())
+    run_eval_video(cfg, loader=tiny_loader, namm=namm)
+    first = _rows(cfg)
+    assert len(first) == 8
+    run_eval_video(cfg, loader=tiny_loader, namm=namm)
+    second = _rows(cfg)
+    assert second[:8] == first  # nothing rewritten
+    assert len(second) == 12 and all(r["failed"] for r in second[8:])  # only the failures were retried
+    (broken.parent / "missing.mp4").write_bytes((broken.parent / "ok.mp4").read_bytes())
+    try:
+        summary = run_eval_video(cfg, loader=tiny_loader, namm=namm)
+    finally:
+        (broken.parent / "missing.mp4").unlink()
+    assert summary[FULL]["failed"] == 1 and summary[NAMM_NAME]["failed"] == 1
+    for changed in ({"num_frames": 5}, {"update_every": 32}, {"namm": "other"}):
+        with pytest.raises(ValueError, match="another setting"):
+            run_eval_video(_config(tmp_path, broken, policies=[FULL], **changed), loader=tiny_loader)
+
+
+def test_baselines_need_the_namm(tmp_path, data):
+    cfg = _config(tmp_path, data["jsonl"], policies=[FULL, "Recency"])
+    with pytest.raises(ValueError, match="NAMM's budget"):
+        run_eval_video(cfg, loader=tiny_loader, namm=NAMM(NAMMConfig()))
+
+
+def _word_tokenizer():
+    """A real (fast) Hugging Face tokenizer over the test questions' words, ids below the video id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "<s>"] + sorted({w for line in QUESTIONS for w in " ".join(
+        [line[1], *line[2]]).replace("?", " ?").split()} | set("ABCD.:?") | {"USER", "ASSISTANT", "Answer"})
+    vocab = {w: i for i, w in enumerate(words)}
+    assert len(vocab) < VIDEO_ID
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>")
+
+
+def test_model_directory_loads_offline(tmp_path, data):
+    """from_pretrained directory: AutoModelForImageTextToText + AutoTokenizer, no processor."""
+    directory = tmp_path / "model"
+    build("llava_next_video").save_pretrained(directory)
+    _word_tokenizer().save_pretrained(directory)
+    cfg = _config(tmp_path, data["longvideobench"], model=str(directory), policies=[FULL], heatmaps=0)
+    summary = run_eval_video(cfg)
+    assert summary[FULL]["samples"] == 3 and summary[FULL]["failed"] == 0
+
+
+def test_trained_video_model_brings_its_frames_preprocessing_and_prompt(tmp_path, data):
+    """A model written like train-video-model's (language model referenced by directory) is found by
+    its directory; its video_model.json sets the frame count, preprocessing and prompt builder."""
+    video_models = pytest.importorskip("namm_transfer.pipelines.video_models")
+    pytest.importorskip("namm_transfer.pipelines.video_qa_data")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from namm_transfer.pipelines.video_io import VideoPreprocessor
+
+    torch.manual_seed(0)
+    lm_dir = tmp_path / "lm"
+    LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(lm_dir)
+    _word_tokenizer().save_pretrained(lm_dir)
+    lm, _ = video_models.load_language_model({"kind": "directory", "path": str(lm_dir)})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    model = video_models.build_video_model(lm, vision, VIDEO_ID, VIDEO_ID + 1, spatial_pool_stride=2)
+    pre = dataclasses.asdict(VideoPreprocessor.for_model(model))
+    video_models.save_video_model(model, tmp_path / "vm", {
+        "language_model": {"kind": "directory", "path": str(lm_dir)}, "num_frames": 4, "preprocessing": pre,
+        "prompt": {"builder": "namm_transfer.pipelines.video_qa_data.video_qa_prompt"},
+    })
+    loaded = load_video_model(str(tmp_path / "vm"))
+    assert loaded.num_frames == 4 and loaded.prompt_builder is not None
+    sample = load_annotations(data["jsonl"])[0]
+    assert "Options: A. red B. blue" in loaded.prompt_builder(sample)
+    cfg = _config(tmp_path, data["jsonl"], model=str(tmp_path / "vm"), num_frames=None, policies=[FULL])
+    summary = run_eval_video(cfg)
+    assert summary[FULL]["frames"] == 4 and summary[FULL]["failed"] == 0
+    assert json.loads((tmp_path / "out" / "setting.json").read_text())["num_frames"] == 4
+
+
+def test_cli_mirrors_the_config(tmp_path, data):
+    from namm_transfer.pipelines.cli import build_parser, main
+
+    args = build_parser().parse_args(["eval-video", "--annotations", "a.json", "--model", "m"])
+    defaults = EvalVideoConfig(annotations="a.json", model="m")
+    for name in EvalVideoConfig.__dataclass_fields__:
+        assert getattr(args, name) == getattr(defaults, name), name
+    out = tmp_path / "cli"
+    assert main(["eval-video", "--annotations", str(data["mlvu"]), "--model", "video_llava",
+                 "--loader", "test_pipelines_eval_video:tiny_loader", "--policies", "FullCache",
+                 "--num-frames", "3", "--update-every", "16", "--max-new-tokens", "2", "--limit", "2",
+                 "--output-dir", str(out), "--threads", "1"]) == 0
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["summary"]["FullCache"]["samples"] == 2
+    assert saved["meta"]["command"].startswith("namm-transfer eval-video --annotations")

@@ -744,14 +744,6 @@ def _load_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last row of each (policy, sample): a retried failure replaces the failed row."""
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in rows:
-        latest[(row["policy"], row["sample_id"])] = row
-    return list(latest.values())
-
-
 def _setting(cfg: EvalVideoConfig) -> dict[str, Any]:
     return {"annotations": str(cfg.annotations), "videos": cfg.videos, "format": cfg.format,
             "model": str(cfg.model), "loader": cfg.loader, "namm": str(cfg.namm),
@@ -813,6 +805,7 @@ def summarise(rows: list[dict[str, Any]], task_types: list[str]) -> dict[str, di
             "kept_fraction": mean("kept_fraction"),
             "stored_kv_mib": mean("stored_kv_bytes") / 2**20,
             "seconds_per_sample": mean("seconds"),
+            "seconds_median": float(np.median([r["seconds"] for r in ok])) if ok else float("nan"),
             "generate_seconds_per_sample": mean("generate_seconds"),
             "unanswered": sum(1 for r in ok if r.get("predicted") is None),
         }
@@ -894,11 +887,12 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     _check_same_setting(out_dir, setting)
 
     rows_path = out_dir / ROWS_NAME
-    rows = latest_rows(_load_rows(rows_path))
-    if rows:
-        log(f"resuming: {len(rows)} rows already in {rows_path} (failed ones are retried)")
-    done = {(r["policy"], r["sample_id"]) for r in rows if not r.get("failed")}
+    table = {(r["policy"], r["sample_id"]): r for r in _load_rows(rows_path)}  # the latest row of each
+    if table:
+        log(f"resuming: {len(table)} rows already in {rows_path} (failed ones are retried)")
+    done = {key for key, r in table.items() if not r.get("failed")}
     writer = _tensorboard(out_dir)
+    namm_label = str(cfg.namm) if namm is None else f"{namm!r} (passed in by the caller)"
     if namm is None and any(p != FULL for p in cfg.policies):
         from namm_transfer import NAMM
 
@@ -911,7 +905,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     ids = {s.sample_id for s in samples}
     for name in order:
         if name in (*TOKEN_BASELINES, UNIFORM) and budget is None:
-            namm_rows = [r for r in rows if r["policy"] == NAMM_NAME and r["sample_id"] in ids]
+            namm_rows = [r for r in table.values() if r["policy"] == NAMM_NAME and r["sample_id"] in ids]
             if len(namm_rows) < len(samples):
                 raise ValueError(f"{name} needs the NAMM's budget: include NAMM in --policies")
             budget = namm_budget(namm_rows)
@@ -940,7 +934,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
             row = {"policy": name, **row}
             if name in TOKEN_BASELINES:
                 row["budget"] = budget
-            rows = [r for r in rows if (r["policy"], r["sample_id"]) != (name, sample.sample_id)] + [row]
+            table[name, sample.sample_id] = row
             with open(rows_path, "a") as f:  # incremental: a kill loses at most this sample
                 f.write(json.dumps(row) + "\n")
             if writer is not None and not row["failed"]:
@@ -955,12 +949,14 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
 
                     image = np.asarray(Image.open(png).convert("RGB"))
                     writer.add_image(f"retention/{name}/{index}", image, 0, dataformats="HWC")
-        mine = [r for r in rows if r["policy"] == name and r["sample_id"] in ids and not r.get("failed")]
+        mine = [r for r in table.values()
+                if r["policy"] == name and r["sample_id"] in ids and not r.get("failed")]
         if mine:
             kept = np.mean([r["kept_video_tokens"] for r in mine])
             log(f"{name}: accuracy {np.mean([r['correct'] for r in mine]):.3f}, kept video tokens "
                 f"{kept:.0f} of {cfg.num_frames * layout.tokens_per_frame}")
 
+    rows = list(table.values())
     selected = [r for r in rows if r["policy"] in cfg.policies and r["sample_id"] in ids]
     summary = summarise(selected, task_types)
     namm_rows = [r for r in rows if r["policy"] == NAMM_NAME and r["sample_id"] in ids]
@@ -986,7 +982,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
         f"- model: {cfg.model} ({video_model.model.config.model_type}, {layout.tokens_per_frame} tokens per "
         f"frame), {cfg.num_frames} frames per video = {layout.video_tokens(cfg.num_frames)} video tokens\n"
         f"- samples: {len(samples)} ({', '.join(task_types)})\n"
-        f"- NAMM: {cfg.namm}, zero-shot, update every {cfg.update_every} tokens (also the prefill chunk of "
+        f"- NAMM: {namm_label}, zero-shot, update every {cfg.update_every} tokens (also the prefill chunk of "
         f"every policy)\n"
         f"- token baselines' per-layer budget: {budget}; UniformFrames: {frames_k} of {cfg.num_frames} "
         f"frames\n\n"

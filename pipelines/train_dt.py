@@ -42,7 +42,10 @@ class TrainDTConfig:
     batch 32); the original recipe trains 100k steps of batch 64 at lr 1e-4 with 10k warm-up steps.
 
     Attributes:
-        dataset: Minari dataset id (e.g. ``namm/lunarlandercontinuous/expert-v0``).
+        dataset: Minari dataset id (e.g. ``namm/lunarlandercontinuous/expert-v0``); its reference scores
+            and env spec are the ones stored.
+        extra_datasets: more Minari dataset ids (same root, same spaces) whose episodes join the training
+            set, e.g. noisier quality levels of the same controller for a wider state coverage.
         root: Minari root; None uses ``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``.
         steps: gradient steps.
         batch_size: subsequences per step.
@@ -65,6 +68,7 @@ class TrainDTConfig:
     """
 
     dataset: str = "namm/lunarlandercontinuous/expert-v0"
+    extra_datasets: tuple[str, ...] = ()
     root: str | None = None
     steps: int = 1500
     batch_size: int = 32
@@ -208,6 +212,15 @@ def train_dt(cfg: TrainDTConfig, argv: Sequence[str] | None = None, dataset: Any
     eps = episodes(dataset)
     if not eps:
         raise ValueError(f"dataset {dataset_id!r} has no episodes")
+    extra_ids = list(cfg.extra_datasets)
+    for extra_id in extra_ids:
+        extra = load_dataset(extra_id, cfg.root)
+        if extra.observation_space != dataset.observation_space or extra.action_space != dataset.action_space:
+            raise ValueError(
+                f"dataset {extra_id!r} has spaces {extra.observation_space} / {extra.action_space}, "
+                f"{dataset_id!r} has {dataset.observation_space} / {dataset.action_space}"
+            )
+        eps += episodes(extra)
     all_states = np.concatenate([ep.observations for ep in eps])
     state_mean = all_states.mean(axis=0)
     state_std = all_states.std(axis=0) + 1e-6
@@ -234,7 +247,8 @@ def train_dt(cfg: TrainDTConfig, argv: Sequence[str] | None = None, dataset: Any
     (out_dir / LOG_NAME).unlink(missing_ok=True)
     writer = _tensorboard(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"training a {n_params / 1e3:.0f}k-parameter Decision Transformer on {dataset_id} "
+    names = ", ".join([dataset_id, *extra_ids])
+    log(f"training a {n_params / 1e3:.0f}k-parameter Decision Transformer on {names} "
         f"({len(eps)} episodes, {len(all_states)} steps), K={cfg.context}, {cfg.steps} steps")
 
     losses: list[float] = []
@@ -270,6 +284,7 @@ def train_dt(cfg: TrainDTConfig, argv: Sequence[str] | None = None, dataset: Any
     meta = {
         "env_id": env_id,
         "dataset_id": dataset_id,
+        "extra_dataset_ids": extra_ids,
         "state_mean": state_mean.tolist(),
         "state_std": state_std.tolist(),
         "return_scale": return_scale,

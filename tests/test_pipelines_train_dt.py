@@ -208,3 +208,34 @@ def test_loss_ignores_padded_steps(root):
     assert pad.any()
     padded["actions"][pad] = 5.0  # padded targets must not count
     torch.testing.assert_close(action_loss(model.eval(), batch), action_loss(model, padded))
+
+
+def test_extra_datasets_join_the_training_set(tmp_path):
+    root = tmp_path / "minari"
+    for level, n in (("expert", 2), ("medium", 3)):
+        generate.make_local_dataset("lunarlander", level, n, seed=0, root=root, ref_episodes=1,
+                                    max_episode_steps=20, ref_scores=(-100.0, 200.0))
+    medium_id = "namm/lunarlandercontinuous/medium-v0"
+    cfg = TrainDTConfig(dataset=LUNAR_ID, extra_datasets=(medium_id,), root=str(root), steps=2,
+                        out_dir=str(tmp_path / "dt"), **TINY)
+    meta = train_dt(cfg).meta
+    both = [datasets.episodes(datasets.load_dataset(i, root)) for i in (LUNAR_ID, medium_id)]
+    assert meta["dataset_id"] == LUNAR_ID and meta["extra_dataset_ids"] == [medium_id]
+    assert meta["dataset_stats"]["episodes"] == 5
+    assert meta["dataset_stats"]["steps"] == sum(len(ep) for eps in both for ep in eps)
+    states = np.concatenate([ep.observations for eps in both for ep in eps])
+    np.testing.assert_allclose(meta["state_mean"], states.mean(0), rtol=1e-5, atol=1e-6)
+    assert (meta["ref_min_score"], meta["ref_max_score"]) == (-100.0, 200.0)  # the first dataset's
+
+    generate.make_local_dataset("bipedalwalker", "expert", 1, seed=0, root=root, ref_episodes=1,
+                                max_episode_steps=3, ref_scores=(-100.0, 200.0))
+    bad = TrainDTConfig(**{**cfg.__dict__, "extra_datasets": ("namm/bipedalwalker/expert-v0",)})
+    with pytest.raises(ValueError, match="bipedalwalker/expert-v0.*has spaces"):
+        train_dt(bad)
+
+
+def test_train_dt_cli_extra_datasets():
+    from namm_transfer.pipelines.cli import build_parser
+
+    args = build_parser().parse_args(["train-dt", "--dataset", "a", "--extra-datasets", "b", "c"])
+    assert args.dataset == "a" and args.extra_datasets == ["b", "c"]

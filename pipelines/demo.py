@@ -58,7 +58,7 @@ class DemoConfig:
         rollout_update_every: the NAMM's cadence on the DT, in tokens (3 per env step).
     """
 
-    prompt_tokens: int = 2000
+    prompt_tokens: int = 1024
     seed: int = 0
     depth: float = 0.5
     max_new_tokens: int = 8

@@ -166,7 +166,7 @@ def test_cli_demo_help_mirrors_config(capsys):
     out = _help(capsys, ["demo", "--help"])
     for f in fields(DemoConfig):
         assert _flag(f.name) in out
-    assert "(default: 2000)" in out and "runs/demo" in out
+    assert f"(default: {DemoConfig().prompt_tokens})" in out and "runs/demo" in out
 
 
 def test_cli_bench_overhead_help_mirrors_config(capsys):
@@ -179,7 +179,7 @@ def test_cli_bench_overhead_help_mirrors_config(capsys):
 def test_cli_parses_into_configs():
     args = build_parser().parse_args(["demo", "--seed", "3", "--depth", "0.25", "--threads", "1"])
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__})
-    assert (cfg.seed, cfg.depth, cfg.threads, cfg.prompt_tokens) == (3, 0.25, 1, 2000)
+    assert (cfg.seed, cfg.depth, cfg.threads, cfg.prompt_tokens) == (3, 0.25, 1, 1024)
     args = build_parser().parse_args(["bench", "overhead", "--lengths", "256", "512", "--reps", "1"])
     assert args.lengths == [256, 512] and args.reps == 1 and args.chunk == 512
 

@@ -485,9 +485,12 @@ def _add_train_video_model(sub) -> None:
         description="Build a LlavaNextVideoForConditionalGeneration whose language model is "
                     "SmolLM2-135M-Instruct (or --language-model DIR), frozen, with a CLIP vision tower "
                     "trained from scratch and the projector. Stage 1: frame pretraining (each frame's "
-                    "label: no shape or the shape's colour) through a throw-away linear head; stage 2: "
-                    "cross-entropy on the answer tokens (' B' + EOS) after the prompt 'USER: <video>\\n"
-                    "{question}\\nOptions: A. .. B. .. C. .. D. ..\\nAnswer with the letter. ASSISTANT:', "
+                    "labels: no shape or the shape's colour, and its kind) through a throw-away linear head. "
+                    "Stage 2: the projector's last layer restarts at zero weight with the embedding of "
+                    "NEUTRAL_TOKEN as bias, the tower is frozen (unless VISION_LR > 0), and the projector "
+                    "learns from the cross-entropy of the answer tokens (' B' + EOS) after the prompt "
+                    "'USER: <video>\\n{question}\\nOptions: A. .. B. .. C. .. D. ..\\nAnswer with the "
+                    "letter. ASSISTANT:', "
                     "the gradient flowing through the frozen LM. Stops at STEPS or after MAX_MINUTES. "
                     "Scores the val and test splits with the full cache (greedy generation, option letter "
                     "extracted). Writes OUT_DIR: config.json, video_model.safetensors (vision tower + "
@@ -517,12 +520,18 @@ def _add_train_video_model(sub) -> None:
     p.add_argument("--pretrain-batch", type=int, default=c.pretrain_batch, help="frames per pretraining step")
     p.add_argument("--steps", type=int, default=c.steps, help="answer-training steps")
     p.add_argument("--batch-size", type=int, default=c.batch_size, help="samples per answer step")
-    p.add_argument("--lr", type=float, default=c.lr, help="AdamW learning rate (warm-up, cosine to 10%%)")
+    p.add_argument("--pretrain-lr", type=float, default=c.pretrain_lr,
+                   help="AdamW learning rate of frame pretraining")
+    p.add_argument("--lr", type=float, default=c.lr,
+                   help="AdamW learning rate of the projector in answer training (warm-up, cosine to 10%%)")
+    p.add_argument("--vision-lr", type=float, default=c.vision_lr,
+                   help="learning rate of the vision tower in answer training; 0: frozen after pretraining")
+    p.add_argument("--neutral-token", default=c.neutral_token,
+                   help="text token every video token reads as when answer training starts (the projector's "
+                        "last layer is zeroed, its bias set to this token's embedding)")
     p.add_argument("--weight-decay", type=float, default=c.weight_decay, help="AdamW weight decay")
     p.add_argument("--warmup-steps", type=int, default=c.warmup_steps, help="linear warm-up steps")
     p.add_argument("--grad-clip", type=float, default=c.grad_clip, help="gradient norm clip")
-    p.add_argument("--aux-weight", type=float, default=c.aux_weight,
-                   help="weight of the frame loss during answer training")
     p.add_argument("--max-minutes", type=float, default=c.max_minutes,
                    help="training time cap (both stages); None: none")
     p.add_argument("--eval-every", type=int, default=c.eval_every,

@@ -2,24 +2,32 @@
 
 The model (:mod:`namm_transfer.pipelines.video_models`) is a ``LlavaNextVideoForConditionalGeneration``
 whose language model is SmolLM2-135M-Instruct, **frozen**, with a small CLIP vision tower trained from
-scratch (64 px frames, 8 px patches, a few layers), average-pooled to ``(64/8/stride)**2`` tokens per
+scratch (64 px frames, 16 px patches, a few layers), average-pooled to ``(64/16/stride)**2`` tokens per
 frame and projected by the usual two-layer GELU MLP to the LM's width. Only the vision tower and the
 projector learn, in two stages:
 
 1. *frame pretraining* (cheap, no LM): a linear head on each frame's mean projected token learns the
-   frame's label (no shape / red / green / blue / yellow, from the generator's ``events``), with
-   class weights against the many empty frames. The head is thrown away afterwards;
-2. *answer training*: the prompt of :func:`~namm_transfer.pipelines.video_qa_data.video_qa_prompt`
-   (``USER: <video>\\n{question}\\nOptions: A. .. D. ..\\nAnswer with the letter. ASSISTANT:``) followed
-   by the target ``" B"`` and the end-of-sequence token, cross-entropy on those target tokens only
-   (the gradient reaches the projector and the tower through the frozen LM), plus ``aux_weight``
-   times the frame loss.
+   frame's labels from the generator's ``events`` (no shape / its colour; no shape / its kind), half
+   of each batch drawn among the frames that show a shape. The head is thrown away afterwards;
+2. *answer training*: the projector's last layer is reset to zero weight with the embedding of a
+   neutral text token (``" ."``) as bias, so every video token first enters the LM as that token and
+   only the (now discriminative) vision features move it; the tower is frozen. The prompt of
+   :func:`~namm_transfer.pipelines.video_qa_data.video_qa_prompt` (``USER: <video>\\n{question}\\n
+   Options: A. .. D. ..\\nAnswer with the letter. ASSISTANT:``) is followed by the target ``" B"`` and
+   the end-of-sequence token; the loss is the cross-entropy of those target tokens only, its gradient
+   reaching the projector through the frozen LM.
+
+Why the reset: trained end to end from a random projector, the frozen LM stayed at chance for 90 steps
+(and diverged at a higher rate), while codes started at a real token's embedding steer it within a few
+dozen steps. The frozen LM learns single-frame questions (colour, shape) and vote-like ones
+(majority) quickly; which of two events came first and counting stayed near 50% / 40% in a pilot.
 
 Frames are decoded once (decord, ``num_frames`` uniformly) and kept in memory as uint8; every batch
 is normalised exactly as at inference (:class:`~namm_transfer.pipelines.video_io.VideoPreprocessor`
-for the model). Training stops at ``steps`` or after ``max_minutes`` in total, whichever comes first.
-Then the model is scored with the full cache by generating the answer greedily and reading the letter
-with :func:`~namm_transfer.pipelines.video_qa_data.extract_option_letter`, on the val and test splits.
+for the model). Training stops at ``steps`` or after ``max_minutes`` in total, whichever comes first
+(the cosine decay follows whichever runs out first). Then the model is scored with the full cache by
+generating the answer greedily and reading the letter with
+:func:`~namm_transfer.pipelines.video_qa_data.extract_option_letter`, on the val and test splits.
 
 Writes to ``out_dir``: the model (``config.json``, ``video_model.safetensors``, ``video_model.json``
 with the command, git revision, seed, config, training time and scores), ``README.md`` (a model
@@ -86,9 +94,13 @@ class TrainVideoModelConfig:
         pretrain_steps, pretrain_batch: frame pretraining steps and frames per step, half of them
             showing a shape when the data has that many (0 steps skips it).
         steps, batch_size: answer-training steps and samples per step.
-        lr: AdamW learning rate (projector and tower, both stages); warm-up then cosine decay to 10%.
+        pretrain_lr: AdamW learning rate of frame pretraining (tower, projector, head).
+        lr: AdamW learning rate of the projector in answer training (warm-up, cosine decay to 10%).
+        vision_lr: the vision tower's learning rate in answer training (0: frozen after pretraining).
+        neutral_token: the projector's last layer starts answer training at zero weight with this token's
+            embedding as bias, so every video token first reads as that token and only the vision
+            features' differences, learnt through the LM, move it.
         weight_decay, warmup_steps, grad_clip: AdamW decay, linear warm-up steps, gradient-norm clip.
-        aux_weight: weight of the frame loss during answer training.
         max_minutes: stop answer training once pretraining + training have taken this long (None: no cap).
         eval_every, eval_n: every ``eval_every`` steps, teacher-forced letter accuracy on ``eval_n``
             val samples (0 disables).
@@ -118,11 +130,13 @@ class TrainVideoModelConfig:
     pretrain_batch: int = 128
     steps: int = 600
     batch_size: int = 4
-    lr: float = 2e-3
+    pretrain_lr: float = 2e-3
+    lr: float = 1e-3
+    vision_lr: float = 0.0
+    neutral_token: str = " ."
     weight_decay: float = 0.01
     warmup_steps: int = 30
     grad_clip: float = 1.0
-    aux_weight: float = 0.1
     max_minutes: float | None = 45.0
     eval_every: int = 100
     eval_n: int = 60
@@ -161,7 +175,7 @@ class EncodedSplit:
     frames: np.ndarray  # uint8 [N, T, H, W, 3]
     prompts: list[list[int]]  # prompt ids, the video run expanded
     targets: list[list[int]]  # " B" + EOS
-    labels: np.ndarray  # [N, T] frame labels (0 = no shape, 1 + colour index)
+    labels: np.ndarray  # [N, T, 2] frame labels: colour, shape (0 = no shape, else 1 + index)
 
 
 def answer_ids(tokenizer: Any, letter: str) -> list[int]:
@@ -190,11 +204,14 @@ def encode_split(records: list[dict[str, Any]], tokenizer: Any, layout: Any, num
         frames.append(read_frames(record["video_path"], num_frames=num_frames))
         prompts.append(encode_video_prompt(tokenizer, video_qa_prompt(record, FAMILY), layout, num_frames))
         targets.append(answer_ids(tokenizer, record["answer"]))
-        lab = frame_labels(record) if "events" in record else [0] * num_frames
-        if len(lab) != num_frames:  # the data's slots differ from the sampled frames: no frame labels
-            lab = [-100] * num_frames
-        labels.append(lab)
-    return EncodedSplit(records, np.stack(frames), prompts, targets, np.asarray(labels, dtype=np.int64))
+        lab = ([frame_labels(record, "colour"), frame_labels(record, "shape")] if "events" in record
+               else [[0] * num_frames] * 2)
+        if len(lab[0]) != num_frames:  # the data's slots differ from the sampled frames: no frame labels
+            lab = [[-100] * num_frames] * 2
+        labels.append(np.asarray(lab).T)
+    stacked = np.stack(frames) if frames else np.zeros((0, num_frames, 1, 1, 3), np.uint8)
+    return EncodedSplit(records, stacked, prompts, targets,
+                        np.asarray(labels, dtype=np.int64).reshape(-1, num_frames, 2))
 
 
 def _batch(split: EncodedSplit, idx: Sequence[int], preprocess: Any, pad_id: int, device: Any,
@@ -221,30 +238,41 @@ def _batch(split: EncodedSplit, idx: Sequence[int], preprocess: Any, pad_id: int
 
 
 class FrameHead(torch.nn.Module):
-    """Frame-pretraining head: mean of a frame's projected tokens -> 5 frame classes."""
+    """Frame-pretraining head: mean of a frame's projected tokens -> colour (5 classes: none + 4) and
+    shape (5 classes) logits."""
 
-    def __init__(self, width: int, tokens_per_frame: int, classes: int = 1 + len(COLOUR_NAMES)):
+    def __init__(self, width: int, tokens_per_frame: int):
         super().__init__()
         self.tokens_per_frame = tokens_per_frame
-        self.linear = torch.nn.Linear(width, classes)
+        self.linear = torch.nn.Linear(width, 2 * (1 + len(COLOUR_NAMES)))
 
     def forward(self, video_features: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """``[B, T * tpf, D]`` -> logits ``[B, T, classes]``."""
+        """``[B, T * tpf, D]`` -> logits ``[B, T, 2, 5]``."""
         b, _, d = video_features.shape
-        return self.linear(video_features.view(b, num_frames, self.tokens_per_frame, d).mean(2))
+        pooled = video_features.view(b, num_frames, self.tokens_per_frame, d).mean(2)
+        return self.linear(pooled).view(b, num_frames, 2, -1)
 
 
 def _frame_batch(split: EncodedSplit, n: int, rng: np.random.Generator, preprocess: Any):
     """``n`` frames as one pseudo-video ``[1, n, 3, H, W]`` with their labels ``[1, n]``: half drawn
     among the frames that show a shape, half among all frames."""
-    flat = split.labels.reshape(-1)
-    shown = np.flatnonzero(flat > 0)
+    flat = split.labels.reshape(-1, 2)
+    shown = np.flatnonzero(flat[:, 0] > 0)
     k = min(n // 2, len(shown))
     picks = np.concatenate([rng.choice(shown, size=k, replace=False) if k else np.zeros(0, dtype=np.int64),
-                            rng.choice(flat.size, size=n - k, replace=False)])
+                            rng.choice(len(flat), size=n - k, replace=False)])
     num_frames = split.labels.shape[1]
     frames = split.frames[picks // num_frames, picks % num_frames]
-    return preprocess(frames)[None], torch.from_numpy(flat[picks])[None]
+    return preprocess(frames)[None], torch.from_numpy(flat[picks])[None]  # [1, n, 3, H, W], [1, n, 2]
+
+
+def neutral_projector(model: Any, embedding: torch.Tensor) -> None:
+    """Zero the projector's last layer and set its bias to ``embedding``: every video token then enters
+    the LM as that (text) token, whatever the frame."""
+    last = model.model.multi_modal_projector.linear_2
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(embedding.to(last.bias.dtype))
 
 
 def _video_features(model: Any, pixels: torch.Tensor):
@@ -252,8 +280,10 @@ def _video_features(model: Any, pixels: torch.Tensor):
 
 
 def frame_loss(head: FrameHead, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor):
+    """Colour + shape cross-entropy of every frame; ``labels`` ``[B, T, 2]``."""
     logits = head(features, labels.shape[1])
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), weight=weight, ignore_index=-100)
+    return sum(F.cross_entropy(logits[:, :, k].flatten(0, 1), labels[:, :, k].flatten(), weight=weight,
+                               ignore_index=-100) for k in range(2))
 
 
 def answer_forward(model: Any, batch: dict[str, torch.Tensor], video_out: Any = None):
@@ -373,10 +403,12 @@ def _language_model_source(cfg: TrainVideoModelConfig) -> dict[str, Any]:
     return {"kind": "directory", "path": str(path.resolve())}
 
 
-def _schedule(step: int, warmup: int, total: int) -> float:
+def _schedule(step: int, warmup: int, total: int, time_progress: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up, then cosine from 1 to 0.1 over the steps or the time budget,
+    whichever runs out first (``time_progress``: share of the budget spent after the warm-up)."""
     if step < warmup:
         return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = max((step - warmup) / max(1, total - warmup), time_progress)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -437,8 +469,8 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
     n_trainable = sum(p.numel() for p in trainable)
     head = FrameHead(model.config.text_config.hidden_size, layout.tokens_per_frame).to(device)
     class_weight = torch.tensor([0.25] + [1.0] * len(COLOUR_NAMES), device=device)  # empty frames abound
-    optimizer = torch.optim.AdamW(trainable + list(head.parameters()), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    pre_params = trainable + list(head.parameters())
+    optimizer = torch.optim.AdamW(pre_params, lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     writer = _tensorboard(out_dir)
     mean_prompt = int(np.mean([len(p) for p in train.prompts]))
     log(f"video model: {n_trainable / 1e6:.2f}M trainable parameters (vision tower + projector), LM frozen; "
@@ -452,13 +484,13 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
     pre_losses = []
     for step in tqdm(range(cfg.pretrain_steps), desc="pretrain frames", unit="step"):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * _schedule(step, cfg.warmup_steps, cfg.pretrain_steps)
+            group["lr"] = cfg.pretrain_lr * _schedule(step, cfg.warmup_steps, cfg.pretrain_steps)
         pixels, labels = _frame_batch(train, cfg.pretrain_batch, rng, preprocess)
         pixels, labels = pixels.to(device), labels.to(device)
         loss = frame_loss(head, _video_features(model, pixels).pooler_output, labels, class_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(pre_params, cfg.grad_clip)
         optimizer.step()
         pre_losses.append(float(loss.detach()))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.pretrain_steps:
@@ -471,10 +503,19 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
     pretrain_seconds = time.perf_counter() - t_train
 
     # stage 2: answer tokens through the frozen LM
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr
+    neutral = tokenizer(cfg.neutral_token, add_special_tokens=False)["input_ids"]
+    neutral_projector(model, model.get_input_embeddings().weight[neutral[-1]])
+    stage2 = list(model.model.multi_modal_projector.parameters())
+    groups = [{"params": stage2, "lr": cfg.lr}]
+    if cfg.vision_lr > 0:
+        groups.append({"params": list(model.model.vision_tower.parameters()), "lr": cfg.vision_lr})
+    else:
+        model.model.vision_tower.requires_grad_(False)
+        model.model.vision_tower.eval()
+    stage2 = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in groups]
     losses: list[float] = []
-    aux_losses: list[float] = []
     evals = []
     budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
     stopped_early = False
@@ -482,29 +523,30 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
     cursor = 0
     bar = tqdm(total=cfg.steps, desc="train answers", unit="step")
     step = 0
+    t_decay = time.perf_counter()
     for step in range(cfg.steps):
         if budget is not None and time.perf_counter() - t_train > budget:
             stopped_early = True
             log(f"stopping at step {step}: the {cfg.max_minutes:g}-minute budget is spent")
             break
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * _schedule(step, cfg.warmup_steps, cfg.steps)
+        if step == cfg.warmup_steps:
+            t_decay = time.perf_counter()
+        spent = 0.0
+        if budget is not None and step >= cfg.warmup_steps:
+            left = budget - (t_decay - t_train)
+            spent = (time.perf_counter() - t_decay) / left if left > 0 else 1.0
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base * _schedule(step, cfg.warmup_steps, cfg.steps, spent)
         if cursor + cfg.batch_size > len(order):
             order, cursor = rng.permutation(len(train.records)), 0
         idx = order[cursor : cursor + cfg.batch_size].tolist()
         cursor += cfg.batch_size
         batch = _batch(train, idx, preprocess, pad_id, device)
-        video_out = _video_features(model, batch["pixel_values_videos"])
-        hidden = answer_forward(model, batch, video_out)
+        hidden = answer_forward(model, batch)
         loss = answer_loss(model, batch, hidden)
-        total = loss
-        if cfg.aux_weight > 0:
-            aux = frame_loss(head, video_out.pooler_output, batch["frame_labels"], class_weight)
-            total = loss + cfg.aux_weight * aux
-            aux_losses.append(float(aux.detach()))
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(stage2, cfg.grad_clip)
         optimizer.step()
         losses.append(float(loss.detach()))
         if not np.isfinite(losses[-1]):
@@ -514,8 +556,6 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
             record = {"stage": "answers", "step": done,
                       "answer_loss": float(np.mean(losses[-cfg.log_every:])),
                       "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t_train}
-            if aux_losses:
-                record["frame_loss"] = float(np.mean(aux_losses[-cfg.log_every:]))
             _append(out_dir / LOG_NAME, record)
             if writer is not None:
                 writer.add_scalar("train/answer_loss", record["answer_loss"], done)
@@ -525,8 +565,8 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
         if check and cfg.eval_n and val.records:
             model.eval()
             accuracy = letter_accuracy(model, val, preprocess, letters, pad_id, device, cfg.eval_n)
-            model.train()
-            model.model.language_model.eval()
+            model.model.multi_modal_projector.train()
+            model.model.vision_tower.train(cfg.vision_lr > 0)
             evals.append({"step": done, "val_letter_accuracy": accuracy,
                           "seconds": time.perf_counter() - t_train})
             _append(out_dir / LOG_NAME, {"stage": "eval", **evals[-1]})

@@ -4,6 +4,7 @@ settings: a 2-layer random Llama with a character tokenizer instead of SmolLM2 (
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ from namm_transfer.pipelines.video_qa_data import (
     COLOURS,
     LETTERS,
     SPLITS,
+    TASK_TYPES,
     VideoQAConfig,
+    _shape_mask,
     extract_option_letter,
     format_question,
     frame_labels,
@@ -48,8 +51,8 @@ from namm_transfer.pipelines.video_qa_data import (
 pytest.importorskip("av")
 pytest.importorskip("decord")
 
-TINY_DATA = ["--train", "16", "--val", "6", "--test", "9", "--num-frames", "12", "--frames-per-slot", "2",
-             "--size", "32", "--seed", "3"]
+TINY_DATA = ["--train", "16", "--val", "6", "--test", "12", "--num-frames", "12", "--frames-per-slot", "2",
+             "--size", "32", "--seed", "3", "--task-types", *TASK_TYPES]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,7 @@ def tiny_train_config(dataset: Path, lm: Path, out: Path, **overrides) -> TrainV
     settings = dict(
         data_dir=str(dataset), out_dir=str(out), language_model=str(lm), image_size=32, patch_size=8,
         pool_stride=2, vision_hidden=32, vision_layers=1, vision_heads=2, video_token_id=110,
-        image_token_id=111, pretrain_steps=3, pretrain_batch=16, steps=16, batch_size=4, lr=5e-3,
+        image_token_id=111, pretrain_steps=3, pretrain_batch=16, steps=16, batch_size=4, lr=3e-3,
         warmup_steps=1, eval_every=8, eval_n=4, val_n=3, test_n=4, max_new_tokens=3, log_every=4, threads=1,
     )
     settings.update(overrides)
@@ -111,7 +114,7 @@ def trained(dataset, tiny_lm, tmp_path_factory):
 
 def test_render_is_deterministic_and_seeds_matter():
     cfg = VideoQAConfig(num_frames=12, frames_per_slot=2, size=32)
-    for task in ("colour", "order", "count"):
+    for task in TASK_TYPES:
         a_frames, a = render_sample(11, task, cfg)
         b_frames, b = render_sample(11, task, cfg)
         assert np.array_equal(a_frames, b_frames) and a == b
@@ -124,22 +127,22 @@ def test_rerun_gives_the_same_dataset_and_reuses_videos(dataset, tmp_path):
     again = tmp_path / "again"
     manifest = make_video_qa(VideoQAConfig(**_fields(build_parser().parse_args(
         ["make-video-qa", "--out-dir", str(again), *TINY_DATA]), VideoQAConfig)))
-    assert manifest["videos_written"] == 31
+    assert manifest["videos_written"] == 34
     for split in SPLITS:
         assert (again / f"{split}.jsonl").read_text() == (dataset / f"{split}.jsonl").read_text()
     first = load_video_qa(dataset / "test.jsonl")[0]
     np.testing.assert_array_equal(read_frames(first["video_path"]),
                                   read_frames(again / first["video"]))
-    rerun = make_video_qa(VideoQAConfig(out_dir=str(again), train=16, val=6, test=9, num_frames=12,
-                                        frames_per_slot=2, size=32, seed=3))
-    assert rerun["videos_reused"] == 31 and rerun["videos_written"] == 0
+    rerun = make_video_qa(VideoQAConfig(out_dir=str(again), train=16, val=6, test=12, num_frames=12,
+                                        frames_per_slot=2, size=32, seed=3, task_types=list(TASK_TYPES)))
+    assert rerun["videos_reused"] == 34 and rerun["videos_written"] == 0
 
 
 def test_splits_are_disjoint_by_seed(dataset):
     seeds = {split: {r["seed"] for r in load_video_qa(dataset / f"{split}.jsonl")} for split in SPLITS}
     assert not seeds["train"] & seeds["val"] and not seeds["train"] & seeds["test"]
     assert not seeds["val"] & seeds["test"]
-    assert seeds["test"] == {sample_seed(3, "test", i) for i in range(9)}
+    assert seeds["test"] == {sample_seed(3, "test", i) for i in range(12)}
     assert sample_seed(0, "train", 299_999) < sample_seed(0, "val", 0) < sample_seed(0, "test", 0)
     with pytest.raises(ValueError):
         sample_seed(0, "train", 300_000)
@@ -157,7 +160,8 @@ def test_jsonl_format(dataset):
             assert record["video"] == f"videos/{split}/{record['id']}.mp4"
             assert (dataset / record["video"]).is_file()
             assert len(record["options"]) == 4 and record["answer"] in LETTERS
-            assert record["task_type"] == ("colour", "order", "count")[i % 3]
+            types = manifest["settings"]["task_types"]
+            assert record["task_type"] == types[i % len(types)]
             assert record["num_frames"] == 12 and record["total_frames"] == 24
             assert all(0 <= k < 12 for k in record["key_frames"])
             assert record["key_video_frames"] == [[2 * k, 2 * k + 2] for k in record["key_frames"]]
@@ -182,6 +186,9 @@ def test_answers_match_the_decoded_frames(dataset, backend):
             pixel = frames[event["slot"], (y0 + y1) // 2, (x0 + x1) // 2]
             assert _nearest_colour(pixel) == event["colour"]
             assert np.abs(pixel.astype(int) - COLOURS[event["colour"]]).max() < 40
+            drawn = np.abs(frames[event["slot"]].astype(int) - COLOURS[event["colour"]]).max(-1) < 60
+            mask = _shape_mask(event["shape"], 32, x0, y0, x1 - x0)
+            assert (drawn & mask).sum() / (drawn | mask).sum() > 0.6  # the named shape is what was drawn
         saturation = frames.max(-1).astype(int) - frames.min(-1).astype(int)  # [T, H, W]
         coloured = (saturation > 80).sum((1, 2))
         labels = frame_labels(record)
@@ -189,6 +196,13 @@ def test_answers_match_the_decoded_frames(dataset, backend):
         chosen = record["options"][LETTERS.index(record["answer"])]
         if record["task_type"] == "colour":
             assert len(events) == 1 and chosen == events[0]["colour"]
+        elif record["task_type"] == "shape":
+            assert len(events) == 1 and chosen == events[0]["shape"]
+        elif record["task_type"] == "missing":
+            assert len(events) == 3 and {e["colour"] for e in events} == set(COLOURS) - {chosen}
+        elif record["task_type"] == "majority":
+            counts = Counter(e["colour"] for e in events)
+            assert len(events) in (3, 5) and counts[chosen] > max(n for c, n in counts.items() if c != chosen)
         elif record["task_type"] == "order":
             assert len(events) == 2 and chosen == events[0]["colour"] != events[1]["colour"]
         else:
@@ -348,8 +362,7 @@ def test_shipped_video_model_answers_the_test_split(tmp_path):
     from namm_transfer.pipelines.video_io import VideoPreprocessor
     from namm_transfer.pipelines.video_models import video_model_meta
 
-    if "smollm2-shapes" not in available_video_models():  # ships with issue 5's trained model
-        pytest.skip("the smollm2-shapes video model is not shipped yet (namm-transfer train-video-model)")
+    assert "smollm2-shapes" in available_video_models()
     meta = video_model_meta("smollm2-shapes")
     settings = meta["data"]["settings"]
     make_video_qa(VideoQAConfig(out_dir=str(tmp_path), train=0, val=0, test=24, **settings))

@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "mean kept tokens per layer as budget.\nPrints a table (policy | answer | correct? | "
                     "mean kept fraction | stored KV MiB | seconds). Then, zero-shot, a few episodes of the "
                     "shipped LunarLander Decision Transformer with the full cache, the same NAMM and Recency "
-                    "at its budget (needs the rl extra). Writes OUTPUT_DIR/demo.json.",
+                    "at its budget (needs the rl extra). Then the first test videos of the shipped video "
+                    "model's synthetic QA task with the full cache, the same NAMM, Recency at its budget "
+                    "and a uniform frame subset of the same size (needs the video extra). Writes "
+                    "OUTPUT_DIR/demo.json and OUTPUT_DIR/video/ (eval-video's rows, summary, heatmaps).",
     )
     demo.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="prompt length in tokens")
     demo.add_argument("--seed", type=int, default=d.seed, help="seed of the passkey prompt")
@@ -81,12 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="episodes per policy in the rollout comparison (0 skips it)")
     demo.add_argument("--rollout-update-every", type=int, default=d.rollout_update_every,
                       help="the NAMM's cadence on the DT in tokens (3 per env step)")
+    demo.add_argument("--video-model", default=d.video_model,
+                      help="shipped video model (or train-video-model directory) for the video-QA comparison")
+    demo.add_argument("--video-samples", type=int, default=d.video_samples,
+                      help="test videos in the video-QA comparison (0 skips it)")
+    demo.add_argument("--video-update-every", type=int, default=d.video_update_every,
+                      help="the NAMM's cadence (and prefill chunk) on the video prompts, in tokens")
+    demo.add_argument("--video-namm-budget", type=int, default=d.video_namm_budget,
+                      help="cap on the tokens the NAMM keeps per layer and KV head on the video prompts "
+                           "(0: uncapped)")
     _add_model_args(demo, d)
     demo.set_defaults(handler=_run_demo)
 
     _add_evolve(sub)
     _add_eval_text(sub)
     _add_export(sub)
+    _add_export_video_model(sub)
     _add_make_rl_datasets(sub)
     _add_train_dt(sub)
     _add_eval_rollout(sub)
@@ -213,6 +226,30 @@ def _run_export(args: argparse.Namespace, argv: list[str] | None) -> int:
     from namm_transfer.pipelines.export import export_namm
 
     print(export_namm(args.run_dir, args.name, args.destination))
+    return 0
+
+
+def _add_export_video_model(sub) -> None:
+    export = sub.add_parser(
+        "export-video-model", formatter_class=_Formatter,
+        help="ship a train-video-model output as package data, loadable by short name",
+        description="Copy MODEL_DIR (config.json, video_model.safetensors, video_model.json with the "
+                    "command, seed and scores, README.md, train_log.jsonl, predictions_test.jsonl) into "
+                    "namm_transfer/pretrained_video/NAME. Then `eval-video --model NAME` and "
+                    "load_video_model(NAME) find it; the language model stays referenced, not copied.",
+    )
+    export.add_argument("model_dir", help="the train-video-model job's --out-dir")
+    export.add_argument("--name", required=True, help="short name, e.g. smollm2-shapes")
+    export.add_argument("--destination", default=None,
+                        help="parent directory (default: namm_transfer/pretrained_video of this "
+                             "installation)")
+    export.set_defaults(handler=_run_export_video_model)
+
+
+def _run_export_video_model(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.video_models import export_video_model
+
+    print(export_video_model(args.model_dir, args.name, args.destination))
     return 0
 
 
@@ -410,6 +447,9 @@ def _add_eval_video(sub) -> None:
                         "from_pretrained on the --model directory")
     p.add_argument("--namm", default=c.namm,
                    help="a shipped NAMM's short name, a checkpoint directory or a Hub id")
+    p.add_argument("--namm-budget", type=int, default=c.namm_budget,
+                   help="hard cap on the tokens the NAMM keeps per layer and KV head (it still evicts what "
+                        "it scores below 0, and keeps the top NAMM_BUDGET of the rest); None: no cap")
     p.add_argument("--update-every", type=int, default=c.update_every,
                    help="tokens between policy updates (NAMM and baselines) and the prefill chunk")
     p.add_argument("--num-frames", type=int, default=c.num_frames,

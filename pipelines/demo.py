@@ -7,6 +7,11 @@
    ``lunarlander-expert`` Decision Transformer with the whole episode in cache, with the same NAMM
    applied zero-shot (every 30 tokens = 10 env steps), and with Recency at the NAMM's budget
    (``namm-transfer eval-rollout`` is the full comparison).
+3. Video QA (when decord and PyAV are installed, the ``video`` extra): the first test samples of the
+   synthetic video-QA set (generated with the shipped ``smollm2-shapes`` model's data settings) on that
+   model with the full cache, the same NAMM zero-shot (every 32 tokens, capped at 64 tokens per layer
+   and KV head), Recency at its budget and a uniform frame subset of the same size
+   (``namm-transfer eval-video`` is the full comparison).
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ class DemoConfig:
         rollout_dt: shipped DT (or directory) for the rollout comparison.
         rollout_episodes: episodes per policy in the rollout comparison (0 skips it).
         rollout_update_every: the NAMM's cadence on the DT, in tokens (3 per env step).
+        video_model: shipped video model (or ``train-video-model`` directory) for the video-QA comparison.
+        video_samples: test samples in the video-QA comparison (0 skips it).
+        video_update_every: the NAMM's cadence (and prefill chunk) on the video prompts, in tokens.
+        video_namm_budget: hard cap on the tokens the NAMM keeps per layer and KV head on the video
+            prompts (None: uncapped; the text-evolved NAMM then keeps every token of these ~170-token
+            prompts).
     """
 
     prompt_tokens: int = 1024
@@ -74,6 +85,10 @@ class DemoConfig:
     rollout_dt: str = "lunarlander-expert"
     rollout_episodes: int = 6
     rollout_update_every: int = 30
+    video_model: str = "smollm2-shapes"
+    video_samples: int = 8
+    video_update_every: int = 32
+    video_namm_budget: int | None = 64
 
 
 def load_namm(source: str | None, seed: int = 0, budget: int | None = None):
@@ -221,6 +236,9 @@ def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, A
     if cfg.rollout_episodes > 0:
         record["rollouts"] = run_rollouts(cfg)
         write_json(out, record)
+    if cfg.video_samples > 0:
+        record["video"] = run_video(cfg)
+        write_json(out, record)
     log(f"wrote {out}; total {time.perf_counter() - total:.1f} s")
     return rows
 
@@ -258,3 +276,44 @@ def run_rollouts(cfg: DemoConfig) -> dict[str, Any] | None:
           f"(Recency at the NAMM's per-layer budget {budget}):")
     print(er.summary_table(summary))
     return {"dt": cfg.rollout_dt, "env": env_id, "seeds": seeds, "budget": budget, "summary": summary}
+
+
+VIDEO_POLICIES = ("FullCache", "NAMM", "Recency", "UniformFrames")
+
+
+def run_video(cfg: DemoConfig) -> dict[str, Any] | None:
+    """Full cache vs the NAMM (zero-shot) vs Recency and uniform frames at its budget on the first
+    ``video_samples`` test samples of the shipped video model's task; prints a table."""
+    try:
+        import av  # noqa: F401
+        import decord  # noqa: F401
+    except ImportError:
+        log("video comparison skipped: decord / PyAV are not installed (pip install 'namm-transfer[video]')")
+        return None
+    from namm_transfer.pipelines.eval_video import EvalVideoConfig, run_eval_video
+    from namm_transfer.pipelines.video_models import video_model_dir, video_model_meta
+    from namm_transfer.pipelines.video_qa_data import VideoQAConfig, make_video_qa
+
+    try:
+        video_model_dir(cfg.video_model)
+    except FileNotFoundError as error:
+        log(f"video comparison skipped: {error}")
+        return None
+    meta = video_model_meta(cfg.video_model)
+    data_dir = Path(cfg.output_dir) / "video_qa"
+    log(f"video QA: {cfg.video_samples} test videos of {cfg.video_model}'s task ...")
+    make_video_qa(VideoQAConfig(out_dir=str(data_dir), train=0, val=0, test=cfg.video_samples,
+                                **meta["data"]["settings"]))
+    namm = cfg.namm if cfg.namm != "random" else "smollm2-text"
+    eval_cfg = EvalVideoConfig(
+        annotations=str(data_dir / "test.jsonl"), model=cfg.video_model, namm=namm,
+        namm_budget=cfg.video_namm_budget or None, update_every=cfg.video_update_every,
+        policies=list(VIDEO_POLICIES), heatmaps=1,
+        output_dir=str(Path(cfg.output_dir) / "video"), device=cfg.device, dtype=cfg.dtype,
+    )
+    cap = f", capped at {cfg.video_namm_budget} tokens" if cfg.video_namm_budget else ""
+    print(f"\nVideo QA on {cfg.video_model}, {cfg.video_samples} test samples (NAMM {namm} zero-shot{cap}, "
+          f"every {cfg.video_update_every} tokens; Recency and uniform frames at its budget):")
+    summary = run_eval_video(eval_cfg)
+    return {"model": cfg.video_model, "samples": cfg.video_samples, "output_dir": eval_cfg.output_dir,
+            "summary": summary}

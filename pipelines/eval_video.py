@@ -534,6 +534,9 @@ class EvalVideoConfig:
         loader: ``package.module:function`` returning ``(model, tokenizer)`` or a ``VideoModel``
             (default: ``from_pretrained`` on the directory).
         namm: a shipped NAMM's short name, a directory or a Hub id.
+        namm_budget: optional hard cap on the tokens the NAMM keeps per layer and KV head (it still
+            evicts every token it scores below 0, and keeps the top ``namm_budget`` of the rest by
+            score); None: the NAMM as evolved (no cap).
         update_every: tokens between policy updates (NAMM and baselines) and the prefill chunk.
         num_frames: frames sampled uniformly from each video (None: the frame count the model was
             trained with when it says, else 32).
@@ -556,6 +559,7 @@ class EvalVideoConfig:
     model: str | None = None
     loader: str | None = None
     namm: str = "smollm2-text"
+    namm_budget: int | None = None
     update_every: int = 256
     num_frames: int | None = None
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
@@ -581,6 +585,8 @@ class EvalVideoConfig:
             raise ValueError("update_every, num_frames and max_new_tokens must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+        if self.namm_budget is not None and self.namm_budget < 1:
+            raise ValueError(f"namm_budget must be >= 1 token per layer and KV head, got {self.namm_budget}")
 
 
 def prompt_ids(video_model: VideoModel, sample: VideoQASample, num_frames: int, post_prompt: str,
@@ -750,7 +756,9 @@ def _setting(cfg: EvalVideoConfig) -> dict[str, Any]:
             "update_every": cfg.update_every, "num_frames": cfg.num_frames, "limit": cfg.limit,
             "max_new_tokens": cfg.max_new_tokens, "post_prompt": cfg.post_prompt,
             "answer_prefix": cfg.answer_prefix, "exact_output": cfg.exact_output, "seed": cfg.seed,
-            "dtype": cfg.dtype}
+            "dtype": cfg.dtype,
+            # only when set, so results written before the option existed still resume
+            **({"namm_budget": cfg.namm_budget} if cfg.namm_budget is not None else {})}
 
 
 def _check_same_setting(out_dir: Path, setting: dict[str, Any]) -> None:
@@ -776,9 +784,28 @@ def _mean_se(values) -> tuple[float, float]:
     return float(values.mean()), float(se)
 
 
-def summarise(rows: list[dict[str, Any]], task_types: list[str]) -> dict[str, dict[str, Any]]:
+def key_frame_retention(rows: list[dict[str, Any]], key_frames: dict[str, list[int]]) -> tuple[float, float]:
+    """Mean share of the tokens still cached of the frames that hold the answer, and of the other
+    (redundant) frames, over the ``rows`` whose sample has known ``key_frames`` (NaN if none)."""
+    key, other = [], []
+    for row in rows:
+        frames = key_frames.get(row["sample_id"])
+        if not frames:
+            continue
+        retention = np.asarray(row["frame_retention"], dtype=np.float64)
+        is_key = np.zeros(retention.size, dtype=bool)
+        is_key[frames] = True
+        key.append(retention[is_key].mean())
+        other.append(retention[~is_key].mean())
+    return (float(np.mean(key)), float(np.mean(other))) if key else (float("nan"), float("nan"))
+
+
+def summarise(rows: list[dict[str, Any]], task_types: list[str],
+              key_frames: dict[str, list[int]] | None = None) -> dict[str, dict[str, Any]]:
     """Per policy (in :data:`POLICIES` order): accuracy (± standard error) overall and per task type,
-    failures, kept video tokens / frames, stored KV MiB and seconds per sample (successful samples)."""
+    failures, kept video tokens / frames, stored KV MiB and seconds per sample (successful samples);
+    with ``key_frames`` (sample id -> indices of the sampled frames that hold the answer, as
+    make-video-qa records them) also the retention of those frames against the others."""
     summary: dict[str, dict[str, Any]] = {}
     for name in [p for p in POLICIES if any(r["policy"] == p for r in rows)]:
         mine = [r for r in rows if r["policy"] == name]
@@ -809,20 +836,26 @@ def summarise(rows: list[dict[str, Any]], task_types: list[str]) -> dict[str, di
             "generate_seconds_per_sample": mean("generate_seconds"),
             "unanswered": sum(1 for r in ok if r.get("predicted") is None),
         }
+        if key_frames:
+            key, other = key_frame_retention(ok, key_frames)
+            summary[name].update(key_frame_retention=key, other_frame_retention=other)
     return summary
 
 
 def summary_tables(summary: dict[str, dict[str, Any]], task_types: list[str]) -> tuple[str, str]:
     """The main table (one row per policy) and the per-task-type accuracy table."""
+    with_keys = any("key_frame_retention" in s for s in summary.values())
     main = markdown_table(
         ["policy", "accuracy", "video tokens kept", "share of video tokens", "frames kept", "frames fed",
-         "KV MiB", "s / sample", "failed"],
+         *(["key / other frames' tokens kept"] if with_keys else []), "KV MiB", "s / sample", "failed"],
         [[name,
           f"{s['accuracy']:.3f} ± {s['accuracy_se']:.3f}",
           f"{s['kept_video_tokens']:.0f}",
           f"{s['kept_video_fraction']:.3f}",
           f"{s['kept_frames']:.1f}",
           f"{s['frames']:.0f}",
+          *([f"{s.get('key_frame_retention', float('nan')):.3f} / "
+             f"{s.get('other_frame_retention', float('nan')):.3f}"] if with_keys else []),
           f"{s['stored_kv_mib']:.2f}",
           f"{s['seconds_per_sample']:.2f}",
           str(s["failed"])] for name, s in summary.items()],
@@ -899,6 +932,9 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
         namm = NAMM.from_pretrained(cfg.namm)
     if namm is not None:
         namm = with_cadence(namm, cfg.update_every)
+        if cfg.namm_budget is not None:
+            namm = namm.with_budget(cfg.namm_budget)
+            namm_label += f", capped at {cfg.namm_budget} tokens per layer and KV head"
 
     budget, frames_k = None, None
     order = [p for p in POLICIES if p in cfg.policies]
@@ -958,7 +994,10 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
 
     rows = list(table.values())
     selected = [r for r in rows if r["policy"] in cfg.policies and r["sample_id"] in ids]
-    summary = summarise(selected, task_types)
+    # make-video-qa's records name the frames that hold the answer (indices among the sampled frames)
+    key_frames = {s.sample_id: [int(k) for k in s.meta["key_frames"]] for s in samples
+                  if s.meta.get("key_frames") and s.meta.get("num_frames") == cfg.num_frames}
+    summary = summarise(selected, task_types, key_frames)
     namm_rows = [r for r in rows if r["policy"] == NAMM_NAME and r["sample_id"] in ids]
     if budget is None and len(namm_rows) >= len(samples) and any(not r.get("failed") for r in namm_rows):
         budget = namm_budget(namm_rows)
@@ -990,7 +1029,11 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
         "samples excluded and counted apart). Video tokens / frames kept: at the end of generation, mean "
         "over layers and KV heads (a frame counts as kept while any of its tokens is cached); share of "
         "video tokens = kept / the full video's tokens. KV MiB: keys and values stored at the end. "
-        "s / sample: wall time per sample, video decoding included.\n\n"
+        "s / sample: wall time per sample, video decoding included."
+        + (" Key / other frames' tokens kept: mean share of the tokens still cached (over layers) of the "
+           "frames that hold the answer, and of the other, redundant frames (from the annotations' "
+           "key_frames)." if key_frames else "")
+        + "\n\n"
         + main_table + "\n\nAccuracy per task type:\n\n" + task_table + "\n"
     )
     print(main_table)

@@ -189,3 +189,32 @@ def load_video_model(
         raise ValueError(f"{directory / WEIGHTS_NAME} does not fit the model: missing {missing}, "
                          f"unexpected {unexpected}")
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+SHIPPED_FILES = (CONFIG_NAME, WEIGHTS_NAME, META_NAME, "README.md", "train_log.jsonl",
+                 "predictions_test.jsonl")
+
+
+def export_video_model(model_dir: str | os.PathLike, name: str,
+                       destination: str | os.PathLike | None = None) -> Path:
+    """Copy a ``train-video-model`` output (weights outside the LM, config, ``video_model.json`` with its
+    command, seed and scores, model card, training log, test predictions) to ``destination/name``
+    (default: ``namm_transfer/pretrained_video`` of this installation); returns that directory.
+
+    Raises:
+        FileNotFoundError: ``model_dir`` is not a finished video model directory.
+    """
+    import shutil
+
+    import namm_transfer
+
+    source = video_model_dir(model_dir)
+    missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (source / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{source} lacks {missing}: has train-video-model finished?")
+    out = Path(destination or Path(namm_transfer.__file__).resolve().parent / SHIPPED_DIR) / name
+    out.mkdir(parents=True, exist_ok=True)
+    for file in SHIPPED_FILES:
+        if (source / file).is_file():
+            shutil.copyfile(source / file, out / file)
+    return out

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 def test_demo_small(tmp_path, capsys):
     assert main(["demo", "--prompt-tokens", "600", "--chunk", "256", "--namm-budget", "300",
-                 "--rollout-episodes", "2", "--threads", "1", "--output-dir", str(tmp_path)]) == 0
+                 "--rollout-episodes", "2", "--video-samples", "2", "--threads", "1",
+                 "--output-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     for name in ("FullCache", "NAMM", "Recency", "H2O", "L2Norm", "RandomEviction"):
         assert name in table
@@ -33,6 +34,13 @@ def test_demo_small(tmp_path, capsys):
     assert summary["NAMM"]["tokens_mean"] < summary["full"]["tokens_mean"]
     assert summary["full"]["kept_fraction"] == 1.0 and len(rollouts["budget"]) == 3
     assert "Decision Transformer lunarlander-expert" in table
+    video = result["video"]["summary"]  # the video-QA comparison on the shipped video model's test videos
+    assert list(video) == ["FullCache", "NAMM", "Recency", "UniformFrames"]
+    assert all(s["samples"] == 2 and s["failed"] == 0 for s in video.values())
+    assert video["FullCache"]["kept_video_fraction"] == pytest.approx(1.0)
+    assert video["NAMM"]["kept_video_fraction"] <= 0.5  # capped at 64 tokens per layer and head
+    assert video["UniformFrames"]["frames"] <= video["FullCache"]["frames"]
+    assert (tmp_path / "video" / "summary.md").is_file() and "Video QA on smollm2-shapes" in table
 
 
 def test_bench_overhead_small(tmp_path):

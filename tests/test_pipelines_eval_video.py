@@ -26,10 +26,13 @@ from namm_transfer.pipelines.eval_video import (
     detect_format,
     extract_option_letter,
     format_question,
+    key_frame_retention,
     load_annotations,
     load_video_model,
     namm_budget,
     run_eval_video,
+    summarise,
+    summary_tables,
     uniform_frame_count,
 )
 
@@ -267,6 +270,46 @@ def test_every_policy_baselines_at_the_namm_budget(tmp_path, data):
     md = (tmp_path / "out" / "summary.md").read_text()
     assert all(f"| {name}" in md for name in POLICIES) and "colour" in md
     assert any((tmp_path / "out" / "tensorboard").iterdir())
+
+
+def test_namm_budget_caps_the_namm_it_loads(tmp_path, data):
+    """--namm-budget caps a NAMM that keeps everything: 12 tokens per head after each update, recorded
+    in the setting and the summary; without it the same NAMM evicts nothing."""
+    keep_all = NAMM(NAMMConfig())
+    cfg = _config(tmp_path, data["jsonl"], policies=[NAMM_NAME], heatmaps=0, namm_budget=12)
+    run_eval_video(cfg, loader=tiny_loader, namm=keep_all)
+    rows = _rows(cfg)
+    assert namm_budget(rows) == [12, 12] and all(r["evictions"] > 0 for r in rows)
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["setting"]["namm_budget"] == 12
+    assert "capped at 12 tokens" in (tmp_path / "out" / "summary.md").read_text()
+    uncapped = _config(tmp_path / "uncapped", data["jsonl"], policies=[NAMM_NAME], heatmaps=0)
+    run_eval_video(uncapped, loader=tiny_loader, namm=keep_all)
+    assert all(r["evictions"] == 0 for r in _rows(uncapped))
+    with pytest.raises(ValueError, match="namm_budget"):
+        EvalVideoConfig(annotations="a.json", namm_budget=0)
+
+
+def test_key_frame_retention_separates_answer_frames_from_redundant_ones():
+    rows = [
+        {"policy": NAMM_NAME, "sample_id": "a", "task_type": "colour", "correct": True, "failed": False,
+         "frame_retention": [1.0, 0.0, 0.5, 0.5]},
+        {"policy": NAMM_NAME, "sample_id": "b", "task_type": "colour", "correct": False, "failed": False,
+         "frame_retention": [0.0, 0.0, 1.0, 1.0]},
+        {"policy": NAMM_NAME, "sample_id": "c", "task_type": "colour", "correct": True, "failed": False,
+         "frame_retention": [0.0, 0.0, 0.0, 0.0]},  # no key frames known: left out
+    ]
+    key, other = key_frame_retention(rows, {"a": [0], "b": [2, 3]})
+    assert key == pytest.approx((1.0 + 1.0) / 2) and other == pytest.approx((1 / 3 + 0.0) / 2)
+    assert np.isnan(key_frame_retention(rows, {})[0])
+    for row in rows:  # the other fields summarise reads
+        row.update(frames=4, kept_video_tokens=1.0, kept_video_fraction=0.5, kept_frames=2.0,
+                   kept_fraction=0.5, stored_kv_bytes=2**20, seconds=1.0, generate_seconds=0.5, predicted="A")
+    summary = summarise(rows, ["colour"], {"a": [0], "b": [2, 3]})
+    assert summary[NAMM_NAME]["key_frame_retention"] == pytest.approx(key)
+    main, _ = summary_tables(summary, ["colour"])
+    assert "key / other frames' tokens kept" in main and "1.000 / 0.167" in main
+    assert "key / other" not in summary_tables(summarise(rows, ["colour"]), ["colour"])[0]
 
 
 def test_retention_heatmaps_for_the_first_samples(tmp_path, data):

@@ -325,6 +325,21 @@ def test_saved_model_reloads_with_identical_outputs(trained, dataset):
     assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == predictions[0]["generated"]
 
 
+def test_export_ships_what_loads_back_the_same(trained, tmp_path):
+    cfg, result = trained
+    assert main(["export-video-model", cfg.out_dir, "--name", "tiny", "--destination", str(tmp_path)]) == 0
+    shipped = tmp_path / "tiny"
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(
+        ["config.json", WEIGHTS_NAME, META_NAME, "README.md", "train_log.jsonl", "predictions_test.jsonl"])
+    assert json.loads((shipped / META_NAME).read_text())["scores"] == result.meta["scores"]
+    model, _ = load_video_model(shipped)
+    for name, tensor in result.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=META_NAME):
+        main(["export-video-model", str(tmp_path / "empty"), "--name", "x", "--destination", str(tmp_path)])
+
+
 def test_unknown_video_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither"):
         video_model_dir("no-such-model")
@@ -362,8 +377,7 @@ def test_shipped_video_model_answers_the_test_split(tmp_path):
     from namm_transfer.pipelines.video_io import VideoPreprocessor
     from namm_transfer.pipelines.video_models import video_model_meta
 
-    if "smollm2-shapes" not in available_video_models():  # ships with issue 5's trained model
-        pytest.skip("the smollm2-shapes video model is not shipped yet (namm-transfer train-video-model)")
+    assert "smollm2-shapes" in available_video_models()  # package data
     meta = video_model_meta("smollm2-shapes")
     settings = meta["data"]["settings"]
     make_video_qa(VideoQAConfig(out_dir=str(tmp_path), train=0, val=0, test=24, **settings))

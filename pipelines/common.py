@@ -44,6 +44,14 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return shlex.join(["namm-transfer", *args])
 
 
+def package_data_dir(subdir: str) -> Path:
+    """``namm_transfer/<subdir>`` of this installation (the source tree for an editable install): where
+    the export commands write shipped artifacts."""
+    import namm_transfer
+
+    return Path(namm_transfer.__file__).resolve().parent / subdir
+
+
 def git_revision(path: str | os.PathLike | None = None) -> str | None:
     """The git commit of the checkout holding ``path`` (default: this package), with ``-dirty`` when
     tracked files are modified; None outside a git checkout or without git."""

@@ -13,15 +13,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from namm_transfer.pipelines.common import log, markdown_table, write_json
+from namm_transfer.pipelines.common import log, markdown_table, package_data_dir, write_json
 from namm_transfer.pipelines.evolve import BEST_DIR, RESULTS_NAME, load_state
 
 
 def default_destination() -> Path:
     """``namm_transfer/pretrained`` of this installation (the source tree for an editable install)."""
-    import namm_transfer
-
-    return Path(namm_transfer.__file__).resolve().parent / "pretrained"
+    return package_data_dir("pretrained")
 
 
 def fitness_table(records: list[dict[str, Any]]) -> str:

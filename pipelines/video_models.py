@@ -206,13 +206,13 @@ def export_video_model(model_dir: str | os.PathLike, name: str,
     """
     import shutil
 
-    import namm_transfer
+    from namm_transfer.pipelines.common import package_data_dir
 
     source = video_model_dir(model_dir)
     missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (source / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{source} lacks {missing}: has train-video-model finished?")
-    out = Path(destination or Path(namm_transfer.__file__).resolve().parent / SHIPPED_DIR) / name
+    out = Path(destination or package_data_dir(SHIPPED_DIR)) / name
     out.mkdir(parents=True, exist_ok=True)
     for file in SHIPPED_FILES:
         if (source / file).is_file():

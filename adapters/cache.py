@@ -42,10 +42,10 @@ class EvictingLayer(DynamicLayer):
         stored = self.memory.n_slots
         return stored + query_length, self.memory.tokens_seen - stored
 
-    def apply_eviction(self) -> None:
-        """Ask the policy (if due) which tokens to keep and physically drop the others."""
+    def apply_eviction(self, force: bool = False) -> None:
+        """Ask the policy (if due, or at once with ``force``) which tokens to keep and drop the others."""
         needs_keys = getattr(self.memory.policy, "needs_keys", False)
-        index = self.memory.maybe_evict(self.keys if needs_keys else None)
+        index = self.memory.maybe_evict(self.keys if needs_keys else None, force=force)
         if index is None:
             return
         t0 = time.perf_counter()

@@ -8,7 +8,7 @@ Hugging Face models, ``namm_transfer.envs`` holds the RL side, ``namm_transfer.p
 from namm_transfer.checkpoint import import_reference_checkpoint
 from namm_transfer.memory import LayerMemory
 from namm_transfer.namm import NAMM, NAMMConfig
-from namm_transfer.policies import H2O, FullCache, L2Norm, MemoryPolicy, RandomEviction, Recency
+from namm_transfer.policies import H2O, TOVA, FullCache, L2Norm, MemoryPolicy, RandomEviction, Recency, SnapKV
 from namm_transfer.shipped import pretrained
 
 __version__ = "0.1.0"
@@ -23,6 +23,8 @@ __all__ = [
     "MemoryPolicy",
     "RandomEviction",
     "Recency",
+    "SnapKV",
+    "TOVA",
     "import_reference_checkpoint",
     "pretrained",
 ]

@@ -127,15 +127,16 @@ class LayerMemory:
         every = self.policy.update_every
         return (self.real_seen // every) > (self.last_update // every)
 
-    def maybe_evict(self, keys: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Run the policy where due; return a ``[B, H, K]`` gather index if slots changed, else None."""
+    def maybe_evict(self, keys: torch.Tensor | None = None, force: bool = False) -> torch.Tensor | None:
+        """Run the policy where due (every sample with ``force``, as a one-shot compression does);
+        return a ``[B, H, K]`` gather index if slots changed, else None."""
         if self.positions is None:
             return None
-        due = self.due()
+        due = torch.ones_like(self.real_seen, dtype=torch.bool) if force else self.due()
         if not bool(due.any()):
             return None
         t0 = time.perf_counter()
-        view = CacheView(self.layer_idx, self.positions, self.valid, keys, self.protect)
+        view = CacheView(self.layer_idx, self.positions, self.valid, keys, self.protect, self.real_seen)
         keep = self.policy.keep(self.state, view)
         if self.protect is not None:
             keep = keep | self.protect

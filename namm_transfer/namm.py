@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from namm_transfer.features import StreamingSpectrogram, age_embedding
-from namm_transfer.policies.base import Budget, CacheView, MemoryPolicy, budget_for
+from namm_transfer.policies.base import Budget, CacheView, MemoryPolicy, check_budget, resolve_budget
 from namm_transfer.scorers import ScorerShapes, keep_all_params, score_tokens
 from namm_transfer.selection import select_tokens
 
@@ -32,14 +32,15 @@ class NAMMConfig:
     scorer: str = "bam"
     hidden: int = 32
     update_every: int = 512
-    threshold: float = 0.0
+    threshold: float | None = 0.0  # None: rank only (a budget or compression ratio decides)
     budget: int | list[int] | None = None
     init_keep_bias: float = 1.0
+    # Instead of ``budget``: the fraction of the tokens seen so far to remove at each update (kvpress's
+    # convention), a cap of max(1, round((1 - ratio) * seen)) per sample and KV head. In [0, 1).
+    compression_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        budgets = [self.budget] if isinstance(self.budget, int) else list(self.budget or [])
-        if budgets and min(budgets) < 1:
-            raise ValueError(f"NAMMConfig.budget must be >= 1 token per layer and head, got {self.budget}")
+        check_budget(self.budget, self.compression_ratio, owner="NAMMConfig.budget")
         if self.update_every < 1 or self.hop < 1 or self.n_fft < self.hop:
             raise ValueError(
                 f"need update_every >= 1 and n_fft >= hop >= 1, got update_every={self.update_every}, "
@@ -122,9 +123,28 @@ class NAMM(MemoryPolicy):
     def budget(self) -> Budget:
         return self.config.budget
 
-    def with_budget(self, budget: Budget) -> NAMM:
-        """This NAMM (same parameters and statistics) with a hard token budget per layer and KV head."""
-        return NAMM(replace(self.config, budget=budget), self.params, self.norm_mean, self.norm_var)
+    @property
+    def compression_ratio(self) -> float | None:
+        return self.config.compression_ratio
+
+    def with_budget(self, budget: Budget, keep_threshold: bool = True) -> NAMM:
+        """This NAMM (same parameters and statistics) with a hard token budget per layer and KV head.
+
+        With ``keep_threshold`` (the reference's cap) it still drops every token scored below the
+        threshold and keeps the top ``budget`` of the rest; without it, it keeps exactly the ``budget``
+        best-scored tokens, as every baseline does (matched-budget comparisons).
+        """
+        threshold = self.config.threshold if keep_threshold else None
+        config = replace(self.config, budget=budget, compression_ratio=None, threshold=threshold)
+        return NAMM(config, self.params, self.norm_mean, self.norm_var)
+
+    def with_compression_ratio(self, compression_ratio: float | None, keep_threshold: bool = True) -> NAMM:
+        """This NAMM (same parameters and statistics) capped at ``max(1, round((1 - ratio) * seen))``
+        tokens per sample and KV head at each update, instead of a fixed budget (``keep_threshold``
+        as in :meth:`with_budget`)."""
+        threshold = self.config.threshold if keep_threshold else None
+        config = replace(self.config, budget=None, compression_ratio=compression_ratio, threshold=threshold)
+        return NAMM(config, self.params, self.norm_mean, self.norm_var)
 
     # policy interface ------------------------------------------------------------------------------
     def new_state(self, layer_idx: int) -> StreamingSpectrogram:
@@ -167,7 +187,7 @@ class NAMM(MemoryPolicy):
             )
         feats = self.features(state, view)
         scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
-        cap = budget_for(self.config.budget, view.layer_idx)
+        cap = resolve_budget(self.config.budget, self.config.compression_ratio, view)
         return select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
 
     # normalisation statistics --------------------------------------------------------------------
@@ -211,6 +231,8 @@ class NAMM(MemoryPolicy):
         c = self.config
         return (
             f"NAMM(scorer={c.scorer!r}, params={tuple(self.params.shape)}, update_every={c.update_every}, "
-            f"budget={c.budget}, normalised={self.norm_mean is not None})"
+            f"budget={c.budget}, "
+            + ("" if c.compression_ratio is None else f"compression_ratio={c.compression_ratio}, ")
+            + f"normalised={self.norm_mean is not None})"
         )
 

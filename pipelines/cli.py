@@ -152,6 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
     population.add_argument("--output", default=pc.output, help="markdown result file (JSON beside it)")
     _add_placement_args(population, pc)
     population.set_defaults(handler=_run_population)
+
+    from namm_transfer.pipelines.bench_engine import EngineBenchConfig
+
+    ec = EngineBenchConfig()
+    engine = bench_sub.add_parser(
+        "engine", formatter_class=_Formatter,
+        help="member evaluations per second: the old evolution path vs the shared-prefill engine",
+        description="Score the same random NAMM members on the same prompts with the old path (progressive "
+                    "generate(), members batched) and the shared-prefill engine (one context prefill, "
+                    "one-shot compression, teacher-forced answer), with and without the prefill counted. "
+                    "Writes OUTPUT (.md) and its .json twin.",
+    )
+    engine.add_argument("--population", type=int, default=ec.population, help="members on the new path")
+    engine.add_argument("--old-members", type=int, default=ec.old_members, help="members on the old path")
+    engine.add_argument("--prompt-tokens", type=int, default=ec.prompt_tokens, help="prompt length")
+    engine.add_argument("--update-every", type=int, default=ec.update_every, help="old path's cadence")
+    engine.add_argument("--fraction", type=float, default=ec.fraction, help="new path's kept fraction")
+    engine.add_argument("--output", default=ec.output, help="markdown result file (JSON beside it)")
+    _add_placement_args(engine, ec)
+    engine.set_defaults(handler=_run_engine_bench)
+
+    from namm_transfer.pipelines.ablation import AblationConfig
+
+    ac = AblationConfig()
+    ablation = bench_sub.add_parser(
+        "ablation", formatter_class=_Formatter,
+        help="validation fitness reached vs wall time of several shared-prefill evolve runs",
+        description="Read each run's validation.jsonl and config.json and write a table (OUTPUT), a PNG "
+                    "of validation fitness against wall-clock minutes and a .json twin.",
+    )
+    ablation.add_argument("--run", dest="runs", action="append", default=[], metavar="LABEL=DIR",
+                          help="an evolve run's --out-dir, with a label (repeat)")
+    ablation.add_argument("--output", default=ac.output, help="markdown result file")
+    ablation.set_defaults(handler=_run_ablation)
     return parser
 
 
@@ -203,6 +237,30 @@ def _add_evolve(sub) -> None:
     evolve.add_argument("--workers", type=int, default=e.workers, help="Ray actors with --backend ray")
     evolve.add_argument("--ray-address", default=e.ray_address,
                         help="address of a running Ray cluster (default: start a local one)")
+    evolve.add_argument("--engine", default=e.engine, choices=["shared-prefill", "generate"],
+                        help="shared-prefill: one-shot compression of a prefilled prompt pool, "
+                             "teacher-forced dense fitness (fast); generate: progressive eviction inside "
+                             "generate() (slow)")
+    evolve.add_argument("--budgets", type=lambda t: [float(x) for x in t.split(",")], default=e.budgets,
+                        help="kept fractions drawn per prompt, comma-separated (shared-prefill)")
+    evolve.add_argument("--pool-per-task", type=int, default=e.pool_per_task,
+                        help="training prompts per task, prefilled once (shared-prefill)")
+    evolve.add_argument("--val-per-task", type=int, default=e.val_per_task,
+                        help="validation prompts per task (shared-prefill)")
+    evolve.add_argument("--val-every", type=int, default=e.val_every,
+                        help="generations between validations of the CMA mean")
+    evolve.add_argument("--warm-start-steps", type=int, default=e.warm_start_steps,
+                        help="Adam steps fitting the BAM to the question's attention before CMA-ES "
+                             "(0: none)")
+    evolve.add_argument("--warm-start-lr", type=float, default=e.warm_start_lr,
+                        help="warm-start learning rate")
+    evolve.add_argument("--warm-loss", default=e.warm_loss, choices=["topk", "rank"], help="warm-start loss")
+    evolve.add_argument("--keep-target", type=float, default=e.keep_target,
+                        help="share of a training context the calibrated NAMM keeps in threshold mode")
+    evolve.add_argument("--em-weight", type=float, default=e.em_weight,
+                        help="weight of exact match in a prompt's score (rest: likelihood ratio)")
+    evolve.add_argument("--ema-decay", type=float, default=e.ema_decay,
+                        help="per-query decay of the spectrogram EMA")
     _add_placement_args(evolve, e)
     evolve.set_defaults(handler=_run_evolve)
 
@@ -257,20 +315,37 @@ def _add_eval_text(sub) -> None:
     c = EvalTextConfig()
     ev = sub.add_parser(
         "eval-text", formatter_class=_Formatter,
-        help="a NAMM vs full cache and baselines at its budget, on the text tasks' test split",
+        help="a NAMM vs full cache and every baseline at matched budgets, both protocols, test split",
         description="Run SmolLM2-135M-Instruct on the test split of each text task with the full cache, the "
-                    "NAMM, and Recency, H2O, L2Norm and RandomEviction given the NAMM's measured per-layer "
-                    "budget. Reports per task the normalised score (score / full-cache score on the same "
-                    "prompts) and the mean kept fraction. Appends every prompt's result to "
-                    "OUTPUT_DIR/rows.jsonl and skips finished ones on a rerun; writes OUTPUT_DIR/summary.md "
-                    "and .json.",
+                    "NAMM and every baseline (Recency, H2O, L2Norm, RandomEviction, SnapKV, TOVA) at the "
+                    "same tokens per layer and KV head, in the one-shot protocol (the context compressed "
+                    "once before the question; one shared prefill per prompt) and the progressive one "
+                    "(eviction every UPDATE_EVERY tokens). Reports per task the normalised score (score / "
+                    "full-cache "
+                    "score on the same prompts) with standard errors, kept fraction and KV MiB, and whether "
+                    "the NAMM beats every baseline by more than their combined standard error. Appends "
+                    "results to OUTPUT_DIR/rows*.jsonl and skips finished ones on a rerun; writes "
+                    "OUTPUT_DIR/summary.md and .json.",
     )
     ev.add_argument("--namm", default=c.namm, help="path or hub id of the NAMM to evaluate")
     ev.add_argument("--tasks", nargs="+", default=c.tasks, help="task names")
-    ev.add_argument("--n", type=int, default=c.n, help="test prompts per task")
+    ev.add_argument("--n", type=int, default=c.n, help="prompts per task")
+    ev.add_argument("--split", default=c.split, choices=["test", "val"],
+                    help="test (reported results) or val (the prompts evolution validates on)")
     ev.add_argument("--prompt-tokens", type=int, default=c.prompt_tokens, help="prompt length in tokens")
+    ev.add_argument("--protocols", nargs="+", default=c.protocols, choices=["one-shot", "progressive"],
+                    help="evaluation protocols")
+    ev.add_argument("--budgets", nargs="+", default=c.budgets,
+                    help="kept fractions (e.g. 0.5 0.25) and/or 'own' (the NAMM's threshold mode)")
+    ev.add_argument("--baselines", nargs="+", default=c.baselines, help="baseline policies")
+    ev.add_argument("--update-every", type=int, default=c.update_every,
+                    help="progressive cadence (default: the NAMM's own)")
     ev.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens,
                     help="tokens generated (default: each task's own)")
+    ev.add_argument("--shard", default=c.shard, help="K/N: every N-th prompt from K (parallel processes)")
+    ev.add_argument("--no-namm-rows", dest="namm_rows", action="store_false",
+                    help="only the full cache and the baselines at fixed budgets (they do not depend on "
+                         "the NAMM: run them first, add the NAMM's rows later into the same OUTPUT_DIR)")
     ev.add_argument("--output-dir", default=c.output_dir, help="output directory")
     _add_placement_args(ev, c)
     ev.set_defaults(handler=_run_eval_text)
@@ -629,6 +704,20 @@ def _run_population(args: argparse.Namespace, argv: list[str] | None) -> int:
     from namm_transfer.pipelines.bench_population import PopulationConfig, run_population
 
     run_population(PopulationConfig(**_fields(args, PopulationConfig)), argv)
+    return 0
+
+
+def _run_engine_bench(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.bench_engine import EngineBenchConfig, run_engine_bench
+
+    run_engine_bench(EngineBenchConfig(**_fields(args, EngineBenchConfig)), argv)
+    return 0
+
+
+def _run_ablation(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from namm_transfer.pipelines.ablation import AblationConfig, run_ablation
+
+    run_ablation(AblationConfig(**_fields(args, AblationConfig)), argv)
     return 0
 
 

@@ -191,7 +191,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the demo: prints the table to stdout, writes ``<output_dir>/demo.json``, returns the rows."""
-    from namm_transfer.policies import H2O, FullCache, L2Norm, RandomEviction, Recency
+    from namm_transfer.policies import BASELINES, FullCache, build_baseline
 
     set_threads(cfg.threads)
     total = time.perf_counter()
@@ -228,10 +228,8 @@ def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, A
     log(f"NAMM kept per layer (mean over heads): {record['namm_kept_per_layer']}")
     log(f"baseline budget per layer (less the tokens added since the last update): {budget}")
     every = namm.update_every
-    add("Recency", Recency(budget, update_every=every))
-    add("H2O", H2O(budget, update_every=every))
-    add("L2Norm", L2Norm(budget, update_every=every))
-    add("RandomEviction", RandomEviction(budget, seed=cfg.seed, update_every=every))
+    for name in BASELINES:  # every registered baseline at the NAMM's measured budget
+        add(name, build_baseline(name, budget, update_every=every, seed=cfg.seed))
     print(format_rows(rows))
     if cfg.rollout_episodes > 0:
         record["rollouts"] = run_rollouts(cfg)

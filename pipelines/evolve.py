@@ -87,6 +87,21 @@ class EvolveConfig:
             holding one model replica).
         workers: Ray actors (one CPU each) with ``backend="ray"``.
         ray_address: an existing Ray cluster; None starts a local one.
+        engine: "shared-prefill" (one-shot protocol: prefill a fixed pool of prompts once, score members
+            by their one-shot compression plus one teacher-forced forward; :mod:`.evolve_shared`) or
+            "generate" (progressive protocol: every member runs ``generate()`` with eviction every
+            ``update_every`` tokens, prompt included; slow, for a last fine-tuning stage).
+        budgets: kept fractions of the context drawn per prompt (shared-prefill engine).
+        pool_per_task: training prompts per task in the prefilled pool (shared-prefill engine).
+        val_per_task: validation prompts per task, scored at every budget.
+        val_every: generations between validations of the CMA mean.
+        warm_start_steps: Adam steps fitting the BAM to the question's attention (0: no warm start).
+        warm_start_lr: its learning rate.
+        keep_target: share of a training context the calibrated NAMM keeps in threshold mode.
+        em_weight: weight of exact match in a prompt's score (the rest: the likelihood ratio).
+        warm_loss: "topk" (cross-entropy towards the oracle's top 10% tokens) or "rank" (correlation
+            with the log attention share); see :mod:`.evolve_shared`.
+        ema_decay: per-query decay of the NAMM's spectrogram EMA (the reference's 0.99).
     """
 
     # Three stages as in the reference (retrieval, + a QA-like task, + a natural-text task). vartrack is
@@ -114,10 +129,22 @@ class EvolveConfig:
     backend: str = "local"
     workers: int = 2
     ray_address: str | None = None
+    engine: str = "generate"
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    pool_per_task: int = 24
+    val_per_task: int = 8
+    val_every: int = 2
+    warm_start_steps: int = 0
+    warm_start_lr: float = 3e-3
+    keep_target: float = 0.4
+    em_weight: float = 0.5
+    warm_loss: str = "topk"
+    ema_decay: float = 0.99
 
     def namm_config(self) -> NAMMConfig:
         return NAMMConfig(
-            update_every=self.update_every, scorer=self.scorer, init_keep_bias=self.init_keep_bias
+            update_every=self.update_every, scorer=self.scorer, init_keep_bias=self.init_keep_bias,
+            ema_decay=self.ema_decay,
         )
 
     def __post_init__(self) -> None:
@@ -125,6 +152,10 @@ class EvolveConfig:
             raise ValueError("need population >= 2, generations >= 1 and prompts_per_task >= 1")
         if self.memory_weight < 0:
             raise ValueError(f"memory_weight must be >= 0, got {self.memory_weight}")
+        if self.engine not in ("generate", "shared-prefill"):
+            raise ValueError(f"unknown engine {self.engine!r}; use 'shared-prefill' or 'generate'")
+        if not self.budgets or not all(0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets must be kept fractions in (0, 1], got {self.budgets}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -419,6 +450,10 @@ def run_evolve(
         raise ValueError(f"unknown task(s) {unknown}; available: {sorted(tasks)}")
     if model is None:
         model, tokenizer = load_model(cfg.device, cfg.dtype)
+    if cfg.engine == "shared-prefill":
+        from namm_transfer.pipelines.evolve_shared import run_evolve_shared
+
+        return run_evolve_shared(cfg, tasks, model, tokenizer, argv=argv)
     if evaluator is None and cfg.backend == "ray":
         evaluator = RayEvaluator(functools.partial(load_model, cfg.device, cfg.dtype), cfg, cfg.workers,
                                  cfg.ray_address)

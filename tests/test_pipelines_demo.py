@@ -18,7 +18,7 @@ def test_demo_small(tmp_path, capsys):
                  "--rollout-episodes", "2", "--video-samples", "2", "--threads", "1",
                  "--output-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
-    for name in ("FullCache", "NAMM", "Recency", "H2O", "L2Norm", "RandomEviction"):
+    for name in ("FullCache", "NAMM", "Recency", "H2O", "L2Norm", "RandomEviction", "SnapKV", "TOVA"):
         assert name in table
     result = json.loads((tmp_path / "demo.json").read_text())
     rows = {r["policy"]: r for r in result["rows"]}
@@ -26,7 +26,7 @@ def test_demo_small(tmp_path, capsys):
     assert len(result["budget_per_layer"]) == 30
     namm_kept = rows["NAMM"]["kept_fraction"]
     assert namm_kept < 1.0
-    for name in ("Recency", "H2O", "L2Norm", "RandomEviction"):  # matched cache size
+    for name in ("Recency", "H2O", "L2Norm", "RandomEviction", "SnapKV", "TOVA"):  # matched cache size
         assert rows[name]["kept_fraction"] == pytest.approx(namm_kept, abs=0.02)
     rollouts = result["rollouts"]  # the DT comparison: same seeds, the NAMM holds less than the full cache
     assert list(rollouts["summary"]) == ["full", "NAMM", "Recency"] and rollouts["seeds"] == [0, 1]

@@ -9,7 +9,7 @@ import pytest
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.pipelines.cli import _fields, build_parser, main
-from namm_transfer.pipelines.eval_text import EvalTextConfig, namm_budget, summarise
+from namm_transfer.pipelines.eval_text import EvalTextConfig, namm_budget, summarise, verdict
 
 
 def test_budget_is_the_namm_kept_tokens_after_its_last_update():
@@ -45,10 +45,24 @@ def test_resuming_into_a_directory_of_another_setting_is_refused(tmp_path):
     from namm_transfer.pipelines.eval_text import _check_same_setting
 
     cfg = EvalTextConfig(namm="a", output_dir=str(tmp_path))
-    _check_same_setting(tmp_path, cfg)
-    _check_same_setting(tmp_path, EvalTextConfig(namm="a", n=3, output_dir=str(tmp_path)))  # more prompts: ok
-    with pytest.raises(ValueError, match="another --output-dir"):
-        _check_same_setting(tmp_path, EvalTextConfig(namm="b", output_dir=str(tmp_path)))
+    _check_same_setting(tmp_path, cfg, 256)
+    _check_same_setting(tmp_path, EvalTextConfig(namm="b", n=3, output_dir=str(tmp_path)), 256)  # ok
+    with pytest.raises(ValueError, match="prompt_tokens: 1024 there, 512 now"):
+        _check_same_setting(tmp_path, EvalTextConfig(prompt_tokens=512, output_dir=str(tmp_path)), 256)
+    with pytest.raises(ValueError, match="update_every: 256 there, 128 now"):
+        _check_same_setting(tmp_path, cfg, 128)
+
+
+def test_baseline_rows_do_not_depend_on_the_namm():
+    from namm_transfer.pipelines.eval_text import _expected, depends_on_namm
+
+    full = _expected(EvalTextConfig(budgets=["0.5", "own"], baselines=["H2O"]))
+    alone = _expected(EvalTextConfig(budgets=["0.5", "own"], baselines=["H2O"], namm_rows=False))
+    assert set(alone) == {("one-shot", "0.5", "FullCache"), ("one-shot", "0.5", "H2O"),
+                          ("progressive", "0.5", "FullCache"), ("progressive", "0.5", "H2O")}
+    assert set(alone) < set(full)
+    assert [x for x in full if x not in alone] == [x for x in full if depends_on_namm(
+        {"policy": x[2], "budget": x[1]})]
 
 
 def test_cli_mirrors_the_config():
@@ -56,20 +70,71 @@ def test_cli_mirrors_the_config():
     assert EvalTextConfig(**_fields(args, EvalTextConfig)) == EvalTextConfig()
 
 
+def test_bad_settings_are_refused_with_their_name():
+    with pytest.raises(ValueError, match="protocol"):
+        EvalTextConfig(protocols=["streaming"])
+    with pytest.raises(ValueError, match="kept fraction"):
+        EvalTextConfig(budgets=["1.5"])
+    with pytest.raises(ValueError, match="baseline"):
+        EvalTextConfig(baselines=["Oracle"])
+    with pytest.raises(ValueError, match="K/N"):
+        EvalTextConfig(shard="2")
+
+
+def _rows(policy, scores, task="a"):
+    return [{"policy": policy, "task": task, "score": s, "kept_fraction": 0.5, "seed": i}
+            for i, s in enumerate(scores)]
+
+
+def test_verdict_compares_with_the_combined_standard_error():
+    rows = _rows("FullCache", [1, 1, 1, 1]) + _rows("NAMM", [1, 1, 1, 0]) + _rows("H2O", [0, 0, 0, 1])
+    v = verdict(summarise(rows, ["a"]))
+    se = 0.5 / 2  # std([1, 1, 1, 0], ddof=1) / sqrt(4) in normalised units (full cache mean 1)
+    assert v["margins"]["H2O"]["margin"] == pytest.approx(0.5)
+    assert v["margins"]["H2O"]["combined_se"] == pytest.approx(math.hypot(se, se))
+    assert v["above_every_baseline"] and v["above_every_baseline_by_combined_se"]
+    close = rows + _rows("TOVA", [1, 1, 0, 1])
+    v = verdict(summarise(close, ["a"]))
+    assert not v["above_every_baseline"]  # TOVA ties the NAMM
+    assert verdict(summarise(_rows("FullCache", [1]) + _rows("NAMM", [1]), ["a"])) == {}  # nothing to beat
+
+
 @pytest.mark.slow
 def test_eval_text_small_run_and_resume(tmp_path):
     namm_dir = tmp_path / "namm"
-    NAMM.init_random(seed=0, config=NAMMConfig(update_every=128, budget=200)).save_pretrained(namm_dir)
-    argv = ["eval-text", "--namm", str(namm_dir), "--tasks", "passkey", "kv", "--n", "1",
-            "--prompt-tokens", "400", "--threads", "1", "--output-dir", str(tmp_path / "out")]
+    NAMM.init_random(seed=0, config=NAMMConfig(update_every=128)).save_pretrained(namm_dir)
+    argv = ["eval-text", "--namm", str(namm_dir), "--tasks", "passkey", "--n", "1",
+            "--prompt-tokens", "300", "--budgets", "0.5", "own", "--baselines", "Recency", "SnapKV",
+            "--threads", "1", "--output-dir", str(tmp_path / "out")]
     assert main(argv) == 0
-    rows = (tmp_path / "out" / "rows.jsonl").read_text().splitlines()
-    assert len(rows) == 6 * 2  # 6 policies x 2 prompts
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["summary"]
-    assert set(summary) == {"FullCache", "NAMM", "Recency", "H2O", "L2Norm", "RandomEviction"}
-    namm_kept = summary["NAMM"]["kept_fraction"]
-    assert namm_kept < 1.0
-    for name in ("Recency", "H2O", "L2Norm", "RandomEviction"):  # matched cache size
-        assert summary[name]["kept_fraction"] == pytest.approx(namm_kept, abs=0.03)
+    rows = [json.loads(r) for r in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    # one-shot: full + NAMM + 2 baselines at 50%, NAMM + 2 baselines at its own; progressive: 4 + 1
+    assert len(rows) == 4 + 3 + 4 + 1
+    tables = json.loads((tmp_path / "out" / "summary.json").read_text())["tables"]
+    assert set(tables) == {"one-shot/0.5", "one-shot/own", "progressive/0.5", "progressive/own"}
+    one_shot = tables["one-shot/0.5"]["summary"]
+    for name in ("NAMM", "Recency", "SnapKV"):  # matched cache size
+        assert one_shot[name]["kept_fraction"] == pytest.approx(0.5, abs=0.01)
+    own = tables["one-shot/own"]["summary"]
+    assert own["Recency"]["kept_fraction"] == pytest.approx(own["NAMM"]["kept_fraction"], abs=0.01)
     assert main(argv) == 0  # resume: nothing left to run, nothing duplicated
-    assert len((tmp_path / "out" / "rows.jsonl").read_text().splitlines()) == 12
+    assert len((tmp_path / "out" / "rows.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_ablation_table_reads_each_runs_validation(tmp_path):
+    from namm_transfer.pipelines.ablation import AblationConfig, run_ablation
+
+    for name, fits in (("a", [0.4, 0.6, 0.5]), ("b", [0.3, 0.35])):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"warm_start_steps": 0 if name == "a" else 400}))
+        (run / "validation.jsonl").write_text("\n".join(json.dumps(
+            {"generation": 3 * i, "val_fitness": f, "val_exact_normalised": f / 2, "seconds": 60.0 * (i + 1)})
+            for i, f in enumerate(fits)))
+    out = tmp_path / "ablation.md"
+    rows = run_ablation(AblationConfig(runs=[f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"], output=str(out)))
+    assert [(r["best_val_fitness"], r["best_generation"], r["start_val_fitness"]) for r in rows] == [
+        (0.6, 3, 0.4), (0.35, 3, 0.3)]
+    assert out.with_suffix(".png").is_file() and "| A " in out.read_text()
+    with pytest.raises(ValueError, match="LABEL=DIR"):
+        run_ablation(AblationConfig(runs=["nolabel"], output=str(out)))

@@ -28,8 +28,20 @@ def test_smollm2_text_loads_by_short_name_with_its_record():
     assert record["command"].startswith("namm-transfer evolve") and record["git_revision"]
     assert record["config"]["seed"] == record["seed"]
     assert record["config"]["update_every"] == namm.update_every
-    lines = (pretrained_dir("smollm2-text") / "results.jsonl").read_text().splitlines()
-    curve = [json.loads(line) for line in lines]
-    assert len(curve) == record["generations"]
-    # the shipped parameters are the CMA mean after the last generation
-    assert curve[-1]["total_generation"] == record["generations"] - 1
+    assert record["config"]["engine"] == "shared-prefill" and record["config"]["warm_start_steps"] > 0
+    folder = pretrained_dir("smollm2-text")
+    curve = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert len(curve) == record["generations"] == curve[-1]["generation"]
+    validation = [json.loads(line) for line in (folder / "validation.jsonl").read_text().splitlines()]
+    assert validation[0]["generation"] == 0  # the warm start, before CMA-ES
+    best = max(validation, key=lambda v: v["val_fitness"])
+    assert best["generation"] == record["best_generation"]  # shipped: the best mean by validation
+    assert best["val_fitness"] == record["best_validation_fitness"]
+    assert (folder / "curves.png").is_file() and (folder / "fitness_curve.md").is_file()
+
+
+def test_the_previous_namm_stays_loadable_under_a_versioned_name():
+    old = namm_transfer.pretrained("smollm2-text-v1")
+    record = training_record("smollm2-text-v1")
+    assert record["config"]["population"] == 8 and record["generations"] == 18
+    assert not torch.equal(old.params, namm_transfer.pretrained("smollm2-text").params)

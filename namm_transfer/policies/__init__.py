@@ -1,9 +1,24 @@
 """Memory policies: the NAMM and the baselines it is compared with, behind one interface."""
 
-from namm_transfer.policies.base import Budget, CacheView, MemoryPolicy, ScoredPolicy, budget_for
+from namm_transfer.policies.base import (
+    Budget,
+    CacheView,
+    MemoryPolicy,
+    ScoredPolicy,
+    budget_for,
+    check_budget,
+    resolve_budget,
+)
 from namm_transfer.policies.baselines import H2O, FullCache, L2Norm, RandomEviction, Recency
+from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_baseline
+from namm_transfer.policies.snapkv import SnapKV
+from namm_transfer.policies.tova import TOVA
 
 __all__ = [
+    "BASELINES",
+    "FULL_CACHE",
+    "NAMM_NAME",
+    "build_baseline",
     "Budget",
     "CacheView",
     "FullCache",
@@ -13,5 +28,9 @@ __all__ = [
     "RandomEviction",
     "Recency",
     "ScoredPolicy",
+    "SnapKV",
+    "TOVA",
     "budget_for",
+    "check_budget",
+    "resolve_budget",
 ]

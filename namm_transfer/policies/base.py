@@ -7,6 +7,7 @@ mask, so a new heuristic only writes ``score()``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ class CacheView:
         valid: ``[B, H, S]`` bool, True for real cached tokens.
         keys: ``[B, H, S, D]`` cached keys (after RoPE where the model uses it), or None.
         protect: ``[B, H, S]`` bool slots that must be kept (non-finite attention), or None.
+        seen: ``[B]`` long real (non-padding) tokens each sample has fed so far, or None; what a
+            ``compression_ratio`` is a fraction of.
     """
 
     layer_idx: int
@@ -33,6 +36,7 @@ class CacheView:
     valid: torch.Tensor
     keys: torch.Tensor | None = None
     protect: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
 
     @property
     def age(self) -> torch.Tensor:
@@ -88,30 +92,97 @@ def budget_for(budget: Budget, layer_idx: int) -> int | None:
     return int(budget[layer_idx])
 
 
+def check_budget(budget: Budget, compression_ratio: float | None, owner: str = "budget") -> None:
+    """Raise ValueError unless ``budget`` (>= 1 per layer) and ``compression_ratio`` (in [0, 1)) are
+    valid and at most one of them is given."""
+    if budget is not None and min([budget] if isinstance(budget, int) else list(budget)) < 1:
+        raise ValueError(f"{owner} must be >= 1 token per layer and head, got {budget}")
+    if compression_ratio is not None:
+        if budget is not None:
+            raise ValueError(
+                f"give a token budget or a compression_ratio, not both (got budget={budget}, "
+                f"compression_ratio={compression_ratio})"
+            )
+        if not 0.0 <= float(compression_ratio) < 1.0:
+            raise ValueError(f"compression_ratio must be in [0, 1), got {compression_ratio}")
+
+
+def resolve_budget(
+    budget: Budget, compression_ratio: float | None, view: CacheView
+) -> int | torch.Tensor | None:
+    """The cap on kept tokens per (sample, KV head) at this update.
+
+    With a ``compression_ratio`` (the fraction of the tokens seen so far to remove, as in kvpress) it
+    is the ``[B]`` long tensor ``max(1, round((1 - ratio) * seen))``, ``seen`` being each sample's real
+    tokens fed so far (``view.seen``); otherwise this layer's entry of ``budget`` (None: no cap).
+    """
+    if compression_ratio is None:
+        return budget_for(budget, view.layer_idx)
+    if budget is not None:
+        raise ValueError("give a token budget or a compression_ratio, not both")
+    if view.seen is None:
+        raise ValueError("a compression_ratio needs CacheView.seen (the real tokens each sample has fed)")
+    seen = view.seen.to(device=view.positions.device, dtype=torch.float64)
+    return torch.round((1.0 - float(compression_ratio)) * seen).long().clamp(min=1)
+
+
+def per_sample(cap: int | torch.Tensor, like: torch.Tensor) -> int | torch.Tensor:
+    """``cap`` broadcastable against ``like`` ``[B, H, S]``: an int as is, a ``[B]`` tensor as
+    ``[B, 1, 1]``."""
+    if isinstance(cap, torch.Tensor):
+        cap = cap.to(like.device)
+        while cap.ndim < 3:
+            cap = cap[..., None]
+    return cap
+
+
 class ScoredPolicy(MemoryPolicy):
     """A policy that scores tokens and keeps the ``budget`` best per (sample, KV head).
 
     Args:
         budget: tokens kept per layer and KV head, an int or one int per layer. None keeps all.
         update_every: tokens between evictions (the NAMM cadence by default, for matched comparisons).
+        compression_ratio: instead of ``budget``, the fraction of the tokens seen so far to remove at
+            each update (kvpress's convention): each sample keeps ``max(1, round((1 - ratio) * seen))``
+            tokens per KV head. In [0, 1); giving both is a ValueError.
     """
 
-    def __init__(self, budget: Budget = None, update_every: int = 512):
+    def __init__(
+        self, budget: Budget = None, update_every: int = 512, compression_ratio: float | None = None
+    ):
         super().__init__(update_every=update_every)
-        if budget is not None and min([budget] if isinstance(budget, int) else list(budget)) < 1:
-            raise ValueError(f"budget must be >= 1 token per layer and head, got {budget}")
+        check_budget(budget, compression_ratio)
         self.budget = budget
+        self.compression_ratio = compression_ratio
 
     def score(self, state: Any, view: CacheView) -> torch.Tensor:
         """``[B, H, S]`` scores, higher = keep first."""
         raise NotImplementedError
 
+    def cap(self, view: CacheView) -> int | torch.Tensor | None:
+        """This update's cap on kept tokens per (sample, KV head): see :func:`resolve_budget`."""
+        return resolve_budget(self.budget, self.compression_ratio, view)
+
     def keep(self, state: Any, view: CacheView) -> torch.Tensor:
-        cap = budget_for(self.budget, view.layer_idx)
+        cap = self.cap(view)
         if cap is None:
             return view.valid.clone()
         scores = self.score(state, view)
         return select_tokens(scores, view.valid, view.positions, None, cap, view.protect)
+
+    def with_budget(self, budget: Budget) -> ScoredPolicy:
+        """A copy of this policy keeping ``budget`` tokens per layer and KV head (no compression ratio)."""
+        check_budget(budget, None)
+        new = copy.copy(self)
+        new.budget, new.compression_ratio = budget, None
+        return new
+
+    def with_compression_ratio(self, compression_ratio: float) -> ScoredPolicy:
+        """A copy of this policy removing ``compression_ratio`` of the tokens seen (no fixed budget)."""
+        check_budget(None, compression_ratio)
+        new = copy.copy(self)
+        new.budget, new.compression_ratio = None, compression_ratio
+        return new
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from namm_transfer.policies.base import Budget, CacheView, MemoryPolicy, ScoredPolicy
+from namm_transfer.policies.base import Budget, CacheView, MemoryPolicy, ScoredPolicy, per_sample
 
 
 class FullCache(MemoryPolicy):
@@ -25,8 +25,14 @@ class FullCache(MemoryPolicy):
 class Recency(ScoredPolicy):
     """StreamingLLM (Xiao et al. 2023): ``sink`` first tokens plus the most recent ones."""
 
-    def __init__(self, budget: Budget = None, sink: int = 4, update_every: int = 512):
-        super().__init__(budget, update_every)
+    def __init__(
+        self,
+        budget: Budget = None,
+        sink: int = 4,
+        update_every: int = 512,
+        compression_ratio: float | None = None,
+    ):
+        super().__init__(budget, update_every, compression_ratio)
         self.sink = sink
 
     def score(self, state: Any, view: CacheView) -> torch.Tensor:
@@ -40,13 +46,20 @@ class H2O(ScoredPolicy):
     """Heavy-Hitter Oracle (Zhang et al. 2023): accumulated received attention plus a recent window.
 
     Args:
-        recent: tokens of the recent window always kept (default: half the budget).
+        recent: tokens of the recent window always kept (default: half the budget; with a
+            ``compression_ratio``, half of each sample's cap at the update).
     """
 
     needs_attention = True
 
-    def __init__(self, budget: Budget = None, recent: int | None = None, update_every: int = 512):
-        super().__init__(budget, update_every)
+    def __init__(
+        self,
+        budget: Budget = None,
+        recent: int | None = None,
+        update_every: int = 512,
+        compression_ratio: float | None = None,
+    ):
+        super().__init__(budget, update_every, compression_ratio)
         self.recent = recent
 
     def new_state(self, layer_idx: int) -> dict[str, torch.Tensor | None]:
@@ -69,8 +82,11 @@ class H2O(ScoredPolicy):
         acc = state["acc"]
         if acc is None or acc.shape != view.positions.shape:
             acc = torch.zeros(view.positions.shape, device=view.positions.device)
-        cap = self.budget if isinstance(self.budget, int) else self.budget[view.layer_idx]
-        recent = cap // 2 if self.recent is None else self.recent
+        if self.recent is not None:
+            recent = self.recent
+        else:
+            cap = self.cap(view)
+            recent = 0 if cap is None else per_sample(cap // 2, view.positions)  # [B, 1, 1] for a ratio
         in_window = view.valid & (view.age < recent)
         return acc.masked_fill(in_window, float("inf"))
 
@@ -93,10 +109,23 @@ class L2Norm(ScoredPolicy):
 class RandomEviction(ScoredPolicy):
     """Keeps a uniformly random subset of ``budget`` tokens (seeded, reproducible)."""
 
-    def __init__(self, budget: Budget = None, seed: int = 0, update_every: int = 512):
-        super().__init__(budget, update_every)
+    def __init__(
+        self,
+        budget: Budget = None,
+        seed: int = 0,
+        update_every: int = 512,
+        compression_ratio: float | None = None,
+    ):
+        super().__init__(budget, update_every, compression_ratio)
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
+
+    def __copy__(self) -> RandomEviction:
+        """A copy (e.g. from :meth:`with_budget`) draws from its own generator, restarted at ``seed``."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._generator = torch.Generator().manual_seed(self.seed)
+        return new
 
     def score(self, state: Any, view: CacheView) -> torch.Tensor:
         scores = torch.rand(view.positions.shape, generator=self._generator)

@@ -1,0 +1,509 @@
+"""``namm-transfer evolve`` on the shared-prefill engine: warm start, then CMA-ES on task fitness.
+
+Config -> data -> model -> evaluate, as :mod:`.evolve`, with three differences that make the search
+move on two CPU cores:
+
+1. **Shared prefill** (:mod:`.shared_prefill`). The training prompts form a fixed pool; each is
+   prefilled once with a keep-everything NAMM (KV cache + streaming spectrogram state kept in memory,
+   about 64 MB per 1k-token prompt on SmolLM2-135M). A member is then scored by its one-shot
+   compression of that cache at a hard budget, followed by one teacher-forced forward of the question,
+   the answer prefix and the reference answer, all members of a block in one batch.
+2. **Dense fitness.** Per prompt, a member's score is ``w * exact + (1 - w) * min(1, exp(mean
+   per-token log-likelihood ratio to the full cache))`` (``w = em_weight``, 0.5 by default), and the
+   task fitness divides the member's mean by the full cache's (which scores ``w * exact_full + 1 - w``)
+   on the same prompts, averaged over tasks. Exact match (greedy decoding's answer) stays the reported
+   metric; the likelihood term tells apart members that all fail or all succeed, which a 0/1 score on
+   a handful of prompts cannot, and that is what made the previous search a random walk.
+3. **Supervised warm start.** Before CMA-ES, the BAM is fitted by gradient descent (Adam) so that the
+   softmax of its scores over a layer-head's cached tokens matches how the question and answer
+   tokens' attention is spread over them (cross-entropy; targets from the same full-cache pool
+   forwards). CMA-ES (separable, the reference's sigma) then refines the whole BAM on task fitness.
+
+Budgets: every prompt of a generation draws a kept fraction from ``budgets`` (shared by its members),
+so the ranking has to hold at any cap. Threshold mode: the final bias is calibrated so that by
+itself the NAMM keeps ``keep_target`` of a training context (``calibrate_bias``), after the warm start
+and again on the shipped mean (CMA-ES under budgets never sees the bias: rankings ignore it).
+Validation: every ``val_every`` generations the CMA mean is scored on held-out validation prompts at
+each budget; the best mean by validation fitness is saved as ``OUT_DIR/namm`` (the reference keeps its
+best checkpoint), the latest as ``OUT_DIR/namm_last``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from namm_transfer import NAMM, NAMMConfig
+from namm_transfer.pipelines.common import log, run_metadata, set_threads
+from namm_transfer.pipelines.shared_prefill import (
+    ContextPrefill,
+    ReceivedAttention,
+    TeacherForced,
+    answer_token_ids,
+    prefill_context,
+    teacher_forced,
+)
+from namm_transfer.policies.base import CacheView
+from namm_transfer.scorers import score_tokens
+
+STATE_NAME = "evolve_state.pkl"
+
+
+@dataclass
+class PoolEntry:
+    """One prompt of the pool: its prefill, the full cache's teacher-forced result, the warm-start target."""
+
+    task: str
+    seed: int
+    prefill: ContextPrefill
+    answer_ids: torch.Tensor
+    full: TeacherForced
+    target: torch.Tensor  # [L * H, S] attention the question and answer paid to each context token
+
+
+class PrefillPool:
+    """Context prefills of training / validation prompts, computed once and reused every generation."""
+
+    def __init__(self, model, tokenizer, handle, tasks: dict, namm_cfg: NAMMConfig, prompt_tokens: int):
+        self.model, self.tokenizer, self.handle, self.tasks = model, tokenizer, handle, tasks
+        self.namm_cfg, self.prompt_tokens = namm_cfg, prompt_tokens
+        self.entries: dict[tuple[str, int], PoolEntry] = {}
+
+    def get(self, task: str, seed: int) -> PoolEntry:
+        key = (task, seed)
+        if key not in self.entries:
+            self.entries[key] = self._build(task, seed)
+        return self.entries[key]
+
+    @torch.no_grad()
+    def _build(self, task: str, seed: int) -> PoolEntry:
+        example = self.tasks[task].make(self.tokenizer, seed, self.prompt_tokens)
+        prefill = prefill_context(self.model, self.handle, example, self.tokenizer, [NAMM(self.namm_cfg)])
+        answer = answer_token_ids(self.tokenizer, example)
+        recorder = ReceivedAttention()
+        cache = prefill.fork(0, recorder)
+        for layer in cache.layers:  # fresh recorder state: only the question and answer are summed
+            layer.memory.state = recorder.new_state(layer.memory.layer_idx)
+        full = teacher_forced(self.model, prefill, cache, answer)
+        n = prefill.context_len
+        target = torch.cat([layer.memory.state["received"][0, :, :n] for layer in cache.layers])
+        return PoolEntry(task, seed, prefill, answer, full, target)
+
+    def nbytes(self) -> int:
+        return sum(e.prefill.nbytes() + e.target.numel() * 4 for e in self.entries.values())
+
+
+def entry_features(entry: PoolEntry, namm: NAMM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(features [L*H, S, in_dim], valid [L*H, S], positions [L*H, S])`` of a pool prompt's context
+    as ``namm`` sees them at the one-shot eviction point (its frozen statistics applied)."""
+    feats, valid, positions = [], [], []
+    for layer in entry.prefill.cache.layers:
+        mem = layer.memory
+        view = CacheView(mem.layer_idx, mem.positions, mem.valid)
+        feats.append(namm.features(mem.state[0], view)[0])
+        valid.append(mem.valid[0])
+        positions.append(mem.positions[0])
+    return torch.cat(feats), torch.cat(valid), torch.cat(positions)
+
+
+def collect_statistics(entries: list[PoolEntry], namm_cfg: NAMMConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin mean and variance of the spectral features over every context token of ``entries``
+    (the keep-everything evaluation the statistics are frozen after)."""
+    raw = NAMM(namm_cfg)
+    count, total, squares = 0, 0.0, 0.0
+    for entry in entries:
+        feats, valid, _ = entry_features(entry, raw)
+        x = feats[valid][:, namm_cfg.age_dim :].double()
+        count += x.shape[0]
+        total = total + x.sum(0)
+        squares = squares + x.square().sum(0)
+    mean = total / count
+    var = (squares / count - mean.square()).clamp_min(0)
+    return mean.float().numpy(), var.float().numpy()
+
+
+def warm_start(
+    entries: list[PoolEntry],
+    namm: NAMM,
+    steps: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+    loss: str = "topk",
+) -> tuple[torch.Tensor, list[float]]:
+    """Fit the scorer's parameters so that ``softmax(scores)`` over each layer-head's context tokens
+    matches the share of the question's and answer's attention each token received (cross-entropy).
+
+    Starts from ``namm``'s parameters plus N(0, 0.065^2) noise (all-zero weights are a saddle: no
+    gradient reaches the attention block). Returns the parameters and the loss curve.
+    """
+    from tqdm.auto import tqdm
+
+    shapes = namm.config.shapes
+    data = []
+    for entry in entries:
+        feats, valid, positions = entry_features(entry, namm)
+        target = entry.target.masked_fill(~valid, 0)
+        target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+        data.append((feats[None], valid[None], positions[None], target[None]))
+    gen = torch.Generator().manual_seed(seed)
+    params = namm.params[:1].clone() + 0.065 * torch.randn(namm.params[:1].shape, generator=gen)
+    params.requires_grad_(True)
+    opt = torch.optim.Adam([params], lr=lr)
+    losses = []
+    order = np.random.default_rng(seed)
+    bar = tqdm(range(steps), desc="warm start", unit="step", disable=not progress)
+    for _ in bar:
+        feats, valid, positions, target = data[int(order.integers(len(data)))]
+        with torch.enable_grad():
+            scores = score_tokens(params, feats, valid, positions, shapes)
+            value = LOSSES[loss](scores, target, valid)
+            opt.zero_grad()
+            value.backward()
+        opt.step()
+        losses.append(float(value.detach()))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    return params.detach()[0], losses
+
+
+def rank_loss(scores: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``1 - Pearson correlation`` between the scores and the log of the attention share, per
+    layer-head row (mean over rows). On the log scale the few tokens the question needs stand out
+    from the filler even when an attention sink takes most of the mass; the correlation ignores the
+    scores' offset and scale, which budgets never see (top-k) and calibration sets afterwards."""
+    n = valid.sum(-1, keepdim=True).clamp_min(1)
+    y = torch.log(target * n + 1e-2)
+
+    def centred(x):
+        x = x.masked_fill(~valid, 0)
+        x = (x - x.sum(-1, keepdim=True) / n).masked_fill(~valid, 0)
+        return x / x.square().sum(-1, keepdim=True).add(1e-12).sqrt()
+
+    return 1 - (centred(scores) * centred(y)).sum(-1).mean()
+
+
+def topk_loss(
+    scores: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, top: float = 0.1
+) -> torch.Tensor:
+    """Listwise cross-entropy of ``softmax(scores)`` against the uniform distribution over each
+    layer-head row's ``top`` share of tokens by received attention (what an oracle budget keeps):
+    the learning goes to the few tokens the question needs, not to ordering the filler."""
+    k = (valid.sum(-1, keepdim=True).float() * top).clamp_min(1).long()
+    ranked = target.masked_fill(~valid, -1.0).argsort(-1, descending=True).argsort(-1)
+    label = (ranked < k).float()
+    label = label / label.sum(-1, keepdim=True)
+    logp = torch.log_softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).masked_fill(~valid, 0)
+    return -(label * logp).sum(-1).mean()
+
+
+LOSSES = {"rank": rank_loss, "topk": topk_loss}
+
+
+@torch.no_grad()
+def calibrate_bias(params: torch.Tensor, entries: list[PoolEntry], namm: NAMM, keep: float) -> torch.Tensor:
+    """``params`` with the final bias shifted so that ``score >= 0`` holds for a ``keep`` share of the
+    context tokens of ``entries`` (the threshold mode's operating point)."""
+    probe = NAMM(namm.config, params, namm.norm_mean, namm.norm_var)
+    scores = []
+    for entry in entries:
+        feats, valid, positions = entry_features(entry, probe)
+        s = score_tokens(probe.params, feats[None], valid[None], positions[None], namm.config.shapes)[0]
+        scores.append(s[valid])
+    cut = torch.quantile(torch.cat(scores)[:1_000_000], 1 - keep)
+    out = params.clone()
+    out[-1] -= cut
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# member evaluation
+
+
+def member_scores(
+    model,
+    entry: PoolEntry,
+    namm_cfg: NAMMConfig,
+    params: np.ndarray,
+    fraction: float,
+    norm: tuple[np.ndarray, np.ndarray],
+    block: int,
+    em_weight: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(score, exact, kept fraction)`` per member of ``params`` on one pool prompt at a kept fraction."""
+    budget = max(1, round(fraction * entry.prefill.context_len))
+    cfg = replace(namm_cfg, budget=budget, threshold=None)  # exactly the budget, as every baseline
+    mean, var = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
+    out_score, out_exact, out_kept = [], [], []
+    n_ans = entry.answer_ids.shape[0]
+    for start in range(0, params.shape[0], block):
+        part = torch.as_tensor(params[start : start + block], dtype=torch.float32)
+        namm = NAMM(cfg, part, mean, var)
+        cache = entry.prefill.fork(0, namm, batch=part.shape[0])
+        tf = teacher_forced(model, entry.prefill, cache, entry.answer_ids)
+        dense = np.minimum(1.0, np.exp((tf.logprob - entry.full.logprob[0]) / n_ans))
+        out_score.append(em_weight * tf.exact + (1 - em_weight) * dense)
+        out_exact.append(tf.exact.astype(float))
+        out_kept.append(tf.kept_fraction)
+    return np.concatenate(out_score), np.concatenate(out_exact), np.concatenate(out_kept)
+
+
+def full_score(entry: PoolEntry, em_weight: float) -> float:
+    return em_weight * float(entry.full.exact[0]) + (1 - em_weight)
+
+
+def population_fitness(
+    model,
+    entries: list[PoolEntry],
+    fractions: list[float],
+    namm_cfg: NAMMConfig,
+    params: np.ndarray,
+    norm,
+    block: int,
+    em_weight: float,
+) -> dict[str, np.ndarray]:
+    """Per member: fitness (mean over tasks of member's mean score / full cache's), normalised exact
+    match (same ratio on exact match alone) and mean kept fraction."""
+    from namm_transfer.pipelines.evolve import task_fitness
+
+    scores, exact, kept = [], [], []
+    for entry, fraction in zip(entries, fractions, strict=True):
+        s, e, k = member_scores(model, entry, namm_cfg, params, fraction, norm, block, em_weight)
+        scores.append(s)
+        exact.append(e)
+        kept.append(k)
+    scores, exact, kept = (np.stack(x, axis=1) for x in (scores, exact, kept))
+    task_of = [e.task for e in entries]
+    full = np.array([full_score(e, em_weight) for e in entries])
+    full_exact = np.array([float(e.full.exact[0]) for e in entries])
+    return {
+        "fitness": task_fitness(scores, full, task_of),
+        "exact_normalised": task_fitness(exact, full_exact, task_of),
+        "kept": kept.mean(axis=1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# the job
+
+
+@dataclass
+class SharedState:
+    generation: int = 0
+    mean: np.ndarray | None = None
+    optimizer: Any = None
+    optimizer_rng: Any = None
+    norm_mean: np.ndarray | None = None
+    norm_var: np.ndarray | None = None
+    warm_losses: list[float] = field(default_factory=list)
+    best_val: float = -np.inf
+    best_mean: np.ndarray | None = None
+    best_generation: int = -1
+    elapsed_s: float = 0.0
+
+
+def _save_state(state: SharedState, out_dir: Path) -> None:
+    if state.optimizer is not None:
+        state.optimizer_rng = state.optimizer._rng.get_state()  # cmaes does not pickle its RNG state
+    tmp = out_dir / (STATE_NAME + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(state, f)
+    os.replace(tmp, out_dir / STATE_NAME)
+
+
+def _load_state(out_dir: Path) -> SharedState:
+    path = out_dir / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no saved state at {path}")
+    with open(path, "rb") as f:
+        state: SharedState = pickle.load(f)
+    if state.optimizer is not None and state.optimizer_rng is not None:
+        state.optimizer._rng.set_state(state.optimizer_rng)
+    return state
+
+
+def pool_seeds(cfg, task: str, split: str, n: int) -> list[int]:
+    """The pool's prompt seeds: the first ``n`` of the split (training: offset by the run's seed)."""
+    from namm_transfer.pipelines.text_tasks import split_seeds
+
+    first = (cfg.seed * 10_007) % 1_000_000 if split == "train" else 0
+    return split_seeds(split, n, first)
+
+
+def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedState:
+    """Warm start + separable CMA-ES on the shared-prefill engine (see the module docstring)."""
+    from cmaes import SepCMA
+    from tqdm.auto import tqdm
+
+    from namm_transfer.adapters import attach
+    from namm_transfer.pipelines.evolve import _tensorboard
+
+    set_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted({t for stage in cfg.stages for t in stage}, key=[t for s in cfg.stages for t in s].index)
+    if not cfg.resume:
+        for stale in ("results.jsonl", "runs.jsonl", "validation.jsonl"):
+            (out_dir / stale).unlink(missing_ok=True)
+    # the latest start's settings (a resume may change the generation count; runs.jsonl keeps each start)
+    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    with open(out_dir / "runs.jsonl", "a") as f:
+        f.write(json.dumps({**run_metadata(argv), "resume": cfg.resume}) + "\n")
+    state = _load_state(out_dir) if cfg.resume else SharedState()
+    namm_cfg = cfg.namm_config()
+    started = time.perf_counter() - state.elapsed_s
+    writer = _tensorboard(out_dir)
+
+    with attach(model, NAMM(namm_cfg)) as handle:
+        pool = PrefillPool(model, tokenizer, handle, tasks, namm_cfg, cfg.prompt_tokens)
+        train = [(t, s) for t in names for s in pool_seeds(cfg, t, "train", cfg.pool_per_task)]
+        val = [(t, s) for t in names for s in pool_seeds(cfg, t, "val", cfg.val_per_task)]
+        log(f"prefilling {len(train)} training and {len(val)} validation prompts (once; kept in memory)")
+        train_entries = [pool.get(t, s) for t, s in tqdm(train, desc="prefill", unit="prompt")]
+        val_entries = [pool.get(t, s) for t, s in tqdm(val, desc="prefill val", unit="prompt")]
+        log(f"prefill pool: {pool.nbytes() / 2**30:.2f} GiB for {len(pool.entries)} prompts")
+        if state.norm_mean is None:
+            state.norm_mean, state.norm_var = collect_statistics(train_entries, namm_cfg)
+        norm = (state.norm_mean, state.norm_var)
+        probe = NAMM(namm_cfg, None, torch.as_tensor(norm[0]), torch.as_tensor(norm[1]))
+        val_fractions = [f for _ in val_entries for f in cfg.budgets]
+        val_rows = [e for e in val_entries for _ in cfg.budgets]
+
+        def validate(mean: np.ndarray) -> dict[str, float]:
+            res = population_fitness(
+                model,
+                val_rows,
+                val_fractions,
+                namm_cfg,
+                mean[None],
+                norm,
+                cfg.members_per_batch,
+                cfg.em_weight,
+            )
+            return {k: float(v[0]) for k, v in res.items()}
+
+        if state.mean is None:
+            start = probe.params[0].clone()
+            if cfg.warm_start_steps > 0:
+                start, state.warm_losses = warm_start(
+                    train_entries,
+                    probe,
+                    cfg.warm_start_steps,
+                    cfg.warm_start_lr,
+                    cfg.seed,
+                    loss=cfg.warm_loss,
+                )
+                start = calibrate_bias(start, train_entries, probe, cfg.keep_target)
+            state.mean = start.numpy().astype(np.float64)
+            v = validate(state.mean)
+            _record(
+                out_dir,
+                writer,
+                "validation.jsonl",
+                {
+                    "generation": 0,
+                    **{f"val_{k}": x for k, x in v.items()},
+                    "seconds": time.perf_counter() - started,
+                    "warm_start_steps": cfg.warm_start_steps,
+                },
+            )
+            state.best_val, state.best_mean, state.best_generation = v["fitness"], state.mean.copy(), 0
+            _save_namm(out_dir / "namm", namm_cfg, state.best_mean, norm)
+            _save_state(state, out_dir)
+        if state.optimizer is None:
+            bounds = None
+            state.optimizer = SepCMA(
+                mean=state.mean.copy(),
+                sigma=cfg.sigma,
+                bounds=bounds,
+                population_size=cfg.population,
+                seed=cfg.seed,
+            )
+        opt = state.optimizer
+        bar = tqdm(total=cfg.generations, initial=state.generation, desc="evolve", unit="gen")
+        while state.generation < cfg.generations:
+            rng = random.Random(f"{cfg.seed}-{state.generation}")
+            picks = rng.sample(train, min(len(train), cfg.prompts_per_task * len(names)))
+            entries = [pool.get(t, s) for t, s in picks]
+            fractions = [rng.choice(cfg.budgets) for _ in entries]
+            members = [opt.ask() for _ in range(cfg.population)]
+            params = np.stack(members + [opt.mean])  # last row: the CMA mean
+            res = population_fitness(
+                model, entries, fractions, namm_cfg, params, norm, cfg.members_per_batch, cfg.em_weight
+            )
+            fit = res["fitness"]
+            opt.tell([(x, -float(f)) for x, f in zip(members, fit[:-1], strict=True)])
+            state.mean = opt.mean.copy()
+            state.generation += 1
+            record = {
+                "generation": state.generation,
+                "fitness_mean": float(fit[:-1].mean()),
+                "fitness_best": float(fit[:-1].max()),
+                "mean_fitness": float(fit[-1]),
+                "mean_exact_normalised": float(res["exact_normalised"][-1]),
+                "population_exact_normalised": float(res["exact_normalised"][:-1].mean()),
+                "sigma": float(opt._sigma),
+                "seconds": time.perf_counter() - started,
+            }
+            _record(out_dir, writer, "results.jsonl", record)
+            if state.generation % cfg.val_every == 0 or state.generation == cfg.generations:
+                v = validate(state.mean)
+                _record(
+                    out_dir,
+                    writer,
+                    "validation.jsonl",
+                    {
+                        "generation": state.generation,
+                        **{f"val_{k}": x for k, x in v.items()},
+                        "seconds": time.perf_counter() - started,
+                    },
+                )
+                if v["fitness"] > state.best_val:
+                    state.best_val, state.best_mean = v["fitness"], state.mean.copy()
+                    state.best_generation = state.generation
+                    _save_namm(out_dir / "namm", namm_cfg, state.best_mean, norm)
+            _save_namm(out_dir / "namm_last", namm_cfg, state.mean, norm)
+            state.elapsed_s = time.perf_counter() - started
+            _save_state(state, out_dir)
+            bar.update(1)
+            bar.set_postfix(fitness=f"{record['mean_fitness']:.3f}", best_val=f"{state.best_val:.3f}")
+        bar.close()
+        # the shipped mean's own threshold: recalibrated on the training pool (rankings ignore the bias)
+        best = torch.as_tensor(state.best_mean, dtype=torch.float32)
+        best = calibrate_bias(best, train_entries, probe, cfg.keep_target)
+        _save_namm(out_dir / "namm", namm_cfg, best.numpy(), norm)
+    if writer is not None:
+        writer.close()
+    log(
+        f"done: best validation fitness {state.best_val:.3f} at generation {state.best_generation}; "
+        f"NAMM in {out_dir / 'namm'}"
+    )
+    return state
+
+
+def _save_namm(path: Path, namm_cfg: NAMMConfig, mean: np.ndarray, norm) -> None:
+    NAMM(
+        namm_cfg,
+        torch.as_tensor(np.asarray(mean), dtype=torch.float32),
+        torch.as_tensor(norm[0]),
+        torch.as_tensor(norm[1]),
+    ).save_pretrained(path)
+
+
+def _record(out_dir: Path, writer, name: str, record: dict) -> None:
+    with open(out_dir / name, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        group = name.split(".")[0]
+        for key, value in record.items():
+            if isinstance(value, float | int) and key != "generation":
+                writer.add_scalar(f"{group}/{key}", value, record["generation"])
+        writer.flush()

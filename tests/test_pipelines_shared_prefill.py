@@ -1,0 +1,232 @@
+"""The shared-prefill engine equals running each policy on its own, and the warm start learns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from namm_transfer import NAMM, NAMMConfig
+from namm_transfer.adapters import attach
+from namm_transfer.pipelines.evolve_shared import (
+    PoolEntry,
+    calibrate_bias,
+    entry_features,
+    topk_loss,
+    warm_start,
+)
+from namm_transfer.pipelines.shared_prefill import (
+    ReceivedAttention,
+    prefill_context,
+    split_context,
+    teacher_forced,
+)
+from namm_transfer.policies import H2O, TOVA, FullCache, L2Norm, Recency, SnapKV
+
+CONTEXT, SUFFIX, ANSWER = 48, 6, 3
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@dataclass
+class _Example:
+    prompt_ids: list[int]
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 97, (CONTEXT + SUFFIX + ANSWER,), generator=torch.Generator().manual_seed(seed))
+
+
+def _namm(seed: int = 3) -> NAMM:
+    return NAMM.init_random(seed=seed, sigma=0.4, config=NAMMConfig(update_every=16))
+
+
+@torch.no_grad()
+def _alone(model, policy, ids: torch.Tensor) -> torch.Tensor:
+    """Reference one-shot run of one policy through attach(): the context in one forward with the
+    policy due exactly at its end (update_every = context length), then the rest: answer log-probs."""
+    if isinstance(policy, NAMM):
+        policy = NAMM(
+            replace(policy.config, update_every=CONTEXT), policy.params, policy.norm_mean, policy.norm_var
+        )
+    else:
+        policy = policy.with_budget(policy.budget) if hasattr(policy, "with_budget") else policy
+        policy.update_every = CONTEXT
+    with attach(model, policy) as handle:
+        cache = handle.new_cache()
+        model(input_ids=ids[None, :CONTEXT], past_key_values=cache)
+        out = model(input_ids=ids[None, CONTEXT:], past_key_values=cache)
+    logp = torch.log_softmax(out.logits[0, SUFFIX - 1 : -1].float(), -1)
+    return logp.gather(-1, ids[CONTEXT + SUFFIX :, None]).sum()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FullCache(),
+        lambda: _namm().with_budget(20),
+        lambda: Recency(20),
+        lambda: H2O(20),
+        lambda: L2Norm(20),
+        lambda: SnapKV(20, window=8),
+        lambda: TOVA(20),
+    ],
+    ids=["full", "namm", "recency", "h2o", "l2norm", "snapkv", "tova"],
+)
+def test_fork_equals_the_policy_run_alone(model, make):
+    ids = _ids()
+    policy = make()
+    recorded = [_namm(), H2O(), SnapKV(window=8), TOVA(), Recency(), L2Norm()]
+    child = next((i for i, p in enumerate(recorded) if type(p) is type(policy)), 0)
+    with attach(model, _namm()) as handle:
+        prefill = prefill_context(
+            model, handle, _Example(ids[: CONTEXT + SUFFIX].tolist()), None, recorded, context_len=CONTEXT
+        )
+        cache = prefill.fork(child, policy)
+        result = teacher_forced(model, prefill, cache, ids[CONTEXT + SUFFIX :])
+    expected = _alone(model, make(), ids)
+    assert result.logprob[0] == pytest.approx(float(expected), abs=1e-4)
+    assert result.kept_fraction[0] == pytest.approx(1.0 if isinstance(policy, FullCache) else 20 / CONTEXT)
+
+
+def test_a_batch_of_members_equals_each_member_alone(model):
+    ids = _ids(1)
+    members = torch.stack([_namm(seed).params[0] for seed in range(4)])
+    cfg = replace(_namm().config, budget=16)
+    with attach(model, _namm()) as handle:
+        prefill = prefill_context(
+            model, handle, _Example(ids[: CONTEXT + SUFFIX].tolist()), None, [_namm()], context_len=CONTEXT
+        )
+        together = teacher_forced(
+            model, prefill, prefill.fork(0, NAMM(cfg, members), batch=4), ids[CONTEXT + SUFFIX :]
+        )
+        alone = [
+            teacher_forced(model, prefill, prefill.fork(0, NAMM(cfg, m)), ids[CONTEXT + SUFFIX :])
+            for m in members
+        ]
+    np.testing.assert_allclose(together.logprob, [a.logprob[0] for a in alone], atol=1e-4)
+    assert list(together.exact) == [a.exact[0] for a in alone]
+    assert len(set(together.logprob.round(4))) > 1  # the members differ, so the test can fail
+
+
+def test_forks_leave_the_shared_prefill_untouched(model):
+    ids = _ids(2)
+    with attach(model, _namm()) as handle:
+        prefill = prefill_context(
+            model, handle, _Example(ids[: CONTEXT + SUFFIX].tolist()), None, [_namm()], context_len=CONTEXT
+        )
+        first = teacher_forced(model, prefill, prefill.fork(0, FullCache()), ids[CONTEXT + SUFFIX :])
+        teacher_forced(
+            model, prefill, prefill.fork(0, _namm().with_budget(8), batch=3), ids[CONTEXT + SUFFIX :]
+        )
+        again = teacher_forced(model, prefill, prefill.fork(0, FullCache()), ids[CONTEXT + SUFFIX :])
+    assert prefill.cache.layers[0].keys.shape[2] == CONTEXT
+    assert first.logprob[0] == pytest.approx(again.logprob[0], abs=1e-6)
+
+
+def test_teacher_forced_exact_match_is_greedy_decoding(model):
+    ids = _ids(3)[: CONTEXT + SUFFIX]
+    with torch.no_grad():
+        greedy = model.generate(ids[None], max_new_tokens=ANSWER, do_sample=False)[0, -ANSWER:]
+    wrong = (greedy + 1) % 97
+    with attach(model, _namm()) as handle:
+        prefill = prefill_context(model, handle, _Example(ids.tolist()), None, [_namm()], context_len=CONTEXT)
+        right = teacher_forced(model, prefill, prefill.fork(0, FullCache()), greedy)
+        bad = teacher_forced(model, prefill, prefill.fork(0, FullCache()), wrong)
+    assert right.exact[0] and not bad.exact[0]
+
+
+class _Tok:
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+def test_split_context_ends_before_the_question():
+    body = "body text " * 10
+    text = f"intro\n\n{body}\n\nWhat is it?<|im_end|>\nThe answer is"
+
+    @dataclass
+    class Ex:
+        text: str
+        prompt_ids: list[int]
+        task: str = "t"
+        seed: int = 0
+
+    ex = Ex(text, [ord(c) for c in text])
+    n = split_context(ex, _Tok())
+    assert text[:n] == f"intro\n\n{body}"
+    with pytest.raises(ValueError, match="no blank line"):
+        split_context(Ex("no question", [1, 2]), _Tok())
+
+
+def _synthetic_entries(n: int = 3, tokens: int = 40) -> tuple[list[PoolEntry], NAMM]:
+    """Pool entries whose target attention goes to tokens with a high first spectral feature."""
+    namm = NAMM(NAMMConfig(update_every=16))
+    entries = []
+    for seed in range(n):
+        gen = torch.Generator().manual_seed(seed)
+        cache_layers = []
+        from namm_transfer.adapters.cache import EvictingCache
+
+        cache = EvictingCache(namm, 1, 1)
+        mem = cache.layers[0].memory
+        mem.append(1, 2, tokens, torch.device("cpu"))
+        rows = torch.rand(1, 2, 32, tokens, generator=gen).softmax(-1)
+        mem.observe(rows)
+        cache_layers.append(mem)
+        spectral = mem.state.ema[0]  # [H, S, bins]
+        target = spectral[..., 0].exp() ** 8  # what the NAMM can see decides what matters
+        mem.state = [mem.state]
+        prefill = type("P", (), {"cache": cache, "context_len": tokens})()
+        entries.append(PoolEntry("t", seed, prefill, torch.tensor([1]), None, target))
+    return entries, namm
+
+
+def test_warm_start_lowers_its_loss_and_calibration_hits_the_keep_target():
+    entries, namm = _synthetic_entries()
+    params, losses = warm_start(entries, namm, steps=60, lr=1e-2, seed=0, progress=False)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    calibrated = calibrate_bias(params, entries, namm, keep=0.4)
+    probe = NAMM(namm.config, calibrated, namm.norm_mean, namm.norm_var)
+    kept = []
+    for entry in entries:
+        feats, valid, positions = entry_features(entry, probe)
+        from namm_transfer.scorers import score_tokens
+
+        scores = score_tokens(probe.params, feats[None], valid[None], positions[None], namm.config.shapes)
+        kept.append(float((scores >= 0).float().mean()))
+    assert np.mean(kept) == pytest.approx(0.4, abs=0.02)
+
+
+def test_topk_loss_prefers_scores_that_rank_the_top_tokens_first():
+    target = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05] * 4])
+    valid = torch.ones_like(target, dtype=torch.bool)
+    good = torch.log(target)
+    bad = -good
+    assert topk_loss(good, target, valid, top=0.2) < topk_loss(bad, target, valid, top=0.2)
+
+
+def test_received_attention_sums_only_what_it_observed():
+    policy = ReceivedAttention()
+    state = policy.new_state(0)
+    rows = torch.rand(1, 2, 3, 5).softmax(-1)
+    policy.observe(state, rows, None)
+    policy.observe(state, torch.rand(1, 2, 1, 6).softmax(-1), None)
+    assert state["received"].shape == (1, 2, 6)
+    assert float(state["received"].sum()) == pytest.approx(2 * 4)  # 4 rows of 2 heads, each sums to 1

@@ -31,8 +31,6 @@ best checkpoint), the latest as ``OUT_DIR/namm_last``.
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -44,6 +42,7 @@ import torch
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.pipelines.common import log, run_metadata, set_threads
+from namm_transfer.pipelines.evolve import _tensorboard, load_state, save_state, task_fitness
 from namm_transfer.pipelines.shared_prefill import (
     ContextPrefill,
     ReceivedAttention,
@@ -54,8 +53,6 @@ from namm_transfer.pipelines.shared_prefill import (
 )
 from namm_transfer.policies.base import CacheView
 from namm_transfer.scorers import score_tokens
-
-STATE_NAME = "evolve_state.pkl"
 
 
 @dataclass
@@ -272,8 +269,6 @@ def population_fitness(
 ) -> dict[str, np.ndarray]:
     """Per member: fitness (mean over tasks of member's mean score / full cache's), normalised exact
     match (same ratio on exact match alone) and mean kept fraction."""
-    from namm_transfer.pipelines.evolve import task_fitness
-
     scores, exact, kept = [], [], []
     for entry, fraction in zip(entries, fractions, strict=True):
         s, e, k = member_scores(model, entry, namm_cfg, params, fraction, norm, block, em_weight)
@@ -310,26 +305,6 @@ class SharedState:
     elapsed_s: float = 0.0
 
 
-def _save_state(state: SharedState, out_dir: Path) -> None:
-    if state.optimizer is not None:
-        state.optimizer_rng = state.optimizer._rng.get_state()  # cmaes does not pickle its RNG state
-    tmp = out_dir / (STATE_NAME + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(state, f)
-    os.replace(tmp, out_dir / STATE_NAME)
-
-
-def _load_state(out_dir: Path) -> SharedState:
-    path = out_dir / STATE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no saved state at {path}")
-    with open(path, "rb") as f:
-        state: SharedState = pickle.load(f)
-    if state.optimizer is not None and state.optimizer_rng is not None:
-        state.optimizer._rng.set_state(state.optimizer_rng)
-    return state
-
-
 def pool_seeds(cfg, task: str, split: str, n: int) -> list[int]:
     """The pool's prompt seeds: the first ``n`` of the split (training: offset by the run's seed)."""
     from namm_transfer.pipelines.text_tasks import split_seeds
@@ -344,7 +319,6 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
     from tqdm.auto import tqdm
 
     from namm_transfer.adapters import attach
-    from namm_transfer.pipelines.evolve import _tensorboard
 
     set_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
@@ -357,7 +331,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     with open(out_dir / "runs.jsonl", "a") as f:
         f.write(json.dumps({**run_metadata(argv), "resume": cfg.resume}) + "\n")
-    state = _load_state(out_dir) if cfg.resume else SharedState()
+    state = load_state(out_dir) if cfg.resume else SharedState()
     namm_cfg = cfg.namm_config()
     started = time.perf_counter() - state.elapsed_s
     writer = _tensorboard(out_dir)
@@ -417,7 +391,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
             )
             state.best_val, state.best_mean, state.best_generation = v["fitness"], state.mean.copy(), 0
             _save_namm(out_dir / "namm", namm_cfg, state.best_mean, norm)
-            _save_state(state, out_dir)
+            save_state(state, out_dir)
         if state.optimizer is None:
             bounds = None
             state.optimizer = SepCMA(
@@ -472,7 +446,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
                     _save_namm(out_dir / "namm", namm_cfg, state.best_mean, norm)
             _save_namm(out_dir / "namm_last", namm_cfg, state.mean, norm)
             state.elapsed_s = time.perf_counter() - started
-            _save_state(state, out_dir)
+            save_state(state, out_dir)
             bar.update(1)
             bar.set_postfix(fitness=f"{record['mean_fitness']:.3f}", best_val=f"{state.best_val:.3f}")
         bar.close()

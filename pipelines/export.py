@@ -159,9 +159,7 @@ def curves_plot(
 
 def _export_shared(run_dir: Path, name: str, config: dict, destination) -> Path:
     """Export a shared-prefill run (warm start + CMA-ES): the best CMA mean by validation fitness."""
-    from namm_transfer.pipelines.evolve_shared import _load_state
-
-    state = _load_state(run_dir)
+    state = load_state(run_dir)
     if state.generation < config["generations"]:
         raise ValueError(
             f"{run_dir}: the run stopped at generation {state.generation} of {config['generations']}; finish "

@@ -82,13 +82,11 @@ class ReceivedAttention(MemoryPolicy):
 
 def one_shot(policy: MemoryPolicy) -> MemoryPolicy:
     """A copy of ``policy`` that never evicts on its own cadence (the fork evicts it once)."""
-    if hasattr(policy, "config") and hasattr(policy.config, "update_every"):  # a NAMM
+    out = copy.copy(policy)
+    if hasattr(policy, "config") and hasattr(policy.config, "update_every"):  # a NAMM keeps it in its config
         from dataclasses import replace
 
-        out = copy.copy(policy)
         out.config = replace(policy.config, update_every=NEVER)
-    else:
-        out = copy.copy(policy)
     out.update_every = NEVER
     return out
 

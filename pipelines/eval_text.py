@@ -390,7 +390,9 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
     namm = NAMM.from_pretrained(cfg.namm)
     every = cfg.update_every or namm.update_every
     if every != namm.update_every:
-        namm = _with_cadence(namm, every)
+        from namm_transfer.pipelines.eval_video import with_cadence  # the one cadence helper
+
+        namm = with_cadence(namm, every)
     _check_same_setting(out_dir, cfg, every)
     shard, n_shards = parse_shard(cfg.shard)
     rows_path = out_dir / (ROWS_NAME if n_shards == 1 else f"rows.shard{shard}of{n_shards}.jsonl")
@@ -442,14 +444,6 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
                 max_new = cfg.max_new_tokens or TASKS[t].max_new_tokens
                 write(_progressive_prompt(model, tokenizer, namm, ex, TASKS[t], cfg, todo, max_new, every))
     return write_summary(out_dir, cfg, list(latest.values()), argv)
-
-
-def _with_cadence(namm, every: int):
-    from dataclasses import replace
-
-    from namm_transfer import NAMM
-
-    return NAMM(replace(namm.config, update_every=every), namm.params, namm.norm_mean, namm.norm_var)
 
 
 def write_summary(out_dir: Path, cfg: EvalTextConfig, rows: list[dict], argv=None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 and the language model of LLaVA video models (LLaVA-NeXT-Video, LLaVA-OneVision, Video-LLaVA)."""
 
 from namm_transfer.adapters.attach import SUPPORTED_MODEL_TYPES, VIDEO_LLAVA_TYPES, AttachedPolicy, attach
-from namm_transfer.adapters.cache import EvictingCache, EvictingLayer
+from namm_transfer.adapters.cache import EvictingCache, EvictingLayer, MemoryReport
 from namm_transfer.adapters.frame_map import (
     VideoTokenLayout,
     frame_map,
@@ -19,6 +19,7 @@ __all__ = [
     "AttachedPolicy",
     "EvictingCache",
     "EvictingLayer",
+    "MemoryReport",
     "VideoTokenLayout",
     "attach",
     "frame_map",

@@ -214,6 +214,12 @@ class AttachedPolicy:
     def __exit__(self, *exc) -> None:
         self.detach()
 
+    def memory_report(self):
+        """What each sample holds now, per layer: :class:`~namm_transfer.adapters.cache.MemoryReport`."""
+        if self.cache is None:
+            raise RuntimeError("no cache yet: run a forward or generate() with the policy attached first")
+        return self.cache.memory_report()
+
     def stats(self) -> dict[str, Any]:
         """Kept tokens per layer / sample / KV head, evictions, non-finite counts, bytes and timings."""
         if self.cache is None:

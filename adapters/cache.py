@@ -11,6 +11,7 @@ tokens were removed.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -76,6 +77,33 @@ class EvictingLayer(DynamicLayer):
         return 2 * batch * heads * self.memory.tokens_seen * dim * self.keys.element_size()
 
 
+@dataclass
+class MemoryReport:
+    """What an :class:`EvictingCache` holds, per layer: the public view jobs read to measure a policy
+    (budgets, kept token kinds, retention maps) without reaching into its bookkeeping.
+
+    Attributes:
+        valid: per layer ``[B, H_kv, S]``, which slots hold a token (heads keep different numbers).
+        positions: per layer ``[B, H_kv, S]``, each slot's absolute position in the sequence.
+        since_update: per layer ``[B]``, tokens added since the policy last ran (every policy holds
+            them whatever its budget).
+        slot_bytes: per layer, the key + value bytes of one token of one KV head.
+    """
+
+    valid: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    since_update: list[torch.Tensor]
+    slot_bytes: list[int]
+
+    def sample(self, b: int) -> dict[str, list[float]]:
+        """Sample ``b``'s ``kept_per_layer`` (tokens held, mean over KV heads) and ``since_update``
+        (per layer): the row fields :func:`namm_transfer.pipelines.harness.matched_budget` reads."""
+        return {
+            "kept_per_layer": [float(v[b].sum(-1).double().mean()) for v in self.valid],
+            "since_update": [float(s[b]) for s in self.since_update],
+        }
+
+
 class EvictingCache(DynamicCache):
     """A ``DynamicCache`` whose layers are :class:`EvictingLayer` s driven by ``policy``.
 
@@ -92,3 +120,17 @@ class EvictingCache(DynamicCache):
 
     def memory(self, layer_idx: int) -> LayerMemory:
         return self.layers[layer_idx].memory
+
+    def memory_report(self) -> MemoryReport:
+        """What each sample holds now, per layer (see :class:`MemoryReport`)."""
+        valid, positions, since, slot_bytes = [], [], [], []
+        for layer in self.layers:
+            m = layer.memory
+            if m.valid is None:
+                raise RuntimeError("the cache holds no tokens yet: run a forward with the policy first")
+            valid.append(m.valid)
+            positions.append(m.positions)
+            since.append(m.real_seen - m.last_update)
+            keys = layer.keys
+            slot_bytes.append(0 if keys is None else 2 * keys.shape[-1] * keys.element_size())
+        return MemoryReport(valid, positions, since, slot_bytes)

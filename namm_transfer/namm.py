@@ -20,9 +20,13 @@ from namm_transfer.scorers import ScorerShapes, keep_all_params, score_tokens
 from namm_transfer.selection import select_tokens
 
 
-@dataclass
+@dataclass(frozen=True)
 class NAMMConfig:
-    """Every size and cadence of a NAMM; the defaults are the reference's (DESIGN.md section 3)."""
+    """Every size and cadence of a NAMM; the defaults are the reference's (docs/design.md, "The NAMM").
+
+    Frozen: a NAMM with another cadence or budget is a new object (:meth:`NAMM.replace`), so a
+    setting is made in one place and never patched into a shared copy.
+    """
 
     n_fft: int = 32
     hop: int = 16
@@ -135,16 +139,19 @@ class NAMM(MemoryPolicy):
         best-scored tokens, as every baseline does (matched-budget comparisons).
         """
         threshold = self.config.threshold if keep_threshold else None
-        config = replace(self.config, budget=budget, compression_ratio=None, threshold=threshold)
-        return NAMM(config, self.params, self.norm_mean, self.norm_var)
+        return self.replace(budget=budget, compression_ratio=None, threshold=threshold)
 
     def with_compression_ratio(self, compression_ratio: float | None, keep_threshold: bool = True) -> NAMM:
         """This NAMM (same parameters and statistics) capped at ``max(1, round((1 - ratio) * seen))``
         tokens per sample and KV head at each update, instead of a fixed budget (``keep_threshold``
         as in :meth:`with_budget`)."""
         threshold = self.config.threshold if keep_threshold else None
-        config = replace(self.config, budget=None, compression_ratio=compression_ratio, threshold=threshold)
-        return NAMM(config, self.params, self.norm_mean, self.norm_var)
+        return self.replace(budget=None, compression_ratio=compression_ratio, threshold=threshold)
+
+    def replace(self, **changes) -> NAMM:
+        """This NAMM (same parameters and frozen statistics) with ``changes`` to its config, e.g.
+        ``namm.replace(update_every=32)`` for a Decision Transformer's short context."""
+        return NAMM(replace(self.config, **changes), self.params, self.norm_mean, self.norm_var)
 
     # policy interface ------------------------------------------------------------------------------
     def new_state(self, layer_idx: int) -> StreamingSpectrogram:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from namm_transfer.pipelines.bench import OverheadConfig
 from namm_transfer.pipelines.demo import DemoConfig
-from namm_transfer.pipelines.eval_rollout import POLICIES, EvalRolloutConfig
+from namm_transfer.pipelines.eval_rollout import EvalRolloutConfig, rollout_policies
 from namm_transfer.pipelines.eval_text import EvalTextConfig
 from namm_transfer.pipelines.evolve import EvolveConfig
 from namm_transfer.pipelines.rl_datasets import ENV_NAMES, LEVEL_NAMES, RLDatasetsConfig
@@ -460,7 +460,8 @@ def _add_eval_rollout(sub) -> None:
                    help="tokens between policy updates, NAMM and baselines alike (3 tokens per env step)")
     p.add_argument("--episodes", type=int, default=c.episodes, help="episodes per policy")
     p.add_argument("--seed", type=int, default=c.seed, help="episode i is seeded SEED + i")
-    p.add_argument("--policies", nargs="+", choices=POLICIES, default=c.policies, help="policies to run")
+    p.add_argument("--policies", nargs="+", choices=rollout_policies(), default=c.policies,
+                   help="policies to run")
     p.add_argument("--batch-size", type=int, default=c.batch_size,
                    help="episodes stepped together; None: all of them")
     p.add_argument("--target-return", type=float, default=c.target_return,
@@ -487,8 +488,7 @@ def _run_eval_rollout(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _add_eval_video(sub) -> None:
-    from namm_transfer.pipelines.eval_video import FORMATS, EvalVideoConfig
-    from namm_transfer.pipelines.eval_video import POLICIES as VIDEO_POLICIES
+    from namm_transfer.pipelines.eval_video import FORMATS, EvalVideoConfig, video_policies
 
     c = EvalVideoConfig()
     p = sub.add_parser(
@@ -529,7 +529,7 @@ def _add_eval_video(sub) -> None:
                    help="tokens between policy updates (NAMM and baselines) and the prefill chunk")
     p.add_argument("--num-frames", type=int, default=c.num_frames,
                    help="frames sampled uniformly per video; None: the model's own count if known, else 32")
-    p.add_argument("--policies", nargs="+", choices=VIDEO_POLICIES, default=c.policies,
+    p.add_argument("--policies", nargs="+", choices=video_policies(), default=c.policies,
                    help="policies to run (the baselines need the NAMM's rows for their budget)")
     p.add_argument("--limit", type=int, default=c.limit, help="only the first LIMIT samples; None: all")
     p.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens, help="tokens generated")

@@ -31,6 +31,7 @@ from namm_transfer.pipelines.common import (
     set_threads,
     write_json,
 )
+from namm_transfer.pipelines.harness import matched_budget
 from namm_transfer.pipelines.models import load_smollm2
 from namm_transfer.pipelines.passkey import PasskeyExample, make_passkey_example, score
 
@@ -117,32 +118,6 @@ def calibrate_namm(model, tokenizer, namm, cfg: DemoConfig) -> None:
                        pad_token_id=tokenizer.pad_token_id)
 
 
-def per_layer_budget(stats: dict[str, Any], since_update: list[float] | None = None) -> list[int]:
-    """The baselines' budget per layer: the NAMM's mean kept tokens (over samples and KV heads).
-
-    Tokens that arrived after the last policy update are in every policy's cache whatever its budget;
-    ``since_update`` (per layer) subtracts them, so a baseline at the same cadence ends with the NAMM's
-    cache size rather than with the NAMM's size plus those tokens. Rounded, at least 1.
-    """
-    budgets = []
-    for i, layer in enumerate(stats["kept_tokens_per_layer"]):
-        counts = [c for sample in layer for c in sample]
-        fresh = since_update[i] if since_update else 0.0
-        budgets.append(max(1, round(sum(counts) / len(counts) - fresh)))
-    return budgets
-
-
-def tokens_since_update(handle, stats: dict[str, Any]) -> list[float] | None:
-    """Per layer, tokens added since the policy last ran (mean over samples), or None if unknown."""
-    if "tokens_since_update_per_layer" in stats:
-        return [float(x) for x in stats["tokens_since_update_per_layer"]]
-    try:  # read the adapter's per-layer memory (LayerMemory.real_seen / last_update)
-        memories = [layer.memory for layer in handle.cache.layers]
-        return [float((m.real_seen - m.last_update).float().mean()) for m in memories]
-    except (AttributeError, TypeError):
-        return None
-
-
 def run_policy(
     model, tokenizer, example: PasskeyExample, name: str, policy, cfg: DemoConfig
 ) -> dict[str, Any]:
@@ -160,7 +135,7 @@ def run_policy(
             )
         seconds = time.perf_counter() - start
         stats = handle.stats()
-        since_update = tokens_since_update(handle, stats)
+        memory = handle.memory_report().sample(0)
     answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     row = {
         "policy": name,
@@ -171,7 +146,7 @@ def run_policy(
         "full_kv_mib": stats["full_kv_bytes"] / 2**20,
         "seconds": seconds,
         "stats": stats,
-        "tokens_since_update_per_layer": since_update,
+        **memory,  # kept_per_layer, since_update: what the baselines' budget is measured from
     }
     log(f"{name}: {answer!r} ({'correct' if row['correct'] else 'wrong'}), kept {row['kept_fraction']:.1%}, "
         f"{seconds:.1f} s")
@@ -191,7 +166,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the demo: prints the table to stdout, writes ``<output_dir>/demo.json``, returns the rows."""
-    from namm_transfer.policies import BASELINES, FullCache, build_baseline
+    from namm_transfer.policies import BASELINES, FULL_CACHE, NAMM_NAME, build_policy
 
     set_threads(cfg.threads)
     total = time.perf_counter()
@@ -220,16 +195,16 @@ def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, A
         rows.append(run_policy(model, tokenizer, example, name, policy, cfg))
         write_json(out, record)
 
-    add("FullCache", FullCache())
-    add("NAMM", namm)
-    record["namm_kept_per_layer"] = per_layer_budget(rows[-1]["stats"])
-    budget = per_layer_budget(rows[-1]["stats"], rows[-1]["tokens_since_update_per_layer"])
+    add(FULL_CACHE, build_policy(FULL_CACHE))
+    add(NAMM_NAME, build_policy(NAMM_NAME, namm))
+    record["namm_kept_per_layer"] = [max(1, round(k)) for k in rows[-1]["kept_per_layer"]]
+    budget = matched_budget(rows[-1:])
     record["budget_per_layer"] = budget
     log(f"NAMM kept per layer (mean over heads): {record['namm_kept_per_layer']}")
     log(f"baseline budget per layer (less the tokens added since the last update): {budget}")
     every = namm.update_every
     for name in BASELINES:  # every registered baseline at the NAMM's measured budget
-        add(name, build_baseline(name, budget, update_every=every, seed=cfg.seed))
+        add(name, build_policy(name, budget=budget, update_every=every, seed=cfg.seed))
     print(format_rows(rows))
     if cfg.rollout_episodes > 0:
         record["rollouts"] = run_rollouts(cfg)
@@ -248,23 +223,24 @@ def run_rollouts(cfg: DemoConfig) -> dict[str, Any] | None:
     except ImportError:
         log("rollout comparison skipped: gymnasium is not installed (pip install 'namm-transfer[rl]')")
         return None
+    from namm_transfer import NAMM
     from namm_transfer.pipelines import eval_rollout as er
     from namm_transfer.pipelines.dt_models import load_dt
-    from namm_transfer.policies import FullCache, Recency
+    from namm_transfer.policies import FULL_CACHE, NAMM_NAME, build_policy
 
     dt = load_dt(cfg.rollout_dt, device=cfg.device)
     env_id = dt.env_id
     seeds = list(range(cfg.seed, cfg.seed + cfg.rollout_episodes))
     normalise = er.reference_normaliser(dt, env_id, None)
-    namm = er.load_namm_with_cadence(cfg.namm if cfg.namm != "random" else "smollm2-text",
-                                     cfg.rollout_update_every)
+    source = cfg.namm if cfg.namm != "random" else "smollm2-text"
+    namm = NAMM.from_pretrained(source).replace(update_every=cfg.rollout_update_every)
     log(f"rollouts: {cfg.rollout_dt} on {env_id}, {len(seeds)} episodes per policy ...")
     rows = []
-    for name, policy in (("full", FullCache()), ("NAMM", namm)):
-        rows += er.rollout_batch(dt, name, policy, env_id, seeds, dt.target_return, None, plot=False,
-                                 progress=False).rows
-    budget = er.namm_budget([r for r in rows if r["policy"] == "NAMM"])
-    recency = Recency(budget, update_every=cfg.rollout_update_every)
+    for name in (FULL_CACHE, NAMM_NAME):
+        rows += er.rollout_batch(dt, name, build_policy(name, namm), env_id, seeds, dt.target_return, None,
+                                 plot=False, progress=False).rows
+    budget = matched_budget([r for r in rows if r["policy"] == NAMM_NAME])
+    recency = build_policy("Recency", budget=budget, update_every=cfg.rollout_update_every, seed=cfg.seed)
     rows += er.rollout_batch(dt, "Recency", recency, env_id, seeds, dt.target_return, None, plot=False,
                                  progress=False).rows
     for row in rows:

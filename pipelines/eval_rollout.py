@@ -50,7 +50,6 @@ sit nearer its training distribution, and 3-5x the training cost) and the medium
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,16 +61,21 @@ import torch
 from namm_transfer.pipelines.common import (
     log,
     markdown_table,
+    open_tensorboard,
     parse_dtype,
     run_metadata,
     set_threads,
-    write_json,
 )
+from namm_transfer.pipelines.harness import RowStore, check_setting, matched_budget, mean_se, write_summary
+from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy, policy_names
 
-ROWS_NAME, SUMMARY_NAME, SETTING_NAME = "rows.jsonl", "summary", "setting.json"
-WINDOWED, FULL, NAMM_NAME = "windowed", "full", "NAMM"
-BASELINES = ("Recency", "H2O", "L2Norm", "RandomEviction")
-POLICIES = (WINDOWED, FULL, NAMM_NAME, *BASELINES)
+ROWS_NAME, SUMMARY_NAME = "rows.jsonl", "summary"
+WINDOWED = "windowed"  # the DT's own re-encode-the-last-K rollout: no cache, so no memory policy
+
+
+def rollout_policies() -> list[str]:
+    """What ``eval-rollout`` runs, in order: the windowed reference, then every registered policy."""
+    return [WINDOWED, *policy_names()]
 KINDS = ("return", "state", "action")
 
 
@@ -88,7 +92,8 @@ class EvalRolloutConfig:
             env step; the NAMM reads the attention of that many latest queries).
         episodes: episodes per policy (>= 20 for the reported tables).
         seed: episode ``i`` is seeded ``seed + i``.
-        policies: which of :data:`POLICIES` to run (the baselines need the NAMM's rows for their budget).
+        policies: which of :func:`rollout_policies` to run (the baselines need the NAMM's rows for their
+            budget).
         batch_size: episodes stepped together; None: all of them.
         target_return: return to condition on (unscaled); None: the DT's own.
         max_steps: cap on env steps per episode (quick runs and tests); None: the env's time limit.
@@ -106,7 +111,7 @@ class EvalRolloutConfig:
     update_every: int = 30
     episodes: int = 20
     seed: int = 0
-    policies: list[str] = dataclasses.field(default_factory=lambda: list(POLICIES))
+    policies: list[str] = dataclasses.field(default_factory=rollout_policies)
     batch_size: int | None = None
     target_return: float | None = None
     max_steps: int | None = None
@@ -120,9 +125,9 @@ class EvalRolloutConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.policies) - set(POLICIES))
+        unknown = sorted(set(self.policies) - set(rollout_policies()))
         if unknown:
-            raise ValueError(f"unknown policies {unknown}; choose from {list(POLICIES)}")
+            raise ValueError(f"unknown policies {unknown}; choose from {rollout_policies()}")
         if self.episodes < 1 or self.update_every < 1:
             raise ValueError(
                 f"episodes and update_every must be >= 1, got {self.episodes}, {self.update_every}"
@@ -194,27 +199,24 @@ class _Meter:
         }
 
 
-def cache_measure(cache, plot: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """From an :class:`~namm_transfer.adapters.EvictingCache`: kept tokens per kind ``[B, 3]`` (mean over
-    layers and KV heads), KV bytes per episode ``[B]``, and for episode 0 the share of each timestep's
-    (layer, head, token) slots held ``[steps]`` (None unless ``plot``)."""
+def cache_measure(report, plot: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """From a cache's :class:`~namm_transfer.adapters.MemoryReport`: kept tokens per kind ``[B, 3]``
+    (mean over layers and KV heads), KV bytes per episode ``[B]``, and for episode 0 the share of each
+    timestep's (layer, head, token) slots held ``[steps]`` (None unless ``plot``)."""
     from namm_transfer.envs.dt_rollout import TOKENS_PER_STEP, token_kind_and_step
 
     per_kind, kv_bytes, held, n_layer_heads = None, None, None, 0
-    for layer in cache.layers:
-        memory = layer.memory
-        valid, positions = memory.valid, memory.positions
+    for valid, positions, per_slot in zip(report.valid, report.positions, report.slot_bytes, strict=True):
         kind, step = token_kind_and_step(positions)
         counts = torch.stack([(valid & (kind == k)).sum(-1) for k in range(TOKENS_PER_STEP)], -1)  # [B,H,3]
         heads = valid.shape[1]
         n_layer_heads += heads
         layer_kind = counts.sum(1).double()  # [B, 3] summed over heads
         per_kind = layer_kind if per_kind is None else per_kind + layer_kind
-        per_slot = 2 * layer.keys.shape[-1] * layer.keys.element_size()  # key + value of one head
         layer_bytes = counts.sum((1, 2)).double() * per_slot
         kv_bytes = layer_bytes if kv_bytes is None else kv_bytes + layer_bytes
         if plot:
-            n_steps = int(memory.tokens_seen // TOKENS_PER_STEP) + 1
+            n_steps = int(positions.max()) // TOKENS_PER_STEP + 1
             held_here = torch.zeros(n_steps, dtype=torch.float64)
             held_steps = step[0][valid[0]].cpu()
             held_here.index_add_(0, held_steps, torch.ones(held_steps.numel(), dtype=torch.float64))
@@ -254,16 +256,6 @@ class PolicyRun:
     memory_map: np.ndarray | None
     tokens_per_step: list[float]  # mean cached tokens over live episodes, per env step
     actions: np.ndarray  # [steps, B, act_dim] the actions executed (clipped to the action space)
-
-
-def end_of_episode_memory(cache, b: int) -> tuple[list[float], list[float]]:
-    """Episode ``b``'s kept tokens per layer (mean over KV heads) and tokens since the last update."""
-    kept, since = [], []
-    for layer in cache.layers:
-        m = layer.memory
-        kept.append(float(m.valid[b].sum(-1).double().mean()))
-        since.append(float(m.real_seen[b] - m.last_update[b]))
-    return kept, since
 
 
 @torch.no_grad()
@@ -315,7 +307,8 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
             if policy is None:
                 kept_kind, kv_bytes, held = window_measure(dt.model, len(seeds), t, dt.context, plot)
             else:
-                kept_kind, kv_bytes, held = cache_measure(rollout.cache, plot and bool(live[0]))
+                report = rollout.cache.memory_report()
+                kept_kind, kv_bytes, held = cache_measure(report, plot and bool(live[0]))
             meter.record(t, live, kept_kind, kv_bytes, held)
             tokens_per_step.append(float(kept_kind.sum(-1)[live].mean()))
             bookkeeping += time.perf_counter() - tick
@@ -324,7 +317,7 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
             rtg -= rewards
             tick = time.perf_counter()
             for b in np.flatnonzero(done & live):  # episodes that ended at this step
-                ended[int(b)] = end_of_episode_memory(rollout.cache, b) if policy is not None else ([], [])
+                ended[int(b)] = rollout.cache.memory_report().sample(b) if handle is not None else {}
             bookkeeping += time.perf_counter() - tick
             bar.update(1)
             bar.set_postfix(live=int((~envs.done).sum()), tokens=f"{tokens_per_step[-1]:.0f}")
@@ -341,9 +334,9 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
     rows = []
     for b, seed in enumerate(seeds):
         if b in ended:
-            kept, since = ended[b]
+            memory = ended[b]
         else:  # still running at the step cap
-            kept, since = end_of_episode_memory(rollout.cache, b) if policy is not None else ([], [])
+            memory = rollout.cache.memory_report().sample(b) if handle is not None else {}
         rows.append({
             "policy": name,
             "seed": int(seed),
@@ -351,50 +344,13 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
             "length": int(envs.lengths[b]),
             "terminated_early": bool(envs.done[b]),
             **meter.episode_stats(b),
-            "end_kept_per_layer": kept,
-            "end_since_update_per_layer": since,
+            **memory,  # kept_per_layer, since_update: at the end of the episode
             "batch_seeds": [int(s) for s in seeds],
             "batch_env_steps": env_steps,
             "batch_seconds": seconds,
             "nonfinite": int(stats.get("nonfinite", 0)),
         })
     return PolicyRun(rows, meter.memory_map, tokens_per_step, np.stack(executed))
-
-
-def namm_budget(rows: list[dict[str, Any]]) -> list[int]:
-    """Per-layer budget for the baselines: the NAMM's kept tokens at the end of each episode, less the
-    tokens added since its last update, averaged over episodes (at least 1)."""
-    kept = np.array([r["end_kept_per_layer"] for r in rows], dtype=np.float64)
-    fresh = np.array([r["end_since_update_per_layer"] for r in rows], dtype=np.float64)
-    return [max(1, int(round(v))) for v in (kept - fresh).mean(axis=0)]
-
-
-def make_policy(name: str, namm, budget: list[int] | None, every: int, seed: int):
-    from namm_transfer.policies import H2O, FullCache, L2Norm, RandomEviction, Recency
-
-    if name == WINDOWED:
-        return None
-    if name == FULL:
-        return FullCache()
-    if name == NAMM_NAME:
-        return namm
-    if budget is None:
-        raise ValueError(f"{name} needs the NAMM's budget: run the NAMM policy first (it is in POLICIES)")
-    return {
-        "Recency": lambda: Recency(budget, update_every=every),
-        "H2O": lambda: H2O(budget, update_every=every),
-        "L2Norm": lambda: L2Norm(budget, update_every=every),
-        "RandomEviction": lambda: RandomEviction(budget, seed=seed, update_every=every),
-    }[name]()
-
-
-def load_namm_with_cadence(source: str, update_every: int):
-    """The NAMM ``source`` (short name, directory or Hub id) with its cadence set to ``update_every``."""
-    from namm_transfer import NAMM
-
-    namm = NAMM.from_pretrained(source)
-    return NAMM(dataclasses.replace(namm.config, update_every=update_every), namm.params, namm.norm_mean,
-                namm.norm_var)
 
 
 @torch.no_grad()
@@ -410,30 +366,10 @@ def calibrate_namm(dt, namm, env_id: str, seeds: list[int], target_return: float
 # results
 
 
-def _load_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _setting(cfg: EvalRolloutConfig, env_id: str, target_return: float) -> dict[str, Any]:
     return {"dt": str(cfg.dt), "namm": str(cfg.namm), "update_every": cfg.update_every,
             "episodes": cfg.episodes, "seed": cfg.seed, "target_return": float(target_return),
             "max_steps": cfg.max_steps, "env": env_id, "calibrate_episodes": cfg.calibrate_episodes}
-
-
-def _check_same_setting(out_dir: Path, setting: dict[str, Any]) -> None:
-    """Rows are resumed only under the same DT, NAMM, cadence, episodes, target and env."""
-    path = out_dir / SETTING_NAME
-    if path.is_file():
-        before = json.loads(path.read_text())
-        if before != setting:
-            raise ValueError(
-                f"{out_dir} holds results for {before}, not {setting}: use another --output-dir "
-                "(or delete it) rather than mixing the two in one table"
-            )
-    else:
-        write_json(path, setting)
 
 
 def reference_normaliser(dt, env_id: str, root: str | None):
@@ -456,18 +392,10 @@ def reference_normaliser(dt, env_id: str, root: str | None):
     return None
 
 
-def _mean_se(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    se = values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else 0.0
-    return float(values.mean()), float(se)
-
-
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per policy (in the order of :data:`POLICIES`): scores, cache size, kept kinds, speed."""
+    """Per policy (in the order of :func:`rollout_policies`): scores, cache size, kept kinds, speed."""
     summary: dict[str, dict[str, Any]] = {}
-    names = [p for p in POLICIES if any(r["policy"] == p for r in rows)]
+    names = [p for p in rollout_policies() if any(r["policy"] == p for r in rows)]
     for name in names:
         mine = [r for r in rows if r["policy"] == name]
         lengths = np.array([r["length"] for r in mine], dtype=np.float64)
@@ -477,8 +405,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         batches = {tuple(r["batch_seeds"]): (r["batch_env_steps"], r["batch_seconds"]) for r in mine}
         steps = sum(s for s, _ in batches.values())
         seconds = sum(s for _, s in batches.values())
-        ret, ret_se = _mean_se([r["return"] for r in mine])
-        norm, norm_se = _mean_se([r.get("normalised", float("nan")) for r in mine])
+        ret, ret_se = mean_se([r["return"] for r in mine])
+        norm, norm_se = mean_se([r.get("normalised", float("nan")) for r in mine])
         summary[name] = {
             "episodes": len(mine),
             "return_mean": ret, "return_se": ret_se,
@@ -495,7 +423,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "env_steps_per_second": float(steps / seconds) if seconds > 0 else float("nan"),
             "nonfinite": int(sum(r.get("nonfinite", 0) for r in mine)),
         }
-    full = summary.get(FULL)
+    full = summary.get(FULL_CACHE)
     for s in summary.values():
         ok = full is not None and full["normalised_mean"] != 0.0 and np.isfinite(full["normalised_mean"])
         s["score_vs_full"] = float(s["normalised_mean"] / full["normalised_mean"]) if ok else float("nan")
@@ -547,15 +475,6 @@ def plot_memory(memory_map: np.ndarray, title: str, path: Path | None = None):
     return fig
 
 
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
-        return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-
-
 # -------------------------------------------------------------------------------------------------
 # entry point
 
@@ -577,54 +496,46 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
     if target is None:
         raise ValueError(f"the Decision Transformer {cfg.dt!r} stores no target return: pass --target-return")
     setting = _setting(cfg, env_id, target)
-    _check_same_setting(out_dir, setting)
+    check_setting(out_dir, setting)
     normalise = reference_normaliser(dt, env_id, cfg.root)
     if cfg.episodes < 20:
         log(f"{cfg.episodes} episodes per policy: the standard errors are rough (reported tables use >= 20)")
 
-    rows_path = out_dir / ROWS_NAME
-    rows = _load_rows(rows_path)
+    store = RowStore(out_dir / ROWS_NAME, key=lambda r: (r["policy"], r["seed"]))
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     size = cfg.batch_size or cfg.episodes
     batches = [seeds[i : i + size] for i in range(0, len(seeds), size)]
-    done = {(r["policy"], r["seed"]) for r in rows}
-    if rows:
-        log(f"resuming: {len(rows)} episode results already in {rows_path}")
-    writer = _tensorboard(out_dir)
+    writer = open_tensorboard(out_dir)
 
     namm = None
-    if NAMM_NAME in cfg.policies or any(p in cfg.policies for p in BASELINES):
-        namm = load_namm_with_cadence(cfg.namm, cfg.update_every)
+    if any(p not in (WINDOWED, FULL_CACHE) for p in cfg.policies):
+        from namm_transfer import NAMM
+
+        namm = NAMM.from_pretrained(cfg.namm).replace(update_every=cfg.update_every)
     budget = None
-    order = [p for p in POLICIES if p in cfg.policies]
+    order = [p for p in rollout_policies() if p in cfg.policies]
     for name in order:
         if name in BASELINES and budget is None:
-            namm_rows = [r for r in rows if r["policy"] == NAMM_NAME]
+            namm_rows = store.rows(lambda r: r["policy"] == NAMM_NAME and r["seed"] in seeds)
             if len(namm_rows) < cfg.episodes:
                 raise ValueError(f"{name} needs the NAMM's budget: include NAMM in --policies")
-            budget = namm_budget(namm_rows)
+            budget = matched_budget(namm_rows)
             log(f"baseline budget per layer (the NAMM's kept tokens at episode end, less those added since "
                 f"its last update): {budget}")
-        todo = [b for b in batches if any((name, s) not in done for s in b)]
+        todo = [b for b in batches if any(not store.done((name, s)) for s in b)]
         if not todo:
             log(f"{name}: all {cfg.episodes} episodes already done")
             continue
         if name == NAMM_NAME and cfg.calibrate_episodes:
             calib = [cfg.seed + 10_000 + i for i in range(cfg.calibrate_episodes)]
             calibrate_namm(dt, namm, env_id, calib, target, cfg.max_steps)
-        policy = make_policy(name, namm, budget, cfg.update_every, cfg.seed)
+        policy = None if name == WINDOWED else build_policy(name, namm, budget, cfg.update_every, cfg.seed)
         for batch_seeds in todo:
             run = rollout_batch(dt, name, policy, env_id, batch_seeds, target, cfg.max_steps, cfg.plot)
-            new_rows = []
-            for row in run.rows:
+            for row in run.rows:  # incremental: a kill loses at most this batch
                 row["normalised"] = float(normalise(row["return"])) if normalise else float("nan")
-                if (name, row["seed"]) not in done:
-                    new_rows.append(row)
-                    done.add((name, row["seed"]))
-            with open(rows_path, "a") as f:  # incremental: a kill loses at most this batch
-                for row in new_rows:
-                    f.write(json.dumps(row) + "\n")
-            rows += new_rows
+                if not store.done((name, row["seed"])):
+                    store.add(row)
             first = batch_seeds == batches[0]
             if first and writer is not None:
                 for t, tokens in enumerate(run.tokens_per_step):
@@ -637,15 +548,16 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
                 import matplotlib.pyplot as plt
 
                 plt.close(fig)
-        mine = [r for r in rows if r["policy"] == name]
-        score, se = _mean_se([r["normalised"] for r in mine])
+        mine = store.rows(lambda r, name=name: r["policy"] == name and r["seed"] in seeds)
+        score, se = mean_se([r["normalised"] for r in mine])
         log(f"{name}: normalised {score:.1f} ± {se:.1f}, mean tokens "
             f"{np.mean([r['tokens_mean'] for r in mine]):.0f}")
 
+    rows = store.rows()
     summary = summarise([r for r in rows if r["policy"] in cfg.policies])
     if budget is None and any(r["policy"] == NAMM_NAME for r in rows):
         namm_rows = [r for r in rows if r["policy"] == NAMM_NAME]
-        budget = namm_budget(namm_rows) if len(namm_rows) >= cfg.episodes else None
+        budget = matched_budget(namm_rows) if len(namm_rows) >= cfg.episodes else None
     if writer is not None:
         for name, s in summary.items():
             for key in ("normalised_mean", "return_mean", "tokens_mean", "tokens_peak", "kv_bytes_mean",
@@ -654,14 +566,11 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
         writer.close()
     meta = run_metadata(argv)
     table = summary_table(summary)
-    write_json(
-        out_dir / f"{SUMMARY_NAME}.json",
-        {"config": asdict(cfg), "setting": setting, "meta": meta, "budget": budget, "summary": summary},
-    )
-    full = summary.get(FULL, {})
+    data = {"config": asdict(cfg), "setting": setting, "meta": meta, "budget": budget, "summary": summary}
+    full = summary.get(FULL_CACHE, {})
     statistics = (f" (feature statistics re-collected on {cfg.calibrate_episodes} episodes)"
                   if cfg.calibrate_episodes else " (its frozen text statistics)")
-    (out_dir / f"{SUMMARY_NAME}.md").write_text(
+    write_summary(out_dir, data,
         f"# Decision Transformer rollouts: {cfg.dt} on {env_id}\n\n"
         f"- command: `{meta['command']}`\n- date: {meta['date']}, git {meta['git_revision']}\n"
         f"- DT: {dt.source} (K = {dt.context} steps = {3 * dt.context} tokens), target return {target:g}\n"
@@ -672,7 +581,7 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
         f"- full cache: {full.get('tokens_mean', float('nan')):.0f} tokens on average, "
         f"{full.get('tokens_peak', float('nan')):.0f} at the peak, vs {3 * dt.context} in training\n\n"
         "Protocol: the cached rollout keeps the whole episode (far past the DT's training context K); "
-        "`windowed` is the standard re-encode-the-last-K reference, `full` the KV-cached rollout with "
+        "`windowed` is the standard re-encode-the-last-K reference, `FullCache` the KV-cached rollout with "
         "nothing evicted, the NAMM runs zero-shot and the baselines at its measured per-layer budget "
         "and cadence. Normalised = 100 (R - random) / (expert - random) with the dataset's reference "
         "scores, mean ± standard error over episodes. Tokens: cached tokens of an episode per step "
@@ -680,7 +589,8 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
         "the keys and values those tokens hold, all layers (windowed: its window's, recomputed every "
         "step). kept R / s / a: kept / seen return, state and action tokens over the episode's steps. "
         "env steps/s: env steps of the batch over the rollout's wall time (measurement excluded).\n\n"
-        + table + "\n"
+        + table + "\n",
+        SUMMARY_NAME,
     )
     print(table)
     return summary

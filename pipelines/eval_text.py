@@ -25,7 +25,6 @@ prompts over processes.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,9 +39,9 @@ from namm_transfer.pipelines.common import (
     parse_dtype,
     run_metadata,
     set_threads,
-    write_json,
 )
-from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_baseline
+from namm_transfer.pipelines.harness import RowStore, check_setting, write_summary
+from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy
 
 ROWS_NAME, SUMMARY_NAME = "rows.jsonl", "summary"
 PROTOCOLS = ("one-shot", "progressive")
@@ -114,15 +113,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def _load_rows(out_dir: Path) -> list[dict[str, Any]]:
-    rows = []
-    for path in sorted(out_dir.glob("rows*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
-
-
 def _key(row: dict[str, Any]) -> tuple:
     return (
         row.get("protocol", "progressive"),
@@ -172,27 +162,8 @@ def _check_same_setting(out_dir: Path, cfg: EvalTextConfig, update_every: int | 
         "max_new_tokens": cfg.max_new_tokens,
         "update_every": update_every if update_every is not None else cfg.update_every,
     }
-    path = out_dir / "setting.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        before.setdefault("split", "test")
-        before.pop("namm", None)
-        differs = {k: (before.get(k), v) for k, v in setting.items() if before.get(k) != v}
-        if differs:
-            what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differs.items())
-            raise ValueError(
-                f"{out_dir} holds results of another setting ({what}): "
-                "use another --output-dir (or delete it) rather than mixing the two in one table"
-            )
-    else:
-        write_json(path, setting)
-
-
-def namm_budget(rows: list[dict[str, Any]]) -> list[int]:
-    """Per-layer budget for the baselines: the NAMM's mean kept tokens after its last update."""
-    kept = np.array([r["kept_per_layer"] for r in rows])
-    fresh = np.array([r["since_update"] for r in rows])
-    return [max(1, int(round(v))) for v in (kept - fresh).mean(axis=0)]
+    # older setting files: no split (it was always test) and the NAMM's name (now carried by its rows)
+    check_setting(out_dir, setting, assumed={"split": "test"}, ignored=("namm",))
 
 
 def summarise(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, Any]]:
@@ -252,13 +223,16 @@ def verdict(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _one_shot_prompt(model, tokenizer, handle, namm, example, task, cfg, todo, max_new) -> list[dict]:
-    """Every pending (budget, policy) of one prompt from one shared prefill of its context."""
+def _one_shot_prompt(model, tokenizer, handle, namm, example, task, cfg, todo, max_new,
+                     own_row: dict | None = None) -> list[dict]:
+    """Every pending (budget, policy) of one prompt from one shared prefill of its context.
+
+    ``own_row``: the NAMM's finished threshold-mode row of this prompt, whose kept tokens per layer are
+    the baselines' budget in the ``own`` table (None: computed here if pending)."""
     from namm_transfer.pipelines.shared_prefill import generate_answer, kept_report, prefill_context
-    from namm_transfer.policies import FullCache
 
     start = time.perf_counter()
-    baselines = {name: build_baseline(name, update_every=namm.update_every) for name in cfg.baselines}
+    baselines = {name: build_policy(name, update_every=namm.update_every) for name in cfg.baselines}
     prefill = prefill_context(model, handle, example, tokenizer, [namm, *baselines.values()])
     prefill_s = time.perf_counter() - start
     index = {NAMM_NAME: 0, **{name: i + 1 for i, name in enumerate(baselines)}}
@@ -295,7 +269,7 @@ def _one_shot_prompt(model, tokenizer, handle, namm, example, task, cfg, todo, m
             if ("one-shot", label, NAMM_NAME, task.name, example.seed) in todo:
                 namm_row = run(label, NAMM_NAME, namm, 0)
             else:  # the NAMM's row exists: its kept counts set the baselines' budget
-                namm_row = todo.get(("one-shot", label, NAMM_NAME, task.name, example.seed, "done"))
+                namm_row = own_row
             budget = [max(1, round(k)) for k in namm_row["kept_per_layer"]] if namm_row else None
         else:
             budget = max(1, round(float(label) * n))
@@ -304,7 +278,7 @@ def _one_shot_prompt(model, tokenizer, handle, namm, example, task, cfg, todo, m
                 continue
             if name == FULL_CACHE:
                 if label == cfg.budgets[0]:
-                    run(label, name, FullCache(), 0)
+                    run(label, name, build_policy(FULL_CACHE), 0)
                 continue
             if name == NAMM_NAME:
                 if label != OWN:
@@ -316,7 +290,6 @@ def _one_shot_prompt(model, tokenizer, handle, namm, example, task, cfg, todo, m
 
 
 def _progressive_prompt(model, tokenizer, namm, example, task, cfg, todo, max_new, every) -> list[dict]:
-    from namm_transfer.policies import FullCache
 
     rows = []
     n = len(example.prompt_ids)
@@ -328,12 +301,10 @@ def _progressive_prompt(model, tokenizer, namm, example, task, cfg, todo, max_ne
             if name == FULL_CACHE and label != cfg.budgets[0]:
                 continue
             budget = None if label == OWN else max(1, round(float(label) * n))
-            if name == FULL_CACHE:
-                policy = FullCache()
-            elif name == NAMM_NAME:
-                policy = namm if budget is None else namm.with_budget(budget, keep_threshold=False)
+            if name == NAMM_NAME and budget is not None:
+                policy = namm.with_budget(budget, keep_threshold=False)
             else:
-                policy = build_baseline(name, budget, update_every=every)
+                policy = build_policy(name, namm, budget, update_every=every)
             t0 = time.perf_counter()
             row = evaluate_prompt(model, tokenizer, policy, example, task, every, max_new)
             row.update(
@@ -390,32 +361,27 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
     namm = NAMM.from_pretrained(cfg.namm)
     every = cfg.update_every or namm.update_every
     if every != namm.update_every:
-        from namm_transfer.pipelines.eval_video import with_cadence  # the one cadence helper
-
-        namm = with_cadence(namm, every)
+        namm = namm.replace(update_every=every)
     _check_same_setting(out_dir, cfg, every)
     shard, n_shards = parse_shard(cfg.shard)
     rows_path = out_dir / (ROWS_NAME if n_shards == 1 else f"rows.shard{shard}of{n_shards}.jsonl")
-    rows = _load_rows(out_dir)
-    stale = [r for r in rows if depends_on_namm(r) and r.get("namm") != str(cfg.namm)]
+    store = RowStore(rows_path, _key, read=sorted(out_dir.glob("rows*.jsonl")))  # every shard's rows
+    stale = store.forget(lambda r: depends_on_namm(r) and r.get("namm") != str(cfg.namm))
     if stale:
-        log(f"{len(stale)} rows of another NAMM ({stale[0].get('namm')!r}) are ignored and redone")
-    latest = {_key(r): r for r in rows if not (depends_on_namm(r) and r.get("namm") != str(cfg.namm))}
-    if rows:
-        log(f"resuming: {len(latest)} results already in {out_dir}")
+        log(f"{stale} rows of another NAMM are ignored and redone")
     model, tokenizer = load_smollm2(device=cfg.device, dtype=parse_dtype(cfg.dtype))
     examples = [
         (t, ex) for t in cfg.tasks for ex in make_split(t, tokenizer, cfg.split, cfg.n, cfg.prompt_tokens)
     ][shard::n_shards]
     expected = _expected(cfg)
 
-    def write(new_rows: list[dict]) -> None:
-        with open(rows_path, "a") as f:  # incremental: a kill loses at most one prompt
-            for row in new_rows:
-                if depends_on_namm(row):
-                    row["namm"] = str(cfg.namm)
-                f.write(json.dumps(row) + "\n")
-                latest[_key(row)] = row
+    def write(new_rows: list[dict]) -> None:  # incremental: a kill loses at most one prompt
+        for row in new_rows:
+            if depends_on_namm(row):
+                row["namm"] = str(cfg.namm)
+            store.add(row)
+
+    latest = store.latest
 
     with attach(model, namm) as handle:
         bar = tqdm(examples, desc="eval-text", unit="prompt")
@@ -428,11 +394,9 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
             if not todo:
                 continue
             own = latest.get(("one-shot", OWN, NAMM_NAME, t, ex.seed))
-            if own is not None:
-                todo[("one-shot", OWN, NAMM_NAME, t, ex.seed, "done")] = own
             max_new = cfg.max_new_tokens or TASKS[t].max_new_tokens
             if "one-shot" in cfg.protocols and any(k[0] == "one-shot" for k in todo):
-                write(_one_shot_prompt(model, tokenizer, handle, namm, ex, TASKS[t], cfg, todo, max_new))
+                write(_one_shot_prompt(model, tokenizer, handle, namm, ex, TASKS[t], cfg, todo, max_new, own))
     if "progressive" in cfg.protocols:
         for t, ex in tqdm(examples, desc="eval-text progressive", unit="prompt"):
             todo = {
@@ -443,10 +407,10 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
             if todo:
                 max_new = cfg.max_new_tokens or TASKS[t].max_new_tokens
                 write(_progressive_prompt(model, tokenizer, namm, ex, TASKS[t], cfg, todo, max_new, every))
-    return write_summary(out_dir, cfg, list(latest.values()), argv)
+    return write_text_summary(out_dir, cfg, store.rows(), argv)
 
 
-def write_summary(out_dir: Path, cfg: EvalTextConfig, rows: list[dict], argv=None) -> dict[str, Any]:
+def write_text_summary(out_dir: Path, cfg: EvalTextConfig, rows: list[dict], argv=None) -> dict[str, Any]:
     """``summary.json`` / ``summary.md``: one table per (protocol, budget), with the verdict."""
     meta = run_metadata(argv)
     tables, md = {}, []
@@ -494,8 +458,8 @@ def write_summary(out_dir: Path, cfg: EvalTextConfig, rows: list[dict], argv=Non
                     f"\nNAMM above every baseline: {v['above_every_baseline']}; by more than the combined "
                     f"standard error: {v['above_every_baseline_by_combined_se']}\n"
                 )
-    write_json(out_dir / f"{SUMMARY_NAME}.json", {"config": asdict(cfg), "meta": meta, "tables": tables})
-    (out_dir / f"{SUMMARY_NAME}.md").write_text(
+    write_summary(
+        out_dir, {"config": asdict(cfg), "meta": meta, "tables": tables},
         f"# Text tasks, {cfg.split} split ({cfg.n} prompts per task, ~{cfg.prompt_tokens} tokens)\n\n"
         f"- command: `{meta['command']}`\n- date: {meta['date']}\n- git: {meta['git_revision']}\n"
         f"- NAMM: {cfg.namm}\n\n"

@@ -78,16 +78,23 @@ import torch
 from namm_transfer.pipelines.common import (
     log,
     markdown_table,
+    open_tensorboard,
     parse_dtype,
     run_metadata,
     set_threads,
-    write_json,
 )
+from namm_transfer.pipelines.harness import RowStore, check_setting, matched_budget, mean_se, write_summary
+from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy, policy_names
 
-ROWS_NAME, SUMMARY_NAME, SETTING_NAME = "rows.jsonl", "summary", "setting.json"
-FULL, NAMM_NAME, UNIFORM = "FullCache", "NAMM", "UniformFrames"
-TOKEN_BASELINES = ("Recency", "H2O", "L2Norm", "RandomEviction")
-POLICIES = (FULL, NAMM_NAME, *TOKEN_BASELINES, UNIFORM)
+ROWS_NAME, SUMMARY_NAME = "rows.jsonl", "summary"
+UNIFORM = "UniformFrames"  # the frame-level baseline: a full cache over fewer, uniformly spaced frames
+
+
+def video_policies() -> list[str]:
+    """What ``eval-video`` runs, in order: every registered policy, then uniform frame subsampling."""
+    return [*policy_names(), UNIFORM]
+
+
 FORMATS = ("auto", "mlvu", "longvideobench", "jsonl")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 POST_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -540,7 +547,7 @@ class EvalVideoConfig:
         update_every: tokens between policy updates (NAMM and baselines) and the prefill chunk.
         num_frames: frames sampled uniformly from each video (None: the frame count the model was
             trained with when it says, else 32).
-        policies: which of :data:`POLICIES` to run (the baselines need the NAMM's rows).
+        policies: which of :func:`video_policies` to run (the baselines need the NAMM's rows).
         limit: evaluate only the first ``limit`` samples (None: all).
         max_new_tokens: greedy generation length.
         post_prompt: line after the options (default: answer with the letter).
@@ -562,7 +569,7 @@ class EvalVideoConfig:
     namm_budget: int | None = None
     update_every: int = 256
     num_frames: int | None = None
-    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    policies: list[str] = field(default_factory=video_policies)
     limit: int | None = None
     max_new_tokens: int = 8
     post_prompt: str = POST_PROMPT
@@ -576,9 +583,9 @@ class EvalVideoConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.policies) - set(POLICIES))
+        unknown = sorted(set(self.policies) - set(video_policies()))
         if unknown:
-            raise ValueError(f"unknown policies {unknown}; choose from {list(POLICIES)}")
+            raise ValueError(f"unknown policies {unknown}; choose from {video_policies()}")
         if self.format not in FORMATS:
             raise ValueError(f"unknown annotation format {self.format!r}; choose from {FORMATS}")
         if self.update_every < 1 or self.max_new_tokens < 1 or (self.num_frames or 1) < 1:
@@ -697,17 +704,6 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
 # budgets, rows, summary
 
 
-def namm_budget(rows: list[dict[str, Any]]) -> list[int]:
-    """Per-layer budget for the token baselines: the NAMM's kept tokens per layer at the end of each
-    sample, less the tokens added since its last update, averaged over its successful samples."""
-    ok = [r for r in rows if not r.get("failed")]
-    if not ok:
-        raise ValueError("the NAMM has no successful sample to measure its budget on")
-    kept = np.array([r["kept_per_layer"] for r in ok], dtype=np.float64)
-    fresh = np.array([r["since_update"] for r in ok], dtype=np.float64)
-    return [max(1, int(round(v))) for v in (kept - fresh).mean(axis=0)]
-
-
 def uniform_frame_count(rows: list[dict[str, Any]], tokens_per_frame: int, num_frames: int) -> int:
     """Frames for the frame-level baseline: the NAMM's mean kept video tokens in whole frames
     (rounded, between 1 and ``num_frames``)."""
@@ -718,70 +714,13 @@ def uniform_frame_count(rows: list[dict[str, Any]], tokens_per_frame: int, num_f
     return int(min(num_frames, max(1, round(tokens / tokens_per_frame))))
 
 
-def make_policy(name: str, namm, budget: list[int] | None, every: int, seed: int):
-    """The policy object of ``name`` (UniformFrames is a full cache on fewer frames)."""
-    from namm_transfer.policies import H2O, FullCache, L2Norm, RandomEviction, Recency
-
-    if name in (FULL, UNIFORM):
-        return FullCache()
-    if name == NAMM_NAME:
-        return namm
-    if budget is None:
-        raise ValueError(f"{name} needs the NAMM's budget: run the NAMM policy first")
-    return {
-        "Recency": lambda: Recency(budget, update_every=every),
-        "H2O": lambda: H2O(budget, update_every=every),
-        "L2Norm": lambda: L2Norm(budget, update_every=every),
-        "RandomEviction": lambda: RandomEviction(budget, seed=seed, update_every=every),
-    }[name]()
-
-
-def with_cadence(namm, update_every: int):
-    """``namm`` with its update cadence (and query window) set to ``update_every`` tokens."""
-    from namm_transfer import NAMM
-
-    config = dataclasses.replace(namm.config, update_every=update_every)
-    return NAMM(config, namm.params, namm.norm_mean, namm.norm_var)
-
-
-def _load_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _setting(cfg: EvalVideoConfig) -> dict[str, Any]:
     return {"annotations": str(cfg.annotations), "videos": cfg.videos, "format": cfg.format,
             "model": str(cfg.model), "loader": cfg.loader, "namm": str(cfg.namm),
             "update_every": cfg.update_every, "num_frames": cfg.num_frames, "limit": cfg.limit,
             "max_new_tokens": cfg.max_new_tokens, "post_prompt": cfg.post_prompt,
             "answer_prefix": cfg.answer_prefix, "exact_output": cfg.exact_output, "seed": cfg.seed,
-            "dtype": cfg.dtype,
-            # only when set, so results written before the option existed still resume
-            **({"namm_budget": cfg.namm_budget} if cfg.namm_budget is not None else {})}
-
-
-def _check_same_setting(out_dir: Path, setting: dict[str, Any]) -> None:
-    """Rows are resumed only under the same annotations, model, NAMM, cadence, frames and prompt."""
-    path = out_dir / SETTING_NAME
-    if path.is_file():
-        before = json.loads(path.read_text())
-        if before != setting:
-            changed = sorted(k for k in set(before) | set(setting) if before.get(k) != setting.get(k))
-            raise ValueError(
-                f"{out_dir} holds results for another setting (differs in {changed}: {before} vs "
-                f"{setting}): use another --output-dir (or delete it) rather than mixing the two in one table"
-            )
-    else:
-        write_json(path, setting)
-
-
-def _mean_se(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    se = values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else 0.0
-    return float(values.mean()), float(se)
+            "dtype": cfg.dtype, "namm_budget": cfg.namm_budget}
 
 
 def key_frame_retention(rows: list[dict[str, Any]], key_frames: dict[str, list[int]]) -> tuple[float, float]:
@@ -802,19 +741,19 @@ def key_frame_retention(rows: list[dict[str, Any]], key_frames: dict[str, list[i
 
 def summarise(rows: list[dict[str, Any]], task_types: list[str],
               key_frames: dict[str, list[int]] | None = None) -> dict[str, dict[str, Any]]:
-    """Per policy (in :data:`POLICIES` order): accuracy (± standard error) overall and per task type,
+    """Per policy (in :func:`video_policies` order): accuracy (± standard error) overall and per task type,
     failures, kept video tokens / frames, stored KV MiB and seconds per sample (successful samples);
     with ``key_frames`` (sample id -> indices of the sampled frames that hold the answer, as
     make-video-qa records them) also the retention of those frames against the others."""
     summary: dict[str, dict[str, Any]] = {}
-    for name in [p for p in POLICIES if any(r["policy"] == p for r in rows)]:
+    for name in [p for p in video_policies() if any(r["policy"] == p for r in rows)]:
         mine = [r for r in rows if r["policy"] == name]
         ok = [r for r in mine if not r.get("failed")]
-        acc, se = _mean_se([float(r["correct"]) for r in ok])
+        acc, se = mean_se([float(r["correct"]) for r in ok])
         per_task = {}
         for task in task_types:
             scores = [float(r["correct"]) for r in ok if r["task_type"] == task]
-            per_task[task] = {"accuracy": _mean_se(scores)[0], "n": len(scores)}
+            per_task[task] = {"accuracy": mean_se(scores)[0], "n": len(scores)}
 
         def mean(key, rows=ok):
             return float(np.mean([r[key] for r in rows])) if rows else float("nan")
@@ -868,15 +807,6 @@ def summary_tables(summary: dict[str, dict[str, Any]], task_types: list[str]) ->
     return main, per_task
 
 
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
-        return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-
-
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80]
 
@@ -917,39 +847,36 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     setting = _setting(cfg)
-    _check_same_setting(out_dir, setting)
-
-    rows_path = out_dir / ROWS_NAME
-    table = {(r["policy"], r["sample_id"]): r for r in _load_rows(rows_path)}  # the latest row of each
-    if table:
-        log(f"resuming: {len(table)} rows already in {rows_path} (failed ones are retried)")
-    done = {key for key, r in table.items() if not r.get("failed")}
-    writer = _tensorboard(out_dir)
+    # results written before namm_budget existed were uncapped
+    check_setting(out_dir, setting, assumed={"namm_budget": None})
+    store = RowStore(out_dir / ROWS_NAME, key=lambda r: (r["policy"], r["sample_id"]))
+    writer = open_tensorboard(out_dir)
     namm_label = str(cfg.namm) if namm is None else f"{namm!r} (passed in by the caller)"
-    if namm is None and any(p != FULL for p in cfg.policies):
+    if namm is None and any(p != FULL_CACHE for p in cfg.policies):
         from namm_transfer import NAMM
 
         namm = NAMM.from_pretrained(cfg.namm)
     if namm is not None:
-        namm = with_cadence(namm, cfg.update_every)
+        namm = namm.replace(update_every=cfg.update_every)
         if cfg.namm_budget is not None:
             namm = namm.with_budget(cfg.namm_budget)
             namm_label += f", capped at {cfg.namm_budget} tokens per layer and KV head"
 
     budget, frames_k = None, None
-    order = [p for p in POLICIES if p in cfg.policies]
+    order = [p for p in video_policies() if p in cfg.policies]
     ids = {s.sample_id for s in samples}
     for name in order:
-        if name in (*TOKEN_BASELINES, UNIFORM) and budget is None:
-            namm_rows = [r for r in table.values() if r["policy"] == NAMM_NAME and r["sample_id"] in ids]
+        if name in (*BASELINES, UNIFORM) and budget is None:
+            namm_rows = store.rows(lambda r: r["policy"] == NAMM_NAME and r["sample_id"] in ids)
             if len(namm_rows) < len(samples):
                 raise ValueError(f"{name} needs the NAMM's budget: include NAMM in --policies")
-            budget = namm_budget(namm_rows)
+            budget = matched_budget(namm_rows)
             frames_k = uniform_frame_count(namm_rows, layout.tokens_per_frame, cfg.num_frames)
             log(f"baseline budget per layer (the NAMM's kept tokens less those added since its last "
                 f"update): {budget}; uniform frames: {frames_k} of {cfg.num_frames}")
-        policy = make_policy(name, namm, budget, cfg.update_every, cfg.seed)
-        todo = [(i, s) for i, s in enumerate(samples) if (name, s.sample_id) not in done]
+        token_policy = FULL_CACHE if name == UNIFORM else name  # UniformFrames: a full cache, fewer frames
+        policy = build_policy(token_policy, namm, budget, cfg.update_every, cfg.seed)
+        todo = [(i, s) for i, s in enumerate(samples) if not store.done((name, s.sample_id))]
         if not todo:
             log(f"{name}: all {len(samples)} samples already done")
         for index, sample in tqdm(todo, desc=name, unit="sample"):
@@ -968,11 +895,9 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
                     "seconds": time.perf_counter() - start,
                 }, None
             row = {"policy": name, **row}
-            if name in TOKEN_BASELINES:
+            if name in BASELINES:
                 row["budget"] = budget
-            table[name, sample.sample_id] = row
-            with open(rows_path, "a") as f:  # incremental: a kill loses at most this sample
-                f.write(json.dumps(row) + "\n")
+            store.add(row)  # incremental: a kill loses at most this sample
             if writer is not None and not row["failed"]:
                 writer.add_scalar(f"correct/{name}", float(row["correct"]), index)
                 writer.add_scalar(f"kept_video_tokens/{name}", row["kept_video_tokens"], index)
@@ -985,14 +910,14 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
 
                     image = np.asarray(Image.open(png).convert("RGB"))
                     writer.add_image(f"retention/{name}/{index}", image, 0, dataformats="HWC")
-        mine = [r for r in table.values()
-                if r["policy"] == name and r["sample_id"] in ids and not r.get("failed")]
+        mine = store.rows(lambda r, name=name: r["policy"] == name and r["sample_id"] in ids
+                          and not r.get("failed"))
         if mine:
             kept = np.mean([r["kept_video_tokens"] for r in mine])
             log(f"{name}: accuracy {np.mean([r['correct'] for r in mine]):.3f}, kept video tokens "
                 f"{kept:.0f} of {cfg.num_frames * layout.tokens_per_frame}")
 
-    rows = list(table.values())
+    rows = store.rows()
     selected = [r for r in rows if r["policy"] in cfg.policies and r["sample_id"] in ids]
     # make-video-qa's records name the frames that hold the answer (indices among the sampled frames)
     key_frames = {s.sample_id: [int(k) for k in s.meta["key_frames"]] for s in samples
@@ -1000,7 +925,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     summary = summarise(selected, task_types, key_frames)
     namm_rows = [r for r in rows if r["policy"] == NAMM_NAME and r["sample_id"] in ids]
     if budget is None and len(namm_rows) >= len(samples) and any(not r.get("failed") for r in namm_rows):
-        budget = namm_budget(namm_rows)
+        budget = matched_budget(namm_rows)
         frames_k = uniform_frame_count(namm_rows, layout.tokens_per_frame, cfg.num_frames)
     if writer is not None:
         for name, s in summary.items():
@@ -1010,12 +935,13 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
         writer.close()
     meta = run_metadata(argv)
     main_table, task_table = summary_tables(summary, task_types)
-    write_json(out_dir / f"{SUMMARY_NAME}.json", {
+    data = {
         "config": asdict(cfg), "setting": setting, "meta": meta, "budget": budget,
         "uniform_frames": frames_k, "tokens_per_frame": layout.tokens_per_frame,
         "video_tokens": layout.video_tokens(cfg.num_frames), "task_types": task_types, "summary": summary,
-    })
-    (out_dir / f"{SUMMARY_NAME}.md").write_text(
+    }
+    write_summary(
+        out_dir, data,
         f"# Video QA: {cfg.annotations}\n\n"
         f"- command: `{meta['command']}`\n- date: {meta['date']}, git {meta['git_revision']}\n"
         f"- model: {cfg.model} ({video_model.model.config.model_type}, {layout.tokens_per_frame} tokens per "
@@ -1034,7 +960,8 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
            "frames that hold the answer, and of the other, redundant frames (from the annotations' "
            "key_frames)." if key_frames else "")
         + "\n\n"
-        + main_table + "\n\nAccuracy per task type:\n\n" + task_table + "\n"
+        + main_table + "\n\nAccuracy per task type:\n\n" + task_table + "\n",
+        SUMMARY_NAME,
     )
     print(main_table)
     return summary

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from namm_transfer import NAMM, NAMMConfig
-from namm_transfer.pipelines.common import log, run_metadata, set_threads
+from namm_transfer.pipelines.common import log, open_tensorboard, run_metadata, set_threads
 
 STATE_NAME, RESULTS_NAME, BEST_DIR = "evolve_state.pkl", "results.jsonl", "namm"
 
@@ -471,7 +471,7 @@ def run_evolve(
         f.write(json.dumps({**run_metadata(argv), "resume": cfg.resume}) + "\n")
     if state.mean is None:
         state.mean = NAMM(namm_cfg).params[0].numpy().astype(np.float64)
-    writer = _tensorboard(out_dir)
+    writer = open_tensorboard(out_dir)
     total = cfg.generations * len(cfg.stages)
     bar = tqdm(total=total, initial=state.total_generations, desc="evolve", unit="gen")
     started = time.perf_counter() - state.elapsed_s
@@ -581,18 +581,6 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
-
-
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is in the `evolve` extra
-        log(
-            "tensorboard is not installed: logging to results.jsonl only "
-            "(pip install 'namm-transfer[evolve]')"
-        )
-        return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
 
 def _log(out_dir: Path, writer, record: dict, retention: np.ndarray | None) -> None:

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from namm_transfer import NAMM, NAMMConfig
-from namm_transfer.pipelines.common import log, run_metadata, set_threads
-from namm_transfer.pipelines.evolve import _tensorboard, load_state, save_state, task_fitness
+from namm_transfer.pipelines.common import log, open_tensorboard, run_metadata, set_threads
+from namm_transfer.pipelines.evolve import load_state, save_state, task_fitness
 from namm_transfer.pipelines.shared_prefill import (
     ContextPrefill,
     ReceivedAttention,
@@ -334,7 +334,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
     state = load_state(out_dir) if cfg.resume else SharedState()
     namm_cfg = cfg.namm_config()
     started = time.perf_counter() - state.elapsed_s
-    writer = _tensorboard(out_dir)
+    writer = open_tensorboard(out_dir)
 
     with attach(model, NAMM(namm_cfg)) as handle:
         pool = PrefillPool(model, tokenizer, handle, tasks, namm_cfg, cfg.prompt_tokens)

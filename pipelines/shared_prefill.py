@@ -82,11 +82,9 @@ class ReceivedAttention(MemoryPolicy):
 
 def one_shot(policy: MemoryPolicy) -> MemoryPolicy:
     """A copy of ``policy`` that never evicts on its own cadence (the fork evicts it once)."""
+    if hasattr(policy, "replace"):  # a NAMM: its cadence lives in its frozen config
+        return policy.replace(update_every=NEVER)
     out = copy.copy(policy)
-    if hasattr(policy, "config") and hasattr(policy.config, "update_every"):  # a NAMM keeps it in its config
-        from dataclasses import replace
-
-        out.config = replace(policy.config, update_every=NEVER)
     out.update_every = NEVER
     return out
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from namm_transfer.pipelines.common import log, run_metadata, set_threads
+from namm_transfer.pipelines.common import log, open_tensorboard, run_metadata, set_threads
 from namm_transfer.pipelines.dt_models import save_dt
 
 LOG_NAME = "train_log.jsonl"
@@ -245,7 +245,7 @@ def train_dt(cfg: TrainDTConfig, argv: Sequence[str] | None = None, dataset: Any
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / LOG_NAME).unlink(missing_ok=True)
-    writer = _tensorboard(out_dir)
+    writer = open_tensorboard(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
     names = ", ".join([dataset_id, *extra_ids])
     log(f"training a {n_params / 1e3:.0f}k-parameter Decision Transformer on {names} "
@@ -316,12 +316,3 @@ def train_dt(cfg: TrainDTConfig, argv: Sequence[str] | None = None, dataset: Any
     last = meta["training"]["loss_last_window"]
     log(f"trained in {seconds:.0f} s, action MSE {losses[0]:.4f} -> {last:.4f}; model in {out_dir}")
     return TrainDTResult(model, meta, losses)
-
-
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log("tensorboard is not installed: logging to train_log.jsonl only (pip install tensorboard)")
-        return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))

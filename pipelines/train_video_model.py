@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from namm_transfer.pipelines.common import log, markdown_table, run_metadata, set_threads
+from namm_transfer.pipelines.common import log, markdown_table, open_tensorboard, run_metadata, set_threads
 from namm_transfer.pipelines.video_models import (
     SMOLLM2_IMAGE_TOKEN_ID,
     SMOLLM2_VIDEO_TOKEN_ID,
@@ -420,15 +420,6 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log("tensorboard is not installed: logging to train_log.jsonl only (pip install tensorboard)")
-        return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-
-
 def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = None) -> TrainVideoModelResult:
     """Train, score, write ``cfg.out_dir`` and return the model."""
     from tqdm.auto import tqdm
@@ -474,7 +465,7 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
     class_weight = torch.tensor([0.25] + [1.0] * len(COLOUR_NAMES), device=device)  # empty frames abound
     pre_params = trainable + list(head.parameters())
     optimizer = torch.optim.AdamW(pre_params, lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
-    writer = _tensorboard(out_dir)
+    writer = open_tensorboard(out_dir)
     mean_prompt = int(np.mean([len(p) for p in train.prompts]))
     log(f"video model: {n_trainable / 1e6:.2f}M trainable parameters (vision tower + projector), LM frozen; "
         f"{layout.tokens_per_frame} tokens per frame, prompts of ~{mean_prompt} tokens; decoding took "

@@ -29,10 +29,10 @@ def test_demo_small(tmp_path, capsys):
     for name in ("Recency", "H2O", "L2Norm", "RandomEviction", "SnapKV", "TOVA"):  # matched cache size
         assert rows[name]["kept_fraction"] == pytest.approx(namm_kept, abs=0.02)
     rollouts = result["rollouts"]  # the DT comparison: same seeds, the NAMM holds less than the full cache
-    assert list(rollouts["summary"]) == ["full", "NAMM", "Recency"] and rollouts["seeds"] == [0, 1]
+    assert list(rollouts["summary"]) == ["FullCache", "NAMM", "Recency"] and rollouts["seeds"] == [0, 1]
     summary = rollouts["summary"]
-    assert summary["NAMM"]["tokens_mean"] < summary["full"]["tokens_mean"]
-    assert summary["full"]["kept_fraction"] == 1.0 and len(rollouts["budget"]) == 3
+    assert summary["NAMM"]["tokens_mean"] < summary["FullCache"]["tokens_mean"]
+    assert summary["FullCache"]["kept_fraction"] == 1.0 and len(rollouts["budget"]) == 3
     assert "Decision Transformer lunarlander-expert" in table
     video = result["video"]["summary"]  # the video-QA comparison on the shipped video model's test videos
     assert list(video) == ["FullCache", "NAMM", "Recency", "UniformFrames"]

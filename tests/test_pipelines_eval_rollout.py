@@ -13,9 +13,9 @@ from namm_transfer.pipelines.dt_models import available_dts, load_dt, save_dt
 from namm_transfer.pipelines.eval_rollout import (
     BASELINES,
     KINDS,
-    POLICIES,
     EvalRolloutConfig,
     rollout_batch,
+    rollout_policies,
     run_eval_rollout,
 )
 from namm_transfer.policies import FullCache, Recency
@@ -75,7 +75,7 @@ def evaluated(tmp_path_factory, dt_dir, namm_dir):
 def test_keep_all_namm_reproduces_the_full_cache_rollout(dt_dir):
     dt = load_dt(dt_dir)
     seeds = [5, 6, 7]
-    full = rollout_batch(dt, "full", FullCache(), ENV, seeds, 200.0, STEPS, plot=True, progress=False)
+    full = rollout_batch(dt, "FullCache", FullCache(), ENV, seeds, 200.0, STEPS, plot=True, progress=False)
     keep_all = NAMM(NAMMConfig(update_every=EVERY))  # the keep-everything initialisation
     namm = rollout_batch(dt, "NAMM", keep_all, ENV, seeds, 200.0, STEPS, plot=True, progress=False)
     assert np.array_equal(namm.actions, full.actions)  # exact_output: bit for bit
@@ -100,7 +100,7 @@ def test_keep_all_namm_reproduces_the_full_cache_rollout(dt_dir):
 
 def test_summary_has_every_policy_and_the_baselines_match_the_namm_budget(evaluated):
     cfg, summary = evaluated
-    assert list(summary) == list(POLICIES)
+    assert list(summary) == list(rollout_policies())
     out = json.loads((cfg_path(cfg) / "summary.json").read_text())
     budget = out["budget"]
     assert len(budget) == 2 and all(b >= 1 for b in budget)
@@ -112,11 +112,11 @@ def test_summary_has_every_policy_and_the_baselines_match_the_namm_budget(evalua
         assert s["tokens_mean"] == pytest.approx(namm["tokens_mean"], rel=0.35), name
         assert s["tokens_peak"] <= max(budget) + EVERY
     md = (cfg_path(cfg) / "summary.md").read_text()
-    assert all(f"| {p} " in md for p in POLICIES)
+    assert all(f"| {p} " in md for p in rollout_policies())
     assert "command: `namm-transfer eval-rollout --dt" in md and str(budget) in md
-    assert summary["full"]["kept_fraction"] == 1.0 and summary["full"]["tokens_vs_full"] == 1.0
+    assert summary["FullCache"]["kept_fraction"] == 1.0 and summary["FullCache"]["tokens_vs_full"] == 1.0
     assert summary["windowed"]["tokens_peak"] == 3 * 4 - 1  # K = 4 steps, less the pending action
-    for name in POLICIES:
+    for name in rollout_policies():
         assert (cfg_path(cfg) / f"memory_{name}.png").is_file()
     assert any((cfg_path(cfg) / "tensorboard").iterdir())
 
@@ -130,7 +130,7 @@ def cfg_path(cfg):
 def test_kept_kind_fractions_are_consistent(evaluated):
     cfg, summary = evaluated
     rows = [json.loads(line) for line in (cfg_path(cfg) / "rows.jsonl").read_text().splitlines()]
-    assert len(rows) == len(POLICIES) * cfg.episodes
+    assert len(rows) == len(rollout_policies()) * cfg.episodes
     for r in rows:
         kept, seen = np.array(r["kept_tokens_by_kind"]), np.array(r["seen_tokens_by_kind"])
         steps = r["length"]
@@ -142,7 +142,7 @@ def test_kept_kind_fractions_are_consistent(evaluated):
         assert weighted == pytest.approx(r["kept_fraction"])
         assert np.all(kept <= seen + 1e-9)
         assert r["tokens_mean"] <= r["tokens_seen_mean"] + 1e-9
-        if r["policy"] == "full":
+        if r["policy"] == "FullCache":
             assert np.allclose(kept, seen) and r["kv_bytes_peak"] > 0
     for s in summary.values():
         assert sum(s["kept_share_by_kind"].values()) == pytest.approx(1.0)
@@ -164,15 +164,15 @@ def test_resume_skips_finished_rows_and_refuses_other_settings(evaluated, dt_dir
     assert after == before
     run_eval_rollout(cfg)  # nothing left to do
     assert rows_path.read_text().splitlines() == again
-    with pytest.raises(ValueError, match="holds results for"):
+    with pytest.raises(ValueError, match=r"holds results of another setting \(update_every: 6 there, 9 now\)"):
         run_eval_rollout(EvalRolloutConfig(**{**cfg.__dict__, "update_every": EVERY + 3}))
 
 
 def test_clear_errors(tmp_path, dt_dir, namm_dir):
     with pytest.raises(ValueError, match="expects"):  # BipedalWalker's spaces are not the tiny DT's
-        run_eval_rollout(config(tmp_path, dt_dir, namm_dir, env="bipedalwalker", policies=["full"]))
+        run_eval_rollout(config(tmp_path, dt_dir, namm_dir, env="bipedalwalker", policies=["FullCache"]))
     with pytest.raises(ValueError, match="unknown policies"):
-        EvalRolloutConfig(policies=["full", "nope"])
+        EvalRolloutConfig(policies=["FullCache", "nope"])
     with pytest.raises(ValueError, match="budget"):
         run_eval_rollout(config(tmp_path, dt_dir, namm_dir, policies=["Recency"],
                                 output_dir=str(tmp_path / "b")))
@@ -180,7 +180,7 @@ def test_clear_errors(tmp_path, dt_dir, namm_dir):
     with torch.no_grad():
         dt.model.predict_action[0].weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite action at step 0"):
-        rollout_batch(dt, "full", Recency(8, update_every=EVERY), ENV, [0, 1], 200.0, 3, plot=False,
+        rollout_batch(dt, "FullCache", Recency(8, update_every=EVERY), ENV, [0, 1], 200.0, 3, plot=False,
                       progress=False)
 
 
@@ -188,9 +188,10 @@ def test_cli_mirrors_the_config(dt_dir):
     from namm_transfer.pipelines.cli import _fields, build_parser
 
     args = build_parser().parse_args(["eval-rollout", "--dt", str(dt_dir), "--update-every", "12",
-                                      "--episodes", "5", "--policies", "full", "NAMM", "--no-plot"])
+                                      "--episodes", "5", "--policies", "FullCache", "NAMM", "--no-plot"])
     cfg = EvalRolloutConfig(**_fields(args, EvalRolloutConfig))
-    assert cfg.update_every == 12 and cfg.episodes == 5 and cfg.policies == ["full", "NAMM"] and not cfg.plot
+    assert cfg.update_every == 12 and cfg.episodes == 5 and not cfg.plot
+    assert cfg.policies == ["FullCache", "NAMM"]
     defaults = EvalRolloutConfig(**_fields(build_parser().parse_args(["eval-rollout"]), EvalRolloutConfig))
     assert defaults == EvalRolloutConfig()
 

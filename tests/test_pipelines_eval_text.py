@@ -9,7 +9,8 @@ import pytest
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.pipelines.cli import _fields, build_parser, main
-from namm_transfer.pipelines.eval_text import EvalTextConfig, namm_budget, summarise, verdict
+from namm_transfer.pipelines.eval_text import EvalTextConfig, summarise, verdict
+from namm_transfer.pipelines.harness import matched_budget
 
 
 def test_budget_is_the_namm_kept_tokens_after_its_last_update():
@@ -17,7 +18,7 @@ def test_budget_is_the_namm_kept_tokens_after_its_last_update():
         {"kept_per_layer": [100.0, 60.0], "since_update": [20.0, 20.0]},
         {"kept_per_layer": [120.0, 40.0], "since_update": [10.0, 10.0]},
     ]
-    assert namm_budget(rows) == [95, 35]
+    assert matched_budget(rows) == [95, 35]
 
 
 def test_summary_normalises_by_the_full_cache_on_the_same_task():

@@ -15,10 +15,6 @@ from _tiny_llava import FAMILIES, VIDEO_ID, build
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.pipelines.eval_video import (
-    FULL,
-    NAMM_NAME,
-    POLICIES,
-    TOKEN_BASELINES,
     UNIFORM,
     EvalVideoConfig,
     VideoModel,
@@ -29,12 +25,16 @@ from namm_transfer.pipelines.eval_video import (
     key_frame_retention,
     load_annotations,
     load_video_model,
-    namm_budget,
     run_eval_video,
     summarise,
     summary_tables,
     uniform_frame_count,
+    video_policies,
 )
+from namm_transfer.pipelines.harness import matched_budget as namm_budget
+from namm_transfer.policies import BASELINES as TOKEN_BASELINES
+from namm_transfer.policies import FULL_CACHE as FULL
+from namm_transfer.policies import NAMM_NAME
 
 av = pytest.importorskip("av")
 from namm_transfer.pipelines.video_io import write_video  # noqa: E402
@@ -239,7 +239,7 @@ def test_every_policy_baselines_at_the_namm_budget(tmp_path, data):
     namm = NAMM.init_random(0, config=NAMMConfig(budget=12))
     summary = run_eval_video(cfg, loader=tiny_loader, namm=namm)
     rows = _rows(cfg)
-    assert len(rows) == len(POLICIES) * 3 and not any(r["failed"] for r in rows)
+    assert len(rows) == len(video_policies()) * 3 and not any(r["failed"] for r in rows)
     namm_rows = [r for r in rows if r["policy"] == NAMM_NAME]
     budget = namm_budget(namm_rows)
     assert budget == [12, 12]  # the NAMM's cap, less the tokens fed since its last update
@@ -259,16 +259,16 @@ def test_every_policy_baselines_at_the_namm_budget(tmp_path, data):
     for r, u in zip(full, uniform, strict=True):
         assert r["frames"] == 6 and r["stored_kv_bytes"] > u["stored_kv_bytes"]
     # summary: every policy, overall and per task type
-    assert list(summary) == list(POLICIES)
+    assert list(summary) == list(video_policies())
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert list(saved["summary"]) == list(POLICIES)
+    assert list(saved["summary"]) == list(video_policies())
     assert saved["budget"] == budget and saved["uniform_frames"] == k
     assert saved["meta"]["command"].startswith("namm-transfer") and "git_revision" in saved["meta"]
     for s in summary.values():
         assert set(s["per_task"]) == {"colour", "count", "order"} and s["samples"] == 3
         assert s["stored_kv_mib"] > 0 and s["seconds_per_sample"] > 0
     md = (tmp_path / "out" / "summary.md").read_text()
-    assert all(f"| {name}" in md for name in POLICIES) and "colour" in md
+    assert all(f"| {name}" in md for name in video_policies()) and "colour" in md
     assert any((tmp_path / "out" / "tensorboard").iterdir())
 
 

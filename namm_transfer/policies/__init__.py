@@ -10,7 +10,14 @@ from namm_transfer.policies.base import (
     resolve_budget,
 )
 from namm_transfer.policies.baselines import H2O, FullCache, L2Norm, RandomEviction, Recency
-from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_baseline
+from namm_transfer.policies.registry import (
+    BASELINES,
+    FULL_CACHE,
+    NAMM_NAME,
+    build_baseline,
+    build_policy,
+    policy_names,
+)
 from namm_transfer.policies.snapkv import SnapKV
 from namm_transfer.policies.tova import TOVA
 
@@ -19,6 +26,8 @@ __all__ = [
     "FULL_CACHE",
     "NAMM_NAME",
     "build_baseline",
+    "build_policy",
+    "policy_names",
     "Budget",
     "CacheView",
     "FullCache",

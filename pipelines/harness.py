@@ -1,0 +1,137 @@
+"""What every comparison job shares: result rows that resume, the settings guard, means with standard
+errors, the baselines' budget at the NAMM's measured cache size, summaries and TensorBoard.
+
+Text (``eval_text``), video (``eval_video``), rollouts (``eval_rollout``) and the demo supply their
+items, how one item runs under one policy, and their table columns; the bookkeeping is here, once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from namm_transfer.pipelines.common import log, write_json
+
+SETTING_NAME = "setting.json"
+# Row keys renamed since results were first committed: old rows still resume and summarise.
+LEGACY_ROW_KEYS = {"end_kept_per_layer": "kept_per_layer", "end_since_update_per_layer": "since_update"}
+LEGACY_POLICY_NAMES = {"full": "FullCache"}
+
+
+def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row written under older key or policy names, in today's names (a no-op for new rows)."""
+    for old, new in LEGACY_ROW_KEYS.items():
+        if old in row and new not in row:
+            row[new] = row.pop(old)
+    if row.get("policy") in LEGACY_POLICY_NAMES:
+        row["policy"] = LEGACY_POLICY_NAMES[row["policy"]]
+    return row
+
+
+class RowStore:
+    """Result rows of one job, one JSON object per line, appended as each row finishes (a kill loses at
+    most the row in progress). On resume the latest row of each key wins and failed rows are redone.
+
+    Args:
+        path: the file new rows are appended to.
+        key: what identifies a row (e.g. policy and sample id).
+        read: more files to read on resume (e.g. other shards' rows); ``path`` is always read.
+    """
+
+    def __init__(self, path: str | Path, key: Callable[[dict[str, Any]], Hashable],
+                 read: Iterable[str | Path] = ()):
+        self.path = Path(path)
+        self.key = key
+        self.latest: dict[Hashable, dict[str, Any]] = {}
+        for file in dict.fromkeys([*map(Path, read), self.path]):
+            if file.is_file():
+                for line in file.read_text().splitlines():
+                    if line.strip():
+                        row = upgrade_row(json.loads(line))
+                        self.latest[key(row)] = row
+        if self.latest:
+            log(f"resuming: {len(self.latest)} rows already in {self.path.parent} (failed ones are retried)")
+
+    def done(self, key: Hashable) -> bool:
+        """A finished (not failed) row exists for ``key``."""
+        row = self.latest.get(key)
+        return row is not None and not row.get("failed")
+
+    def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.latest[self.key(row)] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def forget(self, where: Callable[[dict[str, Any]], bool]) -> int:
+        """Drop the rows ``where`` selects (to be redone, e.g. rows of another NAMM); how many."""
+        drop = [k for k, r in self.latest.items() if where(r)]
+        for k in drop:
+            del self.latest[k]
+        return len(drop)
+
+    def rows(self, where: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
+        return [r for r in self.latest.values() if where is None or where(r)]
+
+
+def check_setting(out_dir: str | Path, setting: Mapping[str, Any], assumed: Mapping[str, Any] | None = None,
+                  ignored: Sequence[str] = ()) -> None:
+    """Rows are resumed only under the same setting: the first run records ``setting`` in
+    ``setting.json``; a rerun with another is refused with an error naming what differs.
+
+    ``assumed`` gives the value of a key that older setting files lack; ``ignored`` keys of older files
+    no longer belong to the setting (e.g. rows that depend on the NAMM carry its name instead).
+    """
+    path = Path(out_dir) / SETTING_NAME
+    if not path.is_file():
+        write_json(path, dict(setting))
+        return
+    before = {**(assumed or {}), **json.loads(path.read_text())}
+    for key in ignored:
+        before.pop(key, None)
+    differs = {k: (before.get(k), setting.get(k)) for k in sorted(set(before) | set(setting))
+               if before.get(k) != setting.get(k)}
+    if differs:
+        what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differs.items())
+        raise ValueError(f"{out_dir} holds results of another setting ({what}): use another --output-dir "
+                         "(or delete it) rather than mixing the two in one table")
+
+
+def mean_se(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n)); NaNs for no values."""
+    values = np.asarray(list(values), dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    se = values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else 0.0
+    return float(values.mean()), float(se)
+
+
+def matched_budget(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The baselines' per-layer budget at the NAMM's measured cache size.
+
+    Each row is one sample's memory report under the NAMM: ``kept_per_layer`` (tokens cached per layer,
+    mean over KV heads) and, when the policy ran on a cadence, ``since_update`` (tokens added per layer
+    since its last update: every policy holds those whatever its budget, so a baseline given the
+    NAMM's count less them ends with the NAMM's cache size). Mean over the rows that did not fail,
+    rounded, at least 1 per layer.
+    """
+    ok = [r for r in rows if not r.get("failed")]
+    if not ok:
+        raise ValueError("the NAMM has no successful sample to measure its budget on: run it first")
+    kept = np.array([r["kept_per_layer"] for r in ok], dtype=np.float64)
+    fresh = np.array([r.get("since_update") or [0.0] * kept.shape[1] for r in ok], dtype=np.float64)
+    return [max(1, int(round(v))) for v in (kept - fresh).mean(axis=0)]
+
+
+def write_summary(out_dir: str | Path, data: Mapping[str, Any], markdown: str, name: str = "summary") -> Path:
+    """``out_dir/<name>.json`` (``data``) and ``out_dir/<name>.md`` (``markdown``)."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / f"{name}.json", data)
+    path = out_dir / f"{name}.md"
+    path.write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    return path

@@ -164,7 +164,7 @@ def test_resume_skips_finished_rows_and_refuses_other_settings(evaluated, dt_dir
     assert after == before
     run_eval_rollout(cfg)  # nothing left to do
     assert rows_path.read_text().splitlines() == again
-    with pytest.raises(ValueError, match=r"holds results of another setting \(update_every: 6 there, 9 now\)"):
+    with pytest.raises(ValueError, match=r"another setting \(update_every: 6 there, 9 now\)"):
         run_eval_rollout(EvalRolloutConfig(**{**cfg.__dict__, "update_every": EVERY + 3}))
 
 

@@ -211,9 +211,3 @@ def retention_image(retention: np.ndarray, title: str | None = None) -> np.ndarr
     buffer.seek(0)
     return np.asarray(Image.open(buffer).convert("RGB"))
 
-
-def log_retention_heatmap(
-    writer: Any, tag: str, retention: np.ndarray, step: int = 0, title: str | None = None
-):
-    """Add the heatmap to a TensorBoard ``SummaryWriter`` (``add_image`` with HWC layout)."""
-    writer.add_image(tag, retention_image(retention, title), global_step=step, dataformats="HWC")

@@ -12,7 +12,6 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -90,11 +89,6 @@ def load_dataset(dataset_id: str, root: str | os.PathLike | None = None, downloa
                 f"could not download Minari dataset {dataset_id!r} into {where} ({type(err).__name__}: "
                 f"{err}); {SERVERS_UNREACHABLE}"
             ) from err
-
-
-def dataset_metadata(dataset) -> dict[str, Any]:
-    """The dataset's stored metadata (``ref_min_score``, ``ref_max_score``, our generation settings)."""
-    return dict(dataset.storage.metadata)
 
 
 def dataset_ref_scores(dataset) -> tuple[float, float] | None:

@@ -31,7 +31,6 @@ import torch
 
 RETURN, STATE, ACTION = 0, 1, 2
 TOKENS_PER_STEP = 3
-KIND_NAMES = ("return", "state", "action")
 
 
 def token_kind_and_step(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,17 +78,42 @@ def load_namm(cls: type[NAMM], name_or_path: str | Path, **hub_kwargs) -> NAMM:
     return cls(config, tensors["params"], tensors.get("norm_mean"), tensors.get("norm_var"))
 
 
-def import_reference_checkpoint(path: str | Path, config: NAMMConfig | None = None) -> NAMM:
+def _safe_numpy_globals() -> list:
+    """numpy's array reconstructors and dtypes: what a reference checkpoint's CMA-ES state may hold
+    besides tensors. Nothing here runs code when unpickled."""
+    import numpy as np
+
+    reconstruct = getattr(np, "_core", np.core).multiarray._reconstruct  # numpy 2 moved it
+    dtypes = [type(np.dtype(t)) for t in (np.float32, np.float64, np.int32, np.int64, np.bool_)]
+    return [reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def import_reference_checkpoint(path: str | Path, config: NAMMConfig | None = None,
+                                trust_pickle: bool = False) -> NAMM:
     """Load a checkpoint saved by the reference implementation (evo-memory).
 
     It is a ``torch.save`` dict with ``evolution_state['mean']`` (the CMA-ES mean, the parameters that
     are evaluated and shipped) and, under ``stored_buffers_to_save``, the spectrogram normalisation
     ``token_embedding_0_output_mean`` / ``token_embedding_0_output_var`` of shape (1, 1, 1, n_bins).
+
+    The file is read with ``torch.load(weights_only=True)`` (tensors, containers, numbers and numpy
+    arrays only), so a file from the internet cannot run code. ``trust_pickle=True`` unpickles anything:
+    only for a file you made yourself, since unpickling an arbitrary file can execute arbitrary code.
     """
+    import pickle
+
     from namm_transfer.namm import NAMM, NAMMConfig
 
     config = config or NAMMConfig()
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_safe_numpy_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects outside the safe allow-list (tensors, containers, numbers, numpy "
+            f"arrays): {str(error).splitlines()[0]}. If you trust this file, pass trust_pickle=True "
+            "(unpickling can run arbitrary code)"
+        ) from error
     if not isinstance(state, dict) or "evolution_state" not in state:
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not a reference NAMM checkpoint: no 'evolution_state' (found {found})")

@@ -464,13 +464,10 @@ def load_trained_video_model(source: str, device: str = "cpu",
                              dtype: torch.dtype = torch.float32) -> VideoModel | None:
     """A video model written by ``train-video-model`` (a shipped short name or its directory) with the
     frame count, preprocessing and prompt builder of its ``video_model.json``; None if ``source`` is not
-    one (or that module is not installed)."""
+    one."""
+    from namm_transfer.pipelines import video_models
     from namm_transfer.pipelines.video_io import VideoPreprocessor
 
-    try:
-        from namm_transfer.pipelines import video_models
-    except ImportError:
-        return None
     try:
         directory = video_models.video_model_dir(source)
     except FileNotFoundError:

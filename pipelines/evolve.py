@@ -24,6 +24,7 @@ Config -> data -> model -> evaluate, top to bottom (DESIGN.md section 3, Evoluti
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -237,7 +238,7 @@ class LocalEvaluator:
 
         keep_all = NAMM(namm_cfg)
         policy = keep_all if collect else FullCache()
-        context = keep_all.collecting_statistics() if collect else _nullcontext()
+        context = keep_all.collecting_statistics() if collect else contextlib.nullcontext()
         with context:
             ev = self.run(lambda block: policy, keep_all.params.numpy(), examples, tasks)
         stats = (keep_all.norm_mean.numpy(), keep_all.norm_var.numpy()) if collect else None
@@ -573,14 +574,6 @@ def _full_cache_scores(
         for j, i in enumerate(missing):
             state.full_cache[(task_of[i], seeds[i])] = float(scores[j])
     return np.array([state.full_cache[key] for key in zip(task_of, seeds, strict=True)])
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _log(out_dir: Path, writer, record: dict, retention: np.ndarray | None) -> None:

@@ -13,7 +13,6 @@ from namm_transfer.adapters import (
     attach,
     frame_map,
     frame_retention,
-    log_retention_heatmap,
     retention_image,
     save_retention_heatmap,
     video_layout,
@@ -224,14 +223,3 @@ def test_heatmap_png_and_tensorboard(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = retention_image(retention, title="x")
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-
-    class Writer:
-        def __init__(self):
-            self.calls = []
-
-        def add_image(self, tag, img, global_step=None, dataformats="CHW"):
-            self.calls.append((tag, img.shape, global_step, dataformats))
-
-    writer = Writer()
-    log_retention_heatmap(writer, "retention/sample0", retention, step=3)
-    assert writer.calls == [("retention/sample0", image.shape, 3, "HWC")]

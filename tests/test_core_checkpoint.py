@@ -220,3 +220,15 @@ def test_collecting_statistics_freezes_mean_and_var():
     values = torch.cat(seen)
     torch.testing.assert_close(namm.norm_mean.double(), values.mean(0), atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(namm.norm_var.double(), values.var(0, unbiased=False), atol=1e-7, rtol=1e-3)
+
+
+class _Unlisted:
+    """An object outside the safe allow-list (unpickling a class can run its code)."""
+
+
+def test_reference_checkpoint_loads_safely_unless_trusted(tmp_path):
+    path = write_reference(tmp_path / "ref.pt", np.zeros(4172), extra_object=_Unlisted())
+    with pytest.raises(ValueError, match=r"outside the safe allow-list.*pass trust_pickle=True"):
+        import_reference_checkpoint(path)
+    namm = import_reference_checkpoint(path, trust_pickle=True)  # the explicit opt-in
+    assert namm.params.shape == (1, 4172)

@@ -98,7 +98,9 @@ class EvalRolloutConfig:
             statistics on n keep-everything episodes with other seeds before it runs (not zero-shot).
         plot: write a PNG per policy of the timesteps in memory over the first episode.
         output_dir: where rows.jsonl, the summary (.md, .json), the PNGs and TensorBoard go.
-        device, dtype, threads: model placement.
+        device: torch device, e.g. ``cpu`` or ``cuda``.
+        dtype: model dtype (float32 is fastest on CPU).
+        threads: torch intra-op threads (None: torch's choice; 1 is best beside a busy process).
     """
 
     dt: str = "lunarlander-expert"

@@ -41,7 +41,9 @@ class EngineBenchConfig:
         update_every: the old path's cadence (and prefill chunk).
         fraction: the new path's kept fraction of the context.
         output: markdown result path (JSON beside it).
-        threads, device, dtype: model placement.
+        device: torch device, e.g. ``cpu`` or ``cuda``.
+        dtype: model dtype (float32 is fastest on CPU).
+        threads: torch intra-op threads (None: torch's choice; 1 is best beside a busy process).
     """
 
     population: int = 16

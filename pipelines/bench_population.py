@@ -39,7 +39,9 @@ class PopulationConfig:
         update_every: NAMM cadence and prefill chunk.
         max_new_tokens: generated tokens per member.
         output: markdown result path (JSON beside it).
-        threads, device, dtype: model placement.
+        device: torch device, e.g. ``cpu`` or ``cuda``.
+        dtype: model dtype (float32 is fastest on CPU).
+        threads: torch intra-op threads (None: torch's choice; 1 is best beside a busy process).
     """
 
     population: int = 8

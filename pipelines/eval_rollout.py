@@ -66,7 +66,14 @@ from namm_transfer.pipelines.common import (
     run_metadata,
     set_threads,
 )
-from namm_transfer.pipelines.harness import RowStore, check_setting, matched_budget, mean_se, write_summary
+from namm_transfer.pipelines.harness import (
+    LEGACY_POLICY_NAMES,
+    RowStore,
+    check_setting,
+    matched_budget,
+    mean_se,
+    write_summary,
+)
 from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy, policy_names
 
 ROWS_NAME, SUMMARY_NAME = "rows.jsonl", "summary"
@@ -103,7 +110,9 @@ class EvalRolloutConfig:
             statistics on n keep-everything episodes with other seeds before it runs (not zero-shot).
         plot: write a PNG per policy of the timesteps in memory over the first episode.
         output_dir: where rows.jsonl, the summary (.md, .json), the PNGs and TensorBoard go.
-        device, dtype, threads: model placement.
+        device: torch device, e.g. ``cpu`` or ``cuda``.
+        dtype: model dtype (float32 is fastest on CPU).
+        threads: torch intra-op threads (None: torch's choice; 1 is best beside a busy process).
     """
 
     dt: str = "lunarlander-expert"
@@ -125,6 +134,8 @@ class EvalRolloutConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        # "full" was this job's name of the full cache: commands recorded with it still run
+        self.policies = [LEGACY_POLICY_NAMES.get(p, p) for p in self.policies]
         unknown = sorted(set(self.policies) - set(rollout_policies()))
         if unknown:
             raise ValueError(f"unknown policies {unknown}; choose from {rollout_policies()}")

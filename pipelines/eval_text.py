@@ -68,7 +68,9 @@ class EvalTextConfig:
         namm_rows: False runs only the full cache and the baselines at the fixed budgets (they do not
             depend on the NAMM, so they can run before it exists; a later run adds its rows).
         output_dir: where rows and the summary (.md, .json) go.
-        device, dtype, threads: model placement.
+        device: torch device, e.g. ``cpu`` or ``cuda``.
+        dtype: model dtype (float32 is fastest on CPU).
+        threads: torch intra-op threads (None: torch's choice; 1 is best beside a busy process).
     """
 
     namm: str = "smollm2-text"

@@ -554,7 +554,9 @@ class EvalVideoConfig:
         heatmaps: retention heatmaps (PNG + TensorBoard) for the first this many samples per policy.
         seed: RandomEviction's seed.
         output_dir: rows.jsonl, summary (.md, .json), heatmaps/, tensorboard/.
-        device, dtype, threads: model placement.
+        device: torch device, e.g. ``cpu`` or ``cuda``.
+        dtype: model dtype (float32 is fastest on CPU).
+        threads: torch intra-op threads (None: torch's choice; 1 is best beside a busy process).
     """
 
     annotations: str = ""

@@ -78,7 +78,9 @@ class EvolveConfig:
         seed: seeds CMA-ES and the prompt draws.
         out_dir: where the state, results.jsonl, TensorBoard logs and the NAMM are written.
         resume: continue from ``out_dir``'s saved state.
-        device, dtype, threads: model placement.
+        device: torch device, e.g. ``cpu`` or ``cuda``.
+        dtype: model dtype (float32 is fastest on CPU).
+        threads: torch intra-op threads (None: torch's choice; 1 is best beside a busy process).
         scorer: "bam" or "mlp" (the ablation).
         init_keep_bias: final bias of the starting mean (all other parameters zero); the reference's
             keep-everything start is any positive value (1.0 here). Smaller values put the population's

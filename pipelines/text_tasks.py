@@ -24,20 +24,18 @@ Prompts are the longest that fit in ``prompt_tokens``. Splits are disjoint by se
 match of the first number generated (``hop``: of the first 5-digit number), 1.0 or 0.0. Generate with
 greedy decoding and each task's ``max_new_tokens``.
 
-``python -m namm_transfer.pipelines.text_tasks --measure`` measures the bare model's full-cache
-accuracy per task on validation prompts and writes ``benchmarks/results/text_tasks_full_cache.md``
-and ``.json``.
+``namm-transfer bench text-tasks`` measures the bare model's full-cache accuracy per task on
+validation prompts and writes ``benchmarks/results/text_tasks_full_cache.md`` and ``.json``;
+``namm-transfer show-text-task TASK`` prints one prompt.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import random
 import re
 import statistics
 import string
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -708,8 +706,6 @@ def measure_full_cache(cfg: MeasureConfig, argv: Sequence[str] | None = None) ->
     set_threads(cfg.threads)
     model, tokenizer = load_smollm2(cache_dir=cfg.cache_dir)
     meta = run_metadata(argv)
-    meta["command"] = "python -m namm_transfer.pipelines.text_tasks " + " ".join(
-        sys.argv[1:] if argv is None else argv)
     rows, details = [], []
     for name in cfg.tasks:
         task = get_task(name)
@@ -773,46 +769,29 @@ def measure_full_cache(cfg: MeasureConfig, argv: Sequence[str] | None = None) ->
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = MeasureConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m namm_transfer.pipelines.text_tasks",
-        description="Long-context text tasks. --measure: full-cache accuracy of the bare "
-                    "SmolLM2-135M-Instruct per task on seeded prompts, written as markdown and JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--measure", action="store_true", help="run the full-cache measurement")
-    p.add_argument("--show", metavar="TASK", help="print one example prompt of TASK and exit")
-    p.add_argument("--tasks", nargs="+", default=list(d.tasks), choices=[*TASKS, *EXTRA_TASKS],
-                   help="tasks to measure")
-    p.add_argument("--n", type=int, default=d.n, help="prompts per task")
-    p.add_argument("--split", default=d.split, choices=list(SPLIT_BASE), help="seed split of the prompts")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="prompt length in tokens")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help="greedy tokens generated (None: each task's own max_new_tokens)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads")
-    p.add_argument("--cache-dir", default=d.cache_dir, help="converted SmolLM2 cache (None: the default)")
-    p.add_argument("--output", default=d.output, help="markdown result path; the JSON goes beside it")
-    return p
+@dataclass
+class ShowConfig:
+    """Settings of :func:`show_example`.
+
+    Attributes:
+        task: task name (from :data:`TASKS` and :data:`EXTRA_TASKS`).
+        split: seed split the prompt comes from (its first seed).
+        prompt_tokens: prompt length in tokens (the prompt is the longest that fits).
+        cache_dir: converted SmolLM2 cache (None: the default).
+    """
+
+    task: str
+    split: str = "val"
+    prompt_tokens: int = 1536
+    cache_dir: str | None = None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.show:
-        from namm_transfer.pipelines.models import load_smollm2
+def show_example(cfg: ShowConfig) -> str:
+    """Print (and return) one prompt of a task in SmolLM2's chat template, with its answer."""
+    from namm_transfer.pipelines.models import load_smollm2
 
-        _, tokenizer = load_smollm2(cache_dir=args.cache_dir)
-        ex = get_task(args.show).make(tokenizer, SPLIT_BASE[args.split], args.prompt_tokens)
-        print(ex.text)
-        print(f"\n--- answer: {ex.answer}  tokens: {ex.num_tokens}  meta: {ex.meta}")
-        return 0
-    if not args.measure:
-        build_parser().print_help()
-        return 0
-    cfg = MeasureConfig(**{k: v for k, v in vars(args).items() if k in MeasureConfig.__dataclass_fields__})
-    measure_full_cache(cfg, argv)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    _, tokenizer = load_smollm2(cache_dir=cfg.cache_dir)
+    ex = get_task(cfg.task).make(tokenizer, SPLIT_BASE[cfg.split], cfg.prompt_tokens)
+    text = f"{ex.text}\n\n--- answer: {ex.answer}  tokens: {ex.num_tokens}  meta: {ex.meta}"
+    print(text)
+    return text

@@ -184,18 +184,6 @@ def test_clear_errors(tmp_path, dt_dir, namm_dir):
                       progress=False)
 
 
-def test_cli_mirrors_the_config(dt_dir):
-    from namm_transfer.pipelines.cli import _fields, build_parser
-
-    args = build_parser().parse_args(["eval-rollout", "--dt", str(dt_dir), "--update-every", "12",
-                                      "--episodes", "5", "--policies", "FullCache", "NAMM", "--no-plot"])
-    cfg = EvalRolloutConfig(**_fields(args, EvalRolloutConfig))
-    assert cfg.update_every == 12 and cfg.episodes == 5 and not cfg.plot
-    assert cfg.policies == ["FullCache", "NAMM"]
-    defaults = EvalRolloutConfig(**_fields(build_parser().parse_args(["eval-rollout"]), EvalRolloutConfig))
-    assert defaults == EvalRolloutConfig()
-
-
 @pytest.mark.parametrize("name, env", [("lunarlander-expert", "lunarlander"),
                                        ("bipedalwalker-expert", "bipedalwalker")])
 def test_shipped_dts_load_by_short_name(name, env):

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from namm_transfer import NAMM, NAMMConfig
-from namm_transfer.pipelines.cli import _fields, build_parser, main
+from namm_transfer.pipelines.cli import main
 from namm_transfer.pipelines.eval_text import EvalTextConfig, summarise, verdict
 from namm_transfer.pipelines.harness import matched_budget
 
@@ -64,11 +64,6 @@ def test_baseline_rows_do_not_depend_on_the_namm():
     assert set(alone) < set(full)
     assert [x for x in full if x not in alone] == [x for x in full if depends_on_namm(
         {"policy": x[2], "budget": x[1]})]
-
-
-def test_cli_mirrors_the_config():
-    args = build_parser().parse_args(["eval-text"])
-    assert EvalTextConfig(**_fields(args, EvalTextConfig)) == EvalTextConfig()
 
 
 def test_bad_settings_are_refused_with_their_name():

@@ -420,13 +420,9 @@ def test_trained_video_model_brings_its_frames_preprocessing_and_prompt(tmp_path
     assert json.loads((tmp_path / "out" / "setting.json").read_text())["num_frames"] == 4
 
 
-def test_cli_mirrors_the_config(tmp_path, data):
-    from namm_transfer.pipelines.cli import build_parser, main
+def test_cli_runs_eval_video(tmp_path, data):
+    from namm_transfer.pipelines.cli import main
 
-    args = build_parser().parse_args(["eval-video", "--annotations", "a.json", "--model", "m"])
-    defaults = EvalVideoConfig(annotations="a.json", model="m")
-    for name in EvalVideoConfig.__dataclass_fields__:
-        assert getattr(args, name) == getattr(defaults, name), name
     out = tmp_path / "cli"
     assert main(["eval-video", "--annotations", str(data["mlvu"]), "--model", "video_llava",
                  "--loader", "test_pipelines_eval_video:tiny_loader", "--policies", "FullCache",

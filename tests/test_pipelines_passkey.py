@@ -1,16 +1,12 @@
-"""Fast tests of the passkey generator, scoring, demo helpers and the CLI (no model is loaded)."""
+"""Fast tests of the passkey generator, scoring and demo helpers (no model is loaded)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import fields
 
 import pytest
 
-from namm_transfer.pipelines.bench import OverheadConfig
-from namm_transfer.pipelines.cli import build_parser, main
 from namm_transfer.pipelines.common import markdown_table
-from namm_transfer.pipelines.demo import DemoConfig, per_layer_budget
 from namm_transfer.pipelines.models import smollm2_cache_dir
 from namm_transfer.pipelines.passkey import (
     ANSWER_PREFIX,
@@ -132,61 +128,8 @@ def test_score(text, ok):
     assert score(text, "60494") is ok
 
 
-def test_per_layer_budget():
-    stats = {"kept_tokens_per_layer": [[[10, 20, 30]], [[1, 1, 2]], [[0, 0, 0]], [[4, 5, 6], [6, 7, 8]]]}
-    assert per_layer_budget(stats) == [20, 1, 1, 6]
-    assert per_layer_budget(stats, [5.0, 0.0, 0.0, 2.4]) == [15, 1, 1, 4]
-
-
 def test_markdown_table():
     table = markdown_table(["a", "bb"], [[1, "x"], ["long", 2]])
     lines = table.splitlines()
     assert lines[0].startswith("| a ") and set(lines[1]) <= {"|", "-"} and len(lines) == 4
     assert len({len(line) for line in lines}) == 1
-
-
-def _help(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 0
-    return capsys.readouterr().out
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def test_cli_help(capsys):
-    out = _help(capsys, ["--help"])
-    assert "demo" in out and "bench" in out
-    assert "overhead" in _help(capsys, ["bench", "--help"])
-
-
-def test_cli_demo_help_mirrors_config(capsys):
-    out = _help(capsys, ["demo", "--help"])
-    for f in fields(DemoConfig):
-        assert _flag(f.name) in out
-    assert f"(default: {DemoConfig().prompt_tokens})" in out and "runs/demo" in out
-
-
-def test_cli_bench_overhead_help_mirrors_config(capsys):
-    out = _help(capsys, ["bench", "overhead", "--help"])
-    for f in fields(OverheadConfig):
-        assert _flag(f.name) in out
-    assert "benchmarks/results/overhead.md" in out
-
-
-def test_cli_parses_into_configs():
-    args = build_parser().parse_args(["demo", "--seed", "3", "--depth", "0.25", "--threads", "1"])
-    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__})
-    assert (cfg.seed, cfg.depth, cfg.threads, cfg.prompt_tokens) == (3, 0.25, 1, 1024)
-    args = build_parser().parse_args(["bench", "overhead", "--lengths", "256", "512", "--reps", "1"])
-    assert args.lengths == [256, 512] and args.reps == 1 and args.chunk == 512
-
-
-def test_cli_requires_subcommand(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([])
-    assert exit_info.value.code == 2
-    with pytest.raises(SystemExit):
-        main(["bench"])

@@ -307,12 +307,14 @@ def test_generate_answer_greedy_continuation(tok):
     assert TASKS["kv"].score(text, ex) == 1.0
 
 
-def test_cli_help(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        tt.main(["--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert "--measure" in out and "text_tasks_full_cache.md" in out
-    assert tt.main([]) == 0  # no action: prints the help
-    args = tt.build_parser().parse_args(["--measure", "--tasks", "kv", "hop", "--n", "3"])
-    assert args.measure and args.tasks == ["kv", "hop"] and args.n == 3 and args.max_new_tokens is None
+def test_cli_measures_and_shows_the_tasks(tok, capsys, monkeypatch):
+    from namm_transfer.pipelines import models
+    from namm_transfer.pipelines.cli import main, parse
+
+    _, cfg = parse(["bench", "text-tasks", "--tasks", "kv", "hop", "--n", "3"])
+    assert cfg == tt.MeasureConfig(tasks=["kv", "hop"], n=3) and cfg.max_new_tokens is None
+    monkeypatch.setattr(models, "load_smollm2", lambda cache_dir=None: (None, tok))
+    assert main(["show-text-task", "hop", "--split", "test", "--prompt-tokens", "300"]) == 0
+    ex = TASKS["hop"].make(tok, SPLIT_BASE["test"], 300)
+    assert capsys.readouterr().out == f"{ex.text}\n\n--- answer: {ex.answer}  tokens: {ex.num_tokens}  " \
+                                      f"meta: {ex.meta}\n"

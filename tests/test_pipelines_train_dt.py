@@ -235,7 +235,7 @@ def test_extra_datasets_join_the_training_set(tmp_path):
 
 
 def test_train_dt_cli_extra_datasets():
-    from namm_transfer.pipelines.cli import build_parser
+    from namm_transfer.pipelines.cli import parse
 
-    args = build_parser().parse_args(["train-dt", "--dataset", "a", "--extra-datasets", "b", "c"])
-    assert args.dataset == "a" and args.extra_datasets == ["b", "c"]
+    cfg = parse(["train-dt", "--dataset", "a", "--extra-datasets", "b", "c"])[1]
+    assert cfg.dataset == "a" and cfg.extra_datasets == ("b", "c")

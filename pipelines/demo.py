@@ -2,7 +2,7 @@
 
 1. Text: one passkey prompt on SmolLM2 with the full cache, then the NAMM; measures how many tokens
    the NAMM kept per layer (mean over samples and KV heads) and gives each baseline exactly that
-   per-layer budget (DESIGN.md section 6).
+   per-layer budget (docs/design.md, "Baselines").
 2. Rollouts (when gymnasium is installed, the ``rl`` extra): a few episodes of the shipped
    ``lunarlander-expert`` Decision Transformer with the whole episode in cache, with the same NAMM
    applied zero-shot (every 30 tokens = 10 env steps), and with Recency at the NAMM's budget

@@ -1,6 +1,6 @@
 """``namm-transfer evolve``: CMA-ES over a NAMM's parameters on long-context text tasks.
 
-Config -> data -> model -> evaluate, top to bottom (DESIGN.md section 3, Evolution):
+Config -> data -> model -> evaluate, top to bottom (docs/design.md, "The NAMM"):
 
 - Separable CMA-ES (``cmaes.SepCMA``; at ~4k dimensions the full covariance barely adapts), the
   population sampled around the keep-everything initialisation with sigma 0.065.
@@ -62,7 +62,7 @@ class EvolveTask(Protocol):
 
 @dataclass
 class EvolveConfig:
-    """Settings of :func:`run_evolve` (defaults: DESIGN.md section 3, scaled to a 2-core CPU).
+    """Settings of :func:`run_evolve` (defaults: docs/design.md, "The NAMM", scaled to a 2-core CPU).
 
     Attributes:
         stages: task names per stage; each stage adds tasks and restarts CMA-ES from the last mean.

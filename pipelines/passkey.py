@@ -3,7 +3,7 @@
 A prompt is highly redundant filler text with one sentence carrying a 5-digit pass key inserted at a
 chosen depth, followed by a question. The assistant turn already starts with an answer prefix
 ("The pass key is") so the key is in the first few generated tokens: small models otherwise restate
-the question and the answer falls outside a short generation (DESIGN.md section 5).
+the question and the answer falls outside a short generation (measured on SmolLM2-135M).
 """
 
 from __future__ import annotations

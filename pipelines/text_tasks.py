@@ -18,7 +18,8 @@ full-cache accuracy is at or below chance; measured): reassignment tracking (``v
 multi-hop assignment chains "B = A." (``alias``). They stay usable for larger models.
 
 Every prompt uses SmolLM2's chat template and ends inside the assistant turn with an answer prefix
-("The ticket number of Maria Reed is"), so the answer is in the first generated tokens (DESIGN.md section 5).
+("The ticket number of Maria Reed is"), so the answer is in the first generated tokens (without it
+SmolLM2 restates the question).
 Prompts are the longest that fit in ``prompt_tokens``. Splits are disjoint by seed range
 (:func:`split_seeds`); the same seed gives unrelated prompts in different tasks. Scoring is exact
 match of the first number generated (``hop``: of the first 5-digit number), 1.0 or 0.0. Generate with

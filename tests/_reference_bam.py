@@ -1,7 +1,8 @@
 """Independent, deliberately plain re-implementation of the BAM scorer and the age embedding.
 
-Written from DESIGN.md section 3 only (not from ``namm_transfer.scorers``): flat parameters in the
-reference order qkv weight (in x out), qkv bias, out weight, out bias, final weight, final bias.
+Written from the description in docs/design.md, "The NAMM", only (not from
+``namm_transfer.scorers``): flat parameters in the reference order qkv weight (in x out), qkv bias,
+out weight, out bias, final weight, final bias.
 """
 
 from __future__ import annotations

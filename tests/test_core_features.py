@@ -1,4 +1,4 @@
-"""Streaming attention-spectrogram features equal the whole-series reference (DESIGN.md section 3)."""
+"""Streaming attention-spectrogram features equal the whole-series reference (docs/design.md, "The NAMM")."""
 
 from __future__ import annotations
 

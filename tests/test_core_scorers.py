@@ -1,4 +1,4 @@
-"""BAM and MLP token scorers against an independent re-implementation (DESIGN.md section 3)."""
+"""BAM and MLP token scorers against an independent re-implementation (docs/design.md, "The NAMM")."""
 
 from __future__ import annotations
 

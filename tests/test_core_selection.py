@@ -1,4 +1,4 @@
-"""Keep masks from scores and compact gather indices (DESIGN.md section 3, "Selection")."""
+"""Keep masks from scores and compact gather indices (docs/design.md, "Data path", step 4)."""
 
 from __future__ import annotations
 

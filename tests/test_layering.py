@@ -1,4 +1,4 @@
-"""The layering contract (DESIGN.md section 2), checked on the source tree with ``ast``.
+"""The layering contract (docs/design.md, "Layers"), checked on the source tree with ``ast``.
 
 import-linter cannot follow setuptools ``package-dir`` mappings (``adapters/`` installs as
 ``namm_transfer.adapters``), so the contract is checked here, transitively over project modules:

@@ -1,4 +1,4 @@
-"""Baseline KV-cache policies at an explicit token budget (DESIGN.md section 6)."""
+"""Baseline KV-cache policies at an explicit token budget (docs/design.md, "Baselines")."""
 
 from __future__ import annotations
 

@@ -37,26 +37,9 @@ def save_namm(namm: NAMM, directory: Path) -> Path:
 
 
 def _resolve(name_or_path: str | Path, **hub_kwargs) -> Path:
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    from namm_transfer.shipped import available, pretrained_dir
+    from namm_transfer.shipped import resolve
 
-    if str(name_or_path) in available():  # a shipped NAMM's short name, e.g. "smollm2-text"
-        return pretrained_dir(str(name_or_path))
-    if path.exists():
-        raise ValueError(f"{path} is a file; pass the directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(str(name_or_path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], **hub_kwargs)
-        )
-    except Exception as err:  # offline, unknown repo, no network: say which id failed and why
-        raise FileNotFoundError(
-            f"could not find a NAMM at {str(name_or_path)!r}: not a local directory, and the Hub lookup "
-            f"failed ({type(err).__name__}: {err})"
-        ) from err
+    return resolve(name_or_path, "namm", allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], **hub_kwargs)
 
 
 def load_namm(cls: type[NAMM], name_or_path: str | Path, **hub_kwargs) -> NAMM:

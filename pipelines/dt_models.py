@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from namm_transfer.shipped import KINDS, available, pretrained_dir, resolve
+
 META_NAME = "dt_meta.json"
-SHIPPED_DIR = "pretrained_dt"
+SHIPPED_DIR = KINDS["dt"][0]
 META_FORMAT = "namm-transfer-dt/1"
 PUBLIC_RETURN_SCALE = 1000.0  # the Hugging Face DT example / edbeeching checkpoints
 PUBLIC_CONTEXT = 20
@@ -114,43 +116,16 @@ def save_dt(model: Any, directory: str | os.PathLike, meta: dict[str, Any]) -> P
 
 def available_dts() -> list[str]:
     """Short names of the Decision Transformers shipped with the package."""
-    from importlib import resources
-
-    root = resources.files("namm_transfer") / SHIPPED_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
+    return available("dt")
 
 
 def shipped_dt_dir(name: str) -> Path:
     """The directory of the shipped Decision Transformer ``name`` (KeyError listing them if unknown)."""
-    from importlib import resources
-
-    if name not in available_dts():
-        raise KeyError(f"no shipped Decision Transformer named {name!r}; available: {available_dts()}")
-    return Path(str(resources.files("namm_transfer") / SHIPPED_DIR / name))
+    return pretrained_dir(name, "dt")
 
 
 def _local_dir(source: str | os.PathLike) -> Path:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if not path.exists() and str(source) in available_dts():
-        return shipped_dt_dir(str(source))
-    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise FileNotFoundError(
-            f"{source!r} is not a Decision Transformer directory, a shipped one "
-            f"({', '.join(available_dts())}) nor a Hub id (owner/name)"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-    except Exception as err:  # offline mode, no network, unknown repo: all mean the same here
-        raise FileNotFoundError(
-            f"could not get Decision Transformer {source!r} from the Hugging Face Hub ({type(err).__name__}: "
-            f"{err}); without network (HF_HUB_OFFLINE=1 here) pass a local directory of the same format"
-        ) from err
+    return resolve(source, "dt", allow_patterns=["*.json", "*.safetensors", "*.bin"])
 
 
 def load_dt(

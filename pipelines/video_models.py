@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SHIPPED_DIR = "pretrained_video"
+from namm_transfer.shipped import KINDS, available, resolve
+
+SHIPPED_DIR = KINDS["video"][0]
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "video_model.safetensors"
 META_NAME = "video_model.json"
@@ -114,25 +115,15 @@ def save_video_model(model: Any, directory: str | os.PathLike, meta: dict[str, A
 
 def available_video_models() -> list[str]:
     """Short names of the video models shipped with the package."""
-    root = resources.files("namm_transfer") / SHIPPED_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / META_NAME).is_file())
+    return available("video")
 
 
 def video_model_dir(name_or_dir: str | os.PathLike) -> Path:
     """The directory of a video model: a path, or a shipped short name (FileNotFoundError otherwise)."""
-    path = Path(name_or_dir).expanduser()
-    if path.is_dir():
-        if not (path / META_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {META_NAME}: not a video model directory")
-        return path
-    if str(name_or_dir) in available_video_models():
-        return Path(str(resources.files("namm_transfer") / SHIPPED_DIR / str(name_or_dir)))
-    raise FileNotFoundError(
-        f"{name_or_dir!r} is neither a video model directory nor a shipped video model "
-        f"({', '.join(available_video_models()) or 'none installed'})"
-    )
+    path = resolve(name_or_dir, "video", hub=False)
+    if not (path / META_NAME).is_file():
+        raise FileNotFoundError(f"{path} has no {META_NAME}: not a video model directory")
+    return path
 
 
 def video_model_meta(name_or_dir: str | os.PathLike) -> dict[str, Any]:

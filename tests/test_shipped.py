@@ -45,3 +45,25 @@ def test_the_previous_namm_stays_loadable_under_a_versioned_name():
     record = training_record("smollm2-text-v1")
     assert record["config"]["population"] == 8 and record["generations"] == 18
     assert not torch.equal(old.params, namm_transfer.pretrained("smollm2-text").params)
+
+
+def test_one_resolver_for_every_kind_of_shipped_artefact(tmp_path):
+    from namm_transfer.shipped import KINDS, available, pretrained_dir, resolve
+
+    for kind, name in (("namm", "smollm2-text"), ("dt", "lunarlander-expert"), ("video", "smollm2-shapes")):
+        assert name in available(kind)
+        assert resolve(name, kind) == pretrained_dir(name, kind)
+        assert (resolve(name, kind) / KINDS[kind][1]).is_file()
+    assert resolve(tmp_path, "dt") == tmp_path  # a local directory is taken as it is
+    (tmp_path / "file.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a file"):
+        resolve(tmp_path / "file.json", "namm")
+    with pytest.raises(FileNotFoundError, match=r"neither a video model directory nor a shipped video model "
+                                                r"\(smollm2-shapes\)"):
+        resolve("nope", "video", hub=False)
+    with pytest.raises(FileNotFoundError, match="nor a Hub id"):
+        resolve("nope", "dt")
+    with pytest.raises(KeyError, match="no shipped Decision Transformer named 'nope'"):
+        pretrained_dir("nope", "dt")
+    with pytest.raises(ValueError, match="unknown artefact kind 'weights'"):
+        available("weights")

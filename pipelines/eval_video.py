@@ -16,14 +16,9 @@ Config -> annotations -> model -> policies -> rows -> summary:
      "question", "candidates", "correct_choice": <int>, "question_category", "duration_group", ...}``;
      subtitles are ignored. Videos: ``VIDEOS/<video_path>``, VIDEOS defaulting to ``videos/`` beside
      the JSON. Task type: ``question_category`` (``duration_group`` is kept in ``meta``).
-   - ``jsonl``: the generic format (what ``make-video-qa`` writes), one JSON object a line::
-
-         {"video": "<path relative to VIDEOS>", "question": "...", "options": ["...", "...", ...],
-          "answer": "B", "task_type": "colour", "seed": 17, "split": "test", "id": "optional"}
-
-     ``answer`` is the option letter (``A`` = first option); ``id`` is optional (default
-     ``<file stem>:<line index>``); other keys go to ``meta``. VIDEOS defaults to the file's folder
-     (or its ``videos/`` subfolder, where the video is found there).
+   - ``jsonl``: the generic format (what ``make-video-qa`` writes), read by
+     :func:`~namm_transfer.pipelines.video_qa.load_video_qa` (see :mod:`~namm_transfer.pipelines.video_qa`);
+     VIDEOS defaults to the file's folder (or its ``videos/`` subfolder, where the video is found there).
 
 2. **Model**: a LLaVA-NeXT-Video, LLaVA-OneVision or Video-LLaVA model with its tokenizer (frames
    prepared by :class:`~namm_transfer.pipelines.video_io.VideoPreprocessor`, never a transformers
@@ -46,10 +41,11 @@ Config -> annotations -> model -> policies -> rows -> summary:
      (``round(NAMM's mean kept video tokens / tokens per frame)`` of the ``num_frames``), fed to a
      full cache, so the model holds as many video tokens as the NAMM kept on average.
 
-Scoring: the option letter is extracted from the generated text (:func:`extract_option_letter`) and
-compared with the gold letter; accuracy overall and per task type. Per row: kept video tokens (mean
-over layers and KV heads) and frames (frames with at least one token cached, mean over layers), the
-kept share of each frame (mean over layers), stored KV bytes, seconds (decoding the video included).
+Scoring: :func:`~namm_transfer.pipelines.video_qa.score_output`, the scorer ``train-video-model`` uses
+too, reads the option letter from the generated text and compares it with the gold letter; accuracy
+overall and per task type. Per row: kept video tokens (mean over layers and KV heads) and frames
+(frames with at least one token cached, mean over layers), the kept share of each frame (mean over
+layers), stored KV bytes, seconds (decoding the video included).
 
 Results: ``rows.jsonl`` (one row per policy and sample, appended as each finishes; a rerun skips
 finished rows, retries failed ones and refuses other settings, see ``setting.json``); a sample whose
@@ -67,7 +63,7 @@ import inspect
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +80,16 @@ from namm_transfer.pipelines.common import (
     set_threads,
 )
 from namm_transfer.pipelines.harness import RowStore, check_setting, matched_budget, mean_se, write_summary
+from namm_transfer.pipelines.video_qa import (
+    LETTERS,
+    POST_PROMPT,
+    VideoQASample,
+    format_question,
+    load_video_qa,
+    read_json_list,
+    resolve_video,
+    score_output,
+)
 from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy, policy_names
 
 ROWS_NAME, SUMMARY_NAME = "rows.jsonl", "summary"
@@ -96,79 +102,10 @@ def video_policies() -> list[str]:
 
 
 FORMATS = ("auto", "mlvu", "longvideobench", "jsonl")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-POST_PROMPT = "Answer with the option's letter from the given choices directly."
 
 
 # -------------------------------------------------------------------------------------------------
 # samples and annotation formats
-
-
-@dataclass
-class VideoQASample:
-    """One multiple-choice question about one video, whatever the annotation format.
-
-    Attributes:
-        sample_id: unique within the annotation set (rows are keyed by it).
-        video: the video as the annotation names it.
-        video_path: where it is read from (resolved against the videos folder; may not exist).
-        question: the question text.
-        options: the candidate answers, in order (option ``i`` is letter ``"ABC..."[i]``).
-        answer: the gold option letter.
-        task_type: the benchmark's task / question category (accuracy is also reported per type).
-        meta: everything else the annotation carries (duration, split, seed, ...).
-    """
-
-    sample_id: str
-    video: str
-    video_path: str
-    question: str
-    options: list[str]
-    answer: str
-    task_type: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not 2 <= len(self.options) <= len(LETTERS):
-            raise ValueError(f"sample {self.sample_id}: need 2..26 options, got {len(self.options)}")
-        if self.answer not in LETTERS[: len(self.options)]:
-            raise ValueError(
-                f"sample {self.sample_id}: answer {self.answer!r} is not one of the option letters "
-                f"{LETTERS[: len(self.options)]}"
-            )
-
-    @property
-    def answer_index(self) -> int:
-        return LETTERS.index(self.answer)
-
-    def content(self) -> tuple:
-        """What the question is, independent of the annotation format (video, question, options,
-        answer, task type)."""
-        return (self.video, self.question, tuple(self.options), self.answer, self.task_type)
-
-
-def _read_json_list(path: Path) -> list[dict[str, Any]]:
-    data = json.loads(path.read_text())
-    if isinstance(data, dict):  # some copies wrap the list, e.g. {"data": [...]}
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise ValueError(f"{path}: expected a JSON list of questions")
-        data = lists[0]
-    if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
-        raise ValueError(f"{path}: expected a JSON list of question objects")
-    return data
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-    return entries
 
 
 def detect_format(path: str | Path) -> str:
@@ -178,7 +115,7 @@ def detect_format(path: str | Path) -> str:
         return "mlvu"
     if path.suffix == ".jsonl":
         return "jsonl"
-    entries = _read_json_list(path)
+    entries = read_json_list(path)
     keys = set(entries[0]) if entries else set()
     if "correct_choice" in keys:
         return "longvideobench"
@@ -190,14 +127,6 @@ def detect_format(path: str | Path) -> str:
         f"{path}: cannot tell the annotation format from the keys {sorted(keys)}; pass format= one of "
         f"{FORMATS[1:]}"
     )
-
-
-def _resolve(videos: Path, candidates: Sequence[str]) -> str:
-    """The first candidate (relative to ``videos``) that exists, else the first (read fails there)."""
-    for name in candidates:
-        if (videos / name).is_file():
-            return str(videos / name)
-    return str(videos / candidates[0])
 
 
 def _mlvu_task(stem: str) -> str:
@@ -212,7 +141,7 @@ def _load_mlvu(path: Path, videos: str | None) -> list[VideoQASample]:
     root = Path(videos) if videos else json_dir.parent / "video"
     samples = []
     for file in files:
-        for i, entry in enumerate(_read_json_list(file)):
+        for i, entry in enumerate(read_json_list(file)):
             if "candidates" not in entry:  # open-ended generation tasks (sub-scene captioning, summary)
                 continue
             candidates = [str(c) for c in entry["candidates"]]
@@ -226,7 +155,7 @@ def _load_mlvu(path: Path, videos: str | None) -> list[VideoQASample]:
             samples.append(VideoQASample(
                 sample_id=f"{file.stem}:{i}",
                 video=video,
-                video_path=_resolve(root, [f"{file.stem}/{video}", f"{task}/{video}", video]),
+                video_path=resolve_video(root, [f"{file.stem}/{video}", f"{task}/{video}", video]),
                 question=str(entry["question"]),
                 options=candidates,
                 answer=LETTERS[candidates.index(answer)],
@@ -239,7 +168,7 @@ def _load_mlvu(path: Path, videos: str | None) -> list[VideoQASample]:
 def _load_longvideobench(path: Path, videos: str | None) -> list[VideoQASample]:
     root = Path(videos) if videos else path.parent / "videos"
     samples = []
-    for i, entry in enumerate(_read_json_list(path)):
+    for i, entry in enumerate(read_json_list(path)):
         if "correct_choice" not in entry:
             raise ValueError(f"{path} entry {i}: no correct_choice (the test split has no answers)")
         candidates = [str(c) for c in entry["candidates"]]
@@ -254,35 +183,11 @@ def _load_longvideobench(path: Path, videos: str | None) -> list[VideoQASample]:
         samples.append(VideoQASample(
             sample_id=str(entry.get("id", f"{path.stem}:{i}")),
             video=video,
-            video_path=_resolve(root, [video]),
+            video_path=resolve_video(root, [video]),
             question=str(entry["question"]),
             options=candidates,
             answer=LETTERS[choice],
             task_type=str(entry.get("question_category", "all")),
-            meta=meta,
-        ))
-    return samples
-
-
-def _load_generic(path: Path, videos: str | None) -> list[VideoQASample]:
-    root = Path(videos) if videos else path.parent
-    entries = _read_jsonl(path) if path.suffix == ".jsonl" else _read_json_list(path)
-    samples = []
-    for i, entry in enumerate(entries):
-        missing = [k for k in ("video", "question", "options", "answer") if k not in entry]
-        if missing:
-            raise ValueError(f"{path} entry {i}: missing {missing} (generic format: see eval_video's doc)")
-        video = str(entry["video"])
-        meta = {k: v for k, v in entry.items()
-                if k not in ("id", "video", "question", "options", "answer", "task_type")}
-        samples.append(VideoQASample(
-            sample_id=str(entry.get("id", f"{path.stem}:{i}")),
-            video=video,
-            video_path=_resolve(root, [video] if videos else [video, f"videos/{video}"]),
-            question=str(entry["question"]),
-            options=[str(o) for o in entry["options"]],
-            answer=str(entry["answer"]).strip().upper(),
-            task_type=str(entry.get("task_type", "all")),
             meta=meta,
         ))
     return samples
@@ -303,7 +208,7 @@ def load_annotations(
     if format not in FORMATS:
         raise ValueError(f"unknown annotation format {format!r}; choose from {FORMATS}")
     kind = detect_format(path) if format == "auto" else format
-    loader = {"mlvu": _load_mlvu, "longvideobench": _load_longvideobench, "jsonl": _load_generic}[kind]
+    loader = {"mlvu": _load_mlvu, "longvideobench": _load_longvideobench, "jsonl": load_video_qa}[kind]
     samples = loader(path, videos)
     seen: set[str] = set()
     for s in samples:
@@ -311,55 +216,6 @@ def load_annotations(
             raise ValueError(f"{path}: two samples have the id {s.sample_id!r}; ids must be unique")
         seen.add(s.sample_id)
     return samples
-
-
-# -------------------------------------------------------------------------------------------------
-# prompts and scoring
-
-
-def format_question(sample: VideoQASample, post_prompt: str = POST_PROMPT) -> str:
-    """The question with lettered options, one a line (``A. ...``), then ``post_prompt`` (the
-    lmms-eval / LongVideoBench multiple-choice convention)."""
-    lines = [sample.question.strip()]
-    lines += [f"{LETTERS[i]}. {option}" for i, option in enumerate(sample.options)]
-    if post_prompt:
-        lines.append(post_prompt)
-    return "\n".join(lines)
-
-
-def extract_option_letter(text: str, n_options: int = 4, options: Sequence[str] | None = None) -> str | None:
-    """The option letter a model's answer names, or None.
-
-    Tried in order: a capital letter at the start (``"B"``, ``"B."``, ``"(B)"``, ``"[B]"``, ``"B) ..."``)
-    or a lone lower-case one (``"b"``, ``"(b)"``); a letter after "answer" / "option" / "choice"
-    (``"The answer is C"``, ``"Answer: (c)"``, ``"Best option: D"``); a capital in parentheses anywhere;
-    a capital standing alone before ``.``, ``)``, ``:`` or the end; the text of exactly one option (when
-    ``options`` are given). Only the first ``n_options`` letters count.
-    """
-    if not text:
-        return None
-    valid = LETTERS[:n_options]
-    body = text.strip().strip("*\"'` ")
-    patterns = (
-        r"^[\(\[]?([A-Z])(?:[\)\]\.:,]|\s|$)",
-        r"^[\(\[]?([a-z])[\)\]\.]?$",
-        r"^[\(\[]([a-z])[\)\]]",
-        r"(?i:answer|option|choice)s?\s*(?:is|would be|should be)?\s*[:\-]?\s*"
-        r"(?:[\(\[]\s*([A-Za-z])\s*[\)\]]|([A-Z])(?![A-Za-z])|([a-z])(?=\s*[\.\)]?\s*$))",
-        r"[\(\[]([A-Z])[\)\]]",
-        r"(?<![A-Za-z'])([A-Z])(?=[\.\):]|\s*$)",
-    )
-    for pattern in patterns:
-        for match in re.finditer(pattern, body):
-            letter = next(g for g in match.groups() if g is not None).upper()
-            if letter in valid:
-                return letter
-    if options:
-        lowered = body.lower()
-        hits = [i for i, o in enumerate(options[:n_options]) if o.strip() and o.strip().lower() in lowered]
-        if len(hits) == 1:
-            return valid[hits[0]]
-    return None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -374,7 +230,8 @@ class VideoModel:
         model: the ``...ForConditionalGeneration`` model (eval mode, on its device).
         tokenizer: its tokenizer (``__call__`` and ``decode``).
         preprocessor: frames -> ``pixel_values_videos`` (default: the family's, at the tower's size).
-        format_question: sample -> the user question text (default :func:`format_question`); a model
+        format_question: sample -> the user question text (default: the question with one option a
+            line and ``post_prompt``, :func:`~namm_transfer.pipelines.video_qa.format_question`); a model
             trained with another prompt format brings its own.
         prompt_builder: sample -> the whole prompt with one ``<video>`` placeholder (overrides
             ``format_question``, ``answer_prefix`` and ``system``).
@@ -607,7 +464,7 @@ def prompt_ids(video_model: VideoModel, sample: VideoQASample, num_frames: int, 
         text = video_model.prompt_builder(sample)
     else:
         question = (video_model.format_question(sample) if video_model.format_question is not None
-                    else format_question(sample, post_prompt))
+                    else format_question(sample.question, sample.options, post_prompt, one_per_line=True))
         prefix = video_model.answer_prefix if video_model.answer_prefix is not None else answer_prefix
         text = build_prompt(model.config.model_type, question, system=video_model.system,
                             answer_prefix=prefix)
@@ -663,7 +520,7 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
         retention = handle.frame_retention(frame_map(ids.cpu(), layout))
     generated = time.perf_counter()
     text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
-    predicted = extract_option_letter(text, len(sample.options), sample.options)
+    predicted, correct = score_output(text, sample)
     full_retention = np.zeros((retention.shape[0], num_frames))
     full_retention[:, chosen] = np.nan_to_num(retention[:, :n_frames], nan=0.0)
     kept_tokens, kept_frames = _kept_video(retention[:, :n_frames], layout.tokens_per_frame)
@@ -675,7 +532,7 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
         "answer": sample.answer,
         "output": text,
         "predicted": predicted,
-        "correct": predicted == sample.answer,
+        "correct": correct,
         "failed": False,
         "frames": n_frames,
         "frame_indices": chosen.tolist(),

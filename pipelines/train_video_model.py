@@ -12,7 +12,7 @@ projector learn, in two stages:
 2. *answer training*: the projector's last layer is reset to zero weight with the embedding of a
    neutral text token (``" ."``) as bias, so every video token first enters the LM as that token and
    only the (now discriminative) vision features move it; the tower is frozen. The prompt of
-   :func:`~namm_transfer.pipelines.video_qa_data.video_qa_prompt` (``USER: <video>\\n{question}\\n
+   :func:`~namm_transfer.pipelines.video_qa.video_qa_prompt` (``USER: <video>\\n{question}\\n
    Options: A. .. D. ..\\nAnswer with the letter. ASSISTANT:``) is followed by the target ``" B"`` and
    the end-of-sequence token; the loss is the cross-entropy of those target tokens only, its gradient
    reaching the projector through the frozen LM.
@@ -29,8 +29,8 @@ Frames are decoded once (decord, ``num_frames`` uniformly) and kept in memory as
 is normalised exactly as at inference (:class:`~namm_transfer.pipelines.video_io.VideoPreprocessor`
 for the model). Training stops at ``steps`` or after ``max_minutes`` in total, whichever comes first
 (the cosine decay follows whichever runs out first). Then the model is scored with the full cache by
-generating the answer greedily and reading the letter with
-:func:`~namm_transfer.pipelines.video_qa_data.extract_option_letter`, on the val and test splits.
+generating the answer greedily and scoring it with :func:`~namm_transfer.pipelines.video_qa.score_output`
+(``eval-video``'s scorer too), on the val and test splits.
 
 Writes to ``out_dir``: the model (``config.json``, ``video_model.safetensors``, ``video_model.json``
 with the command, git revision, seed, config, training time and scores), ``README.md`` (a model
@@ -61,15 +61,14 @@ from namm_transfer.pipelines.video_models import (
     load_video_model,  # noqa: F401  (re-exported: the loader of what this job writes)
     save_video_model,
 )
-from namm_transfer.pipelines.video_qa_data import (
-    COLOUR_NAMES,
+from namm_transfer.pipelines.video_qa import (
     LETTERS,
-    MANIFEST,
-    extract_option_letter,
-    frame_labels,
+    VideoQASample,
     load_video_qa,
+    score_output,
     video_qa_prompt,
 )
+from namm_transfer.pipelines.video_qa_data import COLOUR_NAMES, MANIFEST, frame_labels
 
 LOG_NAME = "train_log.jsonl"
 FAMILY = "llava_next_video"
@@ -172,9 +171,9 @@ class TrainVideoModelConfig:
 
 @dataclass
 class EncodedSplit:
-    """One split ready for training / scoring: records, decoded frames, token ids and frame labels."""
+    """One split ready for training / scoring: samples, decoded frames, token ids and frame labels."""
 
-    records: list[dict[str, Any]]
+    records: list[VideoQASample]
     frames: np.ndarray  # uint8 [N, T, H, W, 3]
     prompts: list[list[int]]  # prompt ids, the video run expanded
     targets: list[list[int]]  # " B" + EOS
@@ -190,25 +189,29 @@ def answer_ids(tokenizer: Any, letter: str) -> list[int]:
     return list(tokenizer(" " + letter, add_special_tokens=False)["input_ids"]) + [int(eos)]
 
 
-def letter_token_ids(tokenizer: Any) -> list[int]:
-    """First token of ``" A"`` .. ``" D"`` (the teacher-forced prediction compared at the answer slot)."""
-    return [tokenizer(" " + letter, add_special_tokens=False)["input_ids"][0] for letter in LETTERS]
+def letter_token_ids(tokenizer: Any, n_options: int = 4) -> list[int]:
+    """First token of ``" A"``, ``" B"``, ... for ``n_options`` letters (the teacher-forced prediction
+    compared at the answer slot)."""
+    return [tokenizer(" " + letter, add_special_tokens=False)["input_ids"][0]
+            for letter in LETTERS[:n_options]]
 
 
-def encode_split(records: list[dict[str, Any]], tokenizer: Any, layout: Any, num_frames: int,
+def encode_split(records: list[VideoQASample], tokenizer: Any, layout: Any, num_frames: int,
                  desc: str = "decode") -> EncodedSplit:
-    """Decode every record's video (``num_frames`` uniformly, decord) and tokenise its prompt and answer."""
+    """Decode every sample's video (``num_frames`` uniformly, decord) and tokenise its prompt and answer;
+    frame labels from make-video-qa's ``events`` (all 0 without them)."""
     from tqdm.auto import tqdm
 
     from namm_transfer.pipelines.video_io import encode_video_prompt, read_frames
 
     frames, prompts, targets, labels = [], [], [], []
     for record in tqdm(records, desc=desc, unit="video", leave=False):
-        frames.append(read_frames(record["video_path"], num_frames=num_frames))
+        frames.append(read_frames(record.video_path, num_frames=num_frames))
         prompts.append(encode_video_prompt(tokenizer, video_qa_prompt(record, FAMILY), layout, num_frames))
-        targets.append(answer_ids(tokenizer, record["answer"]))
-        lab = ([frame_labels(record, "colour"), frame_labels(record, "shape")] if "events" in record
-               else [[0] * num_frames] * 2)
+        targets.append(answer_ids(tokenizer, record.answer))
+        events, slots = record.meta.get("events"), record.meta.get("num_frames", num_frames)
+        lab = ([frame_labels(events, slots, "colour"), frame_labels(events, slots, "shape")]
+               if events is not None else [[0] * num_frames] * 2)
         if len(lab[0]) != num_frames:  # the data's slots differ from the sampled frames: no frame labels
             lab = [[-100] * num_frames] * 2
         labels.append(np.asarray(lab).T)
@@ -320,7 +323,7 @@ def answer_loss(model: Any, batch: dict[str, torch.Tensor], hidden: torch.Tensor
 def letter_accuracy(model: Any, split: EncodedSplit, preprocess: Any, letters: list[int], pad_id: int,
                     device: Any, n: int | None = None, batch_size: int = 8) -> dict[str, float]:
     """Teacher-forced accuracy, overall and per task type: is the answer letter the most likely of the
-    four at the answer slot?"""
+    option letters at the answer slot?"""
     idx = list(range(len(split.records) if n is None else min(n, len(split.records))))
     hits: dict[str, list[bool]] = {}
     for start in range(0, len(idx), batch_size):
@@ -329,9 +332,10 @@ def letter_accuracy(model: Any, split: EncodedSplit, preprocess: Any, letters: l
         hidden = answer_forward(model, batch)
         last = batch["prompt_lengths"] - 1
         logits = model.lm_head(hidden[torch.arange(len(chunk)), last.to(hidden.device)])[:, letters]
-        for p, i in zip(logits.argmax(-1).tolist(), chunk, strict=True):
+        for row, i in zip(logits, chunk, strict=True):
             record = split.records[i]
-            hits.setdefault(str(record.get("task_type")), []).append(LETTERS[p] == record["answer"])
+            best = int(row[: len(record.options)].argmax())  # among this sample's own letters
+            hits.setdefault(record.task_type, []).append(LETTERS[best] == record.answer)
     every = [h for group in hits.values() for h in group]
     return {"overall": float(np.mean(every)) if every else float("nan"),
             **{t: float(np.mean(h)) for t, h in sorted(hits.items())}}
@@ -341,7 +345,7 @@ def letter_accuracy(model: Any, split: EncodedSplit, preprocess: Any, letters: l
 def generate_answers(model: Any, tokenizer: Any, split: EncodedSplit, preprocess: Any, device: Any,
                      n: int | None = None, max_new_tokens: int = 4, desc: str = "score") -> list[dict]:
     """Greedy answers with the full cache, one sample at a time: per sample the generated text, the
-    extracted letter, correctness and seconds."""
+    letter and correctness (:func:`~namm_transfer.pipelines.video_qa.score_output`) and seconds."""
     from tqdm.auto import tqdm
 
     rows = []
@@ -358,10 +362,9 @@ def generate_answers(model: Any, tokenizer: Any, split: EncodedSplit, preprocess
                              pad_token_id=pad)
         seconds = time.perf_counter() - t0
         text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        letter = extract_option_letter(text, record["options"])
-        rows.append({"id": record.get("id", i), "task_type": record.get("task_type"),
-                     "answer": record["answer"], "generated": text, "predicted": letter,
-                     "correct": letter == record["answer"], "seconds": seconds})
+        letter, correct = score_output(text, record)
+        rows.append({"id": record.sample_id, "task_type": record.task_type, "answer": record.answer,
+                     "generated": text, "predicted": letter, "correct": correct, "seconds": seconds})
     return rows
 
 
@@ -446,10 +449,9 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
     layout = video_layout(model)
     preprocess = VideoPreprocessor.for_model(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    letters = letter_token_ids(tokenizer)
 
     train_records = load_video_qa(data_dir / "train.jsonl", limit=cfg.train_n)
-    num_frames = cfg.num_frames or int(train_records[0].get("num_frames", 32))
+    num_frames = cfg.num_frames or int(train_records[0].meta.get("num_frames", 32))
     val_records = load_video_qa(data_dir / "val.jsonl") if (data_dir / "val.jsonl").is_file() else []
     test_records = load_video_qa(data_dir / "test.jsonl") if (data_dir / "test.jsonl").is_file() else []
     log(f"decoding {len(train_records)} train / {len(val_records)} val / {len(test_records)} test videos "
@@ -458,6 +460,7 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
     val = encode_split(val_records, tokenizer, layout, num_frames, "decode val")
     test = encode_split(test_records, tokenizer, layout, num_frames, "decode test")
     decode_seconds = time.perf_counter() - started
+    letters = letter_token_ids(tokenizer, max(len(r.options) for r in [*train_records, *val_records]))
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -608,7 +611,7 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
         "prompt": {
             "template": "USER: <video>\n{question}\nOptions: A. {option_a} B. {option_b} C. {option_c} "
                         "D. {option_d}\nAnswer with the letter. ASSISTANT:",
-            "builder": "namm_transfer.pipelines.video_qa_data.video_qa_prompt",
+            "builder": "namm_transfer.pipelines.video_qa.video_qa_prompt",
             "answer": " {letter} then EOS",
         },
         "preprocessing": {k: v for k, v in asdict(preprocess).items()},

@@ -37,8 +37,8 @@ Generic video-QA JSONL format
     {"id": "test-000007",
      "video": "videos/test/test-000007.mp4",     # relative to the folder holding the JSONL file
      "question": "A coloured shape appeared briefly. What colour was it?",
-     "options": ["red", "green", "blue", "yellow"],   # exactly 4, without letters
-     "answer": "C",                                  # letter of the correct option, A-D
+     "options": ["red", "green", "blue", "yellow"],   # always 4 here (the reader takes 2 to 26)
+     "answer": "C",                                  # letter of the correct option
      "task_type": "colour",
      "seed": 2000007,                                # the sample's seed (see below)
      "split": "test",
@@ -50,16 +50,15 @@ Generic video-QA JSONL format
      "events": [{"slot": 13, "colour": "blue", "shape": "circle", "bbox": [x0, y0, x1, y1]}]}
 
 The required fields are ``video``, ``question``, ``options`` and ``answer``; ``task_type`` groups the
-accuracy. The prompt a model sees is :func:`format_question` (question, then the lettered options,
-then ``Answer with the letter.``) inside the family's chat format
-(:func:`~namm_transfer.pipelines.video_io.build_prompt`), e.g. for LLaVA-NeXT-Video::
+accuracy. The schema (``VideoQASample``), its reader (``load_video_qa``), the prompt (``video_qa_prompt``)
+and the scorer (``score_output``) are :mod:`~namm_transfer.pipelines.video_qa`'s, shared with
+``train-video-model`` and ``eval-video``. The prompt a model trained here sees, e.g. for
+LLaVA-NeXT-Video::
 
     USER: <video>
     A coloured shape appeared briefly. What colour was it?
     Options: A. red B. green C. blue D. yellow
     Answer with the letter. ASSISTANT:
-
-and the generated text is scored with :func:`extract_option_letter`.
 
 Seeds and splits: sample ``i`` of a split has seed ``1_000_000 * seed + SPLIT_OFFSETS[split] + i``
 (train 0, val 400,000, test 700,000; at most 300,000 samples per split), and everything about it is
@@ -72,10 +71,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +81,10 @@ from typing import Any
 import numpy as np
 
 from namm_transfer.pipelines.common import log, run_metadata, write_json
+from namm_transfer.pipelines.video_qa import (
+    LETTERS,
+    video_qa_prompt,  # noqa: F401  (the prompt builder smollm2-shapes' video_model.json names by this path)
+)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -96,7 +98,6 @@ TASK_TYPES = ("colour", "shape", "majority", "missing", "order", "count")
 # what the shipped reference model is trained on: the questions a frozen 135M language model learnt to
 # read from the video tokens within the training budget (the others: see train_video_model)
 DEFAULT_TASK_TYPES = ("colour", "majority")
-LETTERS = "ABCD"
 COUNT_OPTIONS = ("1", "2", "3", "4")
 QUESTIONS = {
     "colour": "A coloured shape appeared briefly. What colour was it?",
@@ -112,7 +113,6 @@ MAX_PER_SPLIT = 300_000
 # scene backgrounds and decorations are achromatic, so no scene can be mistaken for a shape's colour
 BACKGROUND_LEVELS = (25, 60, 95, 130, 165, 200, 230)
 DECORATIONS = ("none", "bar", "border", "quadrant", "stripes")
-REQUIRED_FIELDS = ("video", "question", "options", "answer")
 MANIFEST = "dataset.json"
 
 
@@ -324,103 +324,14 @@ def render_sample(seed: int, task_type: str, cfg: VideoQAConfig) -> tuple[np.nda
     return frames, record
 
 
-def frame_labels(record: dict[str, Any], kind: str = "colour") -> list[int]:
+def frame_labels(events: Sequence[Mapping[str, Any]], num_frames: int, kind: str = "colour") -> list[int]:
     """Per sampled frame: 0 if no shape, else 1 + the index of the shape's ``kind`` (``"colour"``: in
-    :data:`COLOUR_NAMES`, ``"shape"``: in :data:`SHAPES`)."""
+    :data:`COLOUR_NAMES`, ``"shape"``: in :data:`SHAPES`); ``events`` as a record's ``"events"``."""
     names = {"colour": COLOUR_NAMES, "shape": SHAPES}[kind]
-    labels = [0] * int(record["num_frames"])
-    for event in record["events"]:
+    labels = [0] * int(num_frames)
+    for event in events:
         labels[event["slot"]] = 1 + names.index(event[kind])
     return labels
-
-
-# --- prompts and scoring -----------------------------------------------------------------------------
-
-
-def format_question(question: str, options: Sequence[str]) -> str:
-    """The question with its lettered options and the answer instruction (the text after ``<video>``)::
-
-        {question}
-        Options: A. {o1} B. {o2} C. {o3} D. {o4}
-        Answer with the letter.
-    """
-    if not 2 <= len(options) <= len(LETTERS):
-        raise ValueError(f"need 2 to {len(LETTERS)} options, got {len(options)}")
-    lettered = " ".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
-    return f"{question.strip()}\nOptions: {lettered}\nAnswer with the letter."
-
-
-def video_qa_prompt(record: dict[str, Any], family: str = "llava_next_video") -> str:
-    """The full prompt of a record in ``family``'s chat format, one ``<video>`` placeholder, ending at
-    the assistant marker (e.g. ``"USER: <video>\\n...\\nAnswer with the letter. ASSISTANT:"``)."""
-    from namm_transfer.pipelines.video_io import build_prompt
-
-    return build_prompt(family, format_question(record["question"], record["options"]))
-
-
-_ANSWER_IS = re.compile(r"(?i:answer)\s*(?:(?i:is)|:)?\s*(?:(?i:option)\s*)?[\(\[]?\s*([A-D])(?![\w'])")
-_LEADING = re.compile(r"^[^\w]*(?:([A-D])(?![\w'])|([a-d])[\)\]\.:])")
-_STANDALONE = re.compile(r"(?<![\w'])([A-D])(?![\w'])")
-
-
-def extract_option_letter(text: str | None, options: Sequence[str] | None = None) -> str | None:
-    """The option letter (A-D) a model's answer names, or None.
-
-    In order: "answer is X" / "Answer: X" anywhere; a letter opening the text ("B", "B.", "(B)",
-    " b) blue"); the first upper-case letter standing alone ("I think C."); failing those, with
-    ``options``, the one option whose text alone appears in the answer ("blue").
-    """
-    if not text:
-        return None
-    text = text.strip()
-    for pattern in (_ANSWER_IS, _LEADING, _STANDALONE):
-        match = pattern.search(text)
-        if match:
-            return next(g for g in match.groups() if g).upper()
-    if options:
-        lower = text.lower()
-        hits = [i for i, o in enumerate(options[: len(LETTERS)])
-                if re.search(rf"(?<![\w]){re.escape(str(o).lower())}(?![\w])", lower)]
-        if len(hits) == 1:
-            return LETTERS[hits[0]]
-    return None
-
-
-# --- reading -----------------------------------------------------------------------------------------
-
-
-def validate_record(record: dict[str, Any]) -> None:
-    """ValueError unless ``record`` has the generic format's required fields, 2-4 options and a letter
-    answer among them."""
-    missing = [k for k in REQUIRED_FIELDS if k not in record]
-    if missing:
-        raise ValueError(f"video-QA record lacks {missing}: {record}")
-    options = record["options"]
-    if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS):
-        raise ValueError(f"options must be a list of 2-4 strings, got {options!r}")
-    if record["answer"] not in LETTERS[: len(options)]:
-        raise ValueError(f"answer must be one of {LETTERS[: len(options)]}, got {record['answer']!r}")
-
-
-def load_video_qa(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
-    """Records of a generic video-QA JSONL file, each with ``video_path`` (absolute, resolved against
-    the file's folder) added; validated with :func:`validate_record`."""
-    path = Path(path)
-    records = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            try:
-                validate_record(record)
-            except ValueError as err:
-                raise ValueError(f"{path}:{line_no}: {err}") from None
-            record["video_path"] = str((path.parent / record["video"]).resolve())
-            records.append(record)
-            if limit is not None and len(records) >= limit:
-                break
-    return records
 
 
 # --- the job -----------------------------------------------------------------------------------------

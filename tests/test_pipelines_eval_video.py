@@ -20,8 +20,6 @@ from namm_transfer.pipelines.eval_video import (
     VideoModel,
     as_video_model,
     detect_format,
-    extract_option_letter,
-    format_question,
     key_frame_retention,
     load_annotations,
     load_video_model,
@@ -185,21 +183,14 @@ def test_bad_annotations_are_named(tmp_path):
 
 
 def test_question_format(data):
+    from namm_transfer.pipelines.eval_video import prompt_ids
+
     sample = load_annotations(data["jsonl"])[0]
-    text = format_question(sample)
-    assert text.splitlines()[:5] == ["Which colour?", "A. red", "B. blue", "C. green", "D. grey"]
-    assert text.endswith("directly.")
-
-
-@pytest.mark.parametrize(
-    "text,letter",
-    [("A", "A"), ("A.", "A"), ("(A)", "A"), ("[C]", "C"), ("B) blue", "B"), ("The answer is B", "B"),
-     ("The answer is (c).", "C"), ("Answer: D", "D"), ("b", "B"), ("(d)", "D"), ("Best option: (A) red", "A"),
-     ("I think the answer is C.", "C"), ("Option B is right", "B"), ("E", None), ("a dog", None),
-     ("I am not sure", None), ("", None), ("It is blue", "B")],
-)
-def test_letter_extraction(text, letter):
-    assert extract_option_letter(text, 4, ["red", "blue", "green", "grey"]) == letter
+    model, tokenizer = tiny_loader("llava_next_video")
+    ids = prompt_ids(VideoModel(model, tokenizer), sample, 2, "Answer directly.", "")
+    # the video run and BOS decode to nothing, a newline to a space: one option a line, then post_prompt
+    assert tokenizer.decode(ids) == (
+        "USER:  Which colour? A. red B. blue C. green D. grey Answer directly. ASSISTANT:")
 
 
 def test_loader_results_become_video_models():

@@ -30,22 +30,17 @@ from namm_transfer.pipelines.video_models import (
     load_video_model,
     video_model_dir,
 )
+from namm_transfer.pipelines.video_qa import LETTERS, load_video_qa
 from namm_transfer.pipelines.video_qa_data import (
     COLOURS,
-    LETTERS,
     SPLITS,
     TASK_TYPES,
     VideoQAConfig,
     _shape_mask,
-    extract_option_letter,
-    format_question,
     frame_labels,
-    load_video_qa,
     make_video_qa,
     render_sample,
     sample_seed,
-    validate_record,
-    video_qa_prompt,
 )
 
 pytest.importorskip("av")
@@ -130,15 +125,14 @@ def test_rerun_gives_the_same_dataset_and_reuses_videos(dataset, tmp_path):
     for split in SPLITS:
         assert (again / f"{split}.jsonl").read_text() == (dataset / f"{split}.jsonl").read_text()
     first = load_video_qa(dataset / "test.jsonl")[0]
-    np.testing.assert_array_equal(read_frames(first["video_path"]),
-                                  read_frames(again / first["video"]))
+    np.testing.assert_array_equal(read_frames(first.video_path), read_frames(again / first.video))
     rerun = make_video_qa(VideoQAConfig(out_dir=str(again), train=16, val=6, test=12, num_frames=12,
                                         frames_per_slot=2, size=32, seed=3, task_types=list(TASK_TYPES)))
     assert rerun["videos_reused"] == 34 and rerun["videos_written"] == 0
 
 
 def test_splits_are_disjoint_by_seed(dataset):
-    seeds = {split: {r["seed"] for r in load_video_qa(dataset / f"{split}.jsonl")} for split in SPLITS}
+    seeds = {split: {r.meta["seed"] for r in load_video_qa(dataset / f"{split}.jsonl")} for split in SPLITS}
     assert not seeds["train"] & seeds["val"] and not seeds["train"] & seeds["test"]
     assert not seeds["val"] & seeds["test"]
     assert seeds["test"] == {sample_seed(3, "test", i) for i in range(12)}
@@ -152,9 +146,10 @@ def test_jsonl_format(dataset):
     assert manifest["counts"]["train"]["samples"] == 16 and manifest["command"].startswith("namm-transfer")
     for split in SPLITS:
         lines = (dataset / f"{split}.jsonl").read_text().splitlines()
+        samples = load_video_qa(dataset / f"{split}.jsonl")  # the one reader accepts every line
+        assert [s.sample_id for s in samples] == [f"{split}-{i:06d}" for i in range(len(lines))]
         for i, line in enumerate(lines):
             record = json.loads(line)
-            validate_record(record)
             assert record["id"] == f"{split}-{i:06d}" and record["split"] == split
             assert record["video"] == f"videos/{split}/{record['id']}.mp4"
             assert (dataset / record["video"]).is_file()
@@ -165,8 +160,6 @@ def test_jsonl_format(dataset):
             assert all(0 <= k < 12 for k in record["key_frames"])
             assert record["key_video_frames"] == [[2 * k, 2 * k + 2] for k in record["key_frames"]]
             assert isinstance(record["seed"], int)
-    with pytest.raises(ValueError, match="answer"):
-        validate_record({"video": "x.mp4", "question": "?", "options": ["a", "b"], "answer": "C"})
 
 
 def _nearest_colour(pixel: np.ndarray) -> str:
@@ -177,9 +170,9 @@ def _nearest_colour(pixel: np.ndarray) -> str:
 @pytest.mark.parametrize("backend", ["decord", "av"])
 def test_answers_match_the_decoded_frames(dataset, backend):
     for record in load_video_qa(dataset / "test.jsonl"):
-        frames = read_frames(record["video_path"], num_frames=record["num_frames"], backend=backend)
+        frames = read_frames(record.video_path, num_frames=record.meta["num_frames"], backend=backend)
         assert frames.shape == (12, 32, 32, 3)
-        events = sorted(record["events"], key=lambda e: e["slot"])
+        events = sorted(record.meta["events"], key=lambda e: e["slot"])
         for event in events:
             x0, y0, x1, y1 = event["bbox"]
             pixel = frames[event["slot"], (y0 + y1) // 2, (x0 + x1) // 2]
@@ -190,19 +183,19 @@ def test_answers_match_the_decoded_frames(dataset, backend):
             assert (drawn & mask).sum() / (drawn | mask).sum() > 0.6  # the named shape is what was drawn
         saturation = frames.max(-1).astype(int) - frames.min(-1).astype(int)  # [T, H, W]
         coloured = (saturation > 80).sum((1, 2))
-        labels = frame_labels(record)
+        labels = frame_labels(record.meta["events"], record.meta["num_frames"])
         assert [bool(c > 20) for c in coloured] == [lab > 0 for lab in labels]  # shapes only in key frames
-        chosen = record["options"][LETTERS.index(record["answer"])]
-        if record["task_type"] == "colour":
+        chosen = record.options[record.answer_index]
+        if record.task_type == "colour":
             assert len(events) == 1 and chosen == events[0]["colour"]
-        elif record["task_type"] == "shape":
+        elif record.task_type == "shape":
             assert len(events) == 1 and chosen == events[0]["shape"]
-        elif record["task_type"] == "missing":
+        elif record.task_type == "missing":
             assert len(events) == 3 and {e["colour"] for e in events} == set(COLOURS) - {chosen}
-        elif record["task_type"] == "majority":
+        elif record.task_type == "majority":
             counts = Counter(e["colour"] for e in events)
             assert len(events) in (3, 5) and counts[chosen] > max(n for c, n in counts.items() if c != chosen)
-        elif record["task_type"] == "order":
+        elif record.task_type == "order":
             assert len(events) == 2 and chosen == events[0]["colour"] != events[1]["colour"]
         else:
             assert int(chosen) == len(events) and len({e["colour"] for e in events}) == 1
@@ -210,36 +203,10 @@ def test_answers_match_the_decoded_frames(dataset, backend):
 
 def test_decord_reads_what_pyav_reads(dataset):
     record = load_video_qa(dataset / "val.jsonl")[0]
-    full = read_frames(record["video_path"], backend="decord")
-    assert full.shape[0] == record["total_frames"]
-    np.testing.assert_array_equal(full, read_frames(record["video_path"], backend="av"))
-    np.testing.assert_array_equal(read_frames(record["video_path"], num_frames=12), full[::2])  # one per slot
-
-
-def test_prompt_format():
-    record = {"question": "What colour was it?", "options": ["red", "green", "blue", "yellow"]}
-    assert format_question(record["question"], record["options"]) == (
-        "What colour was it?\nOptions: A. red B. green C. blue D. yellow\nAnswer with the letter."
-    )
-    assert video_qa_prompt(record) == (
-        "USER: <video>\nWhat colour was it?\nOptions: A. red B. green C. blue D. yellow\n"
-        "Answer with the letter. ASSISTANT:"
-    )
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("A", "A"), (" B", "B"), ("C.", "C"), ("(D)", "D"), ("[B]", "B"), ("B) blue", "B"), ("b) blue", "B"),
-    ("The answer is B", "B"), ("The answer is (C).", "C"), ("Answer: D", "D"), ("I think C.", "C"),
-    ("**A**", "A"), ("Apple", None), ("", None), (None, None), ("none of them", None),
-])
-def test_extract_option_letter(text, expected):
-    assert extract_option_letter(text) == expected
-
-
-def test_extract_option_letter_falls_back_to_the_option_text():
-    options = ["red", "green", "blue", "yellow"]
-    assert extract_option_letter("blue", options) == "C"
-    assert extract_option_letter("it was red or blue", options) is None  # ambiguous
+    full = read_frames(record.video_path, backend="decord")
+    assert full.shape[0] == record.meta["total_frames"]
+    np.testing.assert_array_equal(full, read_frames(record.video_path, backend="av"))
+    np.testing.assert_array_equal(read_frames(record.video_path, num_frames=12), full[::2])  # one per slot
 
 
 # --- the model ---------------------------------------------------------------------------------------
@@ -260,7 +227,7 @@ def test_answer_loss_is_the_target_tokens_cross_entropy(trained, dataset):
     picked, wanted = [], []
     for b in range(3):
         p, n = len(split.prompts[b]), len(split.prompts[b]) + len(split.targets[b])
-        assert split.targets[b] == tokenizer(" " + split.records[b]["answer"], add_special_tokens=False)[
+        assert split.targets[b] == tokenizer(" " + split.records[b].answer, add_special_tokens=False)[
             "input_ids"] + [tokenizer.eos_token_id]
         picked.append(logits[b, p - 1 : n - 1])
         wanted += split.targets[b]
@@ -280,7 +247,7 @@ def test_training_reduces_the_loss_and_writes_its_outputs(trained):
     assert meta["num_frames"] == 12 and meta["tokens_per_frame"] == 4 and meta["video_tokens"] == 48
     assert meta["command"].startswith("namm-transfer train-video-model") and meta["seed"] == 0
     assert meta["training"]["steps"] == 16 and meta["scores"]["test"]["overall"]["n"] == 4
-    assert meta["prompt"]["builder"].endswith("video_qa_data.video_qa_prompt")
+    assert meta["prompt"]["builder"] == "namm_transfer.pipelines.video_qa.video_qa_prompt"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in log} == {"frames", "answers", "eval"}
     from safetensors import safe_open
@@ -320,7 +287,7 @@ def test_saved_model_reloads_with_identical_outputs(trained, dataset):
     pixels = VideoPreprocessor.for_model(model)(split.frames[0])[None]
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels,
                          max_new_tokens=3, do_sample=False, eos_token_id=1, pad_token_id=1)
-    assert predictions[0]["id"] == first["id"]
+    assert predictions[0]["id"] == first.sample_id
     assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == predictions[0]["generated"]
 
 

@@ -21,7 +21,7 @@ def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     if "retention" in namespace:  # the video journey: 32 frames of the LM's 30 layers, capped at 64 tokens
         assert namespace["retention"].shape == (30, 32)
         assert (namespace["retention"].sum(axis=1) * 4).max() <= 64
-        assert namespace["answer"] == namespace["record"]["answer"]
+        assert namespace["answer"] == namespace["record"].answer
         assert (tmp_path / "retention.png").is_file()
 
 

@@ -1,14 +1,14 @@
 """``attach(model, policy)``: run a Hugging Face transformer with a memory policy managing its KV cache.
 
-Three kinds of model are supported. RoPE decoders (Llama, Qwen2, Mistral) cache keys after RoPE and
-take default positions from the cache's count of tokens seen. GPT-2-style models (GPT-2 LMs and the
-Decision Transformer's GPT-2 encoder) add learned absolute position embeddings before attention, so
-their cached keys never depend on where they sit in the cache either; the Decision Transformer passes
-all-zero position ids and carries time in a timestep embedding. Both run attention through the
-function registered in :mod:`namm_transfer.adapters.attention`. LLaVA video models
-(LLaVA-NeXT-Video, LLaVA-OneVision, Video-LLaVA) wrap one of those decoders: the policy manages the
-language model's cache, and only the language model's attention is switched to our function (the
-vision towers keep their own implementation, see :func:`_attn_setting`).
+Which models: any decoder whose self-attention modules call transformers' registered attention function
+(``AttentionInterface``) and whose cache is a ``DynamicCache`` of per-layer full or sliding-window
+attention layers, found by capability detection (:mod:`.detect`); per-family differences live in one
+descriptor each (:mod:`.families`). RoPE decoders cache keys after RoPE and take default positions from
+the cache's count of tokens seen; GPT-2-style models (GPT-2 LMs and the Decision Transformer's GPT-2
+encoder) add learned absolute position embeddings before attention, so their cached keys never depend
+on where they sit in the cache either. LLaVA video models wrap one of those decoders: the policy
+manages the language model's cache, and only the language model's attention is switched to our
+function (the vision towers keep their own implementation, see :func:`_attn_setting`).
 """
 
 from __future__ import annotations
@@ -20,31 +20,13 @@ import torch
 
 from namm_transfer.adapters.attention import register
 from namm_transfer.adapters.cache import EvictingCache
+from namm_transfer.adapters.detect import plan_attachment
+from namm_transfer.adapters.families import DECODERS, WRAPPERS
 from namm_transfer.policies import MemoryPolicy
 
-ROPE_DECODER_TYPES = ("llama", "qwen2", "mistral")
-GPT2_TYPES = ("gpt2", "decision_transformer")
-SUPPORTED_MODEL_TYPES = ROPE_DECODER_TYPES + GPT2_TYPES
-# multimodal wrappers whose language model (text_config) is one of the types above
-VIDEO_LLAVA_TYPES = ("llava_next_video", "llava_onevision", "video_llava")
-
-
-def _text_config(model: torch.nn.Module):
-    config = model.config
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
-def _text_config_key(model: torch.nn.Module) -> str | None:
-    """Name of the sub-config holding the language model's config (``"text_config"``), or None when
-    the model *is* the language model."""
-    config = model.config
-    text = _text_config(model)
-    if text is config:
-        return None
-    for key in getattr(config, "sub_configs", {}):
-        if getattr(config, key, None) is text:
-            return key
-    raise NotImplementedError(f"cannot find the language model's sub-config of {type(model).__name__}")
+# The tested families (descriptors); detection also admits untested decoders, with a warning.
+SUPPORTED_MODEL_TYPES = tuple(f.model_type for f in DECODERS)
+VIDEO_LLAVA_TYPES = tuple(f.model_type for f in WRAPPERS)
 
 
 def _attn_setting(key: str | None, implementation: str) -> str | dict:
@@ -54,42 +36,6 @@ def _attn_setting(key: str | None, implementation: str) -> str | dict:
     keyed by sub-config name changes only that sub-config's modules and leaves the rest as they were.
     """
     return implementation if key is None else {key: implementation}
-
-
-def _check_supported(model: torch.nn.Module) -> str:
-    """The model's ``model_type`` if supported; else a NotImplementedError naming the supported families."""
-    config = _text_config(model)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"namm-transfer cannot attach to a {type(model).__name__} (model_type={model_type!r}); "
-            f"supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if model_type in GPT2_TYPES and getattr(config, "add_cross_attention", False):
-        raise NotImplementedError(
-            f"namm-transfer cannot attach to a {type(model).__name__} with cross-attention "
-            "(add_cross_attention=True): only self-attention caches are managed"
-        )
-    return model_type
-
-
-def _self_attention_modules(model: torch.nn.Module, model_type: str) -> list[torch.nn.Module]:
-    """The self-attention module of each layer of the language model, in layer order."""
-    text = _text_config(model)
-    if text is not model.config:  # multimodal: search only the language model, never the vision tower
-        owners = [m for m in model.modules() if m is not model and getattr(m, "config", None) is text]
-        if not owners:
-            raise NotImplementedError(f"cannot find the language model inside {type(model).__name__}")
-        model = owners[0]
-    if model_type in GPT2_TYPES:  # GPT2Attention / DecisionTransformerGPT2Attention
-        found = [
-            m
-            for m in model.modules()
-            if hasattr(m, "layer_idx") and hasattr(m, "c_attn") and not getattr(m, "is_cross_attention", 0)
-        ]
-    else:
-        found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
-    return sorted(found, key=lambda m: m.layer_idx)
 
 
 class AttachedPolicy:
@@ -108,30 +54,22 @@ class AttachedPolicy:
         prefill_chunk: int | None = None,
         exact_output: bool = False,
     ):
-        self.model_type = _check_supported(model)
-        self.exact_output = exact_output
         if getattr(model, "_namm_attached", None) is not None:
             raise RuntimeError(
                 f"a memory policy ({model._namm_attached.policy!r}) is already attached to this model; "
                 "detach it first (handle.detach() or leave its `with` block)"
             )
+        self.plan = plan_attachment(model)
+        self.model_type = self.plan.model_type
+        self.exact_output = exact_output
         self.model, self.policy = model, policy
-        text = _text_config(model)
-        self.num_layers = text.num_hidden_layers
-        if self.model_type in GPT2_TYPES:  # multi-head attention: one KV head per query head
-            self.n_groups = 1
-        else:
-            kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-            self.n_groups = text.num_attention_heads // kv_heads
+        self.num_layers = self.plan.num_layers
+        self.n_groups = self.plan.n_groups
+        self.sliding_windows = list(self.plan.sliding_windows)
         self.cache: EvictingCache | None = None
-        self._text_key = _text_config_key(model)
-        self._previous_attn = text._attn_implementation
-        self._attention_modules = _self_attention_modules(model, self.model_type)
-        if [m.layer_idx for m in self._attention_modules] != list(range(self.num_layers)):
-            raise NotImplementedError(
-                f"found {len(self._attention_modules)} attention modules for {self.num_layers} layers in "
-                f"{type(model).__name__}; is this a supported model ({', '.join(SUPPORTED_MODEL_TYPES)})?"
-            )
+        self._text_key = self.plan.text_config_key
+        self._previous_attn = self.plan.text_config._attn_implementation
+        self._attention_modules = self.plan.attention_modules
         self._can_generate = callable(getattr(model, "generate", None)) and model.can_generate()
         generation_config = getattr(model, "generation_config", None)
         if prefill_chunk is not None and (not self._can_generate or generation_config is None):
@@ -142,9 +80,8 @@ class AttachedPolicy:
         model.set_attn_implementation(_attn_setting(self._text_key, register()))
         for module in self._attention_modules:
             module._namm_handle = self
-        # the module whose forward takes ``past_key_values``: the DT's forward does not, its encoder does
-        cache_owner = getattr(model, "encoder", model) if self.model_type == "decision_transformer" else model
-        self._hook = cache_owner.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        # the module whose forward takes ``past_key_values`` (the DT's forward does not, its encoder does)
+        self._hook = self.plan.cache_owner.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._previous_chunk = getattr(generation_config, "prefill_chunk_size", None)
         if prefill_chunk is not None:
             model.generation_config.prefill_chunk_size = prefill_chunk
@@ -161,9 +98,15 @@ class AttachedPolicy:
         model._namm_attached = self
         self._attached = True
 
-    def new_cache(self) -> EvictingCache:
-        """A fresh evicting cache for this model (also used automatically)."""
-        self.cache = EvictingCache(self.policy, self.num_layers, self.n_groups)
+    def new_cache(self, policy: MemoryPolicy | None = None) -> EvictingCache:
+        """A fresh evicting cache for this model (also used automatically), managed by ``policy``
+        (default: the attached one), with each layer's own sliding window."""
+        self.cache = EvictingCache(
+            policy if policy is not None else self.policy,
+            self.num_layers,
+            self.n_groups,
+            self.sliding_windows,
+        )
         return self.cache
 
     def _before_forward(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -245,6 +188,7 @@ class AttachedPolicy:
                 for m in memories
             ],
             "evictions": sum(m.stats.evictions for m in memories),
+            "expired": sum(m.stats.expired for m in memories),
             "nonfinite": sum(m.stats.nonfinite for m in memories),
             "updates": sum(m.stats.updates for m in memories),
             "stored_kv_bytes": sum(layer.stored_bytes() for layer in self.cache.layers),
@@ -269,15 +213,23 @@ def attach(
     """Make ``model`` run with ``policy`` managing its KV cache.
 
     Args:
-        model: a transformers Llama / Qwen2 / Mistral / GPT-2 causal LM, a
-            ``DecisionTransformerModel`` (see :mod:`namm_transfer.envs.dt_rollout` for its KV-cached
-            rollout), or a LLaVA video model (``LlavaNextVideoForConditionalGeneration``,
-            ``LlavaOnevisionForConditionalGeneration``, ``VideoLlavaForConditionalGeneration``) whose
-            language model is one of those decoders; its default attention (SDPA) is kept for the
-            output. For a LLaVA model only the language model's cache and attention are managed: the
-            vision tower runs exactly as without a policy (see :mod:`namm_transfer.adapters.frame_map`
-            for which cached tokens belong to which frame).
-        policy: a :class:`~namm_transfer.policies.MemoryPolicy` (a NAMM or a baseline).
+        model: a transformers decoder whose attention goes through the ``AttentionInterface`` and whose
+            cache holds full or sliding-window attention layers (the tested families are listed in
+            :mod:`namm_transfer.adapters.families` and the README; others that pass detection attach
+            with a warning), a ``DecisionTransformerModel`` (see :mod:`namm_transfer.envs.dt_rollout`
+            for its KV-cached rollout), or a LLaVA video model (``LlavaNextVideoForConditionalGeneration``,
+            ``LlavaOnevisionForConditionalGeneration``, ``VideoLlavaForConditionalGeneration``) around any
+            such decoder. Its default attention (SDPA) is kept for the output. For a LLaVA model only the
+            language model's cache and attention are managed: the vision tower runs exactly as without a
+            policy (see :mod:`namm_transfer.adapters.frame_map` for which cached tokens belong to which
+            frame). Sliding-window layers keep their window; the policy manages what is inside it.
+            Encoder-decoders, cross-attention, state-space/hybrid layers and attention computed outside
+            the interface raise :class:`~namm_transfer.adapters.detect.UnsupportedModelError` (a
+            ``NotImplementedError``) naming the reason.
+        policy: a :class:`~namm_transfer.policies.MemoryPolicy` (a NAMM or a baseline). A policy with a
+            cap (``budget`` or ``compression_ratio``) keeps every layer at no more than
+            ``cap + update_every - 1`` tokens per KV head after any forward, and compresses a sample to
+            its cap at the end of the first forward that exceeds it (a short prompt's prefill).
         prefill_chunk: if set, ``generate()`` feeds the prompt in chunks of this many tokens, so the
             policy can evict during the prompt (the reference feeds 128-token chunks).
         exact_output: when the policy reads attention, compute the layer output with the same fused

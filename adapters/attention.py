@@ -1,10 +1,13 @@
 """The attention function (and its mask function) registered with transformers for evicting caches.
 
 Masks are built from each slot's absolute arrival index and per-(sample, KV head) validity, so heads
-may keep different tokens and a masked slot is exactly a removed one. When the policy reads attention,
-the softmax rows of *this forward's* queries are computed once, used for the output (eager, equal to
-SDPA) and handed to the policy; otherwise plain SDPA runs. After the output is computed, the layer
-asks the policy whether to evict: a chunk's own attention is part of the evidence, as in the reference.
+may keep different tokens and a masked slot is exactly a removed one. The layer's own sliding window
+(the ``sliding_window`` its attention module passes) and attention-logit soft-capping (``softcap``,
+Gemma2) are applied as transformers' eager attention applies them; the module's ``scaling`` is used
+as given. When the policy reads attention, the softmax rows of *this forward's* queries are computed
+once, used for the output (eager, equal to SDPA) and handed to the policy; otherwise plain SDPA runs
+(eager when soft-capping, which SDPA cannot do). After the output is computed, the layer asks the policy
+whether to evict: a chunk's own attention is part of the evidence, as in the reference.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from namm_transfer.adapters.cache import EvictingLayer
 
-ATTENTION_NAME = "namm_sdpa"
+ATTENTION_NAME = "namm_attention"  # no "sdpa" in it: transformers then checks SDPA support (Gemma2 has none)
+# keyword arguments some attention modules pass that change the attention itself: refused, not ignored
+UNSUPPORTED_KWARGS = {
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "position_bias": "an additive position bias",
+    "indices": "sparse attention indices",
+    "block_indices": "block-sparse attention indices",
+}
 
 
 def passthrough_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
@@ -29,12 +40,17 @@ def passthrough_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs
     return attention_mask
 
 
-def _plain_causal(query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-    """``[B, 1, q, kv]`` causal (+ padding) mask for calls without an evicting cache."""
+def _plain_causal(
+    query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None, window: int | None = None
+) -> torch.Tensor:
+    """``[B, 1, q, kv]`` causal (+ sliding window, + padding) mask for calls without an evicting cache."""
     n_q, n_kv = query.shape[2], key.shape[2]
     q_pos = torch.arange(n_kv - n_q, n_kv, device=query.device)[:, None]
     k_pos = torch.arange(n_kv, device=query.device)
-    mask = (k_pos <= q_pos)[None, None]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    mask = mask[None, None]
     if padding is not None:  # a query always sees itself, so padding rows are never empty
         mask = (mask & padding[:, None, None, -n_kv:].bool()) | (k_pos == q_pos)
     return mask
@@ -50,6 +66,55 @@ def _evicting_layer(module: torch.nn.Module) -> EvictingLayer | None:
     return layer if isinstance(layer, EvictingLayer) else None
 
 
+def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
+    for name, what in UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"{type(module).__name__} passes `{name}` ({what}) to its attention function; "
+                "namm-transfer's attention computes plain softmax attention (with optional window and "
+                "soft-capping) only"
+            )
+
+
+def _softmax_rows(
+    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    """``[B, H_kv, G, q, S]`` float32 softmax attention of each KV head's query group.
+
+    ``allowed`` is ``[B, H_kv or 1, q, S]`` bool. Each KV head's query group is folded into the query
+    axis: one batched matmul per KV head, no repeated keys.
+    """
+    batch, q_heads, n_q, dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * n_q, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(scaling)
+    if softcap is not None:  # Gemma2: logits -> softcap * tanh(logits / softcap), before the mask
+        scores = torch.tanh(scores / softcap).mul_(softcap)
+    scores = scores.view(batch, kv_heads, groups, n_q, n_keys)
+    scores.masked_fill_(~allowed[:, :, None], float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def _weighted_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``[B, H_q, q, D]`` output from ``probs`` ``[B, H_kv, G, q, S]``."""
+    batch, kv_heads, groups, n_q, n_keys = probs.shape
+    out = torch.matmul(probs.reshape(batch, kv_heads, groups * n_q, n_keys).to(value.dtype), value)
+    return out.view(batch, kv_heads * groups, n_q, value.shape[-1])
+
+
+def _sdpa(query, key, value, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The fused SDPA kernel with ``allowed`` ``[B, H_kv or 1, q, S]`` expanded to the query heads."""
+    batch, q_heads, n_q, _ = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    if allowed.shape[1] != 1:
+        groups = q_heads // kv_heads
+        allowed = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, n_q, n_keys)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True
+    )
+
+
 def namm_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -58,57 +123,63 @@ def namm_attention_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention of ``query`` ``[B, H_q, q, D]`` over the stored ``key``/``value`` ``[B, H_kv, S, D]``.
 
     Returns the output ``[B, q, H_q, D]`` (the layout transformers' attention functions return).
     """
-    batch, q_heads, n_q, dim = query.shape
-    kv_heads, n_keys = key.shape[1], key.shape[2]
-    groups = q_heads // kv_heads
+    n_q, dim = query.shape[2], query.shape[3]
     scaling = dim**-0.5 if scaling is None else scaling
     padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-    if getattr(module, "_namm_handle", None) is None:
+    handle = getattr(module, "_namm_handle", None)
+    if handle is None:
         # not a managed layer (e.g. a vision tower whose config was switched to this function by a
-        # plain-string set_attn_implementation): plain SDPA with the module's own causality
+        # plain-string set_attn_implementation): transformers' SDPA with the module's own causality
         return _unmanaged(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    _check_kwargs(module, kwargs)
     layer = _evicting_layer(module)
-    exact = bool(getattr(getattr(module, "_namm_handle", None), "exact_output", False))
 
     if layer is None:  # no evicting cache (use_cache=False): ordinary causal attention
         if attention_mask is not None and attention_mask.ndim == 4:
-            mask = attention_mask
+            allowed = attention_mask
         else:
-            mask = _plain_causal(query, key, padding)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
-        )
+            allowed = _plain_causal(query, key, padding, sliding_window)
+        if softcap is None:
+            out = _sdpa(query, key, value, allowed, scaling)
+        else:
+            out = _weighted_values(_softmax_rows(query, key, allowed, scaling, softcap), value)
         return out.transpose(1, 2).contiguous(), None
 
     memory = layer.memory
+    if query.shape[1] != memory.n_groups * key.shape[1]:
+        raise RuntimeError(
+            f"{type(module).__name__} has {query.shape[1]} query heads for {key.shape[1]} KV heads, but the "
+            f"cache was built for {memory.n_groups} query heads per KV head (the family descriptor is wrong)"
+        )
+    window = layer.window_for(sliding_window)
     new_valid = None
     if padding is not None:
         new_valid = padding[:, -n_q:].bool()
         memory.mark_padding(new_valid)
+    needs_rows = memory.policy.needs_attention
+    exact = bool(getattr(handle, "exact_output", False))
+    if bool(memory.valid.all()) and window is None:  # one causal mask shared by every sample and head
+        q_pos = torch.arange(key.shape[2] - n_q, key.shape[2], device=query.device)[:, None]
+        allowed = (torch.arange(key.shape[2], device=query.device) <= q_pos)[None, None]
+    else:
+        allowed = memory.attention_mask(n_q, window)  # [B, H_kv, q, S]
     out = None
-    if exact or not memory.policy.needs_attention:
-        out = _sdpa_output(query, key, value, memory, scaling)
-    if memory.policy.needs_attention:
-        # Fold each KV head's query group into the query axis: one batched matmul per KV head.
-        grouped = query.reshape(batch, kv_heads, groups * n_q, dim)
-        scores = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(scaling)
-        scores = scores.view(batch, kv_heads, groups, n_q, n_keys)
-        if bool(memory.valid.all()):  # only the new tokens' own causal triangle needs masking
-            future = torch.ones(n_q, n_q, dtype=torch.bool, device=query.device).triu(1)
-            scores[..., n_keys - n_q :].masked_fill_(future, float("-inf"))
-        else:
-            scores.masked_fill_(~memory.attention_mask(n_q)[:, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G, q, S]
+    if softcap is None and (exact or not needs_rows):
+        out = _sdpa(query, key, value, allowed, scaling)
+    if needs_rows or out is None:
+        probs = _softmax_rows(query, key, allowed, scaling, softcap)  # [B, H_kv, G, q, S]
         if out is None:
-            out = torch.matmul(probs.view(batch, kv_heads, groups * n_q, n_keys).to(value.dtype), value)
-            out = out.view(batch, q_heads, n_q, dim)
-        memory.observe(probs.view(batch, q_heads, n_q, n_keys), new_valid)
+            out = _weighted_values(probs, value)
+        if needs_rows:
+            memory.observe(probs.view(query.shape[0], query.shape[1], n_q, key.shape[2]), new_valid)
 
     layer.apply_eviction()
     return out.transpose(1, 2).contiguous(), None
@@ -122,20 +193,6 @@ def _unmanaged(module, query, key, value, attention_mask, dropout, scaling, **kw
         else:  # key padding only
             attention_mask = attention_mask[:, None, None, -key.shape[2] :].bool()
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-
-
-def _sdpa_output(query, key, value, memory, scaling: float) -> torch.Tensor:
-    """The layer output ``[B, H_q, q, D]`` with the fused SDPA kernel and the memory's mask."""
-    batch, q_heads, n_q, _ = query.shape
-    n_keys = key.shape[2]
-    if bool(memory.valid.all()):  # one causal mask shared by every sample and head
-        q_pos = torch.arange(n_keys - n_q, n_keys, device=query.device)[:, None]
-        mask = torch.arange(n_keys, device=query.device) <= q_pos
-    else:
-        allowed = memory.attention_mask(n_q)  # [B, H_kv, q, S]
-        groups = q_heads // key.shape[1]
-        mask = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, n_q, n_keys)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
 def register() -> str:

@@ -6,11 +6,16 @@ kept by any (sample, head); which slots are real is tracked by a core
 of tokens *seen* from ``get_seq_length()`` and ``(stored + q, seen - stored)`` from
 ``get_mask_sizes()``, so default position ids, ``generate()`` and chunked prefill keep working after
 tokens were removed.
+
+A layer of a sliding-window attention type (Mistral, Gemma2/3's local layers, ...) keeps applying its
+own window: after each forward the tokens no later query can see are dropped, as transformers'
+``DynamicSlidingWindowLayer`` does, and the policy manages what is inside the window.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,19 +26,39 @@ from namm_transfer.policies import MemoryPolicy
 
 
 class EvictingLayer(DynamicLayer):
-    """One layer's cache, whose slots a memory policy may evict after each forward."""
+    """One layer's cache, whose slots a memory policy may evict after each forward.
 
-    is_sliding = False
+    Args:
+        memory: the layer's slot table and policy state.
+        sliding_window: the layer's own attention window (None: full attention). The attention function
+            also learns it from the model (the ``sliding_window`` its attention module passes) when a
+            cache is built without it; the smaller of the two applies.
+    """
+
     is_croppable = False
 
-    def __init__(self, memory: LayerMemory):
+    def __init__(self, memory: LayerMemory, sliding_window: int | None = None):
         super().__init__()
         self.memory = memory
+        self.sliding_window = sliding_window
+        self._awaiting_attention = False
+
+    @property
+    def is_sliding(self) -> bool:  # read by transformers' Cache.is_sliding
+        return self.sliding_window is not None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._awaiting_attention:
+            raise RuntimeError(
+                f"layer {self.memory.layer_idx} of the evicting cache was updated twice without its "
+                "attention running through namm-transfer's registered attention function: this model "
+                "computes attention outside transformers' AttentionInterface, which an evicting cache "
+                "cannot manage"
+            )
         keys, values = super().update(key_states, value_states)
         batch, heads, n_new, _ = key_states.shape
         self.memory.append(batch, heads, n_new, key_states.device)
+        self._awaiting_attention = True
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -43,16 +68,31 @@ class EvictingLayer(DynamicLayer):
         stored = self.memory.n_slots
         return stored + query_length, self.memory.tokens_seen - stored
 
+    def window_for(self, module_window: int | None) -> int | None:
+        """The window that applies: the smaller of the cache layer's and the attention module's."""
+        if module_window is not None and (self.sliding_window is None or module_window < self.sliding_window):
+            self.sliding_window = int(module_window)
+        return self.sliding_window
+
+    def _gather(self, index: torch.Tensor) -> None:
+        gather = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, gather)
+        self.values = self.values.gather(2, gather)
+
     def apply_eviction(self, force: bool = False) -> None:
-        """Ask the policy (if due, or at once with ``force``) which tokens to keep and drop the others."""
+        """After a forward: drop what left the sliding window, then ask the policy (if due, or at once with
+        ``force``) which tokens to keep and drop the others."""
+        self._awaiting_attention = False
+        if self.sliding_window is not None:
+            index = self.memory.expire(self.sliding_window)
+            if index is not None:
+                self._gather(index)
         needs_keys = getattr(self.memory.policy, "needs_keys", False)
         index = self.memory.maybe_evict(self.keys if needs_keys else None, force=force)
         if index is None:
             return
         t0 = time.perf_counter()
-        gather = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, gather)
-        self.values = self.values.gather(2, gather)
+        self._gather(index)
         self.memory.stats.timing["eviction_s"] += time.perf_counter() - t0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -70,11 +110,15 @@ class EvictingLayer(DynamicLayer):
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
     def full_bytes(self) -> int:
-        """Bytes a full (never evicting) cache would hold for the same tokens."""
+        """Bytes a full (never evicting) transformers cache would hold for the same tokens: every token
+        seen, or the last ``sliding_window - 1`` on a sliding-window layer."""
         if self.keys is None or self.keys.numel() == 0:
             return 0
         batch, heads, _, dim = self.keys.shape
-        return 2 * batch * heads * self.memory.tokens_seen * dim * self.keys.element_size()
+        tokens = self.memory.tokens_seen
+        if self.sliding_window is not None:
+            tokens = min(tokens, self.sliding_window - 1)
+        return 2 * batch * heads * tokens * dim * self.keys.element_size()
 
 
 @dataclass
@@ -111,11 +155,22 @@ class EvictingCache(DynamicCache):
         policy: the memory policy shared by all layers (per-layer state lives in each LayerMemory).
         num_layers: decoder layers with a KV cache.
         n_groups: query heads per KV head.
+        sliding_windows: each layer's own attention window (None entries: full attention); None: learnt
+            from the model at the first forward.
     """
 
-    def __init__(self, policy: MemoryPolicy, num_layers: int, n_groups: int = 1):
+    def __init__(
+        self,
+        policy: MemoryPolicy,
+        num_layers: int,
+        n_groups: int = 1,
+        sliding_windows: Sequence[int | None] | None = None,
+    ):
         self.policy = policy
-        layers = [EvictingLayer(LayerMemory(policy, i, n_groups)) for i in range(num_layers)]
+        windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} sliding windows given for {num_layers} layers")
+        layers = [EvictingLayer(LayerMemory(policy, i, n_groups), windows[i]) for i in range(num_layers)]
         super(DynamicCache, self).__init__(layers=layers)
 
     def memory(self, layer_idx: int) -> LayerMemory:

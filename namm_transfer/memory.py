@@ -1,9 +1,19 @@
 """Model-agnostic bookkeeping of one attention layer's KV cache under a memory policy.
 
 :class:`LayerMemory` tracks, for every stored slot, the token's arrival index and validity (padding,
-evicted, empty), builds the attention mask from those absolute indices, feeds the policy the latest
-attention, and at the policy's cadence turns its keep mask into a compact gather index. An adapter
-owns the key/value tensors and applies that index; nothing here knows which model it serves.
+evicted, empty), builds the attention mask from those absolute indices (and the layer's own sliding
+window, if it has one), feeds the policy the latest attention, and when an update is due turns its keep
+mask into a compact gather index. An adapter owns the key/value tensors and applies that index; nothing
+here knows which model it serves.
+
+When an update is due (:meth:`LayerMemory.due`), per sample:
+- *cadence*: the sample's real token count crossed a multiple of ``policy.update_every``;
+- *first fill*: the policy has not updated this sample yet and it holds more tokens per KV head than the
+  policy's cap (:meth:`~namm_transfer.policies.MemoryPolicy.token_cap`), so a prompt shorter than the
+  cadence is still brought to its budget at the end of its prefill.
+Hence the budget guarantee: after any forward, no (sample, KV head) holds more than
+``cap + update_every - 1`` tokens (``cap`` as of the latest update), and none holds more than ``cap``
+before its first update.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from namm_transfer.selection import compact_index
 
 @dataclass
 class LayerStats:
-    evictions: int = 0
+    evictions: int = 0  # tokens the policy dropped
+    expired: int = 0  # tokens that left the layer's own sliding window (not the policy's doing)
     nonfinite: int = 0
     updates: int = 0
     timing: dict[str, float] = field(
@@ -83,15 +94,39 @@ class LayerMemory:
             self.valid[..., -n_new:] &= new_valid[:, None, :].to(self.valid.device)
             self.real_seen -= pads.to(self.real_seen.device)
 
-    def attention_mask(self, n_queries: int) -> torch.Tensor:
-        """``[B, H_kv, q, S]`` bool: query i may attend to slot s iff s is valid and arrived no later.
+    def attention_mask(self, n_queries: int, window: int | None = None) -> torch.Tensor:
+        """``[B, H_kv, q, S]`` bool: query i may attend to slot s iff s is valid and arrived no later
+        (and, with a sliding ``window``, less than ``window`` tokens before it, as transformers' sliding
+        mask: a query sees itself and the ``window - 1`` tokens before it).
 
         A query always sees its own slot, so padding queries never get an empty (NaN) row.
         """
         query_pos = torch.arange(self.tokens_seen - n_queries, self.tokens_seen, device=self.positions.device)
         key_pos = self.positions[..., None, :]
-        causal = key_pos <= query_pos[:, None]
-        return (causal & self.valid[..., None, :]) | (key_pos == query_pos[:, None])
+        allowed = key_pos <= query_pos[:, None]
+        if window is not None:
+            allowed = allowed & (key_pos > query_pos[:, None] - window)
+        return (allowed & self.valid[..., None, :]) | (key_pos == query_pos[:, None])
+
+    def expire(self, window: int) -> torch.Tensor | None:
+        """Drop the slots no later query can see through a sliding ``window`` (arrival index at most
+        ``tokens_seen - window``: transformers' sliding layers keep the last ``window - 1`` tokens).
+
+        This is the layer's own window, not a policy decision: counted in ``stats.expired``. Returns a
+        ``[B, H, K]`` gather index if slots changed, else None.
+        """
+        if self.positions is None:
+            return None
+        t0 = time.perf_counter()
+        keep = self.valid & (self.positions > self.tokens_seen - window)
+        dropped = int(self.valid.sum() - keep.sum())
+        if dropped == 0:
+            return None
+        self.stats.expired += dropped
+        index, new_valid = compact_index(keep)
+        self.select(index, new_valid)
+        self.stats.timing["eviction_s"] += time.perf_counter() - t0
+        return index
 
     def observe(self, attention: torch.Tensor, row_valid: torch.Tensor | None = None) -> None:
         """Feed ``attention`` ``[B, H_q, q, S]`` (softmax rows of the latest queries) to the policy.
@@ -123,9 +158,19 @@ class LayerMemory:
         self.stats.timing["features_s"] += time.perf_counter() - t1
 
     def due(self) -> torch.Tensor:
-        """``[B]`` bool: samples whose token count crossed a multiple of ``update_every``."""
+        """``[B]`` bool: samples whose token count crossed a multiple of ``update_every`` (cadence), or
+        that the policy has not updated yet and that hold more tokens than its cap (first fill)."""
         every = self.policy.update_every
-        return (self.real_seen // every) > (self.last_update // every)
+        due = (self.real_seen // every) > (self.last_update // every)
+        never_updated = self.last_update == 0
+        if bool(never_updated.any()):
+            view = CacheView(self.layer_idx, self.positions, self.valid, None, self.protect, self.real_seen)
+            cap = self.policy.token_cap(view)
+            if cap is not None:
+                cap = torch.as_tensor(cap, device=self.valid.device).reshape(-1)  # [] or [B]
+                held = self.valid.sum(-1).amax(-1)  # [B] the fullest KV head of each sample
+                due = due | (never_updated & (held > cap))
+        return due
 
     def maybe_evict(self, keys: torch.Tensor | None = None, force: bool = False) -> torch.Tensor | None:
         """Run the policy where due (every sample with ``force``, as a one-shot compression does);

@@ -197,6 +197,13 @@ class NAMM(MemoryPolicy):
         cap = resolve_budget(self.config.budget, self.config.compression_ratio, view)
         return select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
 
+    def token_cap(self, view: CacheView) -> int | torch.Tensor | None:
+        """The hard cap (``budget`` or ``compression_ratio``), if any; None while collecting statistics
+        (the NAMM then keeps everything) or in pure threshold mode."""
+        if self._collect is not None:
+            return None
+        return resolve_budget(self.config.budget, self.config.compression_ratio, view)
+
     # normalisation statistics --------------------------------------------------------------------
     @contextlib.contextmanager
     def collecting_statistics(self) -> Iterator[NAMM]:

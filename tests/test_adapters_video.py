@@ -60,7 +60,7 @@ def test_keep_all_namm_generate_equals_bare(model, chunk):
     ids, pixels = _inputs(model)
     bare = model.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=8, do_sample=False)
     with attach(model, NAMM(NAMMConfig(update_every=8)), prefill_chunk=chunk) as handle:
-        assert model.config.text_config._attn_implementation == "namm_sdpa"
+        assert model.config.text_config._attn_implementation == "namm_attention"
         assert model.config.vision_config._attn_implementation == "sdpa"  # vision tower untouched
         tokens = model.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=8, do_sample=False)
         stats = handle.stats()
@@ -223,3 +223,29 @@ def test_heatmap_png_and_tensorboard(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = retention_image(retention, title="x")
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("text_type", ["gemma3_text", "qwen3"])
+def test_llava_next_video_around_another_language_model(text_type):
+    """The wrapper's descriptor finds the language model whatever its family: here Gemma3 (sliding
+    layers narrower than the prompt, one KV head) and Qwen3 (q/k norm). A keep-all NAMM generates the
+    bare tokens; Recency keeps every layer at its budget, and Gemma3's sliding layers within their window."""
+    model = build("llava_next_video", text_type=text_type)
+    ids, pixels = _inputs(model, frames=4)
+    bare = model.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=6, do_sample=False)
+    with attach(model, NAMM(NAMMConfig(update_every=8)), prefill_chunk=8) as handle:
+        assert handle.model_type == text_type and handle.plan.wrapper.model_type == "llava_next_video"
+        tokens = model.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=6, do_sample=False)
+        stats = handle.stats()
+    assert torch.equal(tokens, bare)
+    assert stats["evictions"] == 0 and stats["updates"] > 0
+    windows = [12, None, 12] if text_type == "gemma3_text" else [None, None, None]
+    with attach(model, Recency(budget=10, sink=2, update_every=8)) as handle:
+        assert handle.sliding_windows == windows
+        model.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=6, do_sample=False)
+        for layer, window in zip(handle.cache.layers, windows, strict=True):
+            held = int(layer.memory.valid.sum(-1).max())
+            assert held <= 10 + 8 - 1 and (window is None or held <= window - 1)
+            assert layer.keys.shape[2] == held
+        assert handle.stats()["stored_kv_bytes"] < handle.stats()["full_kv_bytes"]

@@ -178,17 +178,18 @@ def test_budget_keeps_min_budget_valid(make, budget):
     mem = LayerMemory(policy, 0)
     keys = torch.randn(3, 2, 16, 4, generator=torch.Generator().manual_seed(0))
     mem.append(3, 2, 16, torch.device("cpu"))
-    pad = torch.tensor([12, 0, 7])  # real tokens: 4, 16, 9 -> due only for sample 1 at 16
-    mem.mark_padding(torch.arange(16)[None, :] >= pad[:, None])
-    mem.observe(softmax_rows(mem, 16), torch.arange(16)[None, :] >= pad[:, None])
+    pad = torch.tensor([12, 0, 7])  # real tokens: 4, 16, 9 -> due for sample 1 at 16 (cadence), and
+    mem.mark_padding(torch.arange(16)[None, :] >= pad[:, None])  # for the others if over the budget
+    mem.observe(softmax_rows(mem, 16), torch.arange(16)[None, :] >= pad[:, None])  # (first fill)
     mem.maybe_evict(keys)
-    assert mem.kept_tokens().tolist() == [[4, 4], [budget, budget], [9, 9]]
+    first = [min(4, budget), budget, min(9, budget)]
+    assert mem.kept_tokens().tolist() == [[k, k] for k in first]
     # once every sample is due, each head keeps min(budget, valid) tokens
     mem.append(3, 2, 16, torch.device("cpu"))
     mem.observe(softmax_rows(mem, 16, seed=1))
     keys = torch.randn(3, 2, mem.n_slots, 4, generator=torch.Generator().manual_seed(1))
     mem.maybe_evict(keys)
-    valid_before = torch.tensor([[20, 20], [budget + 16] * 2, [25, 25]])
+    valid_before = torch.tensor([[k + 16, k + 16] for k in first])
     assert mem.kept_tokens().tolist() == torch.clamp(valid_before, max=budget).tolist()
 
 
@@ -314,3 +315,67 @@ def test_right_padding_is_rejected_with_a_clear_error():
     mem.append(1, 1, 2, torch.device("cpu"))
     with pytest.raises(ValueError, match="pad on the left"):
         mem.mark_padding(torch.tensor([[False, True]]))
+
+
+def _held(mem: LayerMemory) -> torch.Tensor:
+    return mem.valid.sum(-1)  # [B, H]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Recency(budget=7, sink=2, update_every=16),
+        lambda: H2O(budget=7, update_every=16),
+        lambda: RandomEviction(budget=7, seed=1, update_every=16),
+        lambda: NAMM.init_random(seed=2, sigma=0.5, config=NAMMConfig(update_every=16, budget=7)),
+        lambda: NAMM(NAMMConfig(update_every=16, threshold=None, compression_ratio=0.5)),
+        lambda: Recency(compression_ratio=0.75, update_every=16),
+    ],
+)
+def test_budget_guarantee_over_any_chunking(make):
+    """After any forward: at most cap + update_every - 1 tokens per (sample, KV head), cap as of the
+    latest update; at most cap until the first update; a prompt shorter than the cadence is at its cap
+    right after its prefill. Chunks of every size, one sample left-padded."""
+    policy = make()
+    ratio = getattr(policy, "compression_ratio", None)
+
+    def cap(seen: torch.Tensor) -> torch.Tensor:
+        if ratio is None:
+            return torch.full_like(seen, 7)
+        return torch.round((1 - ratio) * seen.double()).long().clamp(min=1)
+
+    mem = LayerMemory(policy, 0)
+    feed(mem, 11, pad=[0, 3], seed=0)  # the prefill: 11 and 8 real tokens, under the 16-token cadence
+    first = cap(mem.real_seen)
+    expected = torch.tensor([[min(11, int(first[0]))] * 2, [min(8, int(first[1]))] * 2])
+    thresholded = getattr(getattr(policy, "config", None), "threshold", None) is not None
+    if thresholded:  # a NAMM's threshold may drop more than the cap asks
+        assert bool((_held(mem) <= expected).all())
+    else:
+        assert _held(mem).tolist() == expected.tolist()
+    assert mem.stats.updates == (1 if bool((mem.real_seen > first).any()) else 0)
+    cap_at_update = torch.where(mem.last_update > 0, cap(mem.last_update), cap(mem.real_seen))
+    for step, n in enumerate([1, 1, 5, 2, 30, 1, 1, 1, 9, 16, 3, 1, 17, 1]):
+        feed(mem, n, seed=step + 1)
+        updated = mem.last_update == mem.real_seen
+        cap_at_update = torch.where(updated, cap(mem.real_seen), cap_at_update)
+        bound = cap_at_update + policy.update_every - 1
+        assert bool((_held(mem) <= bound[:, None]).all()), (step, _held(mem).tolist(), bound.tolist())
+        assert bool(((mem.real_seen - mem.last_update) < policy.update_every).all())
+
+
+def test_first_fill_runs_once_then_the_cadence():
+    """The first update comes as soon as a forward ends over the cap; afterwards only the cadence."""
+    policy = Recorder(update_every=16)
+    policy.token_cap = lambda view: 3  # a capped policy that keeps only the newest token
+    mem = LayerMemory(policy, 0)
+    for n in (2, 1):
+        feed(mem, n, batch=1, heads=1)
+    assert policy.calls == []  # 3 tokens: not over the cap
+    feed(mem, 1, batch=1, heads=1)  # 4 > 3: first fill at 4 real tokens
+    assert len(policy.calls) == 1 and mem.last_update.tolist() == [4]
+    for _ in range(11):  # 5 .. 15: over the cap again, but not the first update and no cadence crossing
+        feed(mem, 1, batch=1, heads=1)
+    assert len(policy.calls) == 1 and int(_held(mem).max()) == 12
+    feed(mem, 1, batch=1, heads=1)  # 16 crosses the cadence
+    assert len(policy.calls) == 2 and int(_held(mem).max()) == 1

@@ -45,13 +45,17 @@ class Reference:
             self.seen[b] += int(sum(row_valid[b]))
         self.tokens += n_q
 
-    def due(self, b):
-        return self.seen[b] // self.every > self.last_update[b] // self.every
+    def due(self, b, cap_fn=None):
+        """Cadence crossed, or (the budget guarantee's first fill) never updated and over the cap."""
+        if self.seen[b] // self.every > self.last_update[b] // self.every:
+            return True
+        held = max(len(keys) for keys in self.kept[b])
+        return cap_fn is not None and self.last_update[b] == 0 and held > cap_fn(b)
 
     def evict(self, scores_fn, cap_fn):
         """Apply the selection rule (newest forced, then highest scores) to the due samples."""
         for b in range(self.batch):
-            if not self.due(b):
+            if not self.due(b, cap_fn):
                 continue
             self.last_update[b] = self.seen[b]
             for h in range(self.heads):
@@ -109,7 +113,7 @@ def drive(policy, chunks, batch=2, heads=2, n_groups=1, cap_fn=None, scores_fn=N
         attention = logits.masked_fill(~mask, float("-inf")).softmax(-1)
         ref.feed(mem, attention, row_valid.tolist())
         mem.observe(attention, row_valid)
-        if any(ref.due(b) for b in range(batch)):
+        if any(ref.due(b, cap_fn) for b in range(batch)):
             scores = policy.score(mem.state, view_of(mem))
             for b in range(batch):
                 for h in range(heads):
@@ -203,8 +207,8 @@ def test_tova_uses_only_the_newest_real_query():
     attention[:, 0, 5] = torch.tensor([0.5, 0.0, 0.1, 0.3, 0.1, 0.0])
     mem.observe(attention, row_valid)
     torch.testing.assert_close(policy.score(mem.state, view_of(mem))[:, 0], attention[:, 0, 5])
-    mem.maybe_evict()  # sample 1 has 4 real tokens: not due
-    assert kept_positions(mem) == [[[0, 3, 5]], [[2, 3, 4, 5]]]
+    mem.maybe_evict()  # sample 1 has 4 real tokens: no cadence, but over the budget (first fill)
+    assert kept_positions(mem) == [[[0, 3, 5]], [[2, 3, 5]]]  # 2 and 4 tie: the older wins
 
 
 def test_snapkv_state_keeps_the_last_window_real_rows():

@@ -3,6 +3,14 @@
 Two levels, as in kvpress: :class:`MemoryPolicy` is the plumbing every policy shares (cadence,
 per-layer state, the keep decision); :class:`ScoredPolicy` turns a ``score()`` into a budgeted keep
 mask, so a new heuristic only writes ``score()``.
+
+Budget guarantee (every policy with a cap: a ``budget`` or a ``compression_ratio``). An update runs
+for a sample when its token count crosses a multiple of ``update_every`` (the cadence) and also, before
+its first update, at the end of any forward that leaves it holding more than its cap. So after any
+forward no layer holds more than ``cap + update_every - 1`` tokens per KV head, and a prompt shorter
+than the cadence ends its prefill at no more than ``cap`` (``attach(model, Recency(budget=96))`` on a
+400-token prompt keeps 96, not 400). A layer with its own sliding window never holds more than its
+window either. Exceptions: the newest token and slots with non-finite attention are always kept.
 """
 
 from __future__ import annotations
@@ -75,6 +83,12 @@ class MemoryPolicy:
         """``[B, H, S]`` bool keep mask for the layer (invalid slots are dropped regardless)."""
         raise NotImplementedError
 
+    def token_cap(self, view: CacheView) -> int | torch.Tensor | None:
+        """The most tokens per (sample, KV head) an update would keep now (an int or a ``[B]`` tensor),
+        or None for a policy without a cap. The memory runs a policy's first update as soon as a sample
+        holds more than this (see the module docstring's budget guarantee)."""
+        return None
+
     def state_nbytes(self, state: Any) -> int:
         """Bytes of per-layer bookkeeping held between forwards."""
         return 0
@@ -139,6 +153,12 @@ def per_sample(cap: int | torch.Tensor, like: torch.Tensor) -> int | torch.Tenso
 class ScoredPolicy(MemoryPolicy):
     """A policy that scores tokens and keeps the ``budget`` best per (sample, KV head).
 
+    Budget guarantee: after any forward, each layer holds at most ``budget + update_every - 1`` tokens
+    per KV head, and a sample holds at most ``budget`` until its first update, which runs at the end of
+    the first forward that takes it over the budget (a short prompt is compressed at the end of its
+    prefill, not only once ``update_every`` tokens have arrived). Likewise with ``compression_ratio``,
+    the cap being ``(1 - ratio)`` of the tokens seen at the update.
+
     Args:
         budget: tokens kept per layer and KV head, an int or one int per layer. None keeps all.
         update_every: tokens between evictions (the NAMM cadence by default, for matched comparisons).
@@ -162,6 +182,9 @@ class ScoredPolicy(MemoryPolicy):
     def cap(self, view: CacheView) -> int | torch.Tensor | None:
         """This update's cap on kept tokens per (sample, KV head): see :func:`resolve_budget`."""
         return resolve_budget(self.budget, self.compression_ratio, view)
+
+    def token_cap(self, view: CacheView) -> int | torch.Tensor | None:
+        return self.cap(view)
 
     def keep(self, state: Any, view: CacheView) -> torch.Tensor:
         cap = self.cap(view)

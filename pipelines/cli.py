@@ -12,20 +12,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from namm_transfer.pipelines.ablation import AblationConfig, run_ablation
-from namm_transfer.pipelines.bench import OverheadConfig, run_overhead
-from namm_transfer.pipelines.bench_engine import EngineBenchConfig, run_engine_bench
-from namm_transfer.pipelines.bench_population import PopulationConfig, run_population
+from namm_transfer.pipelines.bench.ablation import AblationConfig, run_ablation
+from namm_transfer.pipelines.bench.engine import EngineBenchConfig, run_engine_bench
+from namm_transfer.pipelines.bench.overhead import OverheadConfig, run_overhead
+from namm_transfer.pipelines.bench.population import PopulationConfig, run_population
 from namm_transfer.pipelines.cli_config import Command, config_from_args
 from namm_transfer.pipelines.cli_config import build_parser as _build_parser
 from namm_transfer.pipelines.demo import DemoConfig, run_demo
-from namm_transfer.pipelines.eval_rollout import EvalRolloutConfig, run_eval_rollout
-from namm_transfer.pipelines.eval_text import EvalTextConfig, run_eval_text
-from namm_transfer.pipelines.eval_video import FORMATS, EvalVideoConfig, run_eval_video
-from namm_transfer.pipelines.evolve import EvolveConfig, run_evolve
-from namm_transfer.pipelines.export import export_namm
-from namm_transfer.pipelines.rl_datasets import ENV_NAMES, LEVEL_NAMES, RLDatasetsConfig, run_make_rl_datasets
-from namm_transfer.pipelines.text_tasks import (
+from namm_transfer.pipelines.rl.datasets import ENV_NAMES, LEVEL_NAMES, RLDatasetsConfig, run_make_rl_datasets
+from namm_transfer.pipelines.rl.evaluate import EvalRolloutConfig, run_eval_rollout
+from namm_transfer.pipelines.rl.train import TrainDTConfig, train_dt
+from namm_transfer.pipelines.text.evaluate import EvalTextConfig, run_eval_text
+from namm_transfer.pipelines.text.evolve import EvolveConfig, run_evolve
+from namm_transfer.pipelines.text.export import export_namm
+from namm_transfer.pipelines.text.tasks import (
     EXTRA_TASKS,
     SPLIT_BASE,
     TASKS,
@@ -34,10 +34,10 @@ from namm_transfer.pipelines.text_tasks import (
     measure_full_cache,
     show_example,
 )
-from namm_transfer.pipelines.train_dt import TrainDTConfig, train_dt
-from namm_transfer.pipelines.train_video_model import TrainVideoModelConfig, train_video_model
-from namm_transfer.pipelines.video_models import export_video_model
-from namm_transfer.pipelines.video_qa_data import TASK_TYPES, VideoQAConfig, make_video_qa
+from namm_transfer.pipelines.video.evaluate import FORMATS, EvalVideoConfig, run_eval_video
+from namm_transfer.pipelines.video.models import export_video_model
+from namm_transfer.pipelines.video.qa_data import TASK_TYPES, VideoQAConfig, make_video_qa
+from namm_transfer.pipelines.video.train import TrainVideoModelConfig, train_video_model
 
 
 @dataclass
@@ -209,7 +209,7 @@ COMMANDS: tuple[Command, ...] = (
         "make-video-qa", VideoQAConfig, make_video_qa,
         "a seeded synthetic long-video QA set (mp4 + generic JSONL) whose answers sit in a few frames",
         "Write OUT_DIR/{train,val,test}.jsonl in the generic video-QA format (video, question, 4 options, "
-        "answer letter, task_type, seed, split, key frames; see namm_transfer.pipelines.video_qa_data) and "
+        "answer letter, task_type, seed, split, key frames; see namm_transfer.pipelines.video.qa_data) and "
         "the mp4 videos (PyAV, H.264) under OUT_DIR/videos/<split>/. Each video is NUM_FRAMES slots of "
         "FRAMES_PER_SLOT identical frames: achromatic scenes held for several slots (some repeated) and, in "
         "one to four slots, a solid coloured shape. Task types: colour (of the one shape), order (colour of "

@@ -33,7 +33,7 @@ from namm_transfer.pipelines.common import (
 )
 from namm_transfer.pipelines.harness import matched_budget
 from namm_transfer.pipelines.models import load_smollm2
-from namm_transfer.pipelines.passkey import PasskeyExample, make_passkey_example, score
+from namm_transfer.pipelines.text.passkey import PasskeyExample, make_passkey_example, score
 
 
 @dataclass
@@ -224,8 +224,8 @@ def run_rollouts(cfg: DemoConfig) -> dict[str, Any] | None:
         log("rollout comparison skipped: gymnasium is not installed (pip install 'namm-transfer[rl]')")
         return None
     from namm_transfer import NAMM
-    from namm_transfer.pipelines import eval_rollout as er
-    from namm_transfer.pipelines.dt_models import load_dt
+    from namm_transfer.pipelines.rl import evaluate as er
+    from namm_transfer.pipelines.rl.models import load_dt
     from namm_transfer.policies import FULL_CACHE, NAMM_NAME, build_policy
 
     dt = load_dt(cfg.rollout_dt, device=cfg.device)
@@ -264,9 +264,9 @@ def run_video(cfg: DemoConfig) -> dict[str, Any] | None:
     except ImportError:
         log("video comparison skipped: decord / PyAV are not installed (pip install 'namm-transfer[video]')")
         return None
-    from namm_transfer.pipelines.eval_video import EvalVideoConfig, run_eval_video
-    from namm_transfer.pipelines.video_models import video_model_dir, video_model_meta
-    from namm_transfer.pipelines.video_qa_data import VideoQAConfig, make_video_qa
+    from namm_transfer.pipelines.video.evaluate import EvalVideoConfig, run_eval_video
+    from namm_transfer.pipelines.video.models import video_model_dir, video_model_meta
+    from namm_transfer.pipelines.video.qa_data import VideoQAConfig, make_video_qa
 
     try:
         video_model_dir(cfg.video_model)

@@ -17,9 +17,9 @@ from namm_transfer.pipelines.cli_config import (
     config_from_args,
     field_docs,
 )
-from namm_transfer.pipelines.eval_rollout import EvalRolloutConfig
-from namm_transfer.pipelines.eval_text import EvalTextConfig
-from namm_transfer.pipelines.evolve import EvolveConfig
+from namm_transfer.pipelines.rl.evaluate import EvalRolloutConfig
+from namm_transfer.pipelines.text.evaluate import EvalTextConfig
+from namm_transfer.pipelines.text.evolve import EvolveConfig
 
 
 @dataclass

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from namm_transfer.envs import controllers, datasets, factory, generate, scores
-from namm_transfer.pipelines import rl_datasets
 from namm_transfer.pipelines.cli import main
+from namm_transfer.pipelines.rl import datasets as rl_datasets
 
 LUNAR = generate.LOCAL_ENVS["lunarlander"]
 SHORT = 40  # max_episode_steps where whole episodes are not needed

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from namm_transfer import NAMM, NAMMConfig
-from namm_transfer.pipelines.dt_models import available_dts, load_dt, save_dt
-from namm_transfer.pipelines.eval_rollout import (
+from namm_transfer.pipelines.rl.evaluate import (
     BASELINES,
     KINDS,
     EvalRolloutConfig,
@@ -18,6 +17,7 @@ from namm_transfer.pipelines.eval_rollout import (
     rollout_policies,
     run_eval_rollout,
 )
+from namm_transfer.pipelines.rl.models import available_dts, load_dt, save_dt
 from namm_transfer.policies import FullCache, Recency
 
 pytest.importorskip("gymnasium")

@@ -9,8 +9,8 @@ import pytest
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.pipelines.cli import main
-from namm_transfer.pipelines.eval_text import EvalTextConfig, summarise, verdict
 from namm_transfer.pipelines.harness import matched_budget
+from namm_transfer.pipelines.text.evaluate import EvalTextConfig, summarise, verdict
 
 
 def test_budget_is_the_namm_kept_tokens_after_its_last_update():
@@ -43,7 +43,7 @@ def test_summary_normalises_by_the_full_cache_on_the_same_task():
 
 
 def test_resuming_into_a_directory_of_another_setting_is_refused(tmp_path):
-    from namm_transfer.pipelines.eval_text import _check_same_setting
+    from namm_transfer.pipelines.text.evaluate import _check_same_setting
 
     cfg = EvalTextConfig(namm="a", output_dir=str(tmp_path))
     _check_same_setting(tmp_path, cfg, 256)
@@ -55,7 +55,7 @@ def test_resuming_into_a_directory_of_another_setting_is_refused(tmp_path):
 
 
 def test_baseline_rows_do_not_depend_on_the_namm():
-    from namm_transfer.pipelines.eval_text import _expected, depends_on_namm
+    from namm_transfer.pipelines.text.evaluate import _expected, depends_on_namm
 
     full = _expected(EvalTextConfig(budgets=["0.5", "own"], baselines=["H2O"]))
     alone = _expected(EvalTextConfig(budgets=["0.5", "own"], baselines=["H2O"], namm_rows=False))
@@ -118,7 +118,7 @@ def test_eval_text_small_run_and_resume(tmp_path):
 
 
 def test_ablation_table_reads_each_runs_validation(tmp_path):
-    from namm_transfer.pipelines.ablation import AblationConfig, run_ablation
+    from namm_transfer.pipelines.bench.ablation import AblationConfig, run_ablation
 
     for name, fits in (("a", [0.4, 0.6, 0.5]), ("b", [0.3, 0.35])):
         run = tmp_path / name

@@ -14,7 +14,8 @@ import torch
 from _tiny_llava import FAMILIES, VIDEO_ID, build
 
 from namm_transfer import NAMM, NAMMConfig
-from namm_transfer.pipelines.eval_video import (
+from namm_transfer.pipelines.harness import matched_budget as namm_budget
+from namm_transfer.pipelines.video.evaluate import (
     UNIFORM,
     EvalVideoConfig,
     VideoModel,
@@ -29,13 +30,12 @@ from namm_transfer.pipelines.eval_video import (
     uniform_frame_count,
     video_policies,
 )
-from namm_transfer.pipelines.harness import matched_budget as namm_budget
 from namm_transfer.policies import BASELINES as TOKEN_BASELINES
 from namm_transfer.policies import FULL_CACHE as FULL
 from namm_transfer.policies import NAMM_NAME
 
 av = pytest.importorskip("av")
-from namm_transfer.pipelines.video_io import write_video  # noqa: E402
+from namm_transfer.pipelines.video.io import write_video  # noqa: E402
 
 FRAMES_IN_VIDEO, SIDE = 8, 32
 
@@ -183,7 +183,7 @@ def test_bad_annotations_are_named(tmp_path):
 
 
 def test_question_format(data):
-    from namm_transfer.pipelines.eval_video import prompt_ids
+    from namm_transfer.pipelines.video.evaluate import prompt_ids
 
     sample = load_annotations(data["jsonl"])[0]
     model, tokenizer = tiny_loader("llava_next_video")
@@ -381,11 +381,11 @@ def test_model_directory_loads_offline(tmp_path, data):
 def test_trained_video_model_brings_its_frames_preprocessing_and_prompt(tmp_path, data):
     """A model written like train-video-model's (language model referenced by directory) is found by
     its directory; its video_model.json sets the frame count, preprocessing and prompt builder."""
-    video_models = pytest.importorskip("namm_transfer.pipelines.video_models")
-    pytest.importorskip("namm_transfer.pipelines.video_qa_data")
+    video_models = pytest.importorskip("namm_transfer.pipelines.video.models")
+    pytest.importorskip("namm_transfer.pipelines.video.qa_data")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from namm_transfer.pipelines.video_io import VideoPreprocessor
+    from namm_transfer.pipelines.video.io import VideoPreprocessor
 
     torch.manual_seed(0)
     lm_dir = tmp_path / "lm"
@@ -399,7 +399,7 @@ def test_trained_video_model_brings_its_frames_preprocessing_and_prompt(tmp_path
     pre = dataclasses.asdict(VideoPreprocessor.for_model(model))
     video_models.save_video_model(model, tmp_path / "vm", {
         "language_model": {"kind": "directory", "path": str(lm_dir)}, "num_frames": 4, "preprocessing": pre,
-        "prompt": {"builder": "namm_transfer.pipelines.video_qa_data.video_qa_prompt"},
+        "prompt": {"builder": "namm_transfer.pipelines.video.qa_data.video_qa_prompt"},
     })
     loaded = load_video_model(str(tmp_path / "vm"))
     assert loaded.num_frames == 4 and loaded.prompt_builder is not None

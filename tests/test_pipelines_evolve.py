@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from namm_transfer import NAMM
-from namm_transfer.pipelines.evolve import (
+from namm_transfer.pipelines.text.evolve import (
     EvolveConfig,
     LocalEvaluator,
     load_state,
@@ -159,7 +159,7 @@ def test_task_fitness_normalises_per_task_and_skips_uninformative_tasks():
 
 def test_export_ships_the_cma_mean_with_its_records(tmp_path, model):
     from namm_transfer.pipelines.cli import main
-    from namm_transfer.pipelines.export import export_namm
+    from namm_transfer.pipelines.text.export import export_namm
 
     run_dir = tmp_path / "run"
     run_evolve(config(run_dir), TASKS, model, CharTokenizer(), max_total_generations=3, argv=["evolve"])

@@ -17,7 +17,7 @@ from test_pipelines_evolve import (  # noqa: E402
     tiny_model_and_tokenizer,
 )
 
-from namm_transfer.pipelines.evolve import LocalEvaluator, NAMMFactory, RayEvaluator, run_evolve  # noqa: E402
+from namm_transfer.pipelines.text.evolve import LocalEvaluator, NAMMFactory, RayEvaluator, run_evolve  # noqa: E402
 
 
 @pytest.fixture(scope="module")

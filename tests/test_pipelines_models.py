@@ -130,7 +130,7 @@ def test_failed_conversion_leaves_nothing(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_real_smollm2_loads_fast_and_retrieves_passkey():
-    from namm_transfer.pipelines.passkey import make_passkey_example, score
+    from namm_transfer.pipelines.text.passkey import make_passkey_example, score
 
     load_smollm2()  # converts on first use
     start = time.perf_counter()

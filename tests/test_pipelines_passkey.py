@@ -8,7 +8,7 @@ import pytest
 
 from namm_transfer.pipelines.common import markdown_table
 from namm_transfer.pipelines.models import smollm2_cache_dir
-from namm_transfer.pipelines.passkey import (
+from namm_transfer.pipelines.text.passkey import (
     ANSWER_PREFIX,
     NEEDLE,
     make_passkey_dataset,

@@ -42,7 +42,7 @@ def test_unknown_policy_names_the_registered_ones(registered):
 
 
 def test_toy_policy_in_the_rollout_summary(tmp_path, dt_dir, namm_dir, registered):  # noqa: F811
-    from namm_transfer.pipelines.eval_rollout import run_eval_rollout
+    from namm_transfer.pipelines.rl.evaluate import run_eval_rollout
 
     cfg = rollout_config(tmp_path, dt_dir, namm_dir, policies=["NAMM", registered], plot=False)
     summary = run_eval_rollout(cfg)
@@ -59,7 +59,7 @@ def test_toy_policy_in_the_rollout_summary(tmp_path, dt_dir, namm_dir, registere
 
 
 def test_toy_policy_in_the_video_summary(tmp_path, data, registered):  # noqa: F811
-    from namm_transfer.pipelines.eval_video import run_eval_video
+    from namm_transfer.pipelines.video.evaluate import run_eval_video
 
     namm = NAMM.init_random(seed=1, sigma=0.5, config=NAMMConfig(update_every=16))
     cfg = video_config(tmp_path, data["jsonl"], policies=["FullCache", "NAMM", registered])
@@ -73,7 +73,7 @@ def test_toy_policy_in_the_video_summary(tmp_path, data, registered):  # noqa: F
 
 @pytest.mark.slow
 def test_toy_policy_in_the_text_summary(tmp_path, registered):
-    from namm_transfer.pipelines.eval_text import EvalTextConfig, run_eval_text
+    from namm_transfer.pipelines.text.evaluate import EvalTextConfig, run_eval_text
 
     text_namm = tmp_path / "namm"
     NAMM.init_random(seed=0, config=NAMMConfig(update_every=128)).save_pretrained(text_namm)

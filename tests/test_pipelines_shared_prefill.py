@@ -11,14 +11,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.adapters import attach
-from namm_transfer.pipelines.evolve_shared import (
+from namm_transfer.pipelines.text.evolve_shared import (
     PoolEntry,
     calibrate_bias,
     entry_features,
     topk_loss,
     warm_start,
 )
-from namm_transfer.pipelines.shared_prefill import (
+from namm_transfer.pipelines.text.shared_prefill import (
     ReceivedAttention,
     prefill_context,
     split_context,

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from namm_transfer.pipelines import text_tasks as tt
-from namm_transfer.pipelines.passkey import NEEDLE
-from namm_transfer.pipelines.text_tasks import (
+from namm_transfer.pipelines.text import tasks as tt
+from namm_transfer.pipelines.text.passkey import NEEDLE
+from namm_transfer.pipelines.text.tasks import (
     EXTRA_TASKS,
     SPLIT_BASE,
     TASKS,

@@ -12,8 +12,8 @@ from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
 from namm_transfer.envs import datasets, generate
 from namm_transfer.pipelines.cli import main
-from namm_transfer.pipelines.dt_models import load_dt
-from namm_transfer.pipelines.train_dt import SubsequenceSampler, TrainDTConfig, action_loss, train_dt
+from namm_transfer.pipelines.rl.models import load_dt
+from namm_transfer.pipelines.rl.train import SubsequenceSampler, TrainDTConfig, action_loss, train_dt
 
 LUNAR_ID = "namm/lunarlandercontinuous/expert-v0"
 TINY = dict(hidden=32, layers=1, heads=1, context=5, batch_size=16, dropout=0.0, warmup_steps=1, threads=1)

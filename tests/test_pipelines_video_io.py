@@ -8,7 +8,7 @@ import torch
 from _tiny_llava import FAMILIES, build
 
 from namm_transfer.adapters import attach, frame_map, video_layout
-from namm_transfer.pipelines.video_io import (
+from namm_transfer.pipelines.video.io import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     VideoPreprocessor,

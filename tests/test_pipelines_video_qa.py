@@ -13,16 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from namm_transfer.pipelines.cli import main, parse
-from namm_transfer.pipelines.train_video_model import (
-    TrainVideoModelConfig,
-    _batch,
-    answer_forward,
-    answer_loss,
-    encode_split,
-    train_video_model,
-)
-from namm_transfer.pipelines.video_io import read_frames
-from namm_transfer.pipelines.video_models import (
+from namm_transfer.pipelines.video.io import read_frames
+from namm_transfer.pipelines.video.models import (
     LM_PREFIXES,
     META_NAME,
     WEIGHTS_NAME,
@@ -30,8 +22,8 @@ from namm_transfer.pipelines.video_models import (
     load_video_model,
     video_model_dir,
 )
-from namm_transfer.pipelines.video_qa import LETTERS, load_video_qa
-from namm_transfer.pipelines.video_qa_data import (
+from namm_transfer.pipelines.video.qa import LETTERS, load_video_qa
+from namm_transfer.pipelines.video.qa_data import (
     COLOURS,
     SPLITS,
     TASK_TYPES,
@@ -41,6 +33,14 @@ from namm_transfer.pipelines.video_qa_data import (
     make_video_qa,
     render_sample,
     sample_seed,
+)
+from namm_transfer.pipelines.video.train import (
+    TrainVideoModelConfig,
+    _batch,
+    answer_forward,
+    answer_loss,
+    encode_split,
+    train_video_model,
 )
 
 pytest.importorskip("av")
@@ -215,7 +215,7 @@ def test_decord_reads_what_pyav_reads(dataset):
 def test_answer_loss_is_the_target_tokens_cross_entropy(trained, dataset):
     cfg, result = trained
     from namm_transfer.adapters.frame_map import video_layout
-    from namm_transfer.pipelines.video_io import VideoPreprocessor
+    from namm_transfer.pipelines.video.io import VideoPreprocessor
 
     model, tokenizer = result.model, result.tokenizer
     split = encode_split(load_video_qa(dataset / "val.jsonl")[:3], tokenizer, video_layout(model), 12)
@@ -247,7 +247,7 @@ def test_training_reduces_the_loss_and_writes_its_outputs(trained):
     assert meta["num_frames"] == 12 and meta["tokens_per_frame"] == 4 and meta["video_tokens"] == 48
     assert meta["command"].startswith("namm-transfer train-video-model") and meta["seed"] == 0
     assert meta["training"]["steps"] == 16 and meta["scores"]["test"]["overall"]["n"] == 4
-    assert meta["prompt"]["builder"] == "namm_transfer.pipelines.video_qa.video_qa_prompt"
+    assert meta["prompt"]["builder"] == "namm_transfer.pipelines.video.qa.video_qa_prompt"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in log} == {"frames", "answers", "eval"}
     from safetensors import safe_open
@@ -273,7 +273,7 @@ def test_saved_model_reloads_with_identical_outputs(trained, dataset):
     model, tokenizer = load_video_model(cfg.out_dir)
     assert not model.training
     from namm_transfer.adapters.frame_map import video_layout
-    from namm_transfer.pipelines.video_io import VideoPreprocessor
+    from namm_transfer.pipelines.video.io import VideoPreprocessor
 
     split = encode_split(load_video_qa(dataset / "test.jsonl")[:2], tokenizer, video_layout(model), 12)
     batch = _batch(split, [0, 1], VideoPreprocessor.for_model(model), tokenizer.eos_token_id, "cpu",
@@ -338,9 +338,9 @@ def test_config_validation():
 
 @pytest.mark.slow
 def test_shipped_video_model_answers_the_test_split(tmp_path):
-    from namm_transfer.pipelines.train_video_model import generate_answers, summarise
-    from namm_transfer.pipelines.video_io import VideoPreprocessor
-    from namm_transfer.pipelines.video_models import video_model_meta
+    from namm_transfer.pipelines.video.io import VideoPreprocessor
+    from namm_transfer.pipelines.video.models import video_model_meta
+    from namm_transfer.pipelines.video.train import generate_answers, summarise
 
     assert "smollm2-shapes" in available_video_models()  # package data
     meta = video_model_meta("smollm2-shapes")

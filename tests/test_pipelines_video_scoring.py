@@ -1,4 +1,4 @@
-"""The one video-QA schema, reader, prompt and scorer (pipelines/video_qa.py): the extractor's cases, the
+"""The one video-QA schema, reader, prompt and scorer (pipelines/video/qa.py): the extractor's cases, the
 reader's option-count rule and error messages, and the agreement of train-video-model's and eval-video's
 scoring on the same raw model outputs (a tiny random LLaVA model whose generated tail is scripted)."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from namm_transfer.pipelines.video_qa import (
+from namm_transfer.pipelines.video.qa import (
     LETTERS,
     MAX_OPTIONS,
     POST_PROMPT,
@@ -154,8 +154,8 @@ def test_both_prompt_layouts():
 
 
 def test_the_shipped_models_builder_path_still_imports():
-    from namm_transfer.pipelines.eval_video import import_loader
-    from namm_transfer.pipelines.video_models import video_model_meta
+    from namm_transfer.pipelines.video.evaluate import import_loader
+    from namm_transfer.pipelines.video.models import video_model_meta
 
     builder = video_model_meta("smollm2-shapes")["prompt"]["builder"]
     assert import_loader(builder) is video_qa_prompt
@@ -201,9 +201,9 @@ def test_training_and_evaluation_score_the_same_outputs_alike(tmp_path, monkeypa
     from _tiny_llava import build
 
     from namm_transfer.adapters import video_layout
-    from namm_transfer.pipelines.eval_video import VideoModel, evaluate_sample, load_annotations
-    from namm_transfer.pipelines.train_video_model import encode_split, generate_answers
-    from namm_transfer.pipelines.video_io import write_video
+    from namm_transfer.pipelines.video.evaluate import VideoModel, evaluate_sample, load_annotations
+    from namm_transfer.pipelines.video.io import write_video
+    from namm_transfer.pipelines.video.train import encode_split, generate_answers
     from namm_transfer.policies import FullCache
 
     frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)

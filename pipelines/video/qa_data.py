@@ -1,7 +1,7 @@
 """``namm-transfer make-video-qa``: a seeded synthetic long-video QA set where a few frames hold the answer.
 
 Each video is a sequence of ``num_frames`` *slots*, every slot held for ``frames_per_slot`` identical
-frames (so uniform sampling of ``num_frames`` frames, as :func:`~namm_transfer.pipelines.video_io.read_frames`
+frames (so uniform sampling of ``num_frames`` frames, as :func:`~namm_transfer.pipelines.video.io.read_frames`
 does, takes exactly one frame of every slot). Most slots are redundant: plain achromatic *scenes*
 (a grey level plus a black, white or grey decoration) held for several slots, some of them repeated
 later in the video. The answer depends only on a few *key* slots, where a solid coloured shape (red,
@@ -51,7 +51,7 @@ Generic video-QA JSONL format
 
 The required fields are ``video``, ``question``, ``options`` and ``answer``; ``task_type`` groups the
 accuracy. The schema (``VideoQASample``), its reader (``load_video_qa``), the prompt (``video_qa_prompt``)
-and the scorer (``score_output``) are :mod:`~namm_transfer.pipelines.video_qa`'s, shared with
+and the scorer (``score_output``) are :mod:`~namm_transfer.pipelines.video.qa`'s, shared with
 ``train-video-model`` and ``eval-video``. The prompt a model trained here sees, e.g. for
 LLaVA-NeXT-Video::
 
@@ -81,7 +81,7 @@ from typing import Any
 import numpy as np
 
 from namm_transfer.pipelines.common import log, run_metadata, write_json
-from namm_transfer.pipelines.video_qa import (
+from namm_transfer.pipelines.video.qa import (
     LETTERS,
     video_qa_prompt,  # noqa: F401  (the prompt builder smollm2-shapes' video_model.json names by this path)
 )
@@ -338,7 +338,7 @@ def frame_labels(events: Sequence[Mapping[str, Any]], num_frames: int, kind: str
 
 
 def _write_video_atomic(path: Path, frames: np.ndarray, fps: float, crf: int) -> None:
-    from namm_transfer.pipelines.video_io import write_video
+    from namm_transfer.pipelines.video.io import write_video
 
     tmp = path.with_name(f".{path.stem}.tmp.mp4")
     write_video(tmp, frames, fps=fps, crf=crf)

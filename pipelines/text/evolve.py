@@ -454,7 +454,7 @@ def run_evolve(
     if model is None:
         model, tokenizer = load_model(cfg.device, cfg.dtype)
     if cfg.engine == "shared-prefill":
-        from namm_transfer.pipelines.evolve_shared import run_evolve_shared
+        from namm_transfer.pipelines.text.evolve_shared import run_evolve_shared
 
         return run_evolve_shared(cfg, tasks, model, tokenizer, argv=argv)
     if evaluator is None and cfg.backend == "ray":

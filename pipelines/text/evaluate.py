@@ -231,7 +231,7 @@ def _one_shot_prompt(model, tokenizer, handle, namm, example, task, cfg, todo, m
 
     ``own_row``: the NAMM's finished threshold-mode row of this prompt, whose kept tokens per layer are
     the baselines' budget in the ``own`` table (None: computed here if pending)."""
-    from namm_transfer.pipelines.shared_prefill import generate_answer, kept_report, prefill_context
+    from namm_transfer.pipelines.text.shared_prefill import generate_answer, kept_report, prefill_context
 
     start = time.perf_counter()
     baselines = {name: build_policy(name, update_every=namm.update_every) for name in cfg.baselines}
@@ -352,7 +352,7 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
     from namm_transfer import NAMM
     from namm_transfer.adapters import attach
     from namm_transfer.pipelines.models import load_smollm2
-    from namm_transfer.pipelines.text_tasks import TASKS, make_split
+    from namm_transfer.pipelines.text.tasks import TASKS, make_split
 
     unknown = sorted(set(cfg.tasks) - set(TASKS))
     if unknown:

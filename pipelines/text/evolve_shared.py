@@ -42,8 +42,8 @@ import torch
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.pipelines.common import log, open_tensorboard, run_metadata, set_threads
-from namm_transfer.pipelines.evolve import load_state, save_state, task_fitness
-from namm_transfer.pipelines.shared_prefill import (
+from namm_transfer.pipelines.text.evolve import load_state, save_state, task_fitness
+from namm_transfer.pipelines.text.shared_prefill import (
     ContextPrefill,
     ReceivedAttention,
     TeacherForced,
@@ -307,7 +307,7 @@ class SharedState:
 
 def pool_seeds(cfg, task: str, split: str, n: int) -> list[int]:
     """The pool's prompt seeds: the first ``n`` of the split (training: offset by the run's seed)."""
-    from namm_transfer.pipelines.text_tasks import split_seeds
+    from namm_transfer.pipelines.text.tasks import split_seeds
 
     first = (cfg.seed * 10_007) % 1_000_000 if split == "train" else 0
     return split_seeds(split, n, first)

@@ -26,7 +26,7 @@ from namm_transfer.pipelines.common import (
 )
 from namm_transfer.pipelines.demo import load_namm
 from namm_transfer.pipelines.models import load_smollm2
-from namm_transfer.pipelines.passkey import make_passkey_example
+from namm_transfer.pipelines.text.passkey import make_passkey_example
 
 
 @dataclass

@@ -24,9 +24,9 @@ from namm_transfer.pipelines.common import (
     set_threads,
     write_json,
 )
-from namm_transfer.pipelines.evolve import EvolveConfig, LocalEvaluator
 from namm_transfer.pipelines.models import load_smollm2
-from namm_transfer.pipelines.passkey import make_passkey_example, score
+from namm_transfer.pipelines.text.evolve import EvolveConfig, LocalEvaluator
+from namm_transfer.pipelines.text.passkey import make_passkey_example, score
 
 
 @dataclass

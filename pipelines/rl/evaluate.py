@@ -491,7 +491,7 @@ def plot_memory(memory_map: np.ndarray, title: str, path: Path | None = None):
 
 
 def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    from namm_transfer.pipelines.dt_models import load_dt
+    from namm_transfer.pipelines.rl.models import load_dt
 
     set_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)

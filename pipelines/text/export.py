@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from namm_transfer.pipelines.common import log, markdown_table, package_data_dir, write_json
-from namm_transfer.pipelines.evolve import BEST_DIR, RESULTS_NAME, load_state
+from namm_transfer.pipelines.text.evolve import BEST_DIR, RESULTS_NAME, load_state
 
 
 def default_destination() -> Path:

@@ -1,6 +1,6 @@
 """``namm-transfer train-video-model``: a small LLaVA-NeXT-Video model on the synthetic video-QA set.
 
-The model (:mod:`namm_transfer.pipelines.video_models`) is a ``LlavaNextVideoForConditionalGeneration``
+The model (:mod:`namm_transfer.pipelines.video.models`) is a ``LlavaNextVideoForConditionalGeneration``
 whose language model is SmolLM2-135M-Instruct, **frozen**, with a small CLIP vision tower trained from
 scratch (64 px frames, 16 px patches, a few layers), average-pooled to ``(64/16/stride)**2`` tokens per
 frame and projected by the usual two-layer GELU MLP to the LM's width. Only the vision tower and the
@@ -12,7 +12,7 @@ projector learn, in two stages:
 2. *answer training*: the projector's last layer is reset to zero weight with the embedding of a
    neutral text token (``" ."``) as bias, so every video token first enters the LM as that token and
    only the (now discriminative) vision features move it; the tower is frozen. The prompt of
-   :func:`~namm_transfer.pipelines.video_qa.video_qa_prompt` (``USER: <video>\\n{question}\\n
+   :func:`~namm_transfer.pipelines.video.qa.video_qa_prompt` (``USER: <video>\\n{question}\\n
    Options: A. .. D. ..\\nAnswer with the letter. ASSISTANT:``) is followed by the target ``" B"`` and
    the end-of-sequence token; the loss is the cross-entropy of those target tokens only, its gradient
    reaching the projector through the frozen LM.
@@ -26,10 +26,10 @@ colour 94%, order 50%, count 38% after 60 steps of a colour/order/count mix; sha
 steps) and adding the missing-colour question kept all three types at chance for 100 steps.
 
 Frames are decoded once (decord, ``num_frames`` uniformly) and kept in memory as uint8; every batch
-is normalised exactly as at inference (:class:`~namm_transfer.pipelines.video_io.VideoPreprocessor`
+is normalised exactly as at inference (:class:`~namm_transfer.pipelines.video.io.VideoPreprocessor`
 for the model). Training stops at ``steps`` or after ``max_minutes`` in total, whichever comes first
 (the cosine decay follows whichever runs out first). Then the model is scored with the full cache by
-generating the answer greedily and scoring it with :func:`~namm_transfer.pipelines.video_qa.score_output`
+generating the answer greedily and scoring it with :func:`~namm_transfer.pipelines.video.qa.score_output`
 (``eval-video``'s scorer too), on the val and test splits.
 
 Writes to ``out_dir``: the model (``config.json``, ``video_model.safetensors``, ``video_model.json``
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from namm_transfer.pipelines.common import log, markdown_table, open_tensorboard, run_metadata, set_threads
-from namm_transfer.pipelines.video_models import (
+from namm_transfer.pipelines.video.models import (
     SMOLLM2_IMAGE_TOKEN_ID,
     SMOLLM2_VIDEO_TOKEN_ID,
     build_video_model,
@@ -61,14 +61,14 @@ from namm_transfer.pipelines.video_models import (
     load_video_model,  # noqa: F401  (re-exported: the loader of what this job writes)
     save_video_model,
 )
-from namm_transfer.pipelines.video_qa import (
+from namm_transfer.pipelines.video.qa import (
     LETTERS,
     VideoQASample,
     load_video_qa,
     score_output,
     video_qa_prompt,
 )
-from namm_transfer.pipelines.video_qa_data import COLOUR_NAMES, MANIFEST, frame_labels
+from namm_transfer.pipelines.video.qa_data import COLOUR_NAMES, MANIFEST, frame_labels
 
 LOG_NAME = "train_log.jsonl"
 FAMILY = "llava_next_video"
@@ -202,7 +202,7 @@ def encode_split(records: list[VideoQASample], tokenizer: Any, layout: Any, num_
     frame labels from make-video-qa's ``events`` (all 0 without them)."""
     from tqdm.auto import tqdm
 
-    from namm_transfer.pipelines.video_io import encode_video_prompt, read_frames
+    from namm_transfer.pipelines.video.io import encode_video_prompt, read_frames
 
     frames, prompts, targets, labels = [], [], [], []
     for record in tqdm(records, desc=desc, unit="video", leave=False):
@@ -345,7 +345,7 @@ def letter_accuracy(model: Any, split: EncodedSplit, preprocess: Any, letters: l
 def generate_answers(model: Any, tokenizer: Any, split: EncodedSplit, preprocess: Any, device: Any,
                      n: int | None = None, max_new_tokens: int = 4, desc: str = "score") -> list[dict]:
     """Greedy answers with the full cache, one sample at a time: per sample the generated text, the
-    letter and correctness (:func:`~namm_transfer.pipelines.video_qa.score_output`) and seconds."""
+    letter and correctness (:func:`~namm_transfer.pipelines.video.qa.score_output`) and seconds."""
     from tqdm.auto import tqdm
 
     rows = []
@@ -428,7 +428,7 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
     from tqdm.auto import tqdm
 
     from namm_transfer.adapters.frame_map import video_layout
-    from namm_transfer.pipelines.video_io import VideoPreprocessor
+    from namm_transfer.pipelines.video.io import VideoPreprocessor
 
     set_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -611,7 +611,7 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
         "prompt": {
             "template": "USER: <video>\n{question}\nOptions: A. {option_a} B. {option_b} C. {option_c} "
                         "D. {option_d}\nAnswer with the letter. ASSISTANT:",
-            "builder": "namm_transfer.pipelines.video_qa.video_qa_prompt",
+            "builder": "namm_transfer.pipelines.video.qa.video_qa_prompt",
             "answer": " {letter} then EOS",
         },
         "preprocessing": {k: v for k, v in asdict(preprocess).items()},

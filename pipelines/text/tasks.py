@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-from namm_transfer.pipelines import passkey as _passkey
-from namm_transfer.pipelines.passkey import Tokenizer, render_chat
+from namm_transfer.pipelines.text import passkey as _passkey
+from namm_transfer.pipelines.text.passkey import Tokenizer, render_chat
 
 T = TypeVar("T")
 Split = Literal["train", "val", "test"]

@@ -62,10 +62,10 @@ def run_engine_bench(cfg: EngineBenchConfig, argv: list[str] | None = None) -> d
     import torch
 
     from namm_transfer.adapters import attach
-    from namm_transfer.pipelines.evolve import EvolveConfig, LocalEvaluator, NAMMFactory
-    from namm_transfer.pipelines.evolve_shared import PrefillPool, member_scores
     from namm_transfer.pipelines.models import load_smollm2
-    from namm_transfer.pipelines.text_tasks import TASKS
+    from namm_transfer.pipelines.text.evolve import EvolveConfig, LocalEvaluator, NAMMFactory
+    from namm_transfer.pipelines.text.evolve_shared import PrefillPool, member_scores
+    from namm_transfer.pipelines.text.tasks import TASKS
 
     set_threads(cfg.threads)
     model, tokenizer = load_smollm2(device=cfg.device, dtype=parse_dtype(cfg.dtype))

@@ -17,11 +17,11 @@ Config -> annotations -> model -> policies -> rows -> summary:
      subtitles are ignored. Videos: ``VIDEOS/<video_path>``, VIDEOS defaulting to ``videos/`` beside
      the JSON. Task type: ``question_category`` (``duration_group`` is kept in ``meta``).
    - ``jsonl``: the generic format (what ``make-video-qa`` writes), read by
-     :func:`~namm_transfer.pipelines.video_qa.load_video_qa` (see :mod:`~namm_transfer.pipelines.video_qa`);
+     :func:`~namm_transfer.pipelines.video.qa.load_video_qa` (see :mod:`~namm_transfer.pipelines.video.qa`);
      VIDEOS defaults to the file's folder (or its ``videos/`` subfolder, where the video is found there).
 
 2. **Model**: a LLaVA-NeXT-Video, LLaVA-OneVision or Video-LLaVA model with its tokenizer (frames
-   prepared by :class:`~namm_transfer.pipelines.video_io.VideoPreprocessor`, never a transformers
+   prepared by :class:`~namm_transfer.pipelines.video.io.VideoPreprocessor`, never a transformers
    processor, which would need torchvision), from (first that applies, see :func:`load_video_model`):
    a loader callable (``loader=`` in Python, ``--loader module:function`` on the command line)
    returning ``(model, tokenizer)`` or a :class:`VideoModel`; a small video model trained here by
@@ -41,7 +41,7 @@ Config -> annotations -> model -> policies -> rows -> summary:
      (``round(NAMM's mean kept video tokens / tokens per frame)`` of the ``num_frames``), fed to a
      full cache, so the model holds as many video tokens as the NAMM kept on average.
 
-Scoring: :func:`~namm_transfer.pipelines.video_qa.score_output`, the scorer ``train-video-model`` uses
+Scoring: :func:`~namm_transfer.pipelines.video.qa.score_output`, the scorer ``train-video-model`` uses
 too, reads the option letter from the generated text and compares it with the gold letter; accuracy
 overall and per task type. Per row: kept video tokens (mean over layers and KV heads) and frames
 (frames with at least one token cached, mean over layers), the kept share of each frame (mean over
@@ -49,7 +49,7 @@ layers), stored KV bytes, seconds (decoding the video included).
 
 Results: ``rows.jsonl`` (one row per policy and sample, appended as each finishes; a rerun skips
 finished rows, retries failed ones and refuses other settings, see ``setting.json``); a sample whose
-video is missing or unreadable (:class:`~namm_transfer.pipelines.video_io.VideoReadError`) becomes a
+video is missing or unreadable (:class:`~namm_transfer.pipelines.video.io.VideoReadError`) becomes a
 failed row with the error and the run goes on; ``summary.md`` / ``summary.json`` (command, git
 revision, the budget); TensorBoard logs and layer x frame retention heatmaps (PNG) of the first
 ``heatmaps`` samples of each policy under ``heatmaps/``.
@@ -80,7 +80,7 @@ from namm_transfer.pipelines.common import (
     set_threads,
 )
 from namm_transfer.pipelines.harness import RowStore, check_setting, matched_budget, mean_se, write_summary
-from namm_transfer.pipelines.video_qa import (
+from namm_transfer.pipelines.video.qa import (
     LETTERS,
     POST_PROMPT,
     VideoQASample,
@@ -231,7 +231,7 @@ class VideoModel:
         tokenizer: its tokenizer (``__call__`` and ``decode``).
         preprocessor: frames -> ``pixel_values_videos`` (default: the family's, at the tower's size).
         format_question: sample -> the user question text (default: the question with one option a
-            line and ``post_prompt``, :func:`~namm_transfer.pipelines.video_qa.format_question`); a model
+            line and ``post_prompt``, :func:`~namm_transfer.pipelines.video.qa.format_question`); a model
             trained with another prompt format brings its own.
         prompt_builder: sample -> the whole prompt with one ``<video>`` placeholder (overrides
             ``format_question``, ``answer_prefix`` and ``system``).
@@ -250,7 +250,7 @@ class VideoModel:
     num_frames: int | None = None
 
     def __post_init__(self) -> None:
-        from namm_transfer.pipelines.video_io import VideoPreprocessor
+        from namm_transfer.pipelines.video.io import VideoPreprocessor
 
         if self.preprocessor is None:
             self.preprocessor = VideoPreprocessor.for_model(self.model)
@@ -284,7 +284,7 @@ def load_model_dir(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
     """
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    from namm_transfer.pipelines.video_io import VideoPreprocessor
+    from namm_transfer.pipelines.video.io import VideoPreprocessor
 
     path = Path(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -322,8 +322,8 @@ def load_trained_video_model(source: str, device: str = "cpu",
     """A video model written by ``train-video-model`` (a shipped short name or its directory) with the
     frame count, preprocessing and prompt builder of its ``video_model.json``; None if ``source`` is not
     one."""
-    from namm_transfer.pipelines import video_models
-    from namm_transfer.pipelines.video_io import VideoPreprocessor
+    from namm_transfer.pipelines.video import models as video_models
+    from namm_transfer.pipelines.video.io import VideoPreprocessor
 
     try:
         directory = video_models.video_model_dir(source)
@@ -456,7 +456,7 @@ def prompt_ids(video_model: VideoModel, sample: VideoQASample, num_frames: int, 
                answer_prefix: str) -> list[int]:
     """The sample's prompt with the family's chat format and its run of video tokens."""
     from namm_transfer.adapters import video_layout
-    from namm_transfer.pipelines.video_io import build_prompt, encode_video_prompt
+    from namm_transfer.pipelines.video.io import build_prompt, encode_video_prompt
 
     model = video_model.model
     layout = video_layout(model)
@@ -493,7 +493,7 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
         VideoReadError: the video is missing or cannot be decoded.
     """
     from namm_transfer.adapters import attach, frame_map, video_layout
-    from namm_transfer.pipelines.video_io import read_frames, uniform_indices
+    from namm_transfer.pipelines.video.io import read_frames, uniform_indices
 
     model, tokenizer = video_model.model, video_model.tokenizer
     layout = video_layout(model)
@@ -681,7 +681,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     from tqdm.auto import tqdm
 
     from namm_transfer.adapters import save_retention_heatmap, video_layout
-    from namm_transfer.pipelines.video_io import VideoReadError
+    from namm_transfer.pipelines.video.io import VideoReadError
 
     if not cfg.annotations:
         raise ValueError("pass the annotations (--annotations): an MLVU JSON / folder, lvb_val.json or JSONL")

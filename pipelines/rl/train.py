@@ -11,7 +11,7 @@ The standard recipe (Chen et al. 2021; the Hugging Face DT example):
 - AdamW with linear warm-up then a constant rate, gradient clipping, dropout 0.1.
 
 Writes ``out_dir`` as a Hugging Face model directory plus ``dt_meta.json`` (see
-:mod:`namm_transfer.pipelines.dt_models`; :func:`~namm_transfer.pipelines.dt_models.load_dt` reads it),
+:mod:`namm_transfer.pipelines.rl.models`; :func:`~namm_transfer.pipelines.rl.models.load_dt` reads it),
 ``train_log.jsonl`` (appended every ``log_every`` steps) and TensorBoard scalars under
 ``out_dir/tensorboard``.
 """
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from namm_transfer.pipelines.common import log, open_tensorboard, run_metadata, set_threads
-from namm_transfer.pipelines.dt_models import save_dt
+from namm_transfer.pipelines.rl.models import save_dt
 
 LOG_NAME = "train_log.jsonl"
 

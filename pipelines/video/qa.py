@@ -210,7 +210,7 @@ def video_qa_prompt(sample: VideoQASample | Mapping[str, Any], family: str = "ll
     ``eval-video`` calls the builder a trained model's ``video_model.json`` names) in ``family``'s chat
     format, one ``<video>`` placeholder, ending at the assistant marker, e.g.
     ``"USER: <video>\\n...\\nAnswer with the letter. ASSISTANT:"``."""
-    from namm_transfer.pipelines.video_io import build_prompt
+    from namm_transfer.pipelines.video.io import build_prompt
 
     if isinstance(sample, VideoQASample):
         question, options = sample.question, sample.options

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures: bookkeeping overhead, evolution throughput, batching, ablations."""

@@ -2,7 +2,7 @@
 AttentionInterface (capability detection, one descriptor per family), Decision Transformers, and the
 language model of LLaVA video models (LLaVA-NeXT-Video, LLaVA-OneVision, Video-LLaVA)."""
 
-from namm_transfer.adapters.attach import SUPPORTED_MODEL_TYPES, VIDEO_LLAVA_TYPES, AttachedPolicy, attach
+from namm_transfer.adapters.attach import SUPPORTED_MODEL_TYPES, AttachedPolicy, attach
 from namm_transfer.adapters.cache import EvictingCache, EvictingLayer, MemoryReport
 from namm_transfer.adapters.detect import AttachPlan, UnsupportedModelError, plan_attachment
 from namm_transfer.adapters.families import DECODERS, REFUSED, WRAPPERS, Family, supported_families_markdown
@@ -19,7 +19,6 @@ __all__ = [
     "DECODERS",
     "REFUSED",
     "SUPPORTED_MODEL_TYPES",
-    "VIDEO_LLAVA_TYPES",
     "WRAPPERS",
     "AttachPlan",
     "AttachedPolicy",

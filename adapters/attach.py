@@ -21,12 +21,11 @@ import torch
 from namm_transfer.adapters.attention import register
 from namm_transfer.adapters.cache import EvictingCache
 from namm_transfer.adapters.detect import plan_attachment
-from namm_transfer.adapters.families import DECODERS, WRAPPERS
+from namm_transfer.adapters.families import DECODERS
 from namm_transfer.policies import MemoryPolicy
 
 # The tested families (descriptors); detection also admits untested decoders, with a warning.
 SUPPORTED_MODEL_TYPES = tuple(f.model_type for f in DECODERS)
-VIDEO_LLAVA_TYPES = tuple(f.model_type for f in WRAPPERS)
 
 
 def _attn_setting(key: str | None, implementation: str) -> str | dict:

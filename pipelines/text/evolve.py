@@ -374,8 +374,8 @@ class EvolveState:
     generation: int = 0  # within the stage
     total_generations: int = 0
     mean: np.ndarray | None = None
-    optimizer: Any = None
-    optimizer_rng: Any = None
+    optimizer: Any = None  # ResumableSepCMA: pickles with its RNG
+    optimizer_rng: Any = None  # only in checkpoints written before ResumableSepCMA
     full_cache: dict = field(default_factory=dict)  # (task, seed) -> full-cache score
     norm_mean: np.ndarray | None = None
     norm_var: np.ndarray | None = None
@@ -384,8 +384,6 @@ class EvolveState:
 
 def save_state(state: EvolveState, out_dir: Path) -> None:
     """Atomic: write a temporary file, then rename over the previous state."""
-    if state.optimizer is not None:
-        state.optimizer_rng = state.optimizer._rng.get_state()  # cmaes does not pickle its RNG
     tmp = out_dir / (STATE_NAME + ".tmp")
     with open(tmp, "wb") as f:
         pickle.dump(state, f)
@@ -398,8 +396,11 @@ def load_state(out_dir: Path) -> EvolveState:
         raise FileNotFoundError(f"--resume: no saved state at {path}")
     with open(path, "rb") as f:
         state: EvolveState = pickle.load(f)
-    if state.optimizer is not None and state.optimizer_rng is not None:
-        state.optimizer._rng.set_state(state.optimizer_rng)
+    if state.optimizer is not None:
+        from namm_transfer.pipelines.text.cma import ResumableSepCMA
+
+        state.optimizer = ResumableSepCMA.upgrade(state.optimizer, state.optimizer_rng)
+        state.optimizer_rng = None
     return state
 
 
@@ -440,7 +441,7 @@ def run_evolve(
     (as a kill would) after that many generations in total, for tests. Every start (and resume) appends
     its command line, git revision and versions to ``out_dir/runs.jsonl``."""
     try:
-        from cmaes import SepCMA
+        from namm_transfer.pipelines.text.cma import ResumableSepCMA
     except ImportError as err:
         raise ImportError("evolution needs the `cmaes` package: pip install 'namm-transfer[evolve]'") from err
     from tqdm.auto import tqdm
@@ -482,7 +483,7 @@ def run_evolve(
     while state.stage < len(cfg.stages):
         names = cfg.stages[state.stage]
         if state.optimizer is None:
-            state.optimizer = SepCMA(
+            state.optimizer = ResumableSepCMA(
                 mean=state.mean.copy(),
                 sigma=cfg.sigma,
                 population_size=cfg.population,
@@ -516,7 +517,7 @@ def run_evolve(
                 "population_score_ratio": float(score_ratio[:-1].mean()),
                 "mean_kept_fraction": float(evaluation.kept[-1]),
                 "population_kept_fraction": float(evaluation.kept[:-1].mean()),
-                "sigma": float(opt._sigma),
+                "sigma": opt.sigma,
                 "full_cache_score": float(full.mean()),
                 "seconds": time.perf_counter() - started,
             }

@@ -294,8 +294,8 @@ def population_fitness(
 class SharedState:
     generation: int = 0
     mean: np.ndarray | None = None
-    optimizer: Any = None
-    optimizer_rng: Any = None
+    optimizer: Any = None  # ResumableSepCMA: pickles with its RNG
+    optimizer_rng: Any = None  # only in checkpoints written before ResumableSepCMA
     norm_mean: np.ndarray | None = None
     norm_var: np.ndarray | None = None
     warm_losses: list[float] = field(default_factory=list)
@@ -315,10 +315,10 @@ def pool_seeds(cfg, task: str, split: str, n: int) -> list[int]:
 
 def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedState:
     """Warm start + separable CMA-ES on the shared-prefill engine (see the module docstring)."""
-    from cmaes import SepCMA
     from tqdm.auto import tqdm
 
     from namm_transfer.adapters import attach
+    from namm_transfer.pipelines.text.cma import ResumableSepCMA
 
     set_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
@@ -394,7 +394,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
             save_state(state, out_dir)
         if state.optimizer is None:
             bounds = None
-            state.optimizer = SepCMA(
+            state.optimizer = ResumableSepCMA(
                 mean=state.mean.copy(),
                 sigma=cfg.sigma,
                 bounds=bounds,
@@ -424,7 +424,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
                 "mean_fitness": float(fit[-1]),
                 "mean_exact_normalised": float(res["exact_normalised"][-1]),
                 "population_exact_normalised": float(res["exact_normalised"][:-1].mean()),
-                "sigma": float(opt._sigma),
+                "sigma": opt.sigma,
                 "seconds": time.perf_counter() - started,
             }
             _record(out_dir, writer, "results.jsonl", record)

@@ -128,6 +128,20 @@ def matched_budget(rows: Sequence[Mapping[str, Any]]) -> list[int]:
     return [max(1, int(round(v))) for v in (kept - fresh).mean(axis=0)]
 
 
+def namm_budget(store: RowStore, is_namm_row: Callable[[dict[str, Any]], bool], items: int,
+                needed_by: str) -> list[int]:
+    """:func:`matched_budget` over the NAMM's finished rows in ``store`` (``is_namm_row`` selects them);
+    an error naming ``needed_by`` when the NAMM has not run on all ``items`` yet."""
+    rows = store.rows(is_namm_row)
+    if len(rows) < items:
+        raise ValueError(f"{needed_by} needs the NAMM's budget, measured on all {items} items "
+                         f"({len(rows)} NAMM rows so far): include NAMM in --policies")
+    budget = matched_budget(rows)
+    log(f"baseline budget per layer (the NAMM's kept tokens less those added since its last update): "
+        f"{budget}")
+    return budget
+
+
 def write_summary(out_dir: str | Path, data: Mapping[str, Any], markdown: str, name: str = "summary") -> Path:
     """``out_dir/<name>.json`` (``data``) and ``out_dir/<name>.md`` (``markdown``)."""
     out_dir = Path(out_dir)

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from namm_transfer.adapters import MemoryReport
-from namm_transfer.pipelines.harness import RowStore, check_setting, matched_budget, mean_se, write_summary
+from namm_transfer.pipelines.harness import (
+    RowStore,
+    check_setting,
+    matched_budget,
+    mean_se,
+    namm_budget,
+    write_summary,
+)
 
 
 def _store(path):
@@ -68,3 +75,13 @@ def test_matched_budget_from_memory_reports():
 def test_write_summary(tmp_path):
     path = write_summary(tmp_path, {"x": 1}, "# title")
     assert path.read_text() == "# title\n" and json.loads((tmp_path / "summary.json").read_text()) == {"x": 1}
+
+
+def test_namm_budget_needs_every_item_and_measures_the_rest(tmp_path):
+    store = RowStore(tmp_path / "rows.jsonl", key=lambda r: (r["policy"], r["id"]))
+    store.add({"policy": "NAMM", "id": 0, "kept_per_layer": [10.0, 4.0], "since_update": [2.0, 2.0]})
+    is_namm = lambda r: r["policy"] == "NAMM"  # noqa: E731
+    with pytest.raises(ValueError, match=r"H2O needs the NAMM.s budget, measured on all 2 items"):
+        namm_budget(store, is_namm, 2, needed_by="H2O")
+    store.add({"policy": "NAMM", "id": 1, "kept_per_layer": [14.0, 2.0], "since_update": [2.0, 0.0]})
+    assert namm_budget(store, is_namm, 2, needed_by="H2O") == [10, 2]

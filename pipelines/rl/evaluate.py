@@ -72,6 +72,7 @@ from namm_transfer.pipelines.harness import (
     check_setting,
     matched_budget,
     mean_se,
+    namm_budget,
     write_summary,
 )
 from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy, policy_names
@@ -527,12 +528,8 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
     order = [p for p in rollout_policies() if p in cfg.policies]
     for name in order:
         if name in BASELINES and budget is None:
-            namm_rows = store.rows(lambda r: r["policy"] == NAMM_NAME and r["seed"] in seeds)
-            if len(namm_rows) < cfg.episodes:
-                raise ValueError(f"{name} needs the NAMM's budget: include NAMM in --policies")
-            budget = matched_budget(namm_rows)
-            log(f"baseline budget per layer (the NAMM's kept tokens at episode end, less those added since "
-                f"its last update): {budget}")
+            is_namm = lambda r: r["policy"] == NAMM_NAME and r["seed"] in seeds  # noqa: E731
+            budget = namm_budget(store, is_namm, cfg.episodes, needed_by=name)
         todo = [b for b in batches if any(not store.done((name, s)) for s in b)]
         if not todo:
             log(f"{name}: all {cfg.episodes} episodes already done")

@@ -79,7 +79,14 @@ from namm_transfer.pipelines.common import (
     run_metadata,
     set_threads,
 )
-from namm_transfer.pipelines.harness import RowStore, check_setting, matched_budget, mean_se, write_summary
+from namm_transfer.pipelines.harness import (
+    RowStore,
+    check_setting,
+    matched_budget,
+    mean_se,
+    namm_budget,
+    write_summary,
+)
 from namm_transfer.pipelines.video.qa import (
     LETTERS,
     POST_PROMPT,
@@ -723,13 +730,10 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     ids = {s.sample_id for s in samples}
     for name in order:
         if name in (*BASELINES, UNIFORM) and budget is None:
-            namm_rows = store.rows(lambda r: r["policy"] == NAMM_NAME and r["sample_id"] in ids)
-            if len(namm_rows) < len(samples):
-                raise ValueError(f"{name} needs the NAMM's budget: include NAMM in --policies")
-            budget = matched_budget(namm_rows)
-            frames_k = uniform_frame_count(namm_rows, layout.tokens_per_frame, cfg.num_frames)
-            log(f"baseline budget per layer (the NAMM's kept tokens less those added since its last "
-                f"update): {budget}; uniform frames: {frames_k} of {cfg.num_frames}")
+            is_namm = lambda r: r["policy"] == NAMM_NAME and r["sample_id"] in ids  # noqa: E731
+            budget = namm_budget(store, is_namm, len(samples), needed_by=name)
+            frames_k = uniform_frame_count(store.rows(is_namm), layout.tokens_per_frame, cfg.num_frames)
+            log(f"uniform frames: {frames_k} of {cfg.num_frames}")
         token_policy = FULL_CACHE if name == UNIFORM else name  # UniformFrames: a full cache, fewer frames
         policy = build_policy(token_policy, namm, budget, cfg.update_every, cfg.seed)
         todo = [(i, s) for i, s in enumerate(samples) if not store.done((name, s.sample_id))]

@@ -15,21 +15,18 @@ from _tiny_llava import FAMILIES, VIDEO_ID, build
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.pipelines.harness import matched_budget as namm_budget
+from namm_transfer.pipelines.video.annotations import detect_format, load_annotations
 from namm_transfer.pipelines.video.evaluate import (
     UNIFORM,
     EvalVideoConfig,
-    VideoModel,
-    as_video_model,
-    detect_format,
     key_frame_retention,
-    load_annotations,
-    load_video_model,
     run_eval_video,
     summarise,
     summary_tables,
     uniform_frame_count,
     video_policies,
 )
+from namm_transfer.pipelines.video.loading import VideoModel, as_video_model, load_video_model
 from namm_transfer.policies import BASELINES as TOKEN_BASELINES
 from namm_transfer.policies import FULL_CACHE as FULL
 from namm_transfer.policies import NAMM_NAME

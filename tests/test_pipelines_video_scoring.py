@@ -154,7 +154,7 @@ def test_both_prompt_layouts():
 
 
 def test_the_shipped_models_builder_path_still_imports():
-    from namm_transfer.pipelines.video.evaluate import import_loader
+    from namm_transfer.pipelines.video.loading import import_loader
     from namm_transfer.pipelines.video.models import video_model_meta
 
     builder = video_model_meta("smollm2-shapes")["prompt"]["builder"]
@@ -201,8 +201,10 @@ def test_training_and_evaluation_score_the_same_outputs_alike(tmp_path, monkeypa
     from _tiny_llava import build
 
     from namm_transfer.adapters import video_layout
-    from namm_transfer.pipelines.video.evaluate import VideoModel, evaluate_sample, load_annotations
+    from namm_transfer.pipelines.video.annotations import load_annotations
+    from namm_transfer.pipelines.video.evaluate import evaluate_sample
     from namm_transfer.pipelines.video.io import write_video
+    from namm_transfer.pipelines.video.loading import VideoModel
     from namm_transfer.pipelines.video.train import encode_split, generate_answers
     from namm_transfer.policies import FullCache
 

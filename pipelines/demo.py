@@ -47,8 +47,8 @@ class DemoConfig:
         max_new_tokens: tokens generated after the answer prefix.
         device: torch device.
         dtype: model dtype name (float32 is fastest on CPU).
-        chunk: the prompt is fed in chunks of this many tokens, so policies can evict during it; None
-            uses the NAMM's update cadence (every policy then runs at the same points).
+        update_every: the NAMM's cadence on the passkey prompt, in tokens, and the chunks the prompt is fed
+            in (every policy then evicts at the same points, during the prompt too); None: the NAMM's own.
         namm: a shipped NAMM's short name, a checkpoint directory or a Hub id; the default is the
             text-evolved ``smollm2-text``. ``"random"`` uses an untrained ``NAMM.init_random(namm_seed)``
             with feature statistics collected on a calibration prompt (it keeps almost everything unless
@@ -76,7 +76,7 @@ class DemoConfig:
     max_new_tokens: int = 8
     device: str = "cpu"
     dtype: str = "float32"
-    chunk: int | None = None
+    update_every: int | None = None
     namm: str = "smollm2-text"
     namm_seed: int = 0
     namm_budget: int | None = None
@@ -113,7 +113,7 @@ def calibrate_namm(model, tokenizer, namm, cfg: DemoConfig) -> None:
     calibration = make_passkey_example(tokenizer, cfg.seed + 10_000, cfg.prompt_tokens, cfg.depth)
     ids = torch.tensor([calibration.prompt_ids], device=cfg.device)
     log("collecting the NAMM's feature statistics on a calibration prompt ...")
-    with torch.no_grad(), namm.collecting_statistics(), attach(model, namm, prefill_chunk=cfg.chunk):
+    with torch.no_grad(), namm.collecting_statistics(), attach(model, namm, prefill_chunk=cfg.update_every):
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id)
 
@@ -126,7 +126,7 @@ def run_policy(
 
     ids = torch.tensor([example.prompt_ids], device=cfg.device)
     log(f"running {name} ...")
-    with attach(model, policy, prefill_chunk=cfg.chunk) as handle:
+    with attach(model, policy, prefill_chunk=cfg.update_every) as handle:
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
@@ -176,8 +176,9 @@ def run_demo(cfg: DemoConfig, argv: list[str] | None = None) -> list[dict[str, A
     log(f"passkey prompt: {example.num_tokens} tokens, key {example.answer} at depth {example.depth:.2f}")
 
     namm = load_namm(cfg.namm, cfg.namm_seed, cfg.namm_budget or None)
-    if cfg.chunk is None:
-        cfg = replace(cfg, chunk=namm.update_every)
+    if cfg.update_every is None:
+        cfg = replace(cfg, update_every=namm.update_every)
+    namm = namm.replace(update_every=cfg.update_every)
     if namm.norm_mean is None:
         calibrate_namm(model, tokenizer, namm, cfg)
     out = Path(cfg.output_dir) / "demo.json"

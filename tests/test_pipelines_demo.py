@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_small(tmp_path, capsys):
-    assert main(["demo", "--prompt-tokens", "600", "--chunk", "256", "--namm-budget", "300",
+    assert main(["demo", "--prompt-tokens", "600", "--update-every", "256", "--namm-budget", "300",
                  "--rollout-episodes", "2", "--video-samples", "2", "--threads", "1",
                  "--output-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out

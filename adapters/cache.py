@@ -147,6 +147,15 @@ class MemoryReport:
             "since_update": [float(s[b]) for s in self.since_update],
         }
 
+    def retention(self, b: int, tokens_seen: int) -> torch.Tensor:
+        """``[layers, tokens_seen]``: for sample ``b``, the share of each layer's KV heads that still
+        hold each token (by absolute position)."""
+        image = torch.zeros(len(self.valid), tokens_seen, dtype=torch.float32)
+        for i, (valid, positions) in enumerate(zip(self.valid, self.positions, strict=True)):
+            held = positions[b][valid[b]].long().cpu()
+            image[i].index_add_(0, held, torch.full((held.numel(),), 1.0 / valid.shape[1]))
+        return image
+
 
 class EvictingCache(DynamicCache):
     """A ``DynamicCache`` whose layers are :class:`EvictingLayer` s driven by ``policy``.

@@ -85,3 +85,11 @@ def test_namm_budget_needs_every_item_and_measures_the_rest(tmp_path):
         namm_budget(store, is_namm, 2, needed_by="H2O")
     store.add({"policy": "NAMM", "id": 1, "kept_per_layer": [14.0, 2.0], "since_update": [2.0, 0.0]})
     assert namm_budget(store, is_namm, 2, needed_by="H2O") == [10, 2]
+
+
+def test_memory_report_retention_is_the_share_of_heads_holding_each_position():
+    # one layer, one sample, two KV heads: head 0 holds positions 0, 3, 1; head 1 holds 3 (slot 2 empty)
+    valid = [torch.tensor([[[1, 1, 1], [0, 1, 0]]], dtype=torch.bool)]
+    positions = [torch.tensor([[[0, 3, 1], [5, 3, 4]]])]
+    report = MemoryReport(valid, positions, [torch.tensor([0])], [8])
+    torch.testing.assert_close(report.retention(0, 5), torch.tensor([[0.5, 0.5, 0.0, 1.0, 0.0]]))

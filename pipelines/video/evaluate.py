@@ -205,6 +205,31 @@ def _kept_video(retention: np.ndarray, tokens_per_frame: int) -> tuple[float, fl
 
 
 @torch.no_grad()
+def generate_with_policy(video_model: VideoModel, ids: torch.Tensor, pixels: torch.Tensor, policy, chunk: int,
+                         max_new_tokens: int, exact_output: bool = False, layout: Any = None):
+    """Greedy answer to one video prompt (``ids`` ``[1, T]``, ``pixels`` the video's
+    ``pixel_values_videos``) with ``policy`` attached, the prompt fed in chunks of ``chunk`` tokens.
+
+    Returns the decoded text, ``handle.stats()`` and, when ``layout`` (the model's video layout) is
+    given, the ``[layers, frames]`` retention of each frame's tokens (else None).
+    """
+    from namm_transfer.adapters import attach, frame_map
+
+    model, tokenizer = video_model.model, video_model.tokenizer
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    with attach(model, policy, prefill_chunk=chunk, exact_output=exact_output) as handle:
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels,
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+        )
+        stats = handle.stats()
+        retention = None if layout is None else handle.frame_retention(frame_map(ids.cpu(), layout))
+    text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
+    return text, stats, retention
+
+
 def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_frames: int, chunk: int,
                     max_new_tokens: int, post_prompt: str = POST_PROMPT, answer_prefix: str = "",
                     frame_subset: int | None = None, exact_output: bool = False) -> tuple[dict, np.ndarray]:
@@ -217,10 +242,10 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
     Raises:
         VideoReadError: the video is missing or cannot be decoded.
     """
-    from namm_transfer.adapters import attach, frame_map, video_layout
+    from namm_transfer.adapters import video_layout
     from namm_transfer.pipelines.video.io import read_frames, uniform_indices
 
-    model, tokenizer = video_model.model, video_model.tokenizer
+    model = video_model.model
     layout = video_layout(model)
     start = time.perf_counter()
     frames = read_frames(sample.video_path, num_frames=num_frames)
@@ -233,18 +258,9 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
     ids = torch.tensor([prompt_ids(video_model, sample, n_frames, post_prompt, answer_prefix)],
                        device=model.device)
     prepared = time.perf_counter()
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    with attach(model, policy, prefill_chunk=chunk, exact_output=exact_output) as handle:
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels,
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-        )
-        stats = handle.stats()
-        retention = handle.frame_retention(frame_map(ids.cpu(), layout))
+    text, stats, retention = generate_with_policy(video_model, ids, pixels, policy, chunk, max_new_tokens,
+                                                  exact_output, layout)
     generated = time.perf_counter()
-    text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
     predicted, correct = score_output(text, sample)
     full_retention = np.zeros((retention.shape[0], num_frames))
     full_retention[:, chosen] = np.nan_to_num(retention[:, :n_frames], nan=0.0)

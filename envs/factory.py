@@ -18,12 +18,14 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from namm_transfer.envs import memory  # noqa: F401  (registers the cue corridor with gymnasium)
 from namm_transfer.envs.scores import D4RL_ENV_IDS
 
 ENV_ALIASES = {
     "lunarlander": "LunarLanderContinuous-v3",
     "lunarlandercontinuous": "LunarLanderContinuous-v3",
     "bipedalwalker": "BipedalWalker-v3",
+    "cuecorridor": memory.ENV_ID,
     **D4RL_ENV_IDS,
 }
 

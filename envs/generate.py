@@ -40,6 +40,8 @@ from namm_transfer.envs.controllers import (
 )
 from namm_transfer.envs.datasets import dataset_exists, dataset_path, load_dataset, minari_root
 from namm_transfer.envs.factory import make_env
+from namm_transfer.envs.memory import ENV_ID as CUE_CORRIDOR_ID
+from namm_transfer.envs.memory import CueCorridorExpert
 
 NAMESPACE = "namm"
 DATASET_VERSION = 0
@@ -115,6 +117,19 @@ LOCAL_ENVS: dict[str, LocalEnv] = {
             "expert": QualityLevel("expert", noise=0.01),
             "medium": QualityLevel("medium", noise=0.03),
             "replay": QualityLevel("replay", noise_range=(0.0, 0.1)),
+        },
+    ),
+    # The memory task: at the junction a random action picks the right arm half the time, so `medium`
+    # (half the steps random) succeeds ~75% of the time and `replay` anywhere from 50% to 100%.
+    "cuecorridor": LocalEnv(
+        "cuecorridor",
+        CUE_CORRIDOR_ID,
+        "cuecorridor",
+        CueCorridorExpert,
+        {
+            "expert": QualityLevel("expert", noise=0.1),
+            "medium": QualityLevel("medium", noise=0.1, random_prob=0.5),
+            "replay": QualityLevel("replay", noise=0.1, random_prob_range=(0.0, 1.0)),
         },
     ),
 }

@@ -67,6 +67,27 @@ def test_sampler_pads_on_the_left_and_scales():
         assert batch["timesteps"][b, 4 - n :].tolist() == [min(t, 1) for t in range(start, 3)]  # clipped
 
 
+def test_end_windows_are_what_a_rollout_sees():
+    """window="end": a random last step and the K steps up to it, so a short episode is always seen from
+    its first step (what a memory task needs); "start" windows mostly miss it."""
+    n, k = 10, 16
+    episode = datasets.Episode(np.arange(n, dtype=np.float32)[:, None], np.zeros((n, 1), np.float32),
+                               np.zeros(n, np.float32), True, False)
+    ends, starts = set(), set()
+    for window, seen in (("end", ends), ("start", starts)):
+        rng = np.random.default_rng(0)
+        sampler = SubsequenceSampler([episode], k, np.zeros(1), np.ones(1), 1.0, 100, rng, window)
+        batch = sampler.sample(200)
+        for b in range(200):
+            m = int(batch["attention_mask"][b].sum())
+            first, last = batch["timesteps"][b, k - m].item(), batch["timesteps"][b, -1].item()
+            seen.add((first, last))
+    assert {first for first, _ in ends} == {0} and {last for _, last in ends} == set(range(n))
+    assert {last for _, last in starts} == {n - 1} and len({first for first, _ in starts}) == n
+    with pytest.raises(ValueError, match="window must be one of"):
+        TrainDTConfig(window="middle")
+
+
 def test_sampler_weights_episodes_by_length():
     def ep(n):
         return datasets.Episode(np.zeros((n, 1), np.float32), np.zeros((n, 1), np.float32),

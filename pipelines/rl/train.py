@@ -32,6 +32,7 @@ from namm_transfer.pipelines.common import log, open_tensorboard, run_metadata, 
 from namm_transfer.pipelines.rl.models import save_dt
 
 LOG_NAME = "train_log.jsonl"
+WINDOWS = ("start", "end")
 
 
 @dataclass
@@ -50,6 +51,10 @@ class TrainDTConfig:
         steps: gradient steps.
         batch_size: subsequences per step.
         context: K, steps per subsequence (3K tokens).
+        window: how training windows are drawn: ``start`` (the Hugging Face example: a random first
+            step, the K steps from it) or ``end`` (a random last step, the K steps up to it: the
+            window a rollout sees, so an episode shorter than K is always seen from its first step,
+            which a memory task needs).
         hidden, layers, heads: GPT-2 width, depth and attention heads.
         dropout: residual, embedding and attention dropout.
         lr, weight_decay: AdamW.
@@ -73,6 +78,7 @@ class TrainDTConfig:
     steps: int = 1500
     batch_size: int = 32
     context: int = 20
+    window: str = "start"
     hidden: int = 128
     layers: int = 3
     heads: int = 1
@@ -93,6 +99,8 @@ class TrainDTConfig:
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.context, self.hidden, self.layers, self.heads) < 1:
             raise ValueError("steps, batch_size, context, hidden, layers and heads must all be >= 1")
+        if self.window not in WINDOWS:
+            raise ValueError(f"window must be one of {WINDOWS}, got {self.window!r}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         if self.return_scale is not None and self.return_scale <= 0:
@@ -108,15 +116,17 @@ class SubsequenceSampler:
         state_mean, state_std: state normalisation.
         return_scale: returns-to-go divisor.
         max_ep_len: timesteps are clipped to ``max_ep_len - 1``.
-        rng: draws episodes (weighted by length) and start steps.
+        rng: draws episodes (weighted by length) and start (or end) steps.
+        window: ``start`` or ``end`` (see :class:`TrainDTConfig`).
     """
 
     def __init__(self, episodes: Sequence[Any], context: int, state_mean: np.ndarray, state_std: np.ndarray,
-                 return_scale: float, max_ep_len: int, rng: np.random.Generator):
+                 return_scale: float, max_ep_len: int, rng: np.random.Generator, window: str = "start"):
         self.episodes = [ep for ep in episodes if len(ep) > 0]
         if not self.episodes:
             raise ValueError("the dataset has no non-empty episode")
         self.context, self.return_scale, self.max_ep_len, self.rng = context, return_scale, max_ep_len, rng
+        self.window = window
         self.state_mean, self.state_std = state_mean, state_std
         lengths = np.array([len(ep) for ep in self.episodes], dtype=np.float64)
         self.probs = lengths / lengths.sum()
@@ -137,8 +147,12 @@ class SubsequenceSampler:
         picks = self.rng.choice(len(self.episodes), size=batch_size, p=self.probs)
         for b, e in enumerate(picks):
             ep = self.episodes[e]
-            start = int(self.rng.integers(len(ep)))
-            end = min(start + k, len(ep))
+            if self.window == "end":
+                end = int(self.rng.integers(len(ep))) + 1
+                start = max(0, end - k)
+            else:
+                start = int(self.rng.integers(len(ep)))
+                end = min(start + k, len(ep))
             n = end - start
             states[b, k - n :] = (ep.observations[start:end] - self.state_mean) / self.state_std
             actions[b, k - n :] = ep.actions[start:end]
@@ -234,7 +248,8 @@ def train_dt(cfg: TrainDTConfig, argv: Sequence[str] | None = None, dataset: Any
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    sampler = SubsequenceSampler(eps, cfg.context, state_mean, state_std, return_scale, int(max_ep_len), rng)
+    sampler = SubsequenceSampler(eps, cfg.context, state_mean, state_std, return_scale, int(max_ep_len), rng,
+                                 cfg.window)
     model = build_model(cfg, sampler.state_dim, sampler.act_dim, int(max_ep_len)).to(cfg.device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

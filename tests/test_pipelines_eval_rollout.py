@@ -13,6 +13,7 @@ from namm_transfer.pipelines.rl.evaluate import (
     BASELINES,
     KINDS,
     EvalRolloutConfig,
+    budget_label,
     rollout_batch,
     rollout_policies,
     run_eval_rollout,
@@ -198,3 +199,25 @@ def test_shipped_dts_load_by_short_name(name, env):
     e.close()
     with pytest.raises(FileNotFoundError, match="shipped"):
         load_dt("no-such-dt")
+
+
+def test_fixed_budgets_cap_every_policy_alike_and_the_window_is_set(tmp_path, dt_dir, namm_dir):
+    cfg = config(tmp_path, dt_dir, namm_dir, policies=["windowed", "FullCache", "NAMM", "Recency", "TOVA"],
+                 budgets=[0.2, 0.5], window=2, plot=False)
+    summary = run_eval_rollout(cfg)
+    tokens = 3 * STEPS  # the horizon is max_steps here
+    assert list(summary) == ["windowed", "FullCache", "NAMM", "Recency", "TOVA",
+                             "NAMM @ 20%", "Recency @ 20%", "TOVA @ 20%", "NAMM @ 50%", "Recency @ 50%",
+                             "TOVA @ 50%"]
+    assert summary["windowed"]["tokens_peak"] == 3 * 2 - 1  # window=2 steps, less the pending action
+    for fraction in (0.2, 0.5):
+        cap = round(fraction * tokens)
+        for name in ("NAMM", "Recency", "TOVA"):
+            s = summary[budget_label(name, fraction)]
+            assert s["episodes"] == 3
+            assert s["tokens_peak"] <= cap + EVERY - 1, (name, fraction)  # the budget guarantee
+        assert summary[budget_label("Recency", fraction)]["tokens_peak"] > cap - EVERY
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| NAMM @ 20% " in md and "fixed budgets: 20%, 50%" in md and "windowed: the last 2 steps" in md
+    with pytest.raises(ValueError, match="fractions of the episode's tokens"):
+        EvalRolloutConfig(budgets=[1.5])

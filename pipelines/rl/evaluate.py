@@ -102,6 +102,11 @@ class EvalRolloutConfig:
         seed: episode ``i`` is seeded ``seed + i``.
         policies: which of :func:`rollout_policies` to run (the baselines need the NAMM's rows for their
             budget).
+        budgets: fixed budgets as fractions of an episode's tokens (3 per step over the horizon), e.g.
+            ``0.15 0.3 0.5``: every policy of ``policies`` but the windowed reference and the full cache
+            also runs capped at each (the NAMM by top-k of its scores); rows are labelled
+            ``<policy> @ <percent>%``. Empty: only the NAMM's own budget.
+        window: steps the windowed reference re-encodes (None: the DT's training context K).
         batch_size: episodes stepped together; None: all of them.
         target_return: return to condition on (unscaled); None: the DT's own.
         max_steps: cap on env steps per episode (quick runs and tests); None: the env's time limit.
@@ -122,6 +127,8 @@ class EvalRolloutConfig:
     episodes: int = 20
     seed: int = 0
     policies: list[str] = dataclasses.field(default_factory=rollout_policies)
+    budgets: list[float] = dataclasses.field(default_factory=list)
+    window: int | None = None
     batch_size: int | None = None
     target_return: float | None = None
     max_steps: int | None = None
@@ -148,6 +155,10 @@ class EvalRolloutConfig:
             raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if any(not 0.0 < b <= 1.0 for b in self.budgets):
+            raise ValueError(f"budgets are fractions of the episode's tokens in (0, 1], got {self.budgets}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 steps or None, got {self.window}")
         if self.calibrate_episodes < 0:
             raise ValueError(f"calibrate_episodes must be >= 0, got {self.calibrate_episodes}")
 
@@ -270,10 +281,24 @@ class PolicyRun:
     actions: np.ndarray  # [steps, B, act_dim] the actions executed (clipped to the action space)
 
 
+def episode_horizon(dt, env, max_steps: int | None) -> int:
+    """The most env steps an episode can take: the env's time limit, ``max_steps`` and the DT's
+    ``max_ep_len``, whichever is smallest."""
+    limit = env.spec.max_episode_steps if env.spec is not None else None
+    return min(x for x in (max_steps, limit, dt.model.config.max_ep_len) if x is not None)
+
+
+def budget_label(name: str, fraction: float) -> str:
+    """The row label of ``name`` capped at ``fraction`` of an episode's tokens, e.g. ``NAMM @ 30%``."""
+    return f"{name} @ {100 * fraction:g}%"
+
+
 @torch.no_grad()
 def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_return: float,
-                  max_steps: int | None, plot: bool, progress: bool = True) -> PolicyRun:
-    """Run ``len(seeds)`` episodes of ``dt`` together under ``policy`` (None: the windowed reference).
+                  max_steps: int | None, plot: bool, progress: bool = True,
+                  window: int | None = None) -> PolicyRun:
+    """Run ``len(seeds)`` episodes of ``dt`` together under ``policy`` (None: the windowed reference,
+    re-encoding the last ``window`` steps, default the DT's context K).
 
     Raises:
         FloatingPointError: the DT predicted a non-finite action (names the policy, step and seeds).
@@ -286,12 +311,11 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
 
     envs = EnvBatch(env_id, len(seeds))
     dt.check_spaces(envs.observation_space, envs.action_space, f"environment {envs.env_id!r}")
-    limit = envs.envs[0].spec.max_episode_steps if envs.envs[0].spec is not None else None
-    horizon = min(x for x in (max_steps, limit, dt.model.config.max_ep_len) if x is not None)
+    horizon = episode_horizon(dt, envs.envs[0], max_steps)
     low, high = envs.action_space.low, envs.action_space.high
     handle = None
     if policy is None:
-        rollout = WindowedDTRollout(dt.model, dt.context)
+        rollout = WindowedDTRollout(dt.model, window or dt.context)
     else:
         handle = attach(dt.model, policy, exact_output=True)
         rollout = CachedDTRollout(dt.model)
@@ -317,7 +341,7 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
                 )
             tick = time.perf_counter()
             if policy is None:
-                kept_kind, kv_bytes, held = window_measure(dt.model, len(seeds), t, dt.context, plot)
+                kept_kind, kv_bytes, held = window_measure(dt.model, len(seeds), t, window or dt.context, plot)
             else:
                 report = rollout.cache.memory_report()
                 kept_kind, kv_bytes, held = cache_measure(report, plot and bool(live[0]))
@@ -381,7 +405,8 @@ def calibrate_namm(dt, namm, env_id: str, seeds: list[int], target_return: float
 def _setting(cfg: EvalRolloutConfig, env_id: str, target_return: float) -> dict[str, Any]:
     return {"dt": str(cfg.dt), "namm": str(cfg.namm), "update_every": cfg.update_every,
             "episodes": cfg.episodes, "seed": cfg.seed, "target_return": float(target_return),
-            "max_steps": cfg.max_steps, "env": env_id, "calibrate_episodes": cfg.calibrate_episodes}
+            "max_steps": cfg.max_steps, "env": env_id, "calibrate_episodes": cfg.calibrate_episodes,
+            "window": cfg.window}
 
 
 def reference_normaliser(dt, env_id: str, root: str | None):
@@ -404,10 +429,11 @@ def reference_normaliser(dt, env_id: str, root: str | None):
     return None
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per policy (in the order of :func:`rollout_policies`): scores, cache size, kept kinds, speed."""
+def summarise(rows: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per policy label (in ``order``, default :func:`rollout_policies`): scores, cache size, kept kinds,
+    speed."""
     summary: dict[str, dict[str, Any]] = {}
-    names = [p for p in rollout_policies() if any(r["policy"] == p for r in rows)]
+    names = [p for p in (order or rollout_policies()) if any(r["policy"] == p for r in rows)]
     for name in names:
         mine = [r for r in rows if r["policy"] == name]
         lengths = np.array([r["length"] for r in mine], dtype=np.float64)
@@ -508,7 +534,7 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
     if target is None:
         raise ValueError(f"the Decision Transformer {cfg.dt!r} stores no target return: pass --target-return")
     setting = _setting(cfg, env_id, target)
-    check_setting(out_dir, setting)
+    check_setting(out_dir, setting, assumed={"window": None})  # older runs: the DT's own K
     normalise = reference_normaliser(dt, env_id, cfg.root)
     if cfg.episodes < 20:
         log(f"{cfg.episodes} episodes per policy: the standard errors are rough (reported tables use >= 20)")
@@ -524,45 +550,66 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
         from namm_transfer import NAMM
 
         namm = NAMM.from_pretrained(cfg.namm).replace(update_every=cfg.update_every)
+    def run(label: str, policy) -> None:
+        """Every pending episode of ``label`` under ``policy`` (None: windowed), written as it ends."""
+        todo = [b for b in batches if any(not store.done((label, s)) for s in b)]
+        if not todo:
+            log(f"{label}: all {cfg.episodes} episodes already done")
+            return
+        for batch_seeds in todo:
+            run = rollout_batch(dt, label, policy, env_id, batch_seeds, target, cfg.max_steps, cfg.plot,
+                                window=cfg.window)
+            for row in run.rows:  # incremental: a kill loses at most this batch
+                row["normalised"] = float(normalise(row["return"])) if normalise else float("nan")
+                if not store.done((label, row["seed"])):
+                    store.add(row)
+            first = batch_seeds == batches[0]
+            if first and writer is not None:
+                for t, tokens in enumerate(run.tokens_per_step):
+                    writer.add_scalar(f"cached_tokens/{label}", tokens, t)
+            if first and cfg.plot and run.memory_map is not None:
+                title = (f"{label}: timesteps in memory, {Path(str(cfg.dt)).name} episode seed "
+                         f"{batch_seeds[0]}")
+                png = out_dir / f"memory_{label.replace(' @ ', '_').replace('%', 'pct')}.png"
+                fig = plot_memory(run.memory_map, title, png)
+                if writer is not None:
+                    writer.add_figure(f"memory/{label}", fig)
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+        mine = store.rows(lambda r: r["policy"] == label and r["seed"] in seeds)
+        score, se = mean_se([r["normalised"] for r in mine])
+        log(f"{label}: normalised {score:.1f} ± {se:.1f}, mean tokens "
+            f"{np.mean([r['tokens_mean'] for r in mine]):.0f}")
+
     budget = None
     order = [p for p in rollout_policies() if p in cfg.policies]
     for name in order:
         if name in BASELINES and budget is None:
             is_namm = lambda r: r["policy"] == NAMM_NAME and r["seed"] in seeds  # noqa: E731
             budget = namm_budget(store, is_namm, cfg.episodes, needed_by=name)
-        todo = [b for b in batches if any(not store.done((name, s)) for s in b)]
-        if not todo:
-            log(f"{name}: all {cfg.episodes} episodes already done")
-            continue
-        if name == NAMM_NAME and cfg.calibrate_episodes:
+        if name == NAMM_NAME and cfg.calibrate_episodes and any(not store.done((name, s)) for s in seeds):
             calib = [cfg.seed + 10_000 + i for i in range(cfg.calibrate_episodes)]
             calibrate_namm(dt, namm, env_id, calib, target, cfg.max_steps)
-        policy = None if name == WINDOWED else build_policy(name, namm, budget, cfg.update_every, cfg.seed)
-        for batch_seeds in todo:
-            run = rollout_batch(dt, name, policy, env_id, batch_seeds, target, cfg.max_steps, cfg.plot)
-            for row in run.rows:  # incremental: a kill loses at most this batch
-                row["normalised"] = float(normalise(row["return"])) if normalise else float("nan")
-                if not store.done((name, row["seed"])):
-                    store.add(row)
-            first = batch_seeds == batches[0]
-            if first and writer is not None:
-                for t, tokens in enumerate(run.tokens_per_step):
-                    writer.add_scalar(f"cached_tokens/{name}", tokens, t)
-            if first and cfg.plot and run.memory_map is not None:
-                title = f"{name}: timesteps in memory, {Path(str(cfg.dt)).name} episode seed {batch_seeds[0]}"
-                fig = plot_memory(run.memory_map, title, out_dir / f"memory_{name}.png")
-                if writer is not None:
-                    writer.add_figure(f"memory/{name}", fig)
-                import matplotlib.pyplot as plt
+        run(name, None if name == WINDOWED else build_policy(name, namm, budget, cfg.update_every, cfg.seed))
 
-                plt.close(fig)
-        mine = store.rows(lambda r, name=name: r["policy"] == name and r["seed"] in seeds)
-        score, se = mean_se([r["normalised"] for r in mine])
-        log(f"{name}: normalised {score:.1f} ± {se:.1f}, mean tokens "
-            f"{np.mean([r['tokens_mean'] for r in mine]):.0f}")
+    capped = [p for p in order if p not in (WINDOWED, FULL_CACHE)]
+    horizon = 0
+    if cfg.budgets:
+        from namm_transfer.envs import make_env
+
+        horizon = episode_horizon(dt, make_env(env_id), cfg.max_steps)
+    for fraction in cfg.budgets:  # fixed budgets: every policy capped at the same token count
+        cap = max(1, round(fraction * 3 * horizon))
+        log(f"{100 * fraction:g}% of an episode's {3 * horizon} tokens: {cap} per layer and KV head")
+        for name in capped:
+            policy = (namm.with_budget(cap, keep_threshold=False) if name == NAMM_NAME
+                      else build_policy(name, None, cap, cfg.update_every, cfg.seed))
+            run(budget_label(name, fraction), policy)
 
     rows = store.rows()
-    summary = summarise([r for r in rows if r["policy"] in cfg.policies])
+    labels = [*order, *(budget_label(n, f) for f in cfg.budgets for n in capped)]
+    summary = summarise([r for r in rows if r["policy"] in labels], labels)
     if budget is None and any(r["policy"] == NAMM_NAME for r in rows):
         namm_rows = [r for r in rows if r["policy"] == NAMM_NAME]
         budget = matched_budget(namm_rows) if len(namm_rows) >= cfg.episodes else None
@@ -586,6 +633,11 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
         f"({cfg.update_every / 3:g} env steps)\n"
         f"- episodes per policy: {cfg.episodes} (seeds {seeds[0]}..{seeds[-1]}), max steps {cfg.max_steps}\n"
         f"- baselines' per-layer budget: {budget}\n"
+        + (f"- fixed budgets: {', '.join(f'{100 * f:g}%' for f in cfg.budgets)} of an episode's "
+           f"{3 * horizon} tokens, per layer and KV head (`<policy> @ <percent>%` rows)\n"
+           if cfg.budgets else "")
+        + (f"- windowed: the last {cfg.window} steps\n" if cfg.window else "")
+        +
         f"- full cache: {full.get('tokens_mean', float('nan')):.0f} tokens on average, "
         f"{full.get('tokens_peak', float('nan')):.0f} at the peak, vs {3 * dt.context} in training\n\n"
         "Protocol: the cached rollout keeps the whole episode (far past the DT's training context K); "

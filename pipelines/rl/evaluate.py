@@ -341,7 +341,7 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
                 )
             tick = time.perf_counter()
             if policy is None:
-                kept_kind, kv_bytes, held = window_measure(dt.model, len(seeds), t, window or dt.context, plot)
+                kept_kind, kv_bytes, held = window_measure(dt.model, len(seeds), t, rollout.context, plot)
             else:
                 report = rollout.cache.memory_report()
                 kept_kind, kv_bytes, held = cache_measure(report, plot and bool(live[0]))

@@ -3,7 +3,8 @@
 Short names resolve to gymnasium ids (:data:`ENV_ALIASES`): ``lunarlander`` ->
 ``LunarLanderContinuous-v3``, ``bipedalwalker`` -> ``BipedalWalker-v3``, and the D4RL locomotion
 tasks to their v4 envs (the public D4RL-v2 Decision Transformer checkpoints were trained on v3 envs,
-whose v4 ports match them; v4/v5 need ``mujoco``, which is not a dependency here).
+whose v4 ports match them; v4/v5 need ``mujoco``, in the ``rl`` extra), and ``cuecorridor`` to the
+memory task of :mod:`.memory`.
 
 :class:`EnvBatch` steps ``N`` episodes together without auto-reset: an episode that ended stays
 ended (its observation frozen, its rewards zero) until :meth:`EnvBatch.reset`, which is what a

@@ -221,3 +221,38 @@ def test_fixed_budgets_cap_every_policy_alike_and_the_window_is_set(tmp_path, dt
     assert "| NAMM @ 20% " in md and "fixed budgets: 20%, 50%" in md and "windowed: the last 2 steps" in md
     with pytest.raises(ValueError, match="fractions of the episode's tokens"):
         EvalRolloutConfig(budgets=[1.5])
+
+
+def test_public_format_dt_on_mujoco_with_given_state_statistics(tmp_path):
+    """A DT in the public edbeeching format (config and weights only) rolls out on Hopper-v4 (found from
+    its name) with state statistics from a JSON file, normalised by D4RL's hopper reference scores."""
+    pytest.importorskip("mujoco")
+    from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+    from namm_transfer.pipelines.rl.models import state_statistics
+
+    torch.manual_seed(0)
+    public = tmp_path / "decision-transformer-gym-hopper-medium"
+    DecisionTransformerModel(DecisionTransformerConfig(
+        state_dim=11, act_dim=3, hidden_size=16, n_layer=1, n_head=1, n_inner=32, max_ep_len=1000,
+        action_tanh=True, bos_token_id=None, eos_token_id=None)).save_pretrained(public)
+    base = dict(dt=str(public), policies=["windowed", "FullCache"], episodes=2, max_steps=8,
+                target_return=3600, output_dir=str(tmp_path / "out"), threads=1, plot=False)
+    with pytest.raises(ValueError, match="pass state_mean and state_std"):
+        run_eval_rollout(EvalRolloutConfig(**base))
+    stats = tmp_path / "hopper_stats.json"
+    stats.write_text(json.dumps({"state_mean": [0.1] * 11, "state_std": [2.0] * 11}))
+    mean, std = state_statistics(stats)
+    assert mean.shape == (11,) and float(std[0]) == 2.0
+    summary = run_eval_rollout(EvalRolloutConfig(**base, state_stats=str(stats)))
+    out = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert out["setting"]["env"] == "Hopper-v4"
+    for name in ("windowed", "FullCache"):
+        s = summary[name]
+        assert s["episodes"] == 2 and np.isfinite(s["normalised_mean"])
+        # D4RL's hopper reference scores: random -20.27, expert 3234.3
+        expected = 100 * (s["return_mean"] + 20.272305) / (3234.3 + 20.272305)
+        assert s["normalised_mean"] == pytest.approx(expected)
+    (tmp_path / "bad.json").write_text(json.dumps({"state_mean": [0.0] * 11}))
+    with pytest.raises(ValueError, match="lacks \\['state_std'\\]"):
+        state_statistics(tmp_path / "bad.json")

@@ -107,6 +107,9 @@ class EvalRolloutConfig:
             also runs capped at each (the NAMM by top-k of its scores); rows are labelled
             ``<policy> @ <percent>%``. Empty: only the NAMM's own budget.
         window: steps the windowed reference re-encodes (None: the DT's training context K).
+        state_stats: for a DT that does not store its state normalisation (the public
+            ``edbeeching/decision-transformer-gym-*`` format): a JSON file with ``state_mean`` and
+            ``state_std``, or a Minari dataset id (under ``root``) whose observations give them.
         batch_size: episodes stepped together; None: all of them.
         target_return: return to condition on (unscaled); None: the DT's own.
         max_steps: cap on env steps per episode (quick runs and tests); None: the env's time limit.
@@ -129,6 +132,7 @@ class EvalRolloutConfig:
     policies: list[str] = dataclasses.field(default_factory=rollout_policies)
     budgets: list[float] = dataclasses.field(default_factory=list)
     window: int | None = None
+    state_stats: str | None = None
     batch_size: int | None = None
     target_return: float | None = None
     max_steps: int | None = None
@@ -518,12 +522,13 @@ def plot_memory(memory_map: np.ndarray, title: str, path: Path | None = None):
 
 
 def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    from namm_transfer.pipelines.rl.models import load_dt
+    from namm_transfer.pipelines.rl.models import load_dt, state_statistics
 
     set_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dt = load_dt(cfg.dt, device=cfg.device)
+    stats = state_statistics(cfg.state_stats, cfg.root) if cfg.state_stats else (None, None)
+    dt = load_dt(cfg.dt, *stats, target_return=cfg.target_return, device=cfg.device)
     dt.model.to(dtype=parse_dtype(cfg.dtype))
     env_id = cfg.env or dt.env_id
     if env_id is None:

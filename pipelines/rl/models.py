@@ -185,6 +185,26 @@ def load_dt(
     )
 
 
+def state_statistics(source: str | os.PathLike,
+                     root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(state_mean, state_std)`` for a DT that does not store them (the public format): from a JSON
+    file ``{"state_mean": [...], "state_std": [...]}`` or from the observations of a Minari dataset id
+    (e.g. a D4RL dataset the user converted to Minari under ``root``), as ``train-dt`` computes them."""
+    path = Path(source)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"state statistics file {path} does not exist")
+        data = json.loads(path.read_text())
+        missing = {"state_mean", "state_std"} - set(data)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}: it needs state_mean and state_std lists")
+        return np.asarray(data["state_mean"], np.float32), np.asarray(data["state_std"], np.float32)
+    from namm_transfer.envs import episodes, load_dataset
+
+    states = np.concatenate([ep.observations for ep in episodes(load_dataset(str(source), root))])
+    return states.mean(axis=0).astype(np.float32), (states.std(axis=0) + 1e-6).astype(np.float32)
+
+
 def _public_env_id(name: str) -> str | None:
     """``edbeeching/decision-transformer-gym-hopper-medium`` -> ``Hopper-v4`` (None if no D4RL task)."""
     from namm_transfer.envs.scores import D4RL_ENV_IDS, d4rl_task

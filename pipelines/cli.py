@@ -24,6 +24,7 @@ from namm_transfer.pipelines.eval_text import EvalTextConfig, run_eval_text
 from namm_transfer.pipelines.eval_video import FORMATS, EvalVideoConfig, run_eval_video
 from namm_transfer.pipelines.evolve import EvolveConfig, run_evolve
 from namm_transfer.pipelines.export import export_namm
+from namm_transfer.pipelines.models import MODELS
 from namm_transfer.pipelines.rl_datasets import ENV_NAMES, LEVEL_NAMES, RLDatasetsConfig, run_make_rl_datasets
 from namm_transfer.pipelines.text_tasks import (
     EXTRA_TASKS,
@@ -120,7 +121,8 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "eval-text", EvalTextConfig, run_eval_text,
         "a NAMM vs full cache and every baseline at matched budgets, both protocols, test split",
-        "Run SmolLM2-135M-Instruct on the test split of each text task with the full cache, the NAMM and "
+        "Run SmolLM2-135M-Instruct (or, with --model gemma3-270m, Gemma-3-270M) on the test split of each "
+        "text task with the full cache, the NAMM and "
         "every baseline (Recency, H2O, L2Norm, RandomEviction, SnapKV, TOVA) at the same tokens per layer "
         "and KV head, in the one-shot protocol (the context compressed once before the question; one shared "
         "prefill per prompt) and the progressive one (eviction every UPDATE_EVERY tokens). Reports per task "
@@ -128,7 +130,7 @@ COMMANDS: tuple[Command, ...] = (
         "fraction and KV MiB, and whether the NAMM beats every baseline by more than their combined "
         "standard error. Appends results to OUTPUT_DIR/rows*.jsonl and skips finished ones on a rerun; "
         "writes OUTPUT_DIR/summary.md and .json.",
-        {**DTYPE, "split": {"choices": ("test", "val")},
+        {**DTYPE, "split": {"choices": ("test", "val")}, "model": {"choices": tuple(MODELS)},
          "protocols": {"choices": ("one-shot", "progressive")}},
     ),
     Command(

@@ -71,6 +71,32 @@ class ExportVideoModelConfig:
     destination: str | None = None
 
 
+@dataclass
+class FamiliesConfig:
+    """Settings of ``families``.
+
+    Attributes:
+        write_readme: a README whose block between ``<!-- families:start -->`` and
+            ``<!-- families:end -->`` is rewritten from the descriptors (None: print the list).
+    """
+
+    write_readme: str | None = None
+
+
+def run_families(cfg: FamiliesConfig, argv: Sequence[str] | None = None) -> str:
+    from pathlib import Path
+
+    from namm_transfer.adapters.families import supported_families_markdown, with_readme_block
+
+    if cfg.write_readme is None:
+        print(supported_families_markdown())
+        return supported_families_markdown()
+    path = Path(cfg.write_readme)
+    path.write_text(with_readme_block(path.read_text()))
+    print(f"rewrote the families block of {path}")
+    return str(path)
+
+
 def _stages(text: str) -> list[list[str]]:
     """``"passkey;passkey,kv"`` -> ``[["passkey"], ["passkey", "kv"]]``."""
     stages = [[t.strip() for t in stage.split(",") if t.strip()] for stage in text.split(";")]
@@ -244,6 +270,13 @@ COMMANDS: tuple[Command, ...] = (
         "its reference answer, token count and task metadata.",
         {"task": {"positional": True, "choices": (*TASKS, *EXTRA_TASKS)},
          "split": {"choices": tuple(SPLIT_BASE)}},
+    ),
+    Command(
+        "families", FamiliesConfig, run_families,
+        "the model families attach supports and refuses (the README's list)",
+        "Print the supported decoder families, multimodal wrappers and refused kinds with their reasons, "
+        "generated from the descriptors in adapters/families.py; with --write-readme, rewrite that list "
+        "in a README between its <!-- families:start --> and <!-- families:end --> markers.",
     ),
     Command(
         "bench overhead", OverheadConfig, run_overhead,

@@ -6,7 +6,8 @@ self-attention modules dispatch through transformers' ``AttentionInterface`` and
 detection cannot guess: where the language model sits inside a wrapper, how many query heads share a
 KV head when the config does not say it in the usual fields, and which module owns the cache (the one
 whose forward takes ``past_key_values``). Adding a family is one entry in :data:`DECODERS` or
-:data:`WRAPPERS`; :func:`supported_families_markdown` renders the README's list from these entries.
+:data:`WRAPPERS`; :func:`supported_families_markdown` renders the README's list from these entries
+(``namm-transfer families --write-readme README.md`` rewrites it).
 
 A decoder that passes detection but has no entry here is attached too, with a warning that it is
 untested. The kinds that cannot work are in :data:`REFUSED`, each with the reason its error gives.
@@ -173,6 +174,25 @@ def supported_families_markdown() -> str:
     lines += [f"- {f.name} (`{f.model_type}`): {f.notes}" for f in DECODERS]
     lines += ["", "Multimodal wrappers, around any supported decoder:", ""]
     lines += [f"- {f.name} (`{f.model_type}`): {f.notes}" for f in WRAPPERS]
-    lines += ["", "Refused, with an error naming the reason:", ""]
+    lines += ["", "Other decoders that pass detection attach with a warning that they are untested.", ""]
+    lines += ["Refused, with an error naming the reason:", ""]
     lines += [f"- {r.kind} ({', '.join(f'`{e}`' for e in r.examples)}): {r.reason}" for r in REFUSED]
     return "\n".join(lines)
+
+
+# The README block between these markers is generated (``namm-transfer families --write-readme README.md``);
+# tests/test_readme.py fails when it is stale.
+README_START, README_END = "<!-- families:start -->", "<!-- families:end -->"
+
+
+def readme_block() -> str:
+    """The generated README block, markers included."""
+    return f"{README_START}\n{supported_families_markdown()}\n{README_END}"
+
+
+def with_readme_block(text: str) -> str:
+    """``text`` (a README) with its families block replaced by the generated one."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README has no {README_START} ... {README_END} block")
+    return text[:start] + readme_block() + text[end + len(README_END) :]

@@ -13,12 +13,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from namm_transfer.pipelines.bench.ablation import AblationConfig, run_ablation
-from namm_transfer.pipelines.bench.engine import EngineBenchConfig, run_engine_bench
+from namm_transfer.pipelines.bench.engine import (
+    EngineBenchConfig,
+    run_engine_bench,
+)
 from namm_transfer.pipelines.bench.overhead import OverheadConfig, run_overhead
-from namm_transfer.pipelines.bench.population import PopulationConfig, run_population
+from namm_transfer.pipelines.bench.population import (
+    PopulationConfig,
+    run_population,
+)
 from namm_transfer.pipelines.cli_config import Command, config_from_args
 from namm_transfer.pipelines.cli_config import build_parser as _build_parser
 from namm_transfer.pipelines.demo import DemoConfig, run_demo
+from namm_transfer.pipelines.models import MODELS
 from namm_transfer.pipelines.rl.datasets import ENV_NAMES, LEVEL_NAMES, RLDatasetsConfig, run_make_rl_datasets
 from namm_transfer.pipelines.rl.evaluate import EvalRolloutConfig, run_eval_rollout
 from namm_transfer.pipelines.rl.train import TrainDTConfig, train_dt
@@ -68,6 +75,32 @@ class ExportVideoModelConfig:
     model_dir: str
     name: str
     destination: str | None = None
+
+
+@dataclass
+class FamiliesConfig:
+    """Settings of ``families``.
+
+    Attributes:
+        write_readme: a README whose block between ``<!-- families:start -->`` and
+            ``<!-- families:end -->`` is rewritten from the descriptors (None: print the list).
+    """
+
+    write_readme: str | None = None
+
+
+def run_families(cfg: FamiliesConfig, argv: Sequence[str] | None = None) -> str:
+    from pathlib import Path
+
+    from namm_transfer.adapters.families import supported_families_markdown, with_readme_block
+
+    if cfg.write_readme is None:
+        print(supported_families_markdown())
+        return supported_families_markdown()
+    path = Path(cfg.write_readme)
+    path.write_text(with_readme_block(path.read_text()))
+    print(f"rewrote the families block of {path}")
+    return str(path)
 
 
 def _stages(text: str) -> list[list[str]]:
@@ -120,7 +153,8 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "eval-text", EvalTextConfig, run_eval_text,
         "a NAMM vs full cache and every baseline at matched budgets, both protocols, test split",
-        "Run SmolLM2-135M-Instruct on the test split of each text task with the full cache, the NAMM and "
+        "Run SmolLM2-135M-Instruct (or, with --model gemma3-270m, Gemma-3-270M) on the test split of each "
+        "text task with the full cache, the NAMM and "
         "every baseline (Recency, H2O, L2Norm, RandomEviction, SnapKV, TOVA) at the same tokens per layer "
         "and KV head, in the one-shot protocol (the context compressed once before the question; one shared "
         "prefill per prompt) and the progressive one (eviction every UPDATE_EVERY tokens). Reports per task "
@@ -128,7 +162,7 @@ COMMANDS: tuple[Command, ...] = (
         "fraction and KV MiB, and whether the NAMM beats every baseline by more than their combined "
         "standard error. Appends results to OUTPUT_DIR/rows*.jsonl and skips finished ones on a rerun; "
         "writes OUTPUT_DIR/summary.md and .json.",
-        {**DTYPE, "split": {"choices": ("test", "val")},
+        {**DTYPE, "split": {"choices": ("test", "val")}, "model": {"choices": tuple(MODELS)},
          "protocols": {"choices": ("one-shot", "progressive")}},
     ),
     Command(
@@ -242,6 +276,13 @@ COMMANDS: tuple[Command, ...] = (
         "its reference answer, token count and task metadata.",
         {"task": {"positional": True, "choices": (*TASKS, *EXTRA_TASKS)},
          "split": {"choices": tuple(SPLIT_BASE)}},
+    ),
+    Command(
+        "families", FamiliesConfig, run_families,
+        "the model families attach supports and refuses (the README's list)",
+        "Print the supported decoder families, multimodal wrappers and refused kinds with their reasons, "
+        "generated from the descriptors in adapters/families.py; with --write-readme, rewrite that list "
+        "in a README between its <!-- families:start --> and <!-- families:end --> markers.",
     ),
     Command(
         "bench overhead", OverheadConfig, run_overhead,

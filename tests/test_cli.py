@@ -244,6 +244,7 @@ def test_the_commands_users_run_parse_as_before():
     _, cfg = parse(["eval-rollout", "--policies", "full", "NAMM", "--no-plot", "--update-every", "12"])
     assert cfg == EvalRolloutConfig(policies=["full", "NAMM"], plot=False, update_every=12)
     assert parse(["eval-text", "--no-namm-rows"])[1].namm_rows is False
+    assert parse(["eval-text", "--model", "gemma3-270m"])[1].model == "gemma3-270m"
     assert parse(["train-dt", "-K", "3"])[1].context == 3
     assert parse(["bench", "ablation", "--run", "A=runs/a", "--run", "B b=runs/b"])[1].runs == [
         "A=runs/a", "B b=runs/b"]

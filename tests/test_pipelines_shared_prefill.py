@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import _tiny_decoders
 import numpy as np
 import pytest
 import torch
@@ -49,8 +50,9 @@ class _Example:
     prompt_ids: list[int]
 
 
-def _ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 97, (CONTEXT + SUFFIX + ANSWER,), generator=torch.Generator().manual_seed(seed))
+def _ids(seed: int = 0, vocab: int = 97) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (CONTEXT + SUFFIX + ANSWER,), generator=gen)
 
 
 def _namm(seed: int = 3) -> NAMM:
@@ -58,9 +60,10 @@ def _namm(seed: int = 3) -> NAMM:
 
 
 @torch.no_grad()
-def _alone(model, policy, ids: torch.Tensor) -> torch.Tensor:
+def _alone(model, policy, ids: torch.Tensor, report: list | None = None) -> torch.Tensor:
     """Reference one-shot run of one policy through attach(): the context in one forward with the
-    policy due exactly at its end (update_every = context length), then the rest: answer log-probs."""
+    policy due exactly at its end (update_every = context length), then the rest: answer log-probs.
+    ``report`` receives the cache's final memory report."""
     if isinstance(policy, NAMM):
         policy = NAMM(
             replace(policy.config, update_every=CONTEXT), policy.params, policy.norm_mean, policy.norm_var
@@ -72,26 +75,26 @@ def _alone(model, policy, ids: torch.Tensor) -> torch.Tensor:
         cache = handle.new_cache()
         model(input_ids=ids[None, :CONTEXT], past_key_values=cache)
         out = model(input_ids=ids[None, CONTEXT:], past_key_values=cache)
+        if report is not None:
+            report.append(cache.memory_report())
     logp = torch.log_softmax(out.logits[0, SUFFIX - 1 : -1].float(), -1)
     return logp.gather(-1, ids[CONTEXT + SUFFIX :, None]).sum()
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: FullCache(),
-        lambda: _namm().with_budget(20),
-        lambda: Recency(20),
-        lambda: H2O(20),
-        lambda: L2Norm(20),
-        lambda: SnapKV(20, window=8),
-        lambda: TOVA(20),
-    ],
-    ids=["full", "namm", "recency", "h2o", "l2norm", "snapkv", "tova"],
-)
-def test_fork_equals_the_policy_run_alone(model, make):
-    ids = _ids()
-    policy = make()
+POLICIES = {
+    "full": lambda budget: FullCache(),
+    "namm": lambda budget: _namm().with_budget(budget),
+    "recency": lambda budget: Recency(budget),
+    "h2o": lambda budget: H2O(budget),
+    "l2norm": lambda budget: L2Norm(budget),
+    "snapkv": lambda budget: SnapKV(budget, window=8),
+    "tova": lambda budget: TOVA(budget),
+}
+
+
+def _fork_result(model, policy, ids: torch.Tensor):
+    """One shared prefill recording every policy's state, then ``policy``'s fork: teacher-forced result
+    and the fork's final memory report."""
     recorded = [_namm(), H2O(), SnapKV(window=8), TOVA(), Recency(), L2Norm()]
     child = next((i for i, p in enumerate(recorded) if type(p) is type(policy)), 0)
     with attach(model, _namm()) as handle:
@@ -100,9 +103,49 @@ def test_fork_equals_the_policy_run_alone(model, make):
         )
         cache = prefill.fork(child, policy)
         result = teacher_forced(model, prefill, cache, ids[CONTEXT + SUFFIX :])
-    expected = _alone(model, make(), ids)
+    return result, cache.memory_report()
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_fork_equals_the_policy_run_alone(model, name):
+    ids = _ids()
+    policy = POLICIES[name](20)
+    result, _ = _fork_result(model, policy, ids)
+    expected = _alone(model, POLICIES[name](20), ids)
     assert result.logprob[0] == pytest.approx(float(expected), abs=1e-4)
     assert result.kept_fraction[0] == pytest.approx(1.0 if isinstance(policy, FullCache) else 20 / CONTEXT)
+
+
+@pytest.fixture(scope="module", params=["gemma3_text", "mistral"])
+def sliding_model(request):
+    """A tiny random decoder with sliding-window layers (window 12, shorter than the 48-token context):
+    Gemma3 mixes sliding and full layers and has one KV head, Mistral slides on every layer."""
+    model = _tiny_decoders.build(request.param)
+    with torch.no_grad():  # Gemma3's k-norm at its init gives every key the same L2 norm: L2Norm's
+        for name, p in model.named_parameters():  # ranking would be float noise; make the norms differ
+            if "k_norm" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    return model
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_fork_equals_the_policy_run_alone_on_sliding_layers(sliding_model, name):
+    """The layer's own window drops tokens during the shared prefill; the Tee compacts every recorded
+    state with them, so a fork keeps the same tokens and gives the same answer log-probability as its
+    policy run alone (budget 8: the policies evict inside the window too)."""
+    ids = _ids(4, vocab=_tiny_decoders.VOCAB)
+    windows = attach(sliding_model, FullCache())
+    assert _tiny_decoders.WINDOW in windows.sliding_windows
+    windows.detach()
+    result, fork_report = _fork_result(sliding_model, POLICIES[name](8), ids)
+    alone_report: list = []
+    expected = _alone(sliding_model, POLICIES[name](8), ids, alone_report)
+    assert result.logprob[0] == pytest.approx(float(expected), abs=1e-4)
+    alone = alone_report[0]
+    for layer, (valid, pos) in enumerate(zip(alone.valid, alone.positions, strict=True)):
+        for h in range(valid.shape[1]):  # the same tokens kept, per layer and KV head
+            kept = fork_report.positions[layer][0, h][fork_report.valid[layer][0, h]]
+            assert kept.tolist() == pos[0, h][valid[0, h]].tolist()
 
 
 def test_a_batch_of_members_equals_each_member_alone(model):
@@ -230,3 +273,14 @@ def test_received_attention_sums_only_what_it_observed():
     policy.observe(state, torch.rand(1, 2, 1, 6).softmax(-1), None)
     assert state["received"].shape == (1, 2, 6)
     assert float(state["received"].sum()) == pytest.approx(2 * 4)  # 4 rows of 2 heads, each sums to 1
+
+
+def test_received_attention_follows_compacted_slots():
+    """A sliding window's expiry compacts the slots: the sums move with their tokens."""
+    policy = ReceivedAttention()
+    state = policy.new_state(0)
+    policy.observe(state, torch.rand(1, 2, 3, 5).softmax(-1), None)
+    before = state["received"].clone()
+    index = torch.tensor([[[2, 3, 4], [1, 3, 4]]])
+    policy.on_select(state, index)
+    assert torch.equal(state["received"], before.gather(-1, index))

@@ -41,6 +41,7 @@ from namm_transfer.pipelines.common import (
     set_threads,
 )
 from namm_transfer.pipelines.harness import RowStore, check_setting, write_summary
+from namm_transfer.pipelines.models import MODELS
 from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy
 
 ROWS_NAME, SUMMARY_NAME = "rows.jsonl", "summary"
@@ -53,6 +54,8 @@ class EvalTextConfig:
     """Settings of :func:`run_eval_text`.
 
     Attributes:
+        model: the language model evaluated, by short name: ``smollm2`` (SmolLM2-135M-Instruct) or
+            ``gemma3-270m`` (Gemma-3-270M, the ``gemma`` extra); the NAMM is applied to it zero-shot.
         namm: a shipped NAMM's short name, a directory (e.g. an ``evolve`` job's ``OUT_DIR/namm``) or a
             Hub id (default: the shipped text-evolved NAMM).
         tasks: task names (keys of ``text_tasks.TASKS``).
@@ -73,6 +76,7 @@ class EvalTextConfig:
         threads: torch intra-op threads (None: torch's choice; 1 is best beside a busy process).
     """
 
+    model: str = "smollm2"
     namm: str = "smollm2-text"
     tasks: list[str] = field(default_factory=lambda: ["passkey", "kv", "docs"])
     n: int = 32
@@ -91,6 +95,8 @@ class EvalTextConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if bad:
             raise ValueError(f"unknown protocol(s) {bad}; choose from {', '.join(PROTOCOLS)}")
@@ -155,17 +161,19 @@ def evaluate_prompt(
 
 
 def _check_same_setting(out_dir: Path, cfg: EvalTextConfig, update_every: int | None = None) -> None:
-    """Resuming mixes rows only from the same split, prompt length, cadence and generation length: the
-    first run records them in ``setting.json`` and a rerun with others is refused, naming what differs.
-    (Rows that depend on the NAMM carry its name and are redone for another NAMM.)"""
+    """Resuming mixes rows only from the same model, split, prompt length, cadence and generation length:
+    the first run records them in ``setting.json`` and a rerun with others is refused, naming what
+    differs. (Rows that depend on the NAMM carry its name and are redone for another NAMM.)"""
     setting = {
+        "model": cfg.model,
         "split": cfg.split,
         "prompt_tokens": cfg.prompt_tokens,
         "max_new_tokens": cfg.max_new_tokens,
         "update_every": update_every if update_every is not None else cfg.update_every,
     }
-    # older setting files: no split (it was always test) and the NAMM's name (now carried by its rows)
-    check_setting(out_dir, setting, assumed={"split": "test"}, ignored=("namm",))
+    # older setting files: no model (always SmolLM2) nor split (always test), and the NAMM's name (now
+    # carried by its rows)
+    check_setting(out_dir, setting, assumed={"model": "smollm2", "split": "test"}, ignored=("namm",))
 
 
 def summarise(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, Any]]:
@@ -351,7 +359,7 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
 
     from namm_transfer import NAMM
     from namm_transfer.adapters import attach
-    from namm_transfer.pipelines.models import load_smollm2
+    from namm_transfer.pipelines.models import load_named_model
     from namm_transfer.pipelines.text.tasks import TASKS, make_split
 
     unknown = sorted(set(cfg.tasks) - set(TASKS))
@@ -371,7 +379,7 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
     stale = store.forget(lambda r: depends_on_namm(r) and r.get("namm") != str(cfg.namm))
     if stale:
         log(f"{stale} rows of another NAMM are ignored and redone")
-    model, tokenizer = load_smollm2(device=cfg.device, dtype=parse_dtype(cfg.dtype))
+    model, tokenizer = load_named_model(cfg.model, device=cfg.device, dtype=parse_dtype(cfg.dtype))
     examples = [
         (t, ex) for t in cfg.tasks for ex in make_split(t, tokenizer, cfg.split, cfg.n, cfg.prompt_tokens)
     ][shard::n_shards]
@@ -464,7 +472,7 @@ def write_text_summary(out_dir: Path, cfg: EvalTextConfig, rows: list[dict], arg
         out_dir, {"config": asdict(cfg), "meta": meta, "tables": tables},
         f"# Text tasks, {cfg.split} split ({cfg.n} prompts per task, ~{cfg.prompt_tokens} tokens)\n\n"
         f"- command: `{meta['command']}`\n- date: {meta['date']}\n- git: {meta['git_revision']}\n"
-        f"- NAMM: {cfg.namm}\n\n"
+        f"- model: {cfg.model}\n- NAMM: {cfg.namm}\n\n"
         "Normalised score = mean score / full cache's mean score on the same prompts (exact match of the "
         "answer from greedy decoding), ± its standard error over prompts; kept fraction = tokens cached / "
         "tokens seen (one-shot: of the context, right after its compression; progressive: at the end), mean "

@@ -7,6 +7,9 @@ whoever evicts. So a prompt's context is prefilled **once**, with a :class:`Tee`
 attention rows to every policy's state, and each policy (or a batch of CMA-ES members, one NAMM
 parameter vector per batch row) then gets a :meth:`ContextPrefill.fork`: the shared cache expanded to
 its batch, compressed by its own ``keep()`` at once, followed by only the question and answer.
+On a sliding-window layer (Gemma2/3, Mistral) the layer's own window drops expired tokens during the
+prefill; the Tee compacts every recorded state with them (:meth:`Tee.on_select`), so a fork starts from
+the state its policy would have reached alone.
 
 Two ways to finish a fork:
 - :func:`teacher_forced`: the question, the answer prefix and the *reference* answer in one batched
@@ -52,6 +55,13 @@ class Tee(MemoryPolicy):
             if child.needs_attention:
                 child.observe(child_state, attention, row_valid)
 
+    def on_select(self, state: list[Any], index: torch.Tensor) -> None:
+        # Slots were compacted without a policy decision: a sliding-window layer's own window dropped
+        # expired tokens during the prefill (LayerMemory.expire). Every child's per-slot state must
+        # follow, as it would if the child ran alone, or the forks' states are misaligned with the slots.
+        for child, child_state in zip(self.children, state, strict=True):
+            child.on_select(child_state, index)
+
     def keep(self, state, view) -> torch.Tensor:
         return view.valid.clone()
 
@@ -75,6 +85,11 @@ class ReceivedAttention(MemoryPolicy):
         if prev is not None and prev.shape[-1] < received.shape[-1]:
             prev = torch.nn.functional.pad(prev, (0, received.shape[-1] - prev.shape[-1]))
         state["received"] = received if prev is None else prev + received
+
+    def on_select(self, state: dict, index: torch.Tensor) -> None:
+        # a sliding-window layer dropped expired slots: the sums follow their tokens
+        if state["received"] is not None:
+            state["received"] = state["received"].gather(-1, index)
 
     def keep(self, state, view) -> torch.Tensor:
         return view.valid.clone()
@@ -154,7 +169,8 @@ class ContextPrefill:
         """
         policy = one_shot(policy if policy is not None else self.children[child])
         num_layers = len(self.cache.layers)
-        fork = EvictingCache(policy, num_layers, self.cache.layers[0].memory.n_groups)
+        windows = [layer.sliding_window for layer in self.cache.layers]
+        fork = EvictingCache(policy, num_layers, self.cache.layers[0].memory.n_groups, windows)
         for src, dst in zip(self.cache.layers, fork.layers, strict=True):
             mem_src, mem_dst = src.memory, dst.memory
             dst.lazy_initialization(src.keys, src.values)
@@ -198,7 +214,7 @@ def prefill_context(
     n = split_context(example, tokenizer) if context_len is None else context_len
     ids = torch.as_tensor(list(example.prompt_ids), device=model.device)
     tee = Tee(policies)
-    cache = EvictingCache(tee, handle.num_layers, handle.n_groups)
+    cache = EvictingCache(tee, handle.num_layers, handle.n_groups, getattr(handle, "sliding_windows", None))
     model(input_ids=ids[None, :n], past_key_values=cache, use_cache=True, logits_to_keep=1)
     return ContextPrefill(ids[:n], ids[n:], cache, list(policies))
 

@@ -17,7 +17,8 @@ Four tasks, each a :class:`TextTask` in :data:`TASKS`:
 full-cache accuracy is at or below chance; measured): reassignment tracking (``vartrack``) and
 multi-hop assignment chains "B = A." (``alias``). They stay usable for larger models.
 
-Every prompt uses SmolLM2's chat template and ends inside the assistant turn with an answer prefix
+Every prompt uses the tokenizer's chat template (SmolLM2's ChatML; Gemma 3's turns for Gemma-3-270M,
+whose template starts with ``<bos>``) and ends inside the assistant turn with an answer prefix
 ("The ticket number of Maria Reed is"), so the answer is in the first generated tokens (without it
 SmolLM2 restates the question).
 Prompts are the longest that fit in ``prompt_tokens``. Splits are disjoint by seed range

@@ -353,3 +353,22 @@ def test_shipped_video_model_answers_the_test_split(tmp_path):
                          meta["num_frames"])
     rows = generate_answers(model, tokenizer, split, VideoPreprocessor.for_model(model), "cpu")
     assert summarise(rows)["overall"]["accuracy"] >= 0.7  # the test split's first 24 samples
+
+
+def test_init_from_warm_starts_the_trained_part(trained, dataset, tiny_lm, tmp_path):
+    """init_from loads the vision tower and projector and keeps them (no pretraining, no projector
+    re-initialisation): with a zero learning rate the result equals the model it started from."""
+    from safetensors.torch import load_file
+
+    first_cfg, _ = trained
+    warm = dict(init_from=first_cfg.out_dir, pretrain_steps=0, steps=1)
+    cfg = tiny_train_config(dataset, tiny_lm, tmp_path / "warm", lr=0.0, eval_every=0, val_n=0, test_n=0, **warm)
+    train_video_model(cfg)
+    before = load_file(str(Path(first_cfg.out_dir) / "video_model.safetensors"))
+    after = load_file(str(tmp_path / "warm" / "video_model.safetensors"))
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    other = tiny_train_config(dataset, tiny_lm, tmp_path / "bad", vision_hidden=16, vision_heads=2, **warm)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        train_video_model(other)

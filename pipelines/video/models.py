@@ -163,7 +163,6 @@ def load_video_model(
         ``device`` and the language model's tokenizer. Frame count and prompt format:
         :func:`video_model_meta`.
     """
-    from safetensors.torch import load_file
     from transformers import LlavaNextVideoConfig
 
     directory = video_model_dir(name_or_dir)
@@ -173,13 +172,23 @@ def load_video_model(
     language_model, tokenizer = load_language_model(meta["language_model"], "cpu", torch.float32, cache_dir)
     config = LlavaNextVideoConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
     model = _assemble(config, language_model)
-    state = load_file(str(directory / WEIGHTS_NAME))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    load_trained_weights(model, directory)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def load_trained_weights(model: Any, name_or_dir: str | os.PathLike) -> None:
+    """Load a video model's trained part (vision tower, projector) into ``model``, whose language model
+    is already in place; a clear error when the shapes or keys do not fit."""
+    from safetensors.torch import load_file
+
+    path = video_model_dir(name_or_dir) / WEIGHTS_NAME
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    except RuntimeError as error:  # size mismatches
+        raise ValueError(f"{path} does not fit the model: {error}") from error
     missing = [k for k in missing if not k.startswith(LM_PREFIXES)]
     if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_NAME} does not fit the model: missing {missing}, "
-                         f"unexpected {unexpected}")
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+        raise ValueError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
 SHIPPED_FILES = (CONFIG_NAME, WEIGHTS_NAME, META_NAME, "README.md", "train_log.jsonl",

@@ -58,6 +58,7 @@ from namm_transfer.pipelines.video.models import (
     SMOLLM2_VIDEO_TOKEN_ID,
     build_video_model,
     load_language_model,
+    load_trained_weights,
     load_video_model,  # noqa: F401  (re-exported: the loader of what this job writes)
     save_video_model,
 )
@@ -92,6 +93,9 @@ class TrainVideoModelConfig:
             ``(image_size // patch_size // pool_stride) ** 2``.
         video_token_id, image_token_id: placeholder ids (default: SmolLM2 special tokens that never
             occur in prompts).
+        init_from: a shipped video model or ``train-video-model`` output whose vision tower and projector
+            start this training (fine-tuning, e.g. on longer videos: pass ``--pretrain-steps 0``); the
+            projector is then not re-initialised. It must have the same vision settings.
         train_n: use only the first ``train_n`` training samples (None: all).
         pretrain_steps, pretrain_batch: frame pretraining steps and frames per step, half of them
             showing a shape when the data has that many (0 steps skips it).
@@ -127,6 +131,7 @@ class TrainVideoModelConfig:
     pool_stride: int = 2
     video_token_id: int = SMOLLM2_VIDEO_TOKEN_ID
     image_token_id: int = SMOLLM2_IMAGE_TOKEN_ID
+    init_from: str | None = None
     train_n: int | None = None
     pretrain_steps: int = 150
     pretrain_batch: int = 128
@@ -446,6 +451,9 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
                   image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3)
     model = build_video_model(language_model, vision, cfg.video_token_id, cfg.image_token_id,
                               spatial_pool_stride=cfg.pool_stride).to(device)
+    if cfg.init_from:
+        load_trained_weights(model, cfg.init_from)
+        log(f"vision tower and projector start from {cfg.init_from}")
     layout = video_layout(model)
     preprocess = VideoPreprocessor.for_model(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -501,7 +509,8 @@ def train_video_model(cfg: TrainVideoModelConfig, argv: Sequence[str] | None = N
 
     # stage 2: answer tokens through the frozen LM
     neutral = tokenizer(cfg.neutral_token, add_special_tokens=False)["input_ids"]
-    neutral_projector(model, model.get_input_embeddings().weight[neutral[-1]])
+    if not cfg.init_from:  # a warm start keeps its trained projector
+        neutral_projector(model, model.get_input_embeddings().weight[neutral[-1]])
     stage2 = list(model.model.multi_modal_projector.parameters())
     groups = [{"params": stage2, "lr": cfg.lr}]
     if cfg.vision_lr > 0:

@@ -361,8 +361,8 @@ def test_init_from_warm_starts_the_trained_part(trained, dataset, tiny_lm, tmp_p
     from safetensors.torch import load_file
 
     first_cfg, _ = trained
-    warm = dict(init_from=first_cfg.out_dir, pretrain_steps=0, steps=1)
-    cfg = tiny_train_config(dataset, tiny_lm, tmp_path / "warm", lr=0.0, eval_every=0, val_n=0, test_n=0, **warm)
+    warm = dict(init_from=first_cfg.out_dir, pretrain_steps=0, steps=1, eval_every=0, val_n=0, test_n=0)
+    cfg = tiny_train_config(dataset, tiny_lm, tmp_path / "warm", lr=0.0, **warm)
     train_video_model(cfg)
     before = load_file(str(Path(first_cfg.out_dir) / "video_model.safetensors"))
     after = load_file(str(tmp_path / "warm" / "video_model.safetensors"))

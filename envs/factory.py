@@ -89,6 +89,8 @@ class EnvBatch:
         returns: undiscounted return of each episode so far.
         lengths: steps taken by each episode.
         done: whether each episode has terminated or been truncated.
+        applied_actions: the last step's actions as the envs applied them, where an env reports it in
+            ``info["applied_action"]`` (None until one does): what an agent should record as its action.
     """
 
     def __init__(self, env_id: str, num_envs: int, **kwargs: Any):
@@ -103,6 +105,7 @@ class EnvBatch:
         self.returns = np.zeros(num_envs)
         self.lengths = np.zeros(num_envs, dtype=np.int64)
         self.done = np.zeros(num_envs, dtype=bool)
+        self.applied_actions: np.ndarray | None = None
 
     def reset(self, seeds: Sequence[int] | int | None = None) -> np.ndarray:
         """Start new episodes (``seeds``: one per env, or a base seed ``s`` giving ``s + i``)."""
@@ -127,15 +130,20 @@ class EnvBatch:
                 f"actions must be {[self.num_envs, *self.action_space.shape]}, got {list(actions.shape)}"
             )
         rewards = np.zeros(self.num_envs)
+        applied = actions.copy()
+        reported = False
         for i, env in enumerate(self.envs):
             if self.done[i]:
                 continue
-            obs, reward, terminated, truncated, _ = env.step(actions[i])
+            obs, reward, terminated, truncated, info = env.step(actions[i])
+            if "applied_action" in info:
+                applied[i], reported = info["applied_action"], True
             self._obs[i] = obs
             rewards[i] = reward
             self.returns[i] += reward
             self.lengths[i] += 1
             self.done[i] = terminated or truncated
+        self.applied_actions = applied if reported else None
         return self._obs.copy(), rewards, self.done.copy()
 
     @property

@@ -189,9 +189,10 @@ def run_episodes(
         observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
         while True:
             action = policy(obs)
-            obs, reward, terminated, truncated, _ = env.step(action)
+            obs, reward, terminated, truncated, info = env.step(action)
             observations.append(obs)
-            actions.append(action)
+            # what the env applied, where it says (the cue corridor ignores corridor actions)
+            actions.append(np.asarray(info.get("applied_action", action), dtype=np.float32))
             rewards.append(float(reward))
             terminations.append(bool(terminated))
             truncations.append(bool(truncated))

@@ -1,14 +1,22 @@
 """A long-horizon memory task: the cue corridor (a T-maze with a long corridor, after Bakker 2001).
 
-At the first step the observation shows a cue, +1 or -1; for the next ``corridor`` steps it shows 0
-while the agent walks down the corridor (its actions there change nothing); at the junction (the last
-step) the sign of the action picks an arm, and the reward is 1 if it matches the cue, else 0. So the
-return says whether the agent remembered what it saw ``corridor`` steps earlier, and a policy that
-only sees recent steps succeeds half the time.
+The agent walks down a corridor of ``length`` steps (its actions there change nothing). At one step,
+drawn per episode from ``cue_steps`` (default 10 to 29, so never among the first tokens that
+attention-sink policies such as StreamingLLM always keep), the observation shows a cue, +1 or -1; at
+every other step it shows 0. At the junction (the last step) the sign of the action picks an arm,
+and the reward is 1 if it matches the cue, else 0. The cue comes at least ``length - cue_steps[1]``
+(default 91) steps before it is needed, so the return says whether the agent remembered it, and a
+policy that only sees recent steps succeeds half the time.
 
-Observation ``[cue, progress, at_junction]`` (``progress`` = step / corridor, in [0, 1]); action
-``Box(-1, 1, (1,))``; episodes are ``corridor + 1`` steps. Registered with gymnasium as
-:data:`ENV_ID` (default corridor 100) when this module is imported, which
+The corridor ignores actions, and says so: ``info["applied_action"]`` is 0 there (and the chosen arm,
++-1, at the junction). Datasets record that applied action and Decision Transformer rollouts feed it
+back instead of the DT's own prediction; otherwise a DT carries the cue forward in its own actions
+(measured: a DT trained on this task wrote corridor actions of ~0.01 whose sign followed the cue at
+every step, so a recency window of 15 steps still succeeded): memory outside the KV cache.
+
+Observation ``[cue, progress, at_junction]`` (``progress`` = step / length, in [0, 1]); action
+``Box(-1, 1, (1,))``; episodes are ``length + 1`` steps. Registered with gymnasium as
+:data:`ENV_ID` (default length 120) when this module is imported, which
 :mod:`namm_transfer.envs.factory` does, so ``make_env`` and Minari's ``recover_environment`` find it.
 """
 
@@ -20,48 +28,54 @@ import gymnasium as gym
 import numpy as np
 
 ENV_ID = "namm/CueCorridor-v0"
-DEFAULT_CORRIDOR = 100
+DEFAULT_LENGTH = 120
+DEFAULT_CUE_STEPS = (10, 30)
 
 
 class CueCorridorEnv(gym.Env):
-    """The cue corridor; ``corridor`` steps between the cue and the junction."""
+    """The cue corridor: ``length`` steps to the junction, the cue at a step drawn from
+    ``range(*cue_steps)``."""
 
     metadata = {"render_modes": []}
 
-    def __init__(self, corridor: int = DEFAULT_CORRIDOR):
-        if corridor < 1:
-            raise ValueError(f"the corridor needs at least 1 step, got {corridor}")
-        self.corridor = int(corridor)
+    def __init__(self, length: int = DEFAULT_LENGTH, cue_steps: tuple[int, int] = DEFAULT_CUE_STEPS):
+        low, high = (int(v) for v in cue_steps)
+        if not 0 <= low < high <= length:
+            raise ValueError(f"need 0 <= cue_steps[0] < cue_steps[1] <= length, got {cue_steps}, {length}")
+        self.length, self.cue_steps = int(length), (low, high)
         self.observation_space = gym.spaces.Box(-1.0, 1.0, (3,), dtype=np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
-        self._t, self._cue = 0, 1.0
+        self._t, self._cue, self._cue_step = 0, 1.0, low
 
     def _obs(self) -> np.ndarray:
-        cue = self._cue if self._t == 0 else 0.0
-        return np.array([cue, self._t / self.corridor, float(self._t == self.corridor)], dtype=np.float32)
+        cue = self._cue if self._t == self._cue_step else 0.0
+        return np.array([cue, self._t / self.length, float(self._t == self.length)], dtype=np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         self._t = 0
         self._cue = 1.0 if self.np_random.random() < 0.5 else -1.0
-        return self._obs(), {"cue": self._cue}
+        self._cue_step = int(self.np_random.integers(*self.cue_steps))
+        return self._obs(), {"cue": self._cue, "cue_step": self._cue_step}
 
     def step(self, action):
-        if self._t > self.corridor:
+        if self._t > self.length:
             raise RuntimeError("step() after the episode ended: call reset()")
-        at_junction = self._t == self.corridor
-        reward = 0.0
+        at_junction = self._t == self.length
+        reward, choice = 0.0, 0.0
         if at_junction:
             choice = float(np.sign(np.asarray(action, dtype=np.float32).reshape(-1)[0]))
             reward = float(choice == self._cue)
         self._t += 1
         obs = self._obs() if not at_junction else np.zeros(3, dtype=np.float32)
-        return obs, reward, at_junction, False, {"cue": self._cue}
+        info = {"cue": self._cue, "cue_step": self._cue_step,
+                "applied_action": np.array([choice], dtype=np.float32)}
+        return obs, reward, at_junction, False, info
 
 
 class CueCorridorExpert:
-    """Scripted expert: remembers the cue of the first observation, walks with action 0, and at the
-    junction turns towards the cue (action = cue)."""
+    """Scripted expert: remembers the cue when it is shown, walks with action 0, and at the junction
+    turns towards the cue (action = cue)."""
 
     def __init__(self) -> None:
         self.cue = 0.0
@@ -77,5 +91,4 @@ class CueCorridorExpert:
 
 
 if ENV_ID not in gym.registry:
-    gym.register(ENV_ID, entry_point=f"{__name__}:CueCorridorEnv", max_episode_steps=DEFAULT_CORRIDOR + 1,
-                 kwargs={"corridor": DEFAULT_CORRIDOR})
+    gym.register(ENV_ID, entry_point=f"{__name__}:CueCorridorEnv", max_episode_steps=DEFAULT_LENGTH + 1)

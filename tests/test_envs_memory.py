@@ -1,4 +1,4 @@
-"""The cue corridor: the cue is seen once, the reward needs it ``corridor`` steps later."""
+"""The cue corridor: the cue is seen once, the reward needs it ~100 steps later."""
 
 import numpy as np
 import pytest
@@ -11,31 +11,36 @@ from namm_transfer.envs.memory import CueCorridorEnv, CueCorridorExpert  # noqa:
 
 def _episode(env, act, seed):
     obs, info = env.reset(seed=seed)
-    seen, total, steps = [obs], 0.0, 0
+    seen, applied, total, steps = [obs], [], 0.0, 0
     while True:
-        obs, reward, terminated, truncated, _ = env.step(act(obs))
+        obs, reward, terminated, truncated, step_info = env.step(act(obs))
+        applied.append(float(step_info["applied_action"][0]))
         total, steps = total + reward, steps + 1
         if terminated or truncated:
-            return info["cue"], total, steps, np.stack(seen)
+            return info, total, steps, np.stack(seen), applied
         seen.append(obs)
 
 
-def test_cue_only_at_the_first_step_and_the_expert_always_succeeds():
-    env = make_env("cuecorridor")  # registered short name, default corridor of 100 steps
+def test_cue_shown_once_after_the_first_steps_and_the_expert_always_succeeds():
+    env = make_env("cuecorridor")  # registered short name: 120 steps to the junction, cue at step 10-29
     expert = CueCorridorExpert()
-    cues = set()
-    for seed in range(20):
+    cues, cue_steps = set(), set()
+    for seed in range(30):
         expert.reset()
-        cue, total, steps, seen = _episode(env, expert, seed)
+        info, total, steps, seen, applied = _episode(env, expert, seed)
+        cue, at = info["cue"], info["cue_step"]
         cues.add(cue)
-        assert steps == 101 and total == 1.0
-        assert seen[0, 0] == cue and np.all(seen[1:, 0] == 0)
+        cue_steps.add(at)
+        assert steps == 121 and total == 1.0 and 10 <= at < 30
+        assert seen[at, 0] == cue and np.count_nonzero(seen[:, 0]) == 1
         assert seen[-1, 2] == 1.0 and np.all(seen[:-1, 2] == 0) and seen[-1, 1] == 1.0
-    assert cues == {-1.0, 1.0}
+        # the corridor ignores actions and says so; the junction applies the chosen arm
+        assert applied[:-1] == [0.0] * 120 and applied[-1] == cue
+    assert cues == {-1.0, 1.0} and len(cue_steps) > 5
 
 
 def test_without_the_cue_half_the_episodes_succeed():
-    env = CueCorridorEnv(corridor=5)
+    env = CueCorridorEnv(length=6, cue_steps=(1, 3))
     wins = [_episode(env, lambda obs: np.array([1.0]), seed)[1] for seed in range(400)]
     assert 0.4 < np.mean(wins) < 0.6
     contrarian = CueCorridorExpert()  # turns away from the cue: never rewarded
@@ -44,11 +49,24 @@ def test_without_the_cue_half_the_episodes_succeed():
 
 
 def test_bad_use_is_refused():
-    with pytest.raises(ValueError, match="at least 1 step"):
-        CueCorridorEnv(corridor=0)
-    env = CueCorridorEnv(corridor=1)
+    with pytest.raises(ValueError, match="cue_steps"):
+        CueCorridorEnv(length=5, cue_steps=(3, 9))
+    env = CueCorridorEnv(length=1, cue_steps=(0, 1))
     env.reset(seed=0)
     env.step(np.zeros(1))
     env.step(np.zeros(1))
     with pytest.raises(RuntimeError, match="call reset"):
         env.step(np.zeros(1))
+
+
+def test_env_batch_reports_what_the_envs_applied():
+    from namm_transfer.envs import EnvBatch
+
+    batch = EnvBatch("cuecorridor", 2)
+    batch.reset(seeds=[0, 1])
+    batch.step(np.full((2, 1), 0.3, np.float32))
+    np.testing.assert_array_equal(batch.applied_actions, np.zeros((2, 1)))  # the corridor ignores them
+    lunar = pytest.importorskip("Box2D") and EnvBatch("lunarlander", 1)
+    lunar.reset(seeds=[0])
+    lunar.step(np.zeros((1, 2), np.float32))
+    assert lunar.applied_actions is None  # envs that do not say: the agent's own action stands

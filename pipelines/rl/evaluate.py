@@ -354,6 +354,8 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
             bookkeeping += time.perf_counter() - tick
             executed.append(np.clip(action, low, high))
             obs, rewards, done = envs.step(executed[-1])
+            if envs.applied_actions is not None:  # the env says what it applied: the DT records that
+                rollout.record_action(envs.applied_actions)
             rtg -= rewards
             tick = time.perf_counter()
             for b in np.flatnonzero(done & live):  # episodes that ended at this step

@@ -55,6 +55,9 @@ class TrainDTConfig:
             step, the K steps from it) or ``end`` (a random last step, the K steps up to it: the
             window a rollout sees, so an episode shorter than K is always seen from its first step,
             which a memory task needs).
+        loss: ``all`` (every action of a window, the usual DT loss) or ``last`` (each window's last action
+            only; with ``window=end`` every step of an episode is then one target, so a rare decisive
+            action, such as a memory task's final choice, is not drowned by the many easy ones).
         hidden, layers, heads: GPT-2 width, depth and attention heads.
         dropout: residual, embedding and attention dropout.
         lr, weight_decay: AdamW.
@@ -79,6 +82,7 @@ class TrainDTConfig:
     batch_size: int = 32
     context: int = 20
     window: str = "start"
+    loss: str = "all"
     hidden: int = 128
     layers: int = 3
     heads: int = 1
@@ -99,6 +103,8 @@ class TrainDTConfig:
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.context, self.hidden, self.layers, self.heads) < 1:
             raise ValueError("steps, batch_size, context, hidden, layers and heads must all be >= 1")
+        if self.loss not in ("all", "last"):
+            raise ValueError(f"loss must be 'all' or 'last', got {self.loss!r}")
         if self.window not in WINDOWS:
             raise ValueError(f"window must be one of {WINDOWS}, got {self.window!r}")
         if self.hidden % self.heads:
@@ -168,8 +174,9 @@ class SubsequenceSampler:
         }
 
 
-def action_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean squared error of the predicted actions on the non-padded steps."""
+def action_loss(model: Any, batch: dict[str, torch.Tensor], last_only: bool = False) -> torch.Tensor:
+    """Mean squared error of the predicted actions on the non-padded steps (``last_only``: on each
+    window's last step only, the action a rollout predicts with that window as its history)."""
     out = model(
         states=batch["states"],
         actions=batch["actions"],
@@ -179,6 +186,9 @@ def action_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return_dict=True,
     )
     valid = batch["attention_mask"].bool()
+    if last_only:
+        valid = torch.zeros_like(valid)
+        valid[:, -1] = True  # windows are left-padded: the last step is always real
     return ((out.action_preds - batch["actions"]) ** 2)[valid].mean()
 
 
@@ -271,7 +281,7 @@ def train_dt(cfg: TrainDTConfig, argv: Sequence[str] | None = None, dataset: Any
     bar = tqdm(total=cfg.steps, desc="train-dt", unit="step")
     for step in range(cfg.steps):
         batch = {k: v.to(cfg.device) for k, v in sampler.sample(cfg.batch_size).items()}
-        loss = action_loss(model, batch)
+        loss = action_loss(model, batch, last_only=cfg.loss == "last")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

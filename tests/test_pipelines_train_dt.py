@@ -270,7 +270,8 @@ def test_last_only_loss_counts_each_windows_last_action():
         state_dim=2, act_dim=1, hidden_size=16, n_layer=1, n_head=1, n_inner=32, max_ep_len=10,
         action_tanh=True, bos_token_id=None, eos_token_id=None)).eval()
     batch = {"states": torch.randn(3, 4, 2), "actions": torch.rand(3, 4, 1),
-             "returns_to_go": torch.rand(3, 4, 1), "timesteps": torch.arange(4).repeat(3, 1), "attention_mask": torch.tensor([[0, 1, 1, 1]] * 3)}
+             "returns_to_go": torch.rand(3, 4, 1), "timesteps": torch.arange(4).repeat(3, 1),
+             "attention_mask": torch.tensor([[0, 1, 1, 1]] * 3)}
     with torch.no_grad():
         preds = model(**batch, return_dict=True).action_preds
         last = action_loss(model, batch, last_only=True)

@@ -109,6 +109,15 @@ class EvictingLayer(DynamicLayer):
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
+    def kept_bytes(self) -> int:
+        """Key + value bytes of the tokens actually kept (every valid slot of every sample and KV head):
+        what :meth:`stored_bytes` would be without the padding of shorter heads to the longest."""
+        if self.keys is None or self.keys.numel() == 0 or self.memory.valid is None:
+            return 0
+        slot = self.keys.shape[-1] * self.keys.element_size()
+        slot += self.values.shape[-1] * self.values.element_size()
+        return int(self.memory.valid.sum()) * slot
+
     def full_bytes(self) -> int:
         """Bytes a full (never evicting) transformers cache would hold for the same tokens: every token
         seen, or the last ``sliding_window - 1`` on a sliding-window layer."""

@@ -8,7 +8,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.adapters import EvictingCache, attach
-from namm_transfer.policies import L2Norm, RandomEviction, Recency
+from namm_transfer.policies import L2Norm, MemoryPolicy, RandomEviction, Recency
+from namm_transfer.selection import newest_slot
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,33 @@ def test_recency_budget_and_stats(model):
     per_token = 2 * model.config.num_key_value_heads * head_dim * 4
     assert stats["stored_kv_bytes"] == 2 * 34 * per_token
     assert stats["full_kv_bytes"] == 2 * 78 * per_token
+    assert stats["kept_kv_bytes"] == stats["stored_kv_bytes"]  # every head keeps the same count
+    assert stats["stored_to_kept"] == 1.0
     assert isinstance(cache, EvictingCache)
+
+
+class _HeadZeroKeepsHalf(MemoryPolicy):
+    """KV head 0 keeps its newer half, the other heads keep everything: unequal head lengths."""
+
+    def keep(self, state, view):
+        keep = view.valid.clone()
+        half = view.valid.shape[-1] // 2
+        keep[:, 0, :half] = False
+        return keep | newest_slot(view.positions, view.valid)
+
+
+@torch.no_grad()
+def test_stats_kept_bytes_count_only_kept_tokens(model):
+    """Heads of unequal length are stored padded to the longest: stats report both and their ratio."""
+    with attach(model, _HeadZeroKeepsHalf(update_every=32), prefill_chunk=32) as handle:
+        model(prompt(64), use_cache=True)
+        stats = handle.stats()
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    per_head_token = 2 * head_dim * 4
+    kept = sum(sum(head) for layer in stats["kept_tokens_per_layer"] for head in layer)
+    assert stats["kept_kv_bytes"] == kept * per_head_token
+    assert stats["kept_kv_bytes"] < stats["stored_kv_bytes"]
+    assert stats["stored_to_kept"] == pytest.approx(stats["stored_kv_bytes"] / stats["kept_kv_bytes"])
 
 
 @torch.no_grad()

@@ -147,12 +147,15 @@ class StreamingSpectrogram:
             self.window = F.pad(self.window, (0, extra))
             self.spectrum = F.pad(self.spectrum, (0, extra))
 
-    def observe(self, rows: torch.Tensor, row_valid: torch.Tensor | None = None) -> int:
+    def observe(self, rows: torch.Tensor, row_valid: torch.Tensor | None = None, causal: bool = False) -> int:
         """Consume the attention rows of a chunk of queries.
 
         Args:
             rows: ``[B, H, q, S]`` attention of the chunk's queries to the S current key slots.
             row_valid: ``[B, q]`` bool, False for padding queries (left padding only).
+            causal: the last q slots are the chunk's own tokens in order (slot ``S - q + i`` arrives with
+                query i) and attention is causal, so a slot has received nothing before it arrived: the
+                frames before it are zero and are not computed (same result, less work).
 
         Returns:
             The largest number of frames emitted for a sample.
@@ -168,7 +171,7 @@ class StreamingSpectrogram:
             rows = rows * row_valid[:, None, :, None]
         aligned = row_valid is None and bool((self.rows_seen == self.rows_seen[0]).all())
         if aligned and n_q >= self.n_fft and rows.is_contiguous():
-            return self._observe_aligned(rows)
+            return self._observe_aligned(rows, causal=causal)
         combined = torch.cat([self.window, rows], dim=-2).contiguous()  # [B, H, n_fft + q, S]
         # A copy, not a view: a view would keep the whole chunk's rows alive between forwards.
         self.window = combined[..., -self.n_fft :, :].clone()
@@ -176,7 +179,7 @@ class StreamingSpectrogram:
             return self._observe_aligned(combined, with_window=True)
         return self._observe_per_sample(combined, row_valid)
 
-    def _observe_aligned(self, rows: torch.Tensor, with_window: bool = False) -> int:
+    def _observe_aligned(self, rows: torch.Tensor, with_window: bool = False, causal: bool = False) -> int:
         """All samples share a frame phase: frames are evenly spaced windows of the series.
 
         ``rows`` is the chunk ``[B, H, q, S]`` (then the window of earlier rows is read only for the
@@ -199,24 +202,32 @@ class StreamingSpectrogram:
         else:
             # frames starting before the chunk take their first rows from the window
             reaching = min(n_frames, -(first_start // self.hop)) if first_start < 0 else 0
-            update = self._weighted_frames(rows, first_start + self.hop * reaching, decay[reaching:])
+            n_old = rows.shape[-1] - n_q if causal else None  # slot arriving with the chunk's first row
+            update = self._weighted_frames(rows, first_start + self.hop * reaching, decay[reaching:], n_old)
             if reaching:
                 head = torch.cat([self.window, rows[..., : self.n_fft, :]], dim=-2)
-                update = update + self._weighted_frames(head, first_start + self.n_fft, decay[:reaching])
+                head_old = None if n_old is None else n_old - self.n_fft
+                head_start = first_start + self.n_fft
+                update = update + self._weighted_frames(head, head_start, decay[:reaching], head_old)
             self.window = rows[..., -self.n_fft :, :].clone()
         # out of place on the old state: forked states (shared prefill) may hold it as an expanded view
         self.spectrum = update.add_(self.spectrum, alpha=fd**n_frames)
         return n_frames
 
-    def _weighted_frames(self, series: torch.Tensor, start: int, weights: torch.Tensor) -> torch.Tensor:
+    def _weighted_frames(
+        self, series: torch.Tensor, start: int, weights: torch.Tensor, arrival: int | None = None
+    ) -> torch.Tensor:
         """``sum_f weights[f] * |STFT frame f|`` ``[B, H, n_bins, S]`` for the frames of ``series``
-        ``[B, H, T, S]`` (contiguous) starting at rows ``start + f * hop``."""
+        ``[B, H, T, S]`` (contiguous) starting at rows ``start + f * hop``.
+
+        ``arrival``: slot ``arrival + r`` arrives with series row r and has zero attention before it
+        (None: no such structure is assumed); a frame then skips the slots that arrive after it."""
         batch, heads, total, n_keys = series.shape
         n_frames = weights.shape[0]
         if not n_frames:
             return series.new_zeros(batch, heads, self.n_bins, n_keys)
         if total % self.hop == 0:
-            return self._frames_flat(series, start, weights)
+            return self._frames_flat(series, start, weights, arrival)
         # Frame f covers series[start + f*hop : start + f*hop + n_fft]: an overlapping strided view, so
         # one batched matmul computes every frame.
         batch_stride, head_stride, row_stride = series.stride(0), series.stride(1), series.stride(2)
@@ -228,14 +239,17 @@ class StreamingSpectrogram:
         mag = self._magnitude(torch.matmul(self._basis, windows))  # [B, H, F, bins, S]
         return torch.einsum("f,bhfks->bhks", weights, mag)
 
-    def _frames_flat(self, series: torch.Tensor, start: int, weights: torch.Tensor) -> torch.Tensor:
+    def _frames_flat(
+        self, series: torch.Tensor, start: int, weights: torch.Tensor, arrival: int | None = None
+    ) -> torch.Tensor:
         """:meth:`_weighted_frames` when every (sample, head) series has a multiple of ``hop`` rows.
 
         The series of all (sample, head) pairs are laid end to end (``[B*H*T, S]``, a view): then
         (b, h)'s frame f is window ``(b*H + h) * T/hop + f`` of one evenly strided sequence of windows,
         which one batched matmul reads in place. Windows that straddle two series get weight 0. The
         windows go through in blocks whose basis output stays in cache while its magnitude is formed
-        (in place) and reduced by a small matmul.
+        (in place) and reduced by a small matmul; with ``arrival``, a block reads only the slots that
+        exist by the end of its latest frame.
         """
         batch, heads, total, n_keys = series.shape
         n_frames = weights.shape[0]
@@ -247,19 +261,24 @@ class StreamingSpectrogram:
         by_window.scatter_(1, first + torch.arange(n_frames, device=device), weights.expand(n_series, -1))
         flat = series.view(n_series * total, n_keys)
         paired, n_bins = self._paired, self.n_bins
-        update = torch.zeros(n_series, n_bins * n_keys, device=device)
+        update = torch.zeros(n_series, n_bins, n_keys, device=device)
         block = max(1, FRAME_BLOCK_BYTES // (paired.shape[0] * n_keys * 4))
         row = n_keys  # flat's row stride
         for j0 in range(0, n_windows, block):
             j1 = min(n_windows, j0 + block)
+            width = n_keys
+            if arrival is not None:  # the latest real frame of the block (frame index < n_frames)
+                latest = max(min(j % per_series, n_frames - 1) for j in range(j0, j1))
+                width = max(1, min(n_keys, arrival + start + self.hop * latest + self.n_fft))
             windows = flat.as_strided(
-                (j1 - j0, self.n_fft, n_keys),
+                (j1 - j0, self.n_fft, width),
                 (self.hop * row, row, 1),
                 flat.storage_offset() + (start + self.hop * j0) * row,
             )
-            spec = torch.matmul(paired, windows).square_()  # [n, 2 * bins, S]
+            spec = torch.matmul(paired, windows).square_()  # [n, 2 * bins, width]
             mag = spec[:, :n_bins].add_(spec[:, n_bins:]).sqrt_()
-            update.addmm_(by_window[:, j0:j1], mag.reshape(j1 - j0, n_bins * n_keys))
+            reduced = torch.matmul(by_window[:, j0:j1], mag.reshape(j1 - j0, n_bins * width))
+            update[..., :width] += reduced.view(n_series, n_bins, width)
         return update.view(batch, heads, n_bins, n_keys)
 
     def _observe_per_sample(self, combined: torch.Tensor, row_valid: torch.Tensor | None) -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from _reference_bam import age_embedding_ref
 
+from namm_transfer import features
 from namm_transfer.features import (
     StreamingSpectrogram,
     age_embedding,
@@ -115,6 +116,25 @@ def test_streaming_contiguous_chunks_equal_reference(chunks):
     expected = torch.from_numpy(numpy_spectrogram_ema(rows.numpy())).float()
     torch.testing.assert_close(st.ema, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(st.window, rows[..., -N_FFT:, :])
+
+
+@pytest.mark.parametrize("chunks", [[96], [32] * 3, [40, 56], [7, 41, 48], [17, 32, 47]])
+@pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30], ids=["window", "few", "all"])
+def test_causal_skip_gives_the_same_features(monkeypatch, chunks, block_bytes):
+    """``causal=True`` skips each slot's frames before it arrived: identical features on causal rows
+    (small frame blocks, so blocks really read fewer slots)."""
+    monkeypatch.setattr(features, "FRAME_BLOCK_BYTES", block_bytes)
+    prefix = 4
+    rows = causal_rows(batch=2, heads=2, n_rows=96, prefix=prefix, seed=6)
+    plain, causal = StreamingSpectrogram(N_FFT, HOP, DECAY), StreamingSpectrogram(N_FFT, HOP, DECAY)
+    start = 0
+    for size in chunks:
+        end = start + size
+        chunk = rows[..., start:end, : prefix + end].contiguous()
+        assert plain.observe(chunk) == causal.observe(chunk, causal=True)
+        start = end
+    torch.testing.assert_close(causal.ema, plain.ema, atol=1e-6, rtol=0)
+    torch.testing.assert_close(causal.window, plain.window)
 
 
 def test_paired_basis_is_the_dft_basis_regrouped():

@@ -56,7 +56,7 @@ def paired_dft_basis(n_fft: int, device: torch.device | str | None = None) -> to
 
 # Bytes of basis output one block of frames may take: small enough to stay in the last-level cache
 # while it is squared, summed, square-rooted and reduced.
-FRAME_BLOCK_BYTES = 4 << 20
+FRAME_BLOCK_BYTES = 2 << 20
 
 
 def batch_spectrogram_ema(

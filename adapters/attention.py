@@ -12,7 +12,9 @@ whether to evict: a chunk's own attention is part of the evidence, as in the ref
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,7 @@ def _rows_and_output(
     allowed: torch.Tensor | None,
     scaling: float,
     softcap: float | None,
+    rows_buffer: Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Softmax attention computed once, giving both the output and the policy's rows.
 
@@ -118,6 +121,9 @@ def _rows_and_output(
     Slots after a block's newest query are this chunk's later tokens, masked for every query of the
     block, so they are not computed at all (as a causal kernel skips them).
 
+    ``rows_buffer(n)``, if given, returns float32 memory of at least n elements for the rows (reused
+    from layer to layer, so a whole context's rows are not page-faulted in again for every layer).
+
     Returns ``rows`` ``[B, H_kv, q, S]`` float32, the output ``[B, H_q, q, D]`` and the seconds spent
     on the rows alone (the group mean: the policy's share of the work).
     """
@@ -127,7 +133,11 @@ def _rows_and_output(
     grouped = query.view(batch, kv_heads, groups, n_q, dim)
     key_t = key.transpose(-1, -2)
     out = query.new_empty(batch, kv_heads, groups, n_q, value.shape[-1])
-    rows = torch.empty(batch, kv_heads, n_q, n_keys, dtype=torch.float32, device=query.device)
+    shape = (batch, kv_heads, n_q, n_keys)
+    if rows_buffer is None:
+        rows = torch.empty(shape, dtype=torch.float32, device=query.device)
+    else:
+        rows = rows_buffer(math.prod(shape))[: math.prod(shape)].view(shape)
     blocked = None if allowed is None else ~allowed
     tracked = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     in_place = query.device.type == "cpu" and not tracked  # ATen's CPU softmax may write over its input
@@ -239,7 +249,8 @@ def namm_attention_forward(
     plain_causal = bool(memory.valid.all()) and window is None  # one causal mask for every sample and head
     if needs_rows and not exact:
         allowed = None if plain_causal else memory.attention_mask(n_q, window)  # [B, H_kv, q, S]
-        rows, out, rows_s = _rows_and_output(query, key, value, allowed, scaling, softcap)
+        reuse = layer.rows_buffer if memory.policy.rows_transient else None
+        rows, out, rows_s = _rows_and_output(query, key, value, allowed, scaling, softcap, reuse)
         memory.stats.timing["capture_s"] += rows_s
         # A non-finite probability makes its whole output row non-finite, so a finite output clears the
         # rows without a pass over them.

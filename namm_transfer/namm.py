@@ -84,6 +84,7 @@ class NAMM(MemoryPolicy):
     """
 
     needs_attention = True
+    rows_transient = True  # the streaming spectrogram keeps copies (its window), never the rows
 
     def __init__(
         self,

@@ -284,3 +284,23 @@ def test_generate_continues_a_cache_with_new_tokens_and_a_full_mask(model):
         else:  # evicted down to the budget at 64 tokens, then one more token arrived
             assert stats["kept_tokens_per_layer"] == [[[11, 11]], [[11, 11]]]
             assert ours.shape == bare.shape
+
+
+@torch.no_grad()
+def test_namm_rows_share_one_buffer_across_layers(model):
+    """A NAMM keeps no reference to the attention rows, so every layer writes them into one shared
+    scratch buffer; the evicting NAMM's decisions are those of a run with fresh rows per layer."""
+    namm, ids = evicting_namm(model), prompt(64, seed=7)
+    kept = {}
+    for transient in (True, False):
+        type(namm).rows_transient = transient
+        try:
+            with attach(model, namm, prefill_chunk=16) as handle:
+                model(ids, use_cache=True)
+                kept[transient] = [handle.cache.memory(i).positions.clone() for i in range(2)]
+                buffers = {id(layer._rows) for layer in handle.cache.layers}
+                used = handle.cache.layers[0]._rows.memory is not None
+        finally:
+            type(namm).rows_transient = True
+        assert len(buffers) == 1 and used == transient
+    assert all(torch.equal(a, b) for a, b in zip(kept[True], kept[False], strict=True))

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-slow bench lint clean
+.PHONY: install demo test test-slow bench gpu-check lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,8 +29,11 @@ test: install  ## unit tests (tiny random models), lint
 test-slow: install  ## end-to-end checks on the real SmolLM2
 	$(PY) -m pytest -q -m slow
 
-bench: install  ## NAMM bookkeeping overhead vs the bare forward at 512/1024/2048 tokens
+bench: install  ## NAMM bookkeeping overhead vs the bare forward at 512-4096 tokens, keep-all and at half the cache
 	$(VENV)/bin/namm-transfer bench overhead
+
+gpu-check: install  ## on a CUDA machine: device tests, bf16 demo, bench overhead -> benchmarks/results/gpu/ (CPU-only: skipped)
+	PY=$(PY) scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -177,6 +177,8 @@ class AttachedPolicy:
             frac = m.kept_tokens().float() / m.real_seen.clamp(min=1)[:, None].float()
             per_layer.append(float(frac.mean()))
         timing = {key: sum(m.stats.timing[key] for m in memories) for key in memories[0].stats.timing}
+        stored = sum(layer.stored_bytes() for layer in self.cache.layers)
+        kept_bytes = sum(layer.kept_bytes() for layer in self.cache.layers)
         return {
             "tokens_seen": seen,
             "kept_fraction": sum(per_layer) / len(per_layer),
@@ -190,7 +192,10 @@ class AttachedPolicy:
             "expired": sum(m.stats.expired for m in memories),
             "nonfinite": sum(m.stats.nonfinite for m in memories),
             "updates": sum(m.stats.updates for m in memories),
-            "stored_kv_bytes": sum(layer.stored_bytes() for layer in self.cache.layers),
+            "stored_kv_bytes": stored,
+            "kept_kv_bytes": kept_bytes,
+            # stored / kept: 1.0 when every head of a layer keeps as many tokens as the fullest one
+            "stored_to_kept": stored / kept_bytes if kept_bytes else 1.0,
             "full_kv_bytes": sum(layer.full_bytes() for layer in self.cache.layers),
             "bookkeeping_bytes": sum(m.bookkeeping_nbytes() for m in memories),
             "max_rows_buffered": max(_rows_buffered(m.state) for m in memories),

@@ -12,6 +12,10 @@ whether to evict: a chunk's own attention is part of the evidence, as in the ref
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -96,6 +100,82 @@ def _softmax_rows(
     return torch.softmax(scores, dim=-1)
 
 
+QUERY_TILE = 128  # queries per block of the fused rows + output computation (scores stay in cache)
+
+
+def _rows_and_output(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+    rows_buffer: Callable[[int], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Softmax attention computed once, giving both the output and the policy's rows.
+
+    ``allowed`` is ``[B, H_kv or 1, q, S]`` bool, or None for the plain causal mask of a chunk whose
+    ``q`` queries are the last ``q`` slots. The query axis is processed in blocks of
+    :data:`QUERY_TILE` so one block's scores stay in cache: scores (in float32) -> mask -> softmax
+    (in place) -> the output block and the block's rows averaged over each KV head's query group.
+    Slots after a block's newest query are this chunk's later tokens, masked for every query of the
+    block, so they are not computed at all (as a causal kernel skips them).
+
+    ``rows_buffer(n)``, if given, returns float32 memory of at least n elements for the rows (reused
+    from layer to layer, so a whole context's rows are not page-faulted in again for every layer).
+
+    Returns ``rows`` ``[B, H_kv, q, S]`` float32, the output ``[B, H_q, q, D]`` and the seconds spent
+    on the rows alone (the group mean: the policy's share of the work).
+    """
+    batch, q_heads, n_q, dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    grouped = query.view(batch, kv_heads, groups, n_q, dim)
+    key_t = key.transpose(-1, -2)
+    out = query.new_empty(batch, kv_heads, groups, n_q, value.shape[-1])
+    shape = (batch, kv_heads, n_q, n_keys)
+    if rows_buffer is None:
+        rows = torch.empty(shape, dtype=torch.float32, device=query.device)
+    else:
+        rows = rows_buffer(math.prod(shape))[: math.prod(shape)].view(shape)
+    blocked = None if allowed is None else ~allowed
+    tracked = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    in_place = query.device.type == "cpu" and not tracked  # ATen's CPU softmax may write over its input
+    rows_s = 0.0
+    for i0 in range(0, n_q, QUERY_TILE):
+        i1 = min(n_q, i0 + QUERY_TILE)
+        n, width = i1 - i0, n_keys - n_q + i1
+        tile = grouped[:, :, :, i0:i1].reshape(batch, kv_heads, groups * n, dim)
+        if softcap is None:  # scaling the few queries instead of the many scores
+            tile = tile * scaling
+        scores = torch.matmul(tile, key_t[..., :width])
+        scores = scores.float() if scores.dtype != torch.float32 else scores
+        if softcap is not None:  # Gemma2: logits -> softcap * tanh(logits / softcap), before the mask
+            scores = torch.tanh(scores.mul_(scaling / softcap)).mul_(softcap)
+        view = scores.view(batch, kv_heads, groups, n, width)
+        if blocked is None:
+            causal = torch.ones(n, n, dtype=torch.bool, device=query.device).triu_(1)
+            view[..., width - n :].masked_fill_(causal, float("-inf"))
+        else:
+            view.masked_fill_(blocked[:, :, None, i0:i1, :width], float("-inf"))
+        if in_place:
+            torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+        else:
+            scores = torch.softmax(scores, dim=-1)
+            view = scores.view(batch, kv_heads, groups, n, width)
+        t0 = time.perf_counter()
+        view = view.detach()  # the policy's rows carry no gradient
+        if groups > 1:
+            torch.mean(view, dim=2, out=rows[:, :, i0:i1, :width])
+        else:
+            rows[:, :, i0:i1, :width] = view[:, :, 0]
+        rows[:, :, i0:i1, width:] = 0.0
+        rows_s += time.perf_counter() - t0
+        block = torch.matmul(scores.to(value.dtype), value[:, :, :width])
+        out[:, :, :, i0:i1] = block.view(batch, kv_heads, groups, n, -1)
+    return rows, out.view(batch, q_heads, n_q, -1), rows_s
+
+
 def _weighted_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``[B, H_q, q, D]`` output from ``probs`` ``[B, H_kv, G, q, S]``."""
     batch, kv_heads, groups, n_q, n_keys = probs.shape
@@ -166,20 +246,30 @@ def namm_attention_forward(
         memory.mark_padding(new_valid)
     needs_rows = memory.policy.needs_attention
     exact = bool(getattr(handle, "exact_output", False))
-    if bool(memory.valid.all()) and window is None:  # one causal mask shared by every sample and head
-        q_pos = torch.arange(key.shape[2] - n_q, key.shape[2], device=query.device)[:, None]
-        allowed = (torch.arange(key.shape[2], device=query.device) <= q_pos)[None, None]
+    plain_causal = bool(memory.valid.all()) and window is None  # one causal mask for every sample and head
+    if needs_rows and not exact:
+        allowed = None if plain_causal else memory.attention_mask(n_q, window)  # [B, H_kv, q, S]
+        reuse = layer.rows_buffer if memory.policy.rows_transient else None
+        rows, out, rows_s = _rows_and_output(query, key, value, allowed, scaling, softcap, reuse)
+        memory.stats.timing["capture_s"] += rows_s
+        # A non-finite probability makes its whole output row non-finite, so a finite output clears the
+        # rows without a pass over them.
+        memory.observe(rows, new_valid, grouped=True, finite=bool(torch.isfinite(out.sum())) or None)
     else:
-        allowed = memory.attention_mask(n_q, window)  # [B, H_kv, q, S]
-    out = None
-    if softcap is None and (exact or not needs_rows):
-        out = _sdpa(query, key, value, allowed, scaling)
-    if needs_rows or out is None:
-        probs = _softmax_rows(query, key, allowed, scaling, softcap)  # [B, H_kv, G, q, S]
-        if out is None:
-            out = _weighted_values(probs, value)
-        if needs_rows:
-            memory.observe(probs.view(query.shape[0], query.shape[1], n_q, key.shape[2]), new_valid)
+        if plain_causal:
+            q_pos = torch.arange(key.shape[2] - n_q, key.shape[2], device=query.device)[:, None]
+            allowed = (torch.arange(key.shape[2], device=query.device) <= q_pos)[None, None]
+        else:
+            allowed = memory.attention_mask(n_q, window)  # [B, H_kv, q, S]
+        out = None
+        if softcap is None:
+            out = _sdpa(query, key, value, allowed, scaling)
+        if needs_rows or out is None:
+            probs = _softmax_rows(query, key, allowed, scaling, softcap)  # [B, H_kv, G, q, S]
+            if out is None:
+                out = _weighted_values(probs, value)
+            if needs_rows:
+                memory.observe(probs.view(query.shape[0], query.shape[1], n_q, key.shape[2]), new_valid)
 
     layer.apply_eviction()
     return out.transpose(1, 2).contiguous(), None

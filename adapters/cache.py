@@ -25,6 +25,21 @@ from namm_transfer.memory import LayerMemory
 from namm_transfer.policies import MemoryPolicy
 
 
+class RowsBuffer:
+    """float32 scratch memory for the attention rows a layer hands its policy, shared by the layers of
+    one cache (they run one after another) and grown on demand: a long chunk's rows (hundreds of MiB
+    for a whole 4k context) are not allocated, page-faulted in and freed again for every layer."""
+
+    def __init__(self) -> None:
+        self.memory: torch.Tensor | None = None
+
+    def __call__(self, numel: int, device: torch.device) -> torch.Tensor:
+        if self.memory is None or self.memory.numel() < numel or self.memory.device != device:
+            self.memory = None  # free the old block before taking a larger one
+            self.memory = torch.empty(numel, dtype=torch.float32, device=device)
+        return self.memory
+
+
 class EvictingLayer(DynamicLayer):
     """One layer's cache, whose slots a memory policy may evict after each forward.
 
@@ -37,11 +52,20 @@ class EvictingLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, memory: LayerMemory, sliding_window: int | None = None):
+    def __init__(
+        self, memory: LayerMemory, sliding_window: int | None = None, rows: RowsBuffer | None = None
+    ):
         super().__init__()
         self.memory = memory
         self.sliding_window = sliding_window
         self._awaiting_attention = False
+        self._rows = rows if rows is not None else RowsBuffer()
+
+    def rows_buffer(self, numel: int) -> torch.Tensor:
+        """Scratch float32 memory of at least ``numel`` elements for this forward's attention rows (the
+        policy must not keep them: see ``MemoryPolicy.rows_transient``)."""
+        device = self.keys.device if self.keys is not None else torch.device("cpu")
+        return self._rows(numel, device)
 
     @property
     def is_sliding(self) -> bool:  # read by transformers' Cache.is_sliding
@@ -108,6 +132,15 @@ class EvictingLayer(DynamicLayer):
         if self.keys is None or self.keys.numel() == 0:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def kept_bytes(self) -> int:
+        """Key + value bytes of the tokens actually kept (every valid slot of every sample and KV head):
+        what :meth:`stored_bytes` would be without the padding of shorter heads to the longest."""
+        if self.keys is None or self.keys.numel() == 0 or self.memory.valid is None:
+            return 0
+        slot = self.keys.shape[-1] * self.keys.element_size()
+        slot += self.values.shape[-1] * self.values.element_size()
+        return int(self.memory.valid.sum()) * slot
 
     def full_bytes(self) -> int:
         """Bytes a full (never evicting) transformers cache would hold for the same tokens: every token
@@ -179,7 +212,10 @@ class EvictingCache(DynamicCache):
         windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers
         if len(windows) != num_layers:
             raise ValueError(f"{len(windows)} sliding windows given for {num_layers} layers")
-        layers = [EvictingLayer(LayerMemory(policy, i, n_groups), windows[i]) for i in range(num_layers)]
+        rows = RowsBuffer()
+        layers = [
+            EvictingLayer(LayerMemory(policy, i, n_groups), windows[i], rows) for i in range(num_layers)
+        ]
         super(DynamicCache, self).__init__(layers=layers)
 
     def memory(self, layer_idx: int) -> LayerMemory:

@@ -40,6 +40,25 @@ def dft_basis(n_fft: int, device: torch.device | str | None = None) -> torch.Ten
     return basis.to(dtype=torch.float32, device=device)
 
 
+def paired_dft_basis(n_fft: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Windowed real-DFT basis ``[2 * n_bins, n_fft]``: the cosine rows of bins 0 .. n_fft/2, then the
+    minus-sine rows of the same bins (those of DC and Nyquist are exactly zero), so the real and the
+    imaginary parts of bin k sit ``n_bins`` rows apart and the magnitude is two slices away."""
+    n_bins = n_fft // 2 + 1
+    t = torch.arange(n_fft, dtype=torch.float64)
+    k = torch.arange(n_bins, dtype=torch.float64)[:, None]
+    angle = 2 * math.pi * k * t / n_fft
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+    sine = -torch.sin(angle)
+    sine[0], sine[-1] = 0.0, 0.0
+    return (torch.cat([torch.cos(angle), sine]) * window).to(dtype=torch.float32, device=device)
+
+
+# Bytes of basis output one block of frames may take: small enough to stay in the last-level cache
+# while it is squared, summed, square-rooted and reduced.
+FRAME_BLOCK_BYTES = 2 << 20
+
+
 def batch_spectrogram_ema(
     rows: torch.Tensor, n_fft: int = 32, hop: int = 16, decay: float = 0.99
 ) -> torch.Tensor:
@@ -99,6 +118,7 @@ class StreamingSpectrogram:
         self.spectrum: torch.Tensor | None = None  # [B, H, n_bins, S]
         self.rows_seen: torch.Tensor | None = None
         self._basis: torch.Tensor | None = None
+        self._paired: torch.Tensor | None = None
 
     @property
     def ema(self) -> torch.Tensor | None:
@@ -118,6 +138,7 @@ class StreamingSpectrogram:
         self.spectrum = torch.zeros(batch, heads, self.n_bins, 0, device=device)
         self.rows_seen = torch.zeros(batch, dtype=torch.long, device=device)
         self._basis = dft_basis(self.n_fft, device)
+        self._paired = paired_dft_basis(self.n_fft, device)
 
     def grow(self, n_keys: int) -> None:
         """Extend the key axis to ``n_keys`` slots (new keys: no attention so far)."""
@@ -126,12 +147,15 @@ class StreamingSpectrogram:
             self.window = F.pad(self.window, (0, extra))
             self.spectrum = F.pad(self.spectrum, (0, extra))
 
-    def observe(self, rows: torch.Tensor, row_valid: torch.Tensor | None = None) -> int:
+    def observe(self, rows: torch.Tensor, row_valid: torch.Tensor | None = None, causal: bool = False) -> int:
         """Consume the attention rows of a chunk of queries.
 
         Args:
             rows: ``[B, H, q, S]`` attention of the chunk's queries to the S current key slots.
             row_valid: ``[B, q]`` bool, False for padding queries (left padding only).
+            causal: the last q slots are the chunk's own tokens in order (slot ``S - q + i`` arrives with
+                query i) and attention is causal, so a slot has received nothing before it arrived: the
+                frames before it are zero and are not computed (same result, less work).
 
         Returns:
             The largest number of frames emitted for a sample.
@@ -145,36 +169,117 @@ class StreamingSpectrogram:
             row_valid = None
         if row_valid is not None:
             rows = rows * row_valid[:, None, :, None]
+        aligned = row_valid is None and bool((self.rows_seen == self.rows_seen[0]).all())
+        if aligned and n_q >= self.n_fft and rows.is_contiguous():
+            return self._observe_aligned(rows, causal=causal)
         combined = torch.cat([self.window, rows], dim=-2).contiguous()  # [B, H, n_fft + q, S]
         # A copy, not a view: a view would keep the whole chunk's rows alive between forwards.
         self.window = combined[..., -self.n_fft :, :].clone()
-        if row_valid is None and bool((self.rows_seen == self.rows_seen[0]).all()):
-            return self._observe_aligned(combined, n_q)
+        if aligned:
+            return self._observe_aligned(combined, with_window=True)
         return self._observe_per_sample(combined, row_valid)
 
-    def _observe_aligned(self, combined: torch.Tensor, n_q: int) -> int:
-        """All samples share a frame phase: frames are evenly spaced windows of ``combined``."""
+    def _observe_aligned(self, rows: torch.Tensor, with_window: bool = False, causal: bool = False) -> int:
+        """All samples share a frame phase: frames are evenly spaced windows of the series.
+
+        ``rows`` is the chunk ``[B, H, q, S]`` (then the window of earlier rows is read only for the
+        few frames that reach back into it, and no copy of the chunk is made), or with ``with_window``
+        the window followed by the chunk.
+        """
+        lead = self.n_fft if with_window else 0
+        n_q = rows.shape[-2] - lead
         seen = int(self.rows_seen[0])
         self.rows_seen += n_q
         first_end = (self.hop - 1 - seen % self.hop) % self.hop  # chunk row completing the first frame
         if first_end >= n_q:
             return 0
         n_frames = (n_q - 1 - first_end) // self.hop + 1
-        # Frame f covers combined[start + f*hop : start + f*hop + n_fft]: an overlapping strided view, so
-        # one batched matmul computes every frame without copying windows.
-        start = first_end + 1
-        batch_stride, head_stride, row_stride = combined.stride(0), combined.stride(1), combined.stride(2)
-        windows = combined.as_strided(
-            (*combined.shape[:2], n_frames, self.n_fft, combined.shape[-1]),
-            (batch_stride, head_stride, self.hop * row_stride, row_stride, 1),
-            combined.storage_offset() + start * row_stride,
-        )
-        spec = torch.matmul(self._basis, windows)  # [B, H, F, n_fft, S]
-        mag = self._magnitude(spec)  # [B, H, F, bins, S]
         fd = self.frame_decay
-        weights = (1 - fd) * fd ** torch.arange(n_frames - 1, -1, -1, device=spec.device, dtype=torch.float32)
-        self.spectrum = self.spectrum * fd**n_frames + torch.einsum("f,bhfks->bhks", weights, mag)
+        decay = (1 - fd) * fd ** torch.arange(n_frames - 1, -1, -1, device=rows.device, dtype=torch.float32)
+        first_start = first_end + 1 - self.n_fft  # chunk row where frame 0 starts (< 0: in the window)
+        if with_window:
+            update = self._weighted_frames(rows, first_start + lead, decay)
+        else:
+            # frames starting before the chunk take their first rows from the window
+            reaching = min(n_frames, -(first_start // self.hop)) if first_start < 0 else 0
+            n_old = rows.shape[-1] - n_q if causal else None  # slot arriving with the chunk's first row
+            update = self._weighted_frames(rows, first_start + self.hop * reaching, decay[reaching:], n_old)
+            if reaching:
+                head = torch.cat([self.window, rows[..., : self.n_fft, :]], dim=-2)
+                head_old = None if n_old is None else n_old - self.n_fft
+                head_start = first_start + self.n_fft
+                update = update + self._weighted_frames(head, head_start, decay[:reaching], head_old)
+            self.window = rows[..., -self.n_fft :, :].clone()
+        # out of place on the old state: forked states (shared prefill) may hold it as an expanded view
+        self.spectrum = update.add_(self.spectrum, alpha=fd**n_frames)
         return n_frames
+
+    def _weighted_frames(
+        self, series: torch.Tensor, start: int, weights: torch.Tensor, arrival: int | None = None
+    ) -> torch.Tensor:
+        """``sum_f weights[f] * |STFT frame f|`` ``[B, H, n_bins, S]`` for the frames of ``series``
+        ``[B, H, T, S]`` (contiguous) starting at rows ``start + f * hop``.
+
+        ``arrival``: slot ``arrival + r`` arrives with series row r and has zero attention before it
+        (None: no such structure is assumed); a frame then skips the slots that arrive after it."""
+        batch, heads, total, n_keys = series.shape
+        n_frames = weights.shape[0]
+        if not n_frames:
+            return series.new_zeros(batch, heads, self.n_bins, n_keys)
+        if total % self.hop == 0:
+            return self._frames_flat(series, start, weights, arrival)
+        # Frame f covers series[start + f*hop : start + f*hop + n_fft]: an overlapping strided view, so
+        # one batched matmul computes every frame.
+        batch_stride, head_stride, row_stride = series.stride(0), series.stride(1), series.stride(2)
+        windows = series.as_strided(
+            (batch, heads, n_frames, self.n_fft, n_keys),
+            (batch_stride, head_stride, self.hop * row_stride, row_stride, 1),
+            series.storage_offset() + start * row_stride,
+        )
+        mag = self._magnitude(torch.matmul(self._basis, windows))  # [B, H, F, bins, S]
+        return torch.einsum("f,bhfks->bhks", weights, mag)
+
+    def _frames_flat(
+        self, series: torch.Tensor, start: int, weights: torch.Tensor, arrival: int | None = None
+    ) -> torch.Tensor:
+        """:meth:`_weighted_frames` when every (sample, head) series has a multiple of ``hop`` rows.
+
+        The series of all (sample, head) pairs are laid end to end (``[B*H*T, S]``, a view): then
+        (b, h)'s frame f is window ``(b*H + h) * T/hop + f`` of one evenly strided sequence of windows,
+        which one batched matmul reads in place. Windows that straddle two series get weight 0. The
+        windows go through in blocks whose basis output stays in cache while its magnitude is formed
+        (in place) and reduced by a small matmul; with ``arrival``, a block reads only the slots that
+        exist by the end of its latest frame.
+        """
+        batch, heads, total, n_keys = series.shape
+        n_frames = weights.shape[0]
+        n_series, per_series = batch * heads, total // self.hop
+        n_windows = (n_series - 1) * per_series + n_frames
+        device = series.device
+        by_window = torch.zeros(n_series, n_windows, device=device)
+        first = torch.arange(n_series, device=device)[:, None] * per_series
+        by_window.scatter_(1, first + torch.arange(n_frames, device=device), weights.expand(n_series, -1))
+        flat = series.view(n_series * total, n_keys)
+        paired, n_bins = self._paired, self.n_bins
+        update = torch.zeros(n_series, n_bins, n_keys, device=device)
+        block = max(1, FRAME_BLOCK_BYTES // (paired.shape[0] * n_keys * 4))
+        row = n_keys  # flat's row stride
+        for j0 in range(0, n_windows, block):
+            j1 = min(n_windows, j0 + block)
+            width = n_keys
+            if arrival is not None:  # the latest real frame of the block (frame index < n_frames)
+                latest = max(min(j % per_series, n_frames - 1) for j in range(j0, j1))
+                width = max(1, min(n_keys, arrival + start + self.hop * latest + self.n_fft))
+            windows = flat.as_strided(
+                (j1 - j0, self.n_fft, width),
+                (self.hop * row, row, 1),
+                flat.storage_offset() + (start + self.hop * j0) * row,
+            )
+            spec = torch.matmul(paired, windows).square_()  # [n, 2 * bins, width]
+            mag = spec[:, :n_bins].add_(spec[:, n_bins:]).sqrt_()
+            reduced = torch.matmul(by_window[:, j0:j1], mag.reshape(j1 - j0, n_bins * width))
+            update[..., :width] += reduced.view(n_series, n_bins, width)
+        return update.view(batch, heads, n_bins, n_keys)
 
     def _observe_per_sample(self, combined: torch.Tensor, row_valid: torch.Tensor | None) -> int:
         """General case (left padding shifts each sample's frame phase): gather each frame's window."""

@@ -128,8 +128,16 @@ class LayerMemory:
         self.stats.timing["eviction_s"] += time.perf_counter() - t0
         return index
 
-    def observe(self, attention: torch.Tensor, row_valid: torch.Tensor | None = None) -> None:
-        """Feed ``attention`` ``[B, H_q, q, S]`` (softmax rows of the latest queries) to the policy.
+    def observe(
+        self,
+        attention: torch.Tensor,
+        row_valid: torch.Tensor | None = None,
+        grouped: bool = False,
+        finite: bool | None = None,
+    ) -> None:
+        """Feed ``attention`` ``[B, H_q, q, S]`` (softmax rows of the latest queries) to the policy;
+        with ``grouped``, ``[B, H_kv, q, S]`` rows already averaged over each KV head's query group.
+        ``finite=True``: the caller knows every value is finite (the check is skipped).
 
         Non-finite values never reach the policy: the affected keys are protected from the next
         eviction and counted in ``stats.nonfinite``.
@@ -137,11 +145,11 @@ class LayerMemory:
         t0 = time.perf_counter()
         batch, q_heads, n_q, n_keys = attention.shape
         rows = attention.float()
-        if self.n_groups > 1:
+        if self.n_groups > 1 and not grouped:
             rows = rows.view(batch, q_heads // self.n_groups, self.n_groups, n_q, n_keys).mean(2)
-        if not bool(torch.isfinite(rows.sum())):  # one reduction: NaN and inf propagate to the sum
-            finite = torch.isfinite(rows)
-            bad = ~finite.all(dim=-2)  # [B, H, S] keys with any non-finite received attention
+        if not finite and not bool(torch.isfinite(rows.sum())):  # NaN and inf propagate to the sum
+            is_finite = torch.isfinite(rows)
+            bad = ~is_finite.all(dim=-2)  # [B, H, S] keys with any non-finite received attention
             count = int(bad.sum())
             self.stats.nonfinite += count
             warnings.warn(
@@ -151,7 +159,7 @@ class LayerMemory:
                 stacklevel=2,
             )
             self.protect = bad if self.protect is None else self.protect | bad
-            rows = torch.where(finite, rows, torch.zeros((), device=rows.device))
+            rows = torch.where(is_finite, rows, torch.zeros((), device=rows.device))
         self.stats.timing["capture_s"] += time.perf_counter() - t0
         t1 = time.perf_counter()
         self.policy.observe(self.state, rows, row_valid)

@@ -84,6 +84,7 @@ class NAMM(MemoryPolicy):
     """
 
     needs_attention = True
+    rows_transient = True  # the streaming spectrogram keeps copies (its window), never the rows
 
     def __init__(
         self,
@@ -159,7 +160,9 @@ class NAMM(MemoryPolicy):
         return StreamingSpectrogram(n_fft=c.n_fft, hop=c.hop, decay=c.ema_decay)
 
     def observe(self, state: StreamingSpectrogram, attention: torch.Tensor, row_valid) -> None:
-        state.observe(attention, row_valid)
+        # LayerMemory hands over causal softmax rows whose last q slots are the chunk's own tokens
+        # (appended in order), so each slot's frames before it arrived are zero and are skipped.
+        state.observe(attention, row_valid, causal=True)
 
     def on_select(self, state: StreamingSpectrogram, index: torch.Tensor) -> None:
         state.select(index)

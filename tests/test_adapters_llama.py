@@ -8,7 +8,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.adapters import EvictingCache, attach
-from namm_transfer.policies import L2Norm, RandomEviction, Recency
+from namm_transfer.policies import L2Norm, MemoryPolicy, RandomEviction, Recency
+from namm_transfer.selection import newest_slot
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,33 @@ def test_recency_budget_and_stats(model):
     per_token = 2 * model.config.num_key_value_heads * head_dim * 4
     assert stats["stored_kv_bytes"] == 2 * 34 * per_token
     assert stats["full_kv_bytes"] == 2 * 78 * per_token
+    assert stats["kept_kv_bytes"] == stats["stored_kv_bytes"]  # every head keeps the same count
+    assert stats["stored_to_kept"] == 1.0
     assert isinstance(cache, EvictingCache)
+
+
+class _HeadZeroKeepsHalf(MemoryPolicy):
+    """KV head 0 keeps its newer half, the other heads keep everything: unequal head lengths."""
+
+    def keep(self, state, view):
+        keep = view.valid.clone()
+        half = view.valid.shape[-1] // 2
+        keep[:, 0, :half] = False
+        return keep | newest_slot(view.positions, view.valid)
+
+
+@torch.no_grad()
+def test_stats_kept_bytes_count_only_kept_tokens(model):
+    """Heads of unequal length are stored padded to the longest: stats report both and their ratio."""
+    with attach(model, _HeadZeroKeepsHalf(update_every=32), prefill_chunk=32) as handle:
+        model(prompt(64), use_cache=True)
+        stats = handle.stats()
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    per_head_token = 2 * head_dim * 4
+    kept = sum(sum(head) for layer in stats["kept_tokens_per_layer"] for head in layer)
+    assert stats["kept_kv_bytes"] == kept * per_head_token
+    assert stats["kept_kv_bytes"] < stats["stored_kv_bytes"]
+    assert stats["stored_to_kept"] == pytest.approx(stats["stored_kv_bytes"] / stats["kept_kv_bytes"])
 
 
 @torch.no_grad()
@@ -257,3 +284,23 @@ def test_generate_continues_a_cache_with_new_tokens_and_a_full_mask(model):
         else:  # evicted down to the budget at 64 tokens, then one more token arrived
             assert stats["kept_tokens_per_layer"] == [[[11, 11]], [[11, 11]]]
             assert ours.shape == bare.shape
+
+
+@torch.no_grad()
+def test_namm_rows_share_one_buffer_across_layers(model):
+    """A NAMM keeps no reference to the attention rows, so every layer writes them into one shared
+    scratch buffer; the evicting NAMM's decisions are those of a run with fresh rows per layer."""
+    namm, ids = evicting_namm(model), prompt(64, seed=7)
+    kept = {}
+    for transient in (True, False):
+        type(namm).rows_transient = transient
+        try:
+            with attach(model, namm, prefill_chunk=16) as handle:
+                model(ids, use_cache=True)
+                kept[transient] = [handle.cache.memory(i).positions.clone() for i in range(2)]
+                buffers = {id(layer._rows) for layer in handle.cache.layers}
+                used = handle.cache.layers[0]._rows.memory is not None
+        finally:
+            type(namm).rows_transient = True
+        assert len(buffers) == 1 and used == transient
+    assert all(torch.equal(a, b) for a, b in zip(kept[True], kept[False], strict=True))

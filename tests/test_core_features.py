@@ -9,7 +9,14 @@ import pytest
 import torch
 from _reference_bam import age_embedding_ref
 
-from namm_transfer.features import StreamingSpectrogram, age_embedding, batch_spectrogram_ema, dft_basis
+from namm_transfer import features
+from namm_transfer.features import (
+    StreamingSpectrogram,
+    age_embedding,
+    batch_spectrogram_ema,
+    dft_basis,
+    paired_dft_basis,
+)
 
 N_FFT, HOP, DECAY = 32, 16, 0.99
 
@@ -88,6 +95,55 @@ def test_streaming_equals_batch(chunks):
     expected = batch_spectrogram_ema(rows, N_FFT, HOP, DECAY)
     torch.testing.assert_close(st.ema, expected, atol=1e-5, rtol=0)
     assert st.rows_seen.tolist() == [96, 96]
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [[96], [32] * 3, [48, 48], [40, 56], [7, 41, 48], [33, 63], [17, 32, 47]],
+    ids=["all", "n_fft", "hop-multiples", "off-phase", "short-then-long", "two", "odd"],
+)
+def test_streaming_contiguous_chunks_equal_reference(chunks):
+    """Contiguous chunks take the copy-free path (frames reaching back into the window computed apart,
+    every (sample, head) series laid end to end): same features as the numpy reference."""
+    prefix = 4
+    rows = causal_rows(n_rows=96, prefix=prefix, seed=5)
+    st = StreamingSpectrogram(N_FFT, HOP, DECAY)
+    start = 0
+    for size in chunks:
+        end = start + size
+        st.observe(rows[..., start:end, : prefix + end].contiguous())
+        start = end
+    expected = torch.from_numpy(numpy_spectrogram_ema(rows.numpy())).float()
+    torch.testing.assert_close(st.ema, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(st.window, rows[..., -N_FFT:, :])
+
+
+@pytest.mark.parametrize("chunks", [[96], [32] * 3, [40, 56], [7, 41, 48], [17, 32, 47]])
+@pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30], ids=["window", "few", "all"])
+def test_causal_skip_gives_the_same_features(monkeypatch, chunks, block_bytes):
+    """``causal=True`` skips each slot's frames before it arrived: identical features on causal rows
+    (small frame blocks, so blocks really read fewer slots)."""
+    monkeypatch.setattr(features, "FRAME_BLOCK_BYTES", block_bytes)
+    prefix = 4
+    rows = causal_rows(batch=2, heads=2, n_rows=96, prefix=prefix, seed=6)
+    plain, causal = StreamingSpectrogram(N_FFT, HOP, DECAY), StreamingSpectrogram(N_FFT, HOP, DECAY)
+    start = 0
+    for size in chunks:
+        end = start + size
+        chunk = rows[..., start:end, : prefix + end].contiguous()
+        assert plain.observe(chunk) == causal.observe(chunk, causal=True)
+        start = end
+    torch.testing.assert_close(causal.ema, plain.ema, atol=1e-6, rtol=0)
+    torch.testing.assert_close(causal.window, plain.window)
+
+
+def test_paired_basis_is_the_dft_basis_regrouped():
+    """Cosine rows of every bin, then minus-sine rows of every bin (zero for DC and Nyquist)."""
+    basis, paired = dft_basis(N_FFT), paired_dft_basis(N_FFT)
+    bins = N_FFT // 2 + 1
+    torch.testing.assert_close(paired[:bins], basis[:bins])
+    torch.testing.assert_close(paired[bins + 1 : 2 * bins - 1], basis[bins:])
+    assert not paired[bins].any() and not paired[2 * bins - 1].any()
 
 
 def test_streaming_partial_frame_is_pending():

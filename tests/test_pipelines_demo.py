@@ -48,6 +48,11 @@ def test_bench_overhead_small(tmp_path):
     assert main(["bench", "overhead", "--lengths", "256", "512", "--chunk", "256", "--reps", "1",
                  "--warmup", "0", "--threads", "1", "--output", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
-    assert [r["tokens"] for r in data["rows"]] == [256, 512]
+    assert [(r["tokens"], r["setting"]) for r in data["rows"]] == [
+        (n, s) for n in (256, 512) for s in ("keep-all", "half", "half one-shot")
+    ]
+    one_shot = data["rows"][-1]
+    assert one_shot["chunk"] == one_shot["update_every"] == 512 and one_shot["compression_ratio"] == 0.5
+    assert all(r["kv_bytes_kept"] <= r["kv_bytes_namm"] for r in data["rows"])
     assert data["meta"]["command"].startswith("namm-transfer bench overhead")
-    assert "| tokens |" in out.read_text() and "transformers" in out.read_text()
+    assert "| tokens |" in out.read_text() and "stored / kept" in out.read_text()

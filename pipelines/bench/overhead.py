@@ -1,12 +1,19 @@
-"""``namm-transfer bench overhead``: what attaching a NAMM costs on SmolLM2's chunked prefill.
+"""``namm-transfer bench overhead``: what attaching a NAMM costs on SmolLM2's prefill, and what it saves.
 
-For each prompt length, the bare model's chunked prefill (a ``DynamicCache``) is timed against the
-same chunks with a NAMM attached (median of a few repetitions). Results go to a markdown table and a
-JSON file next to it, with the command line, date and library versions.
+For each prompt length, one repetition times, interleaved (so load from other processes hits all alike):
+the bare model's chunked prefill (a ``DynamicCache``); the same chunks with a keep-everything NAMM
+(``keep-all``: the pure bookkeeping cost); the same chunks with the NAMM at its operating point
+(``half``: a compression ratio, about half the cache kept, progressive eviction every ``update_every``
+tokens); and, for the one-shot protocol, the bare prefill of the whole context in one chunk against the
+NAMM evicting once at its end (``half one-shot``: update_every = context length). The median of the
+repetitions is reported with the KV bytes stored, the bytes of the tokens actually kept and their ratio
+(padding of shorter heads to the longest). Results go to a markdown table and a JSON file next to it,
+with the command line, date, library versions and the machine's load.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -35,22 +42,25 @@ class OverheadConfig:
 
     Attributes:
         lengths: prompt lengths in tokens.
-        chunk: prefill chunk size (both runs feed the same chunks).
-        reps: timed repetitions per length and setting (the median is reported).
-        warmup: untimed runs before timing (at the shortest length).
+        chunk: prefill chunk size of the progressive settings (bare and NAMM feed the same chunks).
+        reps: timed repetitions per length (the median is reported).
+        warmup: untimed repetitions before timing (at the shortest length).
         device: torch device.
-        dtype: model dtype name.
+        dtype: model dtype name (the NAMM's features and statistics stay float32).
         namm: path or hub id of a NAMM checkpoint; None uses ``NAMM.init_random(namm_seed)``.
         namm_seed: seed of that random NAMM.
-        namm_budget: optional hard cap on the tokens the NAMM keeps per layer and KV head. None (the
-            default) measures the pure bookkeeping cost: an untrained NAMM keeps everything, so every
-            forward sees the full cache; a budget shows the net effect when eviction shrinks it.
+        namm_budget: optional hard cap on the tokens the ``keep-all`` NAMM keeps per layer and KV head.
+            None (the default) measures the pure bookkeeping cost: an untrained NAMM keeps everything.
+        operating_ratio: compression ratio (fraction of the tokens seen removed at each update) of the
+            ``half`` and ``half one-shot`` rows; None skips them.
+        one_shot: also time the one-shot protocol (whole context in one chunk, one eviction at its end).
+        note: free text for the table's header, e.g. what else was running on the machine.
         output: markdown result path; the JSON goes beside it with a ``.json`` suffix.
         threads: torch intra-op threads (None leaves torch's default).
         cache_dir: converted-model cache directory (None: the default).
     """
 
-    lengths: Sequence[int] = field(default_factory=lambda: [512, 1024, 2048])
+    lengths: Sequence[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
     chunk: int = 512
     reps: int = 3
     warmup: int = 1
@@ -59,6 +69,9 @@ class OverheadConfig:
     namm: str | None = None
     namm_seed: int = 0
     namm_budget: int | None = None
+    operating_ratio: float | None = 0.5
+    one_shot: bool = True
+    note: str = ""
     output: str = "benchmarks/results/overhead.md"
     threads: int | None = None
     cache_dir: str | None = None
@@ -97,47 +110,79 @@ def benchmark_prompt(tokenizer, tokens: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig) -> dict[str, Any]:
-    """One row of the overhead table for the prompt ``ids``."""
+def settings_for(namm, tokens: int, cfg: OverheadConfig) -> list[tuple[str, Any, int]]:
+    """``(name, policy, chunk)`` of every timed NAMM setting at one prompt length."""
+    settings = [("keep-all", namm, cfg.chunk)]
+    if cfg.operating_ratio is not None:
+        half = namm.with_compression_ratio(cfg.operating_ratio)
+        settings.append(("half", half, cfg.chunk))
+        if cfg.one_shot:
+            settings.append(("half one-shot", half.replace(update_every=tokens), tokens))
+    return settings
+
+
+def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig) -> list[dict[str, Any]]:
+    """The rows of the overhead table for the prompt ``ids``: one per NAMM setting, each against the bare
+    prefill with the same chunks, repetitions interleaved."""
     from transformers import DynamicCache
 
     from namm_transfer.adapters import attach
 
-    def bare() -> int:
+    tokens = int(ids.shape[1])
+    settings = settings_for(namm, tokens, cfg)
+    chunks = sorted({chunk for _, _, chunk in settings})
+
+    def bare(chunk: int) -> int:
         cache = DynamicCache(config=model.config)
-        chunked_prefill(model, ids, cfg.chunk, cache)
+        chunked_prefill(model, ids, chunk, cache)
         return _dynamic_cache_bytes(cache)
 
-    bare_times, namm_times, bookkeeping = [], [], []
-    for _ in range(max(1, cfg.reps)):  # interleaved, so load from other processes hits both alike
-        seconds, bare_bytes = _timed(bare, cfg.device)
-        bare_times.append(seconds)
-        with attach(model, namm) as handle:
-            cache = handle.new_cache()
-            seconds, _ = _timed(lambda c=cache: chunked_prefill(model, ids, cfg.chunk, c), cfg.device)
-            stats = handle.stats()
-        namm_times.append(seconds)
-        bookkeeping.append(sum(stats["timing"].values()))
-    bare_s, namm_s = statistics.median(bare_times), statistics.median(namm_times)
-    bookkeeping_s = statistics.median(bookkeeping)
-    return {
-        "tokens": int(ids.shape[1]),
-        "bare_s": bare_s,
-        "namm_s": namm_s,
-        "overhead_ratio": namm_s / bare_s,
-        "bookkeeping_s": bookkeeping_s,
-        "bookkeeping_fraction_of_bare": bookkeeping_s / bare_s,
-        "bare_s_all": bare_times,
-        "namm_s_all": namm_times,
-        "timing_last_rep": stats["timing"],
-        "kv_bytes_bare": bare_bytes,
-        "kv_bytes_full": stats["full_kv_bytes"],
-        "kv_bytes_namm": stats["stored_kv_bytes"],
-        "kept_fraction": stats["kept_fraction"],
-        "evictions": stats["evictions"],
-        "bookkeeping_bytes": stats["bookkeeping_bytes"],
-        "max_rows_buffered": stats["max_rows_buffered"],
-    }
+    bare_times: dict[int, list[float]] = {c: [] for c in chunks}
+    bare_bytes: dict[int, int] = {}
+    runs: dict[str, list[tuple[float, dict]]] = {name: [] for name, _, _ in settings}
+    for _ in range(max(1, cfg.reps)):
+        for chunk in chunks:
+            seconds, bare_bytes[chunk] = _timed(lambda c=chunk: bare(c), cfg.device)
+            bare_times[chunk].append(seconds)
+            for name, policy, setting_chunk in settings:
+                if setting_chunk != chunk:
+                    continue
+                with attach(model, policy) as handle:
+                    cache = handle.new_cache()
+                    run = lambda c=cache, k=chunk: chunked_prefill(model, ids, k, c)  # noqa: E731
+                    seconds, _ = _timed(run, cfg.device)
+                    runs[name].append((seconds, handle.stats()))
+    rows = []
+    for name, policy, chunk in settings:
+        times = [t for t, _ in runs[name]]
+        stats = runs[name][-1][1]
+        bookkeeping = statistics.median(sum(st["timing"].values()) for _, st in runs[name])
+        bare_s, namm_s = statistics.median(bare_times[chunk]), statistics.median(times)
+        rows.append({
+            "tokens": tokens,
+            "setting": name,
+            "chunk": chunk,
+            "update_every": policy.update_every,
+            "compression_ratio": policy.compression_ratio,
+            "bare_s": bare_s,
+            "namm_s": namm_s,
+            "overhead_ratio": namm_s / bare_s,
+            "bookkeeping_s": bookkeeping,
+            "bookkeeping_fraction_of_bare": bookkeeping / bare_s,
+            "bare_s_all": bare_times[chunk],
+            "namm_s_all": times,
+            "timing_last_rep": stats["timing"],
+            "kv_bytes_bare": bare_bytes[chunk],
+            "kv_bytes_full": stats["full_kv_bytes"],
+            "kv_bytes_namm": stats["stored_kv_bytes"],
+            "kv_bytes_kept": stats["kept_kv_bytes"],
+            "stored_to_kept": stats["stored_to_kept"],
+            "kept_fraction": stats["kept_fraction"],
+            "evictions": stats["evictions"],
+            "bookkeeping_bytes": stats["bookkeeping_bytes"],
+            "max_rows_buffered": stats["max_rows_buffered"],
+        })
+    return rows
 
 
 TIMING_KEYS = ("capture_s", "features_s", "scoring_s", "eviction_s")
@@ -146,19 +191,26 @@ TIMING_KEYS = ("capture_s", "features_s", "scoring_s", "eviction_s")
 def format_overhead(rows: list[dict[str, Any]]) -> str:
     """The overhead results as a markdown table."""
     mib = 2**20
-    headers = ["tokens", "bare s", "NAMM s", "overhead x", "bookkeeping / bare",
-               "capture / features / scoring / eviction s", "KV MiB bare", "KV MiB NAMM", "kept",
-               "bookkeeping MiB", "max rows buffered"]
+    headers = ["tokens", "setting", "bare s", "NAMM s", "NAMM / bare", "bookkeeping / bare",
+               "capture / features / scoring / eviction s", "KV MiB bare", "KV MiB stored", "KV MiB kept",
+               "stored / kept", "kept", "bookkeeping MiB", "max rows buffered"]
     body = [
-        [r["tokens"], f"{r['bare_s']:.2f}", f"{r['namm_s']:.2f}", f"{r['overhead_ratio']:.2f}",
-         f"{r['bookkeeping_fraction_of_bare']:.1%}",
+        [r["tokens"], r.get("setting", "keep-all"), f"{r['bare_s']:.2f}", f"{r['namm_s']:.2f}",
+         f"{r['overhead_ratio']:.2f}", f"{r['bookkeeping_fraction_of_bare']:.1%}",
          " / ".join(f"{r['timing_last_rep'][k]:.2f}" for k in TIMING_KEYS),
-         f"{r['kv_bytes_bare'] / mib:.2f}",
-         f"{r['kv_bytes_namm'] / mib:.2f}", f"{r['kept_fraction']:.1%}",
-         f"{r['bookkeeping_bytes'] / mib:.2f}", r["max_rows_buffered"]]
+         f"{r['kv_bytes_bare'] / mib:.2f}", f"{r['kv_bytes_namm'] / mib:.2f}",
+         f"{r.get('kv_bytes_kept', r['kv_bytes_namm']) / mib:.2f}", f"{r.get('stored_to_kept', 1.0):.3f}",
+         f"{r['kept_fraction']:.1%}", f"{r['bookkeeping_bytes'] / mib:.2f}", r["max_rows_buffered"]]
         for r in rows
     ]
     return markdown_table(headers, body)
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # not available on this platform
+        return "n/a"
 
 
 def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -169,6 +221,7 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
     namm = load_namm(cfg.namm, cfg.namm_seed, cfg.namm_budget)
     lengths = sorted(int(n) for n in cfg.lengths)
     prompts = {n: benchmark_prompt(tokenizer, n).to(cfg.device) for n in lengths}
+    load_before = _load()
     if cfg.warmup:
         log("warming up ...")
         warm = OverheadConfig(**{**asdict(cfg), "reps": cfg.warmup})
@@ -178,22 +231,39 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
     rows: list[dict[str, Any]] = []
     for n in lengths:
         log(f"timing {prompts[n].shape[1]} tokens x {cfg.reps} reps ...")
-        rows.append(measure_length(model, prompts[n], namm, cfg))
-        log(f"{n}: bare {rows[-1]['bare_s']:.2f} s, NAMM {rows[-1]['namm_s']:.2f} s")
+        new_rows = measure_length(model, prompts[n], namm, cfg)
+        rows.extend(new_rows)
+        for r in new_rows:
+            log(f"{n} {r['setting']}: bare {r['bare_s']:.2f} s, NAMM {r['namm_s']:.2f} s, "
+                f"bookkeeping {r['bookkeeping_fraction_of_bare']:.1%}, "
+                f"stored / kept {r['stored_to_kept']:.3f}")
+        meta["load_average"] = {"start": load_before, "now": _load()}
         record = {"config": asdict(cfg), "meta": meta, "rows": rows}
         json_path = write_json(md_path.with_suffix(".json"), record)  # after every length: nothing is lost
 
     table = format_overhead(rows)
     print(table)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(
-        "# NAMM overhead on SmolLM2-135M-Instruct (chunked prefill)\n\n"
+        "# NAMM overhead on SmolLM2-135M-Instruct (prefill)\n\n"
         f"- command: `{meta['command']}`\n- date: {meta['date']}\n"
         f"- torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}\n"
         f"- device: {cfg.device}, dtype: {cfg.dtype}, torch threads: {meta['torch_threads']}, "
         f"chunk: {cfg.chunk}, median of {cfg.reps} reps\n"
-        f"- NAMM: {cfg.namm or f'NAMM.init_random(seed={cfg.namm_seed})'}, budget: {cfg.namm_budget}\n\n"
-        "`overhead x` = NAMM seconds / bare seconds; `bookkeeping / bare` = the NAMM's own time "
-        "(capture + features + scoring + eviction, from `stats()['timing']`) over the bare forward.\n\n"
+        f"- NAMM: {cfg.namm or f'NAMM.init_random(seed={cfg.namm_seed})'}, budget: {cfg.namm_budget}, "
+        f"operating point: compression ratio {cfg.operating_ratio}\n"
+        f"- machine load average (1 / 5 / 15 min) at start: {load_before}, at end: {_load()}"
+        + (f"; {cfg.note}" if cfg.note else "") + "\n\n"
+        "Settings: `keep-all` = the NAMM keeps everything (pure bookkeeping cost), chunked prefill; "
+        "`half` = the NAMM at its operating point (compression ratio: about half of the tokens seen kept "
+        "at every update), chunked prefill evicting every `update_every` tokens; `half one-shot` = the "
+        "whole context in one chunk with one eviction at its end (update_every = context length), "
+        "against the bare model's one-chunk prefill.\n"
+        "`NAMM / bare` = NAMM seconds / bare seconds, both measured in the same run, interleaved; "
+        "`bookkeeping / bare` = the NAMM's own time (capture + features + scoring + eviction, from "
+        "`stats()['timing']`) over the bare forward. `KV MiB stored` is what the cache holds (each "
+        "layer's heads padded to its fullest head), `KV MiB kept` the bytes of the tokens kept; "
+        "`stored / kept` their ratio.\n\n"
         f"{table}\n"
     )
     log(f"wrote {md_path} and {json_path}")

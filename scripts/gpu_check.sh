@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The CUDA path, checked in one call (`make gpu-check`): the tests that take a device on cuda, the demo
+# with a bf16 model on cuda, and `bench overhead --device cuda`; everything is written under $OUT.
+# On a machine without a CUDA device it prints "no CUDA device: skipped" and exits 0.
+#
+#   PY      python of the environment (default .venv/bin/python)
+#   OUT     result folder (default benchmarks/results/gpu)
+#   LENGTHS bench overhead prompt lengths (default "512 1024 2048 4096")
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-benchmarks/results/gpu}
+LENGTHS=${LENGTHS:-512 1024 2048 4096}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu-check: no CUDA device: skipped"
+    exit 0
+fi
+
+mkdir -p "$OUT"
+"$PY" - > "$OUT/device.txt" <<'PYEOF'
+import torch
+print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))
+PYEOF
+(command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt") || true
+
+echo "gpu-check: tests on cuda ..."
+"$PY" -m pytest -q -p no:cacheprovider --device cuda tests/test_device.py 2>&1 | tee "$OUT/tests.txt"
+
+echo "gpu-check: demo on cuda, bf16 model ..."
+"$PY" -m namm_transfer.pipelines.cli demo --device cuda --dtype bfloat16 --output-dir "$OUT/demo" \
+    2>&1 | tee "$OUT/demo.txt"
+
+echo "gpu-check: bench overhead on cuda ..."
+# shellcheck disable=SC2086  # LENGTHS is a list of numbers
+"$PY" -m namm_transfer.pipelines.cli bench overhead --device cuda --lengths $LENGTHS \
+    --output "$OUT/overhead.md" 2>&1 | tee "$OUT/bench.txt"
+echo "gpu-check: done, results in $OUT"

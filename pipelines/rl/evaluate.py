@@ -605,7 +605,9 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
     if cfg.budgets:
         from namm_transfer.envs import make_env
 
-        horizon = episode_horizon(dt, make_env(env_id), cfg.max_steps)
+        probe = make_env(env_id)
+        horizon = episode_horizon(dt, probe, cfg.max_steps)
+        probe.close()
     for fraction in cfg.budgets:  # fixed budgets: every policy capped at the same token count
         cap = max(1, round(fraction * 3 * horizon))
         log(f"{100 * fraction:g}% of an episode's {3 * horizon} tokens: {cap} per layer and KV head")

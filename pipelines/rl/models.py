@@ -201,8 +201,14 @@ def state_statistics(source: str | os.PathLike,
         return np.asarray(data["state_mean"], np.float32), np.asarray(data["state_std"], np.float32)
     from namm_transfer.envs import episodes, load_dataset
 
-    states = np.concatenate([ep.observations for ep in episodes(load_dataset(str(source), root))])
-    return states.mean(axis=0).astype(np.float32), (states.std(axis=0) + 1e-6).astype(np.float32)
+    observations = [ep.observations for ep in episodes(load_dataset(str(source), root))]
+    return observation_statistics(np.concatenate(observations))
+
+
+def observation_statistics(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, std + 1e-6)`` over the steps of ``states`` ``[steps, state_dim]``: a DT's state
+    normalisation, as ``train-dt`` stores it."""
+    return states.mean(axis=0), states.std(axis=0) + 1e-6
 
 
 def _public_env_id(name: str) -> str | None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from namm_transfer.pipelines.common import log, open_tensorboard, run_metadata, set_threads
-from namm_transfer.pipelines.rl.models import save_dt
+from namm_transfer.pipelines.rl.models import observation_statistics, save_dt
 
 LOG_NAME = "train_log.jsonl"
 WINDOWS = ("start", "end")
@@ -246,8 +246,7 @@ def train_dt(cfg: TrainDTConfig, argv: Sequence[str] | None = None, dataset: Any
             )
         eps += episodes(extra)
     all_states = np.concatenate([ep.observations for ep in eps])
-    state_mean = all_states.mean(axis=0)
-    state_std = all_states.std(axis=0) + 1e-6
+    state_mean, state_std = observation_statistics(all_states)
     returns = np.array([ep.episode_return for ep in eps])
     return_scale = cfg.return_scale or float(max(np.abs(returns).max(), 1.0))
     target_return = cfg.target_return if cfg.target_return is not None else float(returns.max())

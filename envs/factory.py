@@ -27,6 +27,7 @@ ENV_ALIASES = {
     "lunarlandercontinuous": "LunarLanderContinuous-v3",
     "bipedalwalker": "BipedalWalker-v3",
     "cuecorridor": memory.ENV_ID,
+    "noisycorridor": memory.NOISY_ENV_ID,
     **D4RL_ENV_IDS,
 }
 

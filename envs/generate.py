@@ -41,7 +41,7 @@ from namm_transfer.envs.controllers import (
 from namm_transfer.envs.datasets import dataset_exists, dataset_path, load_dataset, minari_root
 from namm_transfer.envs.factory import make_env
 from namm_transfer.envs.memory import ENV_ID as CUE_CORRIDOR_ID
-from namm_transfer.envs.memory import CueCorridorExpert
+from namm_transfer.envs.memory import NOISY_CUE_STEP, NOISY_ENV_ID, CueCorridorExpert
 
 NAMESPACE = "namm"
 DATASET_VERSION = 0
@@ -126,6 +126,17 @@ LOCAL_ENVS: dict[str, LocalEnv] = {
         CUE_CORRIDOR_ID,
         "cuecorridor",
         CueCorridorExpert,
+        {
+            "expert": QualityLevel("expert", noise=0.1),
+            "medium": QualityLevel("medium", noise=0.1, random_prob=0.5),
+            "replay": QualityLevel("replay", noise=0.1, random_prob_range=(0.0, 1.0)),
+        },
+    ),
+    "noisycorridor": LocalEnv(
+        "noisycorridor",
+        NOISY_ENV_ID,
+        "noisycorridor",
+        functools.partial(CueCorridorExpert, cue_step=NOISY_CUE_STEP),
         {
             "expert": QualityLevel("expert", noise=0.1),
             "medium": QualityLevel("medium", noise=0.1, random_prob=0.5),

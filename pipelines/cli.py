@@ -231,13 +231,17 @@ COMMANDS: tuple[Command, ...] = (
         "UPDATE_EVERY tokens, under each policy: FullCache, NAMM (zero-shot, every UPDATE_EVERY tokens), "
         "every registered baseline (Recency, H2O, L2Norm, RandomEviction, SnapKV, TOVA) at the NAMM's "
         "measured per-layer budget, and UniformFrames "
-        "(a uniform subset of the frames holding as many video tokens as the NAMM kept on average). Scores "
+        "(a uniform subset of the frames holding as many video tokens as the NAMM kept on average). With "
+        "--budgets (fractions of the video tokens) every policy also runs capped at each, the NAMM by top-k, "
+        "in each of --protocols (progressive: evict every UPDATE_EVERY tokens; one-shot: once at the video's "
+        "end, before the question). Scores "
         "by option-letter extraction; reports accuracy overall and per task type, kept video tokens and "
         "frames, stored KV MiB and seconds per sample. Appends one row per policy and sample to "
         "OUTPUT_DIR/rows.jsonl (a rerun skips finished rows, retries failed ones and refuses other settings; "
         "an unreadable or missing video is a failed row); writes OUTPUT_DIR/summary.md and .json, retention "
         "heatmaps (layer x frame) in OUTPUT_DIR/heatmaps and TensorBoard logs in OUTPUT_DIR/tensorboard.",
-        {**DTYPE, "annotations": {"required": True}, "format": {"choices": FORMATS}},
+        {**DTYPE, "annotations": {"required": True}, "format": {"choices": FORMATS},
+         "protocols": {"choices": ("progressive", "one-shot")}},
     ),
     Command(
         "make-video-qa", VideoQAConfig, make_video_qa,

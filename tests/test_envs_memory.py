@@ -70,3 +70,21 @@ def test_env_batch_reports_what_the_envs_applied():
     lunar.reset(seeds=[0])
     lunar.step(np.zeros((1, 2), np.float32))
     assert lunar.applied_actions is None  # envs that do not say: the agent's own action stands
+
+
+def test_noisy_corridor_shows_a_sign_at_every_step_and_its_expert_reads_the_cue_by_position():
+    """The noisy corridor: no blank step to make the cue stand out; the cue is the sign at step 20."""
+    env = make_env("noisycorridor")
+    expert = CueCorridorExpert(cue_step=20)
+    first_non_zero = CueCorridorExpert()  # the silent corridor's expert: fooled by the noise
+    wins, fooled = [], []
+    for seed in range(40):
+        expert.reset()
+        info, total, steps, seen, applied = _episode(env, expert, seed)
+        assert steps == 121 and info["cue_step"] == 20 and seen[20, 0] == info["cue"]
+        assert set(np.abs(seen[:-1, 0]).tolist()) == {1.0} and seen[-1, 0] == 0.0
+        assert applied[-1] == info["cue"]
+        wins.append(total)
+        first_non_zero.reset()
+        fooled.append(_episode(env, first_non_zero, seed)[1])
+    assert wins == [1.0] * 40 and 0.2 < np.mean(fooled) < 0.8

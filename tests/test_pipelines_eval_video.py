@@ -419,3 +419,39 @@ def test_cli_runs_eval_video(tmp_path, data):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["summary"]["FullCache"]["samples"] == 2
     assert saved["meta"]["command"].startswith("namm-transfer eval-video --annotations")
+
+
+def test_budgets_cap_every_policy_alike_in_both_protocols(tmp_path, data):
+    """--budgets 0.5 --protocols progressive one-shot: each token policy holds exactly its cap (half the
+    video tokens plus the text tokens) after its last update; one-shot updates once, at the video's end
+    (everything fed after it is still there); UniformFrames gets half the frames; one table per
+    protocol and budget."""
+    names = [FULL, NAMM_NAME, "Recency", "H2O", UNIFORM]
+    cfg = _config(tmp_path, data["jsonl"], policies=names, budgets=[0.5],
+                  protocols=["progressive", "one-shot"])
+    summary = run_eval_video(cfg, loader=tiny_loader, namm=NAMM.init_random(0))
+    rows = {(r["policy"], r["sample_id"]): r for r in _rows(cfg)}
+    video_tokens, sample_ids = 24, {r["sample_id"] for r in rows.values()}
+    for name in (NAMM_NAME, "Recency", "H2O"):
+        for sid in sample_ids:
+            progressive, one_shot = rows[(f"{name} @ 50%", sid)], rows[(f"{name} @ 50% one-shot", sid)]
+            assert progressive["cap"] == 12 + progressive["prompt_tokens"] - video_tokens
+            assert one_shot["cap"] == 12 + one_shot["video_end"] - video_tokens
+            for row in (progressive, one_shot):
+                kept = np.array(row["kept_per_layer"]) - np.array(row["since_update"])
+                assert kept.tolist() == pytest.approx([row["cap"]] * len(kept)) and row["evictions"] > 0
+            fed = one_shot["prompt_tokens"] + cfg.max_new_tokens - 1  # the last token is never fed
+            assert one_shot["since_update"] == [fed - one_shot["video_end"]] * len(one_shot["since_update"])
+            assert one_shot["kept_video_tokens"] <= one_shot["cap"]
+    uniform = [r for (label, _), r in rows.items() if label == f"{UNIFORM} @ 50%"]
+    assert len(uniform) == 3 and all(r["frames"] == 3 and r["evictions"] == 0 for r in uniform)
+    assert {"NAMM @ 50%", "H2O @ 50% one-shot", f"{UNIFORM} @ 50%"} <= set(summary)
+    assert summary["H2O @ 50% one-shot"]["protocol"] == "one-shot"
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "### progressive, 50% of the video tokens" in md and "### one-shot, 50% of the video tokens" in md
+    budget_section = md.split("## Matched budgets")[1].split("Accuracy per task type")[0]
+    assert budget_section.count(f"| {UNIFORM} @ 50%") == 2  # in both protocols' tables
+    with pytest.raises(ValueError, match="fractions of the video tokens"):
+        EvalVideoConfig(annotations="a.json", budgets=[1.5])
+    with pytest.raises(ValueError, match="unknown protocol"):
+        EvalVideoConfig(annotations="a.json", protocols=["sometimes"])

@@ -88,6 +88,25 @@ def test_end_windows_are_what_a_rollout_sees():
         TrainDTConfig(window="middle")
 
 
+def test_last_step_share_ends_that_share_of_windows_at_the_episode_end():
+    """last_step_share=0.5: about half the windows end at the last step (plus the uniform draws that
+    land there), the others at every step; it needs window="end"."""
+    n, k, draws = 10, 4, 2000
+    episode = datasets.Episode(np.zeros((n, 1), np.float32), np.zeros((n, 1), np.float32),
+                               np.zeros(n, np.float32), True, False)
+    sampler = SubsequenceSampler([episode], k, np.zeros(1), np.ones(1), 1.0, 100, np.random.default_rng(0),
+                                 "end", last_step_share=0.5)
+    last = sampler.sample(draws)["timesteps"][:, -1].numpy()
+    share = float(np.mean(last == n - 1))
+    expected = 0.5 + 0.5 / n
+    assert abs(share - expected) < 4 * np.sqrt(expected * (1 - expected) / draws)
+    assert set(last.tolist()) == set(range(n))
+    with pytest.raises(ValueError, match="needs window='end'"):
+        TrainDTConfig(last_step_share=0.5)
+    with pytest.raises(ValueError, match=r"last_step_share must be in \[0, 1\]"):
+        TrainDTConfig(window="end", last_step_share=1.5)
+
+
 def test_sampler_weights_episodes_by_length():
     def ep(n):
         return datasets.Episode(np.zeros((n, 1), np.float32), np.zeros((n, 1), np.float32),

@@ -23,7 +23,7 @@ from namm_transfer.pipelines.common import log, markdown_table, run_metadata, wr
 
 # The recipes of namm_transfer.envs.generate (LOCAL_ENVS, LEVELS), named here so the CLI's --help
 # works without gymnasium; a test keeps the two in step.
-ENV_NAMES = ("lunarlander", "bipedalwalker", "cuecorridor")
+ENV_NAMES = ("lunarlander", "bipedalwalker", "cuecorridor", "noisycorridor")
 LEVEL_NAMES = ("expert", "medium", "replay")
 
 
@@ -32,7 +32,8 @@ class RLDatasetsConfig:
     """Settings of :func:`run_make_rl_datasets`.
 
     Attributes:
-        envs: local recipes (``lunarlander``, ``bipedalwalker``, ``cuecorridor``: the memory task).
+        envs: local recipes (``lunarlander``, ``bipedalwalker``, ``cuecorridor``: the memory task;
+            ``noisycorridor``: the same with a random sign at every step, the cue at step 20).
         levels: quality levels (``expert``, ``medium``, ``replay``).
         episodes: episodes per dataset.
         seed: seeds everything (same seed, same arrays).

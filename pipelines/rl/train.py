@@ -58,6 +58,10 @@ class TrainDTConfig:
         loss: ``all`` (every action of a window, the usual DT loss) or ``last`` (each window's last action
             only; with ``window=end`` every step of an episode is then one target, so a rare decisive
             action, such as a memory task's final choice, is not drowned by the many easy ones).
+        last_step_share: with ``window=end``, the share of windows that end at their episode's last step
+            (the rest end at a uniform step). A sparse-reward task decided by its last action (the cue
+            corridor's junction: 1 step in 121) otherwise sees that decision in <1% of the windows, and
+            a DT that predicts the corridor's 0 there reaches a near-zero loss without remembering.
         hidden, layers, heads: GPT-2 width, depth and attention heads.
         dropout: residual, embedding and attention dropout.
         lr, weight_decay: AdamW.
@@ -83,6 +87,7 @@ class TrainDTConfig:
     context: int = 20
     window: str = "start"
     loss: str = "all"
+    last_step_share: float = 0.0
     hidden: int = 128
     layers: int = 3
     heads: int = 1
@@ -107,6 +112,10 @@ class TrainDTConfig:
             raise ValueError(f"loss must be 'all' or 'last', got {self.loss!r}")
         if self.window not in WINDOWS:
             raise ValueError(f"window must be one of {WINDOWS}, got {self.window!r}")
+        if not 0.0 <= self.last_step_share <= 1.0:
+            raise ValueError(f"last_step_share must be in [0, 1], got {self.last_step_share}")
+        if self.last_step_share > 0 and self.window != "end":
+            raise ValueError("last_step_share needs window='end' (it picks where windows end)")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         if self.return_scale is not None and self.return_scale <= 0:
@@ -124,15 +133,17 @@ class SubsequenceSampler:
         max_ep_len: timesteps are clipped to ``max_ep_len - 1``.
         rng: draws episodes (weighted by length) and start (or end) steps.
         window: ``start`` or ``end`` (see :class:`TrainDTConfig`).
+        last_step_share: with ``end``, the share of windows ending at the episode's last step.
     """
 
     def __init__(self, episodes: Sequence[Any], context: int, state_mean: np.ndarray, state_std: np.ndarray,
-                 return_scale: float, max_ep_len: int, rng: np.random.Generator, window: str = "start"):
+                 return_scale: float, max_ep_len: int, rng: np.random.Generator, window: str = "start",
+                 last_step_share: float = 0.0):
         self.episodes = [ep for ep in episodes if len(ep) > 0]
         if not self.episodes:
             raise ValueError("the dataset has no non-empty episode")
         self.context, self.return_scale, self.max_ep_len, self.rng = context, return_scale, max_ep_len, rng
-        self.window = window
+        self.window, self.last_step_share = window, last_step_share
         self.state_mean, self.state_std = state_mean, state_std
         lengths = np.array([len(ep) for ep in self.episodes], dtype=np.float64)
         self.probs = lengths / lengths.sum()
@@ -155,6 +166,8 @@ class SubsequenceSampler:
             ep = self.episodes[e]
             if self.window == "end":
                 end = int(self.rng.integers(len(ep))) + 1
+                if self.last_step_share and self.rng.random() < self.last_step_share:
+                    end = len(ep)
                 start = max(0, end - k)
             else:
                 start = int(self.rng.integers(len(ep)))
@@ -258,7 +271,7 @@ def train_dt(cfg: TrainDTConfig, argv: Sequence[str] | None = None, dataset: Any
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     sampler = SubsequenceSampler(eps, cfg.context, state_mean, state_std, return_scale, int(max_ep_len), rng,
-                                 cfg.window)
+                                 cfg.window, cfg.last_step_share)
     model = build_model(cfg, sampler.state_dim, sampler.act_dim, int(max_ep_len)).to(cfg.device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -92,15 +92,66 @@ from namm_transfer.pipelines.video.qa import (
     format_question,
     score_output,
 )
+from namm_transfer.policies import MemoryPolicy
 from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy, policy_names
 
 ROWS_NAME, SUMMARY_NAME = "rows.jsonl", "summary"
 UNIFORM = "UniformFrames"  # the frame-level baseline: a full cache over fewer, uniformly spaced frames
+PROTOCOLS = ("progressive", "one-shot")
+ONE_SHOT_CADENCE = 1 << 40  # never reached: a one-shot policy updates once, when first over its cap
 
 
 def video_policies() -> list[str]:
     """What ``eval-video`` runs, in order: every registered policy, then uniform frame subsampling."""
     return [*policy_names(), UNIFORM]
+
+
+def budget_label(name: str, fraction: float, protocol: str = "progressive") -> str:
+    """``NAMM @ 15%``, ``H2O @ 15% one-shot``; UniformFrames has no protocol (a full cache)."""
+    label = f"{name} @ {100 * fraction:g}%"
+    return label if protocol == "progressive" or name == UNIFORM else f"{label} one-shot"
+
+
+def budget_runs(cfg: EvalVideoConfig) -> list[tuple[str, str, float, str]]:
+    """``(label, policy, fraction, protocol)`` of every capped run, per protocol and budget."""
+    runs = []
+    for protocol in cfg.protocols:
+        for fraction in cfg.budgets:
+            for name in [NAMM_NAME, *BASELINES, UNIFORM]:
+                if name not in cfg.policies or (name == UNIFORM and protocol != cfg.protocols[0]):
+                    continue
+                runs.append((budget_label(name, fraction, protocol), name, fraction, protocol))
+    return runs
+
+
+def video_end(ids: list[int], video_token_id: int) -> int:
+    """The position right after the prompt's last video token (where one-shot compression happens)."""
+    where = [i for i, t in enumerate(ids) if t == video_token_id]
+    if not where:
+        raise ValueError("the prompt holds no video token")
+    return where[-1] + 1
+
+
+def capped_policy(name: str, namm, fraction: float, protocol: str, ids: list[int], video_tokens: int,
+                  video_token_id: int, update_every: int, seed: int = 0):
+    """The policy, prefill chunk and ``{"cap", "video_end"}`` of one capped run on one prompt.
+
+    Cap per layer and KV head: ``round(fraction * video_tokens)`` plus the prompt's text tokens (all of
+    them for ``progressive``, those before the video's end for ``one-shot``), the same for every policy;
+    the NAMM keeps the top-k of its scores (no threshold). ``one-shot``: the prompt up to the video's end
+    is one chunk, after which the cache holds more than the cap and the policy's first update compresses
+    it (see :meth:`~namm_transfer.memory.LayerMemory.due`); its cadence is never reached after that."""
+    kept_video = max(1, round(fraction * video_tokens))
+    if protocol == "one-shot":
+        end = video_end(ids, video_token_id)
+        every, chunk, text = ONE_SHOT_CADENCE, end, end - video_tokens
+    else:
+        every, chunk, text = update_every, update_every, len(ids) - video_tokens
+    cap = kept_video + text
+    info = {"cap": cap, "video_end": video_end(ids, video_token_id)}
+    if name == NAMM_NAME:
+        return namm.replace(update_every=every).with_budget(cap, keep_threshold=False), chunk, info
+    return build_policy(name, namm, cap, every, seed), chunk, info
 
 
 # -------------------------------------------------------------------------------------------------
@@ -127,6 +178,15 @@ class EvalVideoConfig:
         num_frames: frames sampled uniformly from each video (None: the frame count the model was
             trained with when it says, else 32).
         policies: which of :func:`video_policies` to run (the baselines need the NAMM's rows).
+        budgets: fixed budgets as fractions of the video tokens, e.g. 0.15 0.25 0.35 0.5: the NAMM (top-k
+            of its scores) and every token baseline of ``policies`` also run capped at
+            ``round(fraction * video tokens)`` plus the prompt's text tokens per layer and KV head, and
+            UniformFrames on ``round(fraction * frames)`` frames; rows are labelled ``<policy> @ <pct>%``
+            (``... one-shot`` for that protocol). Empty: only the NAMM's own budget.
+        protocols: how the capped rows of ``budgets`` evict: ``progressive`` (every ``update_every``
+            tokens while the prompt streams in, question and answer included) and/or ``one-shot`` (the
+            prompt up to the video's end in one chunk, one eviction there, none after: the question is
+            never compressed).
         limit: evaluate only the first ``limit`` samples (None: all).
         max_new_tokens: greedy generation length.
         post_prompt: line after the options (default: answer with the letter).
@@ -151,6 +211,8 @@ class EvalVideoConfig:
     update_every: int = 256
     num_frames: int | None = None
     policies: list[str] = field(default_factory=video_policies)
+    budgets: list[float] = field(default_factory=list)
+    protocols: list[str] = field(default_factory=lambda: ["progressive"])
     limit: int | None = None
     max_new_tokens: int = 8
     post_prompt: str = POST_PROMPT
@@ -173,6 +235,12 @@ class EvalVideoConfig:
             raise ValueError("update_every, num_frames and max_new_tokens must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+        if any(not 0.0 < f <= 1.0 for f in self.budgets):
+            raise ValueError(f"budgets are fractions of the video tokens in (0, 1], got {self.budgets}")
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad or not self.protocols:
+            raise ValueError(f"unknown protocol(s) {bad or self.protocols}; "
+                             f"choose from {', '.join(PROTOCOLS)}")
         if self.namm_budget is not None and self.namm_budget < 1:
             raise ValueError(f"namm_budget must be >= 1 token per layer and KV head, got {self.namm_budget}")
 
@@ -236,8 +304,10 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
     """Answer one sample under one policy.
 
     Reads ``num_frames`` frames uniformly; with ``frame_subset = k`` keeps a uniform subset of ``k`` of
-    them (the frame-level baseline). Returns the row (without ``policy``) and the ``[layers,
-    num_frames]`` retention (a dropped frame's column is 0).
+    them (the frame-level baseline). ``policy`` may also be a callable ``ids -> (policy, chunk, info)``
+    for a policy that depends on the prompt (a budget in tokens, the one-shot cadence); ``info`` joins
+    the row. Returns the row (without ``policy``) and the ``[layers, num_frames]`` retention (a dropped
+    frame's column is 0).
 
     Raises:
         VideoReadError: the video is missing or cannot be decoded.
@@ -257,6 +327,9 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
     pixels = video_model.preprocessor(frames)[None].to(device=model.device, dtype=model.dtype)
     ids = torch.tensor([prompt_ids(video_model, sample, n_frames, post_prompt, answer_prefix)],
                        device=model.device)
+    info = {}
+    if not isinstance(policy, MemoryPolicy):
+        policy, chunk, info = policy(ids[0].tolist())
     prepared = time.perf_counter()
     text, stats, retention = generate_with_policy(video_model, ids, pixels, policy, chunk, max_new_tokens,
                                                   exact_output, layout)
@@ -293,6 +366,7 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
         "prepare_seconds": prepared - start,
         "generate_seconds": generated - prepared,
         "seconds": time.perf_counter() - start,
+        **info,
     }
     return row, full_retention
 
@@ -317,7 +391,7 @@ def _setting(cfg: EvalVideoConfig) -> dict[str, Any]:
             "update_every": cfg.update_every, "num_frames": cfg.num_frames, "limit": cfg.limit,
             "max_new_tokens": cfg.max_new_tokens, "post_prompt": cfg.post_prompt,
             "answer_prefix": cfg.answer_prefix, "exact_output": cfg.exact_output, "seed": cfg.seed,
-            "dtype": cfg.dtype, "namm_budget": cfg.namm_budget}
+            "dtype": cfg.dtype, "namm_budget": cfg.namm_budget}  # budgets / protocols label their own rows
 
 
 def key_frame_retention(rows: list[dict[str, Any]], key_frames: dict[str, list[int]]) -> tuple[float, float]:
@@ -337,13 +411,14 @@ def key_frame_retention(rows: list[dict[str, Any]], key_frames: dict[str, list[i
 
 
 def summarise(rows: list[dict[str, Any]], task_types: list[str],
-              key_frames: dict[str, list[int]] | None = None) -> dict[str, dict[str, Any]]:
-    """Per policy (in :func:`video_policies` order): accuracy (± standard error) overall and per task type,
-    failures, kept video tokens / frames, stored KV MiB and seconds per sample (successful samples);
-    with ``key_frames`` (sample id -> indices of the sampled frames that hold the answer, as
-    make-video-qa records them) also the retention of those frames against the others."""
+              key_frames: dict[str, list[int]] | None = None,
+              order: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per policy label (in ``order``, default :func:`video_policies` order): accuracy (± standard error)
+    overall and per task type, failures, kept video tokens / frames, stored KV MiB and seconds per sample
+    (successful samples); with ``key_frames`` (sample id -> indices of the sampled frames that hold the
+    answer, as make-video-qa records them) also the retention of those frames against the others."""
     summary: dict[str, dict[str, Any]] = {}
-    for name in [p for p in video_policies() if any(r["policy"] == p for r in rows)]:
+    for name in [p for p in (order or video_policies()) if any(r["policy"] == p for r in rows)]:
         mine = [r for r in rows if r["policy"] == name]
         ok = [r for r in mine if not r.get("failed")]
         acc, se = mean_se([float(r["correct"]) for r in ok])
@@ -372,10 +447,39 @@ def summarise(rows: list[dict[str, Any]], task_types: list[str],
             "generate_seconds_per_sample": mean("generate_seconds"),
             "unanswered": sum(1 for r in ok if r.get("predicted") is None),
         }
+        if mine and "budget_fraction" in mine[0]:
+            summary[name].update(policy=mine[0]["base_policy"], budget_fraction=mine[0]["budget_fraction"],
+                                 protocol=mine[0]["protocol"])
         if key_frames:
             key, other = key_frame_retention(ok, key_frames)
             summary[name].update(key_frame_retention=key, other_frame_retention=other)
     return summary
+
+
+def budget_tables(summary: dict[str, dict[str, Any]], full: dict[str, Any] | None) -> str:
+    """One table per (protocol, budget) of the capped rows, the full cache's accuracy beside each row:
+    the matched-budget comparisons, with every policy's answer / redundant frames' retention."""
+    groups: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
+    for label, s in summary.items():
+        if "budget_fraction" not in s:
+            continue
+        protocols = [s["protocol"]] if s["policy"] != UNIFORM else \
+            sorted({t["protocol"] for t in summary.values() if "protocol" in t}, key=PROTOCOLS.index)
+        for protocol in protocols:
+            groups.setdefault((protocol, s["budget_fraction"]), {})[label] = s
+    out = []
+    for (protocol, fraction), members in sorted(groups.items(),
+                                                key=lambda g: (PROTOCOLS.index(g[0][0]), g[0][1])):
+        ranked = dict(sorted(members.items(), key=lambda kv: -kv[1]["accuracy"]))
+        table, _ = summary_tables(ranked, [])
+        head = f"### {protocol}, {100 * fraction:g}% of the video tokens\n\n"
+        if full is not None and full["accuracy"] > 0:
+            ratios = ", ".join(f"{s['policy']} {s['accuracy'] / full['accuracy']:.2f}"
+                               for s in ranked.values())
+            head += (f"Full cache: {full['accuracy']:.3f} ± {full['accuracy_se']:.3f}; "
+                     f"accuracy / full cache's: {ratios}.\n\n")
+        out.append(head + table)
+    return "\n\n".join(out)
 
 
 def summary_tables(summary: dict[str, dict[str, Any]], task_types: list[str]) -> tuple[str, str]:
@@ -462,6 +566,47 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     budget, frames_k = None, None
     order = [p for p in video_policies() if p in cfg.policies]
     ids = {s.sample_id for s in samples}
+    video_tokens = layout.video_tokens(cfg.num_frames)
+
+    def run(label: str, policy, frame_subset: int | None = None, extra: dict | None = None) -> None:
+        """Every pending sample under one policy (or prompt -> policy factory), rows appended."""
+        todo = [(i, s) for i, s in enumerate(samples) if not store.done((label, s.sample_id))]
+        if not todo:
+            log(f"{label}: all {len(samples)} samples already done")
+        for index, sample in tqdm(todo, desc=label, unit="sample"):
+            start = time.perf_counter()
+            try:
+                row, retention = evaluate_sample(
+                    video_model, sample, policy, cfg.num_frames, cfg.update_every, cfg.max_new_tokens,
+                    cfg.post_prompt, cfg.answer_prefix, frame_subset, cfg.exact_output,
+                )
+            except VideoReadError as error:
+                log(f"{label}: sample {sample.sample_id} failed: {error}")
+                row, retention = {
+                    "sample_id": sample.sample_id, "task_type": sample.task_type, "video": sample.video,
+                    "answer": sample.answer, "failed": True, "error": str(error),
+                    "seconds": time.perf_counter() - start,
+                }, None
+            row = {"policy": label, **row, **(extra or {})}
+            store.add(row)  # incremental: a kill loses at most this sample
+            if writer is not None and not row["failed"]:
+                writer.add_scalar(f"correct/{label}", float(row["correct"]), index)
+                writer.add_scalar(f"kept_video_tokens/{label}", row["kept_video_tokens"], index)
+            if retention is not None and index < cfg.heatmaps:
+                title = f"{label}: {sample.sample_id} ({sample.task_type})"
+                png = out_dir / "heatmaps" / f"{_safe(label)}_{index}_{_safe(sample.sample_id)}.png"
+                save_retention_heatmap(retention, png, title)
+                if writer is not None:  # the same picture, not drawn twice
+                    from PIL import Image
+
+                    image = np.asarray(Image.open(png).convert("RGB"))
+                    writer.add_image(f"retention/{label}/{index}", image, 0, dataformats="HWC")
+        mine = store.rows(lambda r: r["policy"] == label and r["sample_id"] in ids and not r.get("failed"))
+        if mine:
+            kept = np.mean([r["kept_video_tokens"] for r in mine])
+            log(f"{label}: accuracy {np.mean([r['correct'] for r in mine]):.3f}, kept video tokens "
+                f"{kept:.0f} of {video_tokens}")
+
     for name in order:
         if name in (*BASELINES, UNIFORM) and budget is None:
             is_namm = lambda r: r["policy"] == NAMM_NAME and r["sample_id"] in ids  # noqa: E731
@@ -470,53 +615,33 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
             log(f"uniform frames: {frames_k} of {cfg.num_frames}")
         token_policy = FULL_CACHE if name == UNIFORM else name  # UniformFrames: a full cache, fewer frames
         policy = build_policy(token_policy, namm, budget, cfg.update_every, cfg.seed)
-        todo = [(i, s) for i, s in enumerate(samples) if not store.done((name, s.sample_id))]
-        if not todo:
-            log(f"{name}: all {len(samples)} samples already done")
-        for index, sample in tqdm(todo, desc=name, unit="sample"):
-            start = time.perf_counter()
-            try:
-                row, retention = evaluate_sample(
-                    video_model, sample, policy, cfg.num_frames, cfg.update_every, cfg.max_new_tokens,
-                    cfg.post_prompt, cfg.answer_prefix, frames_k if name == UNIFORM else None,
-                    cfg.exact_output,
-                )
-            except VideoReadError as error:
-                log(f"{name}: sample {sample.sample_id} failed: {error}")
-                row, retention = {
-                    "sample_id": sample.sample_id, "task_type": sample.task_type, "video": sample.video,
-                    "answer": sample.answer, "failed": True, "error": str(error),
-                    "seconds": time.perf_counter() - start,
-                }, None
-            row = {"policy": name, **row}
-            if name in BASELINES:
-                row["budget"] = budget
-            store.add(row)  # incremental: a kill loses at most this sample
-            if writer is not None and not row["failed"]:
-                writer.add_scalar(f"correct/{name}", float(row["correct"]), index)
-                writer.add_scalar(f"kept_video_tokens/{name}", row["kept_video_tokens"], index)
-            if retention is not None and index < cfg.heatmaps:
-                title = f"{name}: {sample.sample_id} ({sample.task_type})"
-                png = out_dir / "heatmaps" / f"{name}_{index}_{_safe(sample.sample_id)}.png"
-                save_retention_heatmap(retention, png, title)
-                if writer is not None:  # the same picture, not drawn twice
-                    from PIL import Image
+        run(name, policy, frames_k if name == UNIFORM else None,
+            {"budget": budget} if name in BASELINES else None)
 
-                    image = np.asarray(Image.open(png).convert("RGB"))
-                    writer.add_image(f"retention/{name}/{index}", image, 0, dataformats="HWC")
-        mine = store.rows(lambda r, name=name: r["policy"] == name and r["sample_id"] in ids
-                          and not r.get("failed"))
-        if mine:
-            kept = np.mean([r["kept_video_tokens"] for r in mine])
-            log(f"{name}: accuracy {np.mean([r['correct'] for r in mine]):.3f}, kept video tokens "
-                f"{kept:.0f} of {cfg.num_frames * layout.tokens_per_frame}")
+    capped = budget_runs(cfg)
+    if capped:
+        log(f"capped runs: {', '.join(f'{100 * f:g}%' for f in cfg.budgets)} of {video_tokens} video tokens, "
+            f"protocols {', '.join(cfg.protocols)}")
+    for label, name, fraction, protocol in capped:
+        extra = {"base_policy": name, "budget_fraction": fraction, "protocol": protocol}
+        if name == UNIFORM:
+            k = int(min(cfg.num_frames, max(1, round(fraction * cfg.num_frames))))
+            run(label, build_policy(FULL_CACHE), k, extra)
+            continue
+
+        def factory(prompt, name=name, fraction=fraction, protocol=protocol):
+            return capped_policy(name, namm, fraction, protocol, prompt, video_tokens, layout.video_token_id,
+                                 cfg.update_every, cfg.seed)
+
+        run(label, factory, None, extra)
 
     rows = store.rows()
-    selected = [r for r in rows if r["policy"] in cfg.policies and r["sample_id"] in ids]
+    labels = [*order, *(label for label, *_ in capped)]
+    selected = [r for r in rows if r["policy"] in labels and r["sample_id"] in ids]
     # make-video-qa's records name the frames that hold the answer (indices among the sampled frames)
     key_frames = {s.sample_id: [int(k) for k in s.meta["key_frames"]] for s in samples
                   if s.meta.get("key_frames") and s.meta.get("num_frames") == cfg.num_frames}
-    summary = summarise(selected, task_types, key_frames)
+    summary = summarise(selected, task_types, key_frames, labels)
     namm_rows = [r for r in rows if r["policy"] == NAMM_NAME and r["sample_id"] in ids]
     if budget is None and len(namm_rows) >= len(samples) and any(not r.get("failed") for r in namm_rows):
         budget = matched_budget(namm_rows)
@@ -528,7 +653,10 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
                 writer.add_scalar(f"summary/{name}/{key}", s[key], 0)
         writer.close()
     meta = run_metadata(argv)
-    main_table, task_table = summary_tables(summary, task_types)
+    uncapped = {k: v for k, v in summary.items() if "budget_fraction" not in v}
+    main_table, _ = summary_tables(uncapped, task_types)
+    _, task_table = summary_tables(summary, task_types)
+    capped_tables = budget_tables(summary, summary.get(FULL_CACHE))
     data = {
         "config": asdict(cfg), "setting": setting, "meta": meta, "budget": budget,
         "uniform_frames": frames_k, "tokens_per_frame": layout.tokens_per_frame,
@@ -554,8 +682,17 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
            "frames that hold the answer, and of the other, redundant frames (from the annotations' "
            "key_frames)." if key_frames else "")
         + "\n\n"
-        + main_table + "\n\nAccuracy per task type:\n\n" + task_table + "\n",
+        + main_table
+        + (f"\n\n## Matched budgets\n\nEvery policy capped at the same tokens per layer and KV head: "
+           f"the share of the {video_tokens} video tokens plus the prompt's text tokens (progressive: all of "
+           "them, evicting every update_every tokens, question and answer included; one-shot: those before "
+           "the video's end, one eviction there). The NAMM keeps the top-k of its scores; UniformFrames "
+           "feeds that share of the frames to a full cache. Sorted by accuracy.\n\n" + capped_tables
+           if capped_tables else "")
+        + "\n\nAccuracy per task type:\n\n" + task_table + "\n",
         SUMMARY_NAME,
     )
     print(main_table)
+    if capped_tables:
+        print(capped_tables)
     return summary

@@ -114,8 +114,10 @@ class EnvBatch:
             seeds = [seeds + i for i in range(self.num_envs)]
         if seeds is not None and len(seeds) != self.num_envs:
             raise ValueError(f"need {self.num_envs} seeds, got {len(seeds)}")
-        obs = [env.reset(seed=None if seeds is None else int(seeds[i]))[0] for i, env in enumerate(self.envs)]
-        self._obs = np.stack(obs).astype(np.float32)
+        started = [env.reset(seed=None if seeds is None else int(seeds[i]))
+                   for i, env in enumerate(self.envs)]
+        self.reset_infos = [info for _, info in started]  # e.g. the cue corridor's cue_step
+        self._obs = np.stack([obs for obs, _ in started]).astype(np.float32)
         self.returns[:] = 0.0
         self.lengths[:] = 0
         self.done[:] = False

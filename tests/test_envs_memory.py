@@ -64,6 +64,9 @@ def test_env_batch_reports_what_the_envs_applied():
 
     batch = EnvBatch("cuecorridor", 2)
     batch.reset(seeds=[0, 1])
+    single = make_env("cuecorridor")
+    assert [info["cue_step"] for info in batch.reset_infos] == [single.reset(seed=s)[1]["cue_step"]
+                                                                for s in (0, 1)]  # kept for the plots
     batch.step(np.full((2, 1), 0.3, np.float32))
     np.testing.assert_array_equal(batch.applied_actions, np.zeros((2, 1)))  # the corridor ignores them
     lunar = pytest.importorskip("Box2D") and EnvBatch("lunarlander", 1)

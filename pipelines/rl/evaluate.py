@@ -391,6 +391,7 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
             "batch_env_steps": env_steps,
             "batch_seconds": seconds,
             "nonfinite": int(stats.get("nonfinite", 0)),
+            **{k: int(v) for k, v in envs.reset_infos[b].items() if k == "cue_step"},  # memory tasks
         })
     return PolicyRun(rows, meter.memory_map, tokens_per_step, np.stack(executed))
 
@@ -497,8 +498,9 @@ def summary_table(summary: dict[str, dict[str, Any]]) -> str:
     return markdown_table(headers, body)
 
 
-def plot_memory(memory_map: np.ndarray, title: str, path: Path | None = None):
-    """The timesteps in memory over one episode as a matplotlib figure (saved to ``path`` if given)."""
+def plot_memory(memory_map: np.ndarray, title: str, path: Path | None = None, cue_step: int | None = None):
+    """The timesteps in memory over one episode as a matplotlib figure (saved to ``path`` if given);
+    ``cue_step`` (a memory task's) is drawn as a line across the steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -513,6 +515,9 @@ def plot_memory(memory_map: np.ndarray, title: str, path: Path | None = None):
     ax.set_ylabel("episode timestep of cached tokens")
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="share of layers x heads x tokens held")
+    if cue_step is not None:
+        ax.axhline(cue_step, color="red", linestyle="--", linewidth=1)
+        ax.annotate(f"cue (step {cue_step})", (1, cue_step + 1), color="red", fontsize=8)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path)
@@ -578,7 +583,7 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
                 title = (f"{label}: timesteps in memory, {Path(str(cfg.dt)).name} episode seed "
                          f"{batch_seeds[0]}")
                 png = out_dir / f"memory_{label.replace(' @ ', '_').replace('%', 'pct')}.png"
-                fig = plot_memory(run.memory_map, title, png)
+                fig = plot_memory(run.memory_map, title, png, run.rows[0].get("cue_step"))
                 if writer is not None:
                     writer.add_figure(f"memory/{label}", fig)
                 import matplotlib.pyplot as plt

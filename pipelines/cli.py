@@ -17,6 +17,7 @@ from namm_transfer.pipelines.bench.engine import (
     EngineBenchConfig,
     run_engine_bench,
 )
+from namm_transfer.pipelines.bench.oracle import OracleConfig, run_oracle
 from namm_transfer.pipelines.bench.overhead import OverheadConfig, run_overhead
 from namm_transfer.pipelines.bench.population import (
     PopulationConfig,
@@ -320,6 +321,17 @@ COMMANDS: tuple[Command, ...] = (
         "Read each run's validation.jsonl and config.json and write a table (OUTPUT), a PNG of validation "
         "fitness against wall-clock minutes and a .json twin.",
         {"runs": {"flags": ("--run",), "action": "append", "metavar": "LABEL=DIR"}},
+    ),
+    Command(
+        "bench oracle", OracleConfig, run_oracle,
+        "the one-shot ceiling: the NAMM vs an oracle that keeps what the question attends to",
+        "Per test prompt of each text task, prefill the context once, then answer from caches compressed "
+        "once before the question, at each kept fraction, by the NAMM (top-k) and by an oracle keeping per "
+        "layer and KV head the tokens the question and reference answer attend to most in the full-cache "
+        "forward (a ceiling, not a policy). Normalised by the full cache on the same prompts; rows resume "
+        "from OUTPUT_DIR/rows.jsonl; writes OUTPUT_DIR/summary.md and .json.",
+        {**DTYPE, "tasks": {"choices": tuple(TASKS)}, "model": {"choices": tuple(MODELS)},
+         "split": {"choices": ("test", "val")}},
     ),
     Command(
         "bench text-tasks", MeasureConfig, measure_full_cache,

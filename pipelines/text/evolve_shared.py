@@ -86,17 +86,26 @@ class PrefillPool:
         example = self.tasks[task].make(self.tokenizer, seed, self.prompt_tokens)
         prefill = prefill_context(self.model, self.handle, example, self.tokenizer, [NAMM(self.namm_cfg)])
         answer = answer_token_ids(self.tokenizer, example)
-        recorder = ReceivedAttention()
-        cache = prefill.fork(0, recorder)
-        for layer in cache.layers:  # fresh recorder state: only the question and answer are summed
-            layer.memory.state = recorder.new_state(layer.memory.layer_idx)
-        full = teacher_forced(self.model, prefill, cache, answer)
-        n = prefill.context_len
-        target = torch.cat([layer.memory.state["received"][0, :, :n] for layer in cache.layers])
+        full, target = answer_attention(self.model, prefill, answer)
         return PoolEntry(task, seed, prefill, answer, full, target)
 
     def nbytes(self) -> int:
         return sum(e.prefill.nbytes() + e.target.numel() * 4 for e in self.entries.values())
+
+
+@torch.no_grad()
+def answer_attention(model, prefill: ContextPrefill,
+                     answer_ids: torch.Tensor) -> tuple[TeacherForced, torch.Tensor]:
+    """The full cache's teacher-forced result on the question and reference answer, and ``[L * H, S]``
+    the attention those tokens paid to each context token (summed over their queries, per layer and KV
+    head): the warm start's target, and what a question-aware oracle would keep."""
+    recorder = ReceivedAttention()
+    cache = prefill.fork(0, recorder)
+    for layer in cache.layers:  # fresh recorder state: only the question and answer are summed
+        layer.memory.state = recorder.new_state(layer.memory.layer_idx)
+    full = teacher_forced(model, prefill, cache, answer_ids)
+    n = prefill.context_len
+    return full, torch.cat([layer.memory.state["received"][0, :, :n] for layer in cache.layers])
 
 
 def entry_features(entry: PoolEntry, namm: NAMM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,174 @@
+"""``namm-transfer bench oracle``: the ceiling of one-shot compression before the question.
+
+The one-shot protocol compresses the context before the question is read, so no policy can know which
+key or document will be asked for. This job measures how much that costs on the text tasks: per test
+prompt, one shared prefill of the context, then greedy answers from caches compressed at each kept
+fraction by
+
+- ``Oracle``: per layer and KV head, the tokens that the question and the reference answer attend to
+  most (their summed attention in the full-cache forward: :func:`.evolve_shared.answer_attention`,
+  the evolution warm start's target). It reads the future, so it is a ceiling for attention-based
+  selection, not a policy;
+- ``NAMM``: the NAMM by top-k of its scores, from the same prefill (as ``eval-text`` one-shot).
+
+Scores are normalised by the full cache's on the same prompts, as in ``eval-text``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from namm_transfer.pipelines.common import log, markdown_table, parse_dtype, run_metadata, set_threads
+from namm_transfer.pipelines.harness import RowStore, check_setting, write_summary
+from namm_transfer.policies import MemoryPolicy
+from namm_transfer.policies.base import CacheView
+from namm_transfer.policies.registry import FULL_CACHE, NAMM_NAME
+
+ORACLE = "Oracle"
+
+
+class FixedScoreTopK(MemoryPolicy):
+    """Keeps, per layer and KV head, the ``budget`` valid slots with the highest given scores.
+
+    Args:
+        scores: ``[layers, kv_heads, slots]`` one score per cached slot (batch 1).
+        budget: slots kept per layer and KV head (None keeps all).
+    """
+
+    def __init__(self, scores: torch.Tensor, budget: int | None):
+        super().__init__(update_every=1 << 40)
+        self.scores, self.budget = scores, budget
+
+    def new_state(self, layer_idx: int) -> None:
+        return None
+
+    def keep(self, state: Any, view: CacheView) -> torch.Tensor:
+        valid = view.valid
+        if self.budget is None or self.budget >= valid.shape[-1]:
+            return valid.clone()
+        scores = self.scores[view.layer_idx].to(valid.device)[None, :, : valid.shape[-1]]
+        scores = scores.expand_as(valid).masked_fill(~valid, -torch.inf)
+        top = scores.topk(self.budget, dim=-1).indices
+        return torch.zeros_like(valid).scatter(-1, top, True) & valid
+
+
+@dataclass
+class OracleConfig:
+    """Settings of :func:`run_oracle`.
+
+    Attributes:
+        model: ``smollm2`` or ``gemma3-270m``.
+        namm: the NAMM compared with the oracle (a shipped name or a directory).
+        tasks: text tasks.
+        n: test prompts per task.
+        split: ``test`` or ``val``.
+        prompt_tokens: prompt length (as ``eval-text``).
+        budgets: kept fractions of the context.
+        output_dir: rows.jsonl (resumable) and the summary.
+        device, dtype, threads: as ``eval-text``.
+    """
+
+    model: str = "smollm2"
+    namm: str = "smollm2-text"
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "kv", "docs"])
+    n: int = 32
+    split: str = "test"
+    prompt_tokens: int = 1024
+    budgets: list[float] = field(default_factory=lambda: [0.5, 0.25])
+    output_dir: str = "benchmarks/results/oracle_text"
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if any(not 0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets are kept fractions in (0, 1], got {self.budgets}")
+
+
+def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from namm_transfer import NAMM
+    from namm_transfer.adapters import attach
+    from namm_transfer.pipelines.models import load_named_model
+    from namm_transfer.pipelines.text.evaluate import summarise
+    from namm_transfer.pipelines.text.evolve_shared import answer_attention
+    from namm_transfer.pipelines.text.shared_prefill import (
+        answer_token_ids,
+        generate_answer,
+        kept_report,
+        prefill_context,
+    )
+    from namm_transfer.pipelines.text.tasks import TASKS, make_split
+
+    set_threads(cfg.threads)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setting = {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "device", "threads")}
+    check_setting(out_dir, setting)
+    store = RowStore(out_dir / "rows.jsonl", key=lambda r: (r["budget"], r["policy"], r["task"], r["seed"]))
+    namm = NAMM.from_pretrained(cfg.namm)
+    model, tokenizer = load_named_model(cfg.model, device=cfg.device, dtype=parse_dtype(cfg.dtype))
+    examples = [(t, ex) for t in cfg.tasks
+                for ex in make_split(t, tokenizer, cfg.split, cfg.n, cfg.prompt_tokens)]
+    names = [FULL_CACHE, ORACLE, NAMM_NAME]
+    with attach(model, namm) as handle:
+        for task, ex in tqdm(examples, desc="bench oracle", unit="prompt"):
+            todo = [(b, p) for b in cfg.budgets for p in names
+                    if not store.done((b, p, task, ex.seed)) and (p != FULL_CACHE or b == cfg.budgets[0])]
+            if not todo:
+                continue
+            start = time.perf_counter()
+            prefill = prefill_context(model, handle, ex, tokenizer, [namm])
+            _, target = answer_attention(model, prefill, answer_token_ids(tokenizer, ex))
+            layers = len(prefill.cache.layers)
+            scores = target.reshape(layers, -1, target.shape[-1])
+            shared_s = time.perf_counter() - start
+            max_new = TASKS[task].max_new_tokens
+            for budget, name in todo:
+                t0 = time.perf_counter()
+                k = max(1, round(budget * prefill.context_len))
+                if name == FULL_CACHE:
+                    policy = FixedScoreTopK(scores, None)
+                elif name == ORACLE:
+                    policy = FixedScoreTopK(scores, k)
+                else:
+                    policy = namm.with_budget(k, keep_threshold=False)
+                cache = prefill.fork(0, policy)
+                kept, _ = kept_report(cache, prefill.context_len)
+                text = generate_answer(model, tokenizer, prefill, cache, max_new)
+                store.add({"budget": budget, "policy": name, "task": task, "seed": ex.seed,
+                           "score": float(TASKS[task].score(text, ex)), "answer": text,
+                           "kept_fraction": float(kept[0]), "context_tokens": prefill.context_len,
+                           "seconds": time.perf_counter() - t0 + shared_s})
+    rows = store.rows()
+    full_rows = [r for r in rows if r["policy"] == FULL_CACHE]
+    tables, data = [], {}
+    for budget in cfg.budgets:
+        group = full_rows + [r for r in rows if r["budget"] == budget and r["policy"] != FULL_CACHE]
+        summary = summarise(group, cfg.tasks)
+        data[str(budget)] = summary
+        tables.append(f"## {100 * budget:g}% of the context kept per layer and KV head\n\n" + markdown_table(
+            ["policy", *cfg.tasks, "mean normalised", "kept fraction", "n"],
+            [[name, *(f"{s['normalised'][t]:.2f} ± {s['normalised_se'][t]:.2f}" for t in cfg.tasks),
+              f"{s['mean_normalised']:.3f} ± {s['mean_normalised_se']:.3f}", f"{s['kept_fraction']:.3f}",
+              str(s["n"])] for name, s in summary.items()]))
+    meta = run_metadata(argv)
+    text = (f"# One-shot compression before the question: NAMM vs a question-aware oracle\n\n"
+            f"- command: `{meta['command']}`\n- date: {meta['date']}, git {meta['git_revision']}\n"
+            f"- model: {cfg.model}; NAMM: {cfg.namm}; {cfg.split} split, {cfg.n} prompts per task, "
+            f"~{cfg.prompt_tokens} tokens\n\n"
+            "Oracle: per layer and KV head, the context tokens the question and the reference answer "
+            "attend to most in the full-cache forward (it reads the future: a ceiling for attention-based "
+            "selection, not a policy). NAMM: top-k of its scores. Both compress the context once, before "
+            "the question, from one shared prefill; normalised = mean score / full cache's mean on the same "
+            "prompts, ± standard error over prompts.\n\n" + "\n\n".join(tables) + "\n")
+    write_summary(out_dir, {"config": asdict(cfg), "meta": meta, "summary": data}, text, "summary")
+    print(text)
+    log(f"results in {out_dir}")
+    return data

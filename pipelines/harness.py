@@ -142,6 +142,23 @@ def namm_budget(store: RowStore, is_namm_row: Callable[[dict[str, Any]], bool], 
     return budget
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)``: a process evaluates every N-th item starting at K."""
+    try:
+        k, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= k < n:
+        raise ValueError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def shard_rows_name(k: int, n: int, name: str = "rows.jsonl") -> str:
+    """The rows file of shard K of N (``name`` itself when there is one shard)."""
+    stem, dot, ext = name.partition(".")
+    return name if n == 1 else f"{stem}.shard{k}of{n}{dot}{ext}"
+
+
 def write_summary(out_dir: str | Path, data: Mapping[str, Any], markdown: str, name: str = "summary") -> Path:
     """``out_dir/<name>.json`` (``data``) and ``out_dir/<name>.md`` (``markdown``)."""
     out_dir = Path(out_dir)

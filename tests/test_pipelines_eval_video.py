@@ -455,3 +455,34 @@ def test_budgets_cap_every_policy_alike_in_both_protocols(tmp_path, data):
         EvalVideoConfig(annotations="a.json", budgets=[1.5])
     with pytest.raises(ValueError, match="unknown protocol"):
         EvalVideoConfig(annotations="a.json", protocols=["sometimes"])
+
+
+def test_shards_split_the_samples_and_the_last_summary_covers_them_all(tmp_path, data):
+    """--shard 0/2 and 1/2 answer disjoint samples into their own rows files; a 0/1 rerun finds every
+    row done and summarises all three samples, with the answers of a single process."""
+    names = [FULL, "Recency"]
+    single = _config(tmp_path / "single", data["jsonl"], policies=names, budgets=[0.5], own_budget=False)
+    run_eval_video(single, loader=tiny_loader, namm=NAMM(NAMMConfig()))
+    shared = tmp_path / "shared"
+    for shard in ("0/2", "1/2"):
+        cfg = _config(shared, data["jsonl"], policies=names, budgets=[0.5], shard=shard, own_budget=False)
+        run_eval_video(cfg, loader=tiny_loader, namm=NAMM(NAMMConfig()))
+    files = sorted(p.name for p in (shared / "out").glob("rows*.jsonl"))
+    assert files == ["rows.shard0of2.jsonl", "rows.shard1of2.jsonl"]
+    ids = [{json.loads(line)["sample_id"] for line in (shared / "out" / f).read_text().splitlines()}
+           for f in files]
+    assert len(ids[0]) == 2 and len(ids[1]) == 1 and not ids[0] & ids[1]
+    summary = run_eval_video(_config(shared, data["jsonl"], policies=names, budgets=[0.5], own_budget=False),
+                             loader=tiny_loader, namm=NAMM(NAMMConfig()))
+    assert "Recency" not in summary  # not at the NAMM's own budget: the NAMM is not run
+    assert not (shared / "out" / "rows.jsonl").exists()  # nothing left to do
+    assert summary[FULL]["samples"] == 3 and summary["Recency @ 50%"]["samples"] == 3
+    answers = {(r["policy"], r["sample_id"]): r["output"] for r in _rows(single)}
+    sharded = {}
+    for f in files:
+        for line in (shared / "out" / f).read_text().splitlines():
+            row = json.loads(line)
+            sharded[(row["policy"], row["sample_id"])] = row["output"]
+    assert sharded == answers
+    with pytest.raises(ValueError, match="0 <= K < N"):
+        EvalVideoConfig(annotations="a.json", shard="2/2")

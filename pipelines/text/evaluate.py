@@ -40,7 +40,13 @@ from namm_transfer.pipelines.common import (
     run_metadata,
     set_threads,
 )
-from namm_transfer.pipelines.harness import RowStore, check_setting, write_summary
+from namm_transfer.pipelines.harness import (
+    RowStore,
+    check_setting,
+    parse_shard,
+    shard_rows_name,
+    write_summary,
+)
 from namm_transfer.pipelines.models import MODELS
 from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy
 
@@ -106,19 +112,9 @@ class EvalTextConfig:
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
-        k, n = parse_shard(self.shard)
+        parse_shard(self.shard)
         if self.split not in ("test", "val"):
             raise ValueError(f"split must be 'test' or 'val', got {self.split!r}")
-        if not 0 <= k < n:
-            raise ValueError(f"--shard K/N needs 0 <= K < N, got {self.shard!r}")
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        k, n = (int(x) for x in str(text).split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must look like K/N (e.g. 0/2), got {text!r}") from None
-    return k, n
 
 
 def _key(row: dict[str, Any]) -> tuple:
@@ -374,7 +370,7 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
         namm = namm.replace(update_every=every)
     _check_same_setting(out_dir, cfg, every)
     shard, n_shards = parse_shard(cfg.shard)
-    rows_path = out_dir / (ROWS_NAME if n_shards == 1 else f"rows.shard{shard}of{n_shards}.jsonl")
+    rows_path = out_dir / shard_rows_name(shard, n_shards, ROWS_NAME)
     store = RowStore(rows_path, _key, read=sorted(out_dir.glob("rows*.jsonl")))  # every shard's rows
     stale = store.forget(lambda r: depends_on_namm(r) and r.get("namm") != str(cfg.namm))
     if stale:

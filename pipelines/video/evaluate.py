@@ -82,6 +82,8 @@ from namm_transfer.pipelines.harness import (
     matched_budget,
     mean_se,
     namm_budget,
+    parse_shard,
+    shard_rows_name,
     write_summary,
 )
 from namm_transfer.pipelines.video.annotations import FORMATS, load_annotations
@@ -187,7 +189,13 @@ class EvalVideoConfig:
             tokens while the prompt streams in, question and answer included) and/or ``one-shot`` (the
             prompt up to the video's end in one chunk, one eviction there, none after: the question is
             never compressed).
+        own_budget: also run the token baselines and UniformFrames at the NAMM's own measured budget
+            (False: only at ``budgets``).
         limit: evaluate only the first ``limit`` samples (None: all).
+        shard: ``"K/N"``: this process answers every N-th sample from K (parallel processes share the
+            output folder; each appends to its own ``rows.shardKofN.jsonl`` and reads them all, so the
+            last one to finish, or a rerun with ``0/1``, writes the complete summary). Baselines at the
+            NAMM's own budget take it from the NAMM rows of their shard: prefer ``budgets`` there.
         max_new_tokens: greedy generation length.
         post_prompt: line after the options (default: answer with the letter).
         answer_prefix: text after the assistant marker, e.g. ``"Best option: ("``.
@@ -213,7 +221,9 @@ class EvalVideoConfig:
     policies: list[str] = field(default_factory=video_policies)
     budgets: list[float] = field(default_factory=list)
     protocols: list[str] = field(default_factory=lambda: ["progressive"])
+    own_budget: bool = True
     limit: int | None = None
+    shard: str = "0/1"
     max_new_tokens: int = 8
     post_prompt: str = POST_PROMPT
     answer_prefix: str = ""
@@ -233,6 +243,7 @@ class EvalVideoConfig:
             raise ValueError(f"unknown annotation format {self.format!r}; choose from {FORMATS}")
         if self.update_every < 1 or self.max_new_tokens < 1 or (self.num_frames or 1) < 1:
             raise ValueError("update_every, num_frames and max_new_tokens must be >= 1")
+        parse_shard(self.shard)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
         if any(not 0.0 < f <= 1.0 for f in self.budgets):
@@ -539,7 +550,12 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     if not samples:
         raise ValueError(f"{cfg.annotations}: no multiple-choice samples")
     task_types = list(dict.fromkeys(s.task_type for s in samples))
-    log(f"{len(samples)} samples, task types: {', '.join(task_types)}")
+    all_samples = samples  # the summary covers every shard's rows
+    all_ids = {s.sample_id for s in samples}
+    shard, n_shards = parse_shard(cfg.shard)
+    samples = samples[shard::n_shards]
+    log(f"{len(samples)} samples{f' (shard {cfg.shard})' if n_shards > 1 else ''}, task types: "
+        f"{', '.join(task_types)}")
     video_model = load_video_model(cfg.model or "", loader if loader is not None else cfg.loader,
                                    cfg.device, parse_dtype(cfg.dtype))
     layout = video_layout(video_model.model)
@@ -550,7 +566,8 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     setting = _setting(cfg)
     # results written before namm_budget existed were uncapped
     check_setting(out_dir, setting, assumed={"namm_budget": None})
-    store = RowStore(out_dir / ROWS_NAME, key=lambda r: (r["policy"], r["sample_id"]))
+    store = RowStore(out_dir / shard_rows_name(shard, n_shards, ROWS_NAME),
+                     key=lambda r: (r["policy"], r["sample_id"]), read=sorted(out_dir.glob("rows*.jsonl")))
     writer = open_tensorboard(out_dir)
     namm_label = str(cfg.namm) if namm is None else f"{namm!r} (passed in by the caller)"
     if namm is None and any(p != FULL_CACHE for p in cfg.policies):
@@ -564,7 +581,8 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
             namm_label += f", capped at {cfg.namm_budget} tokens per layer and KV head"
 
     budget, frames_k = None, None
-    order = [p for p in video_policies() if p in cfg.policies]
+    order = [p for p in video_policies() if p in cfg.policies
+             and (cfg.own_budget or p not in (*BASELINES, UNIFORM))]
     ids = {s.sample_id for s in samples}
     video_tokens = layout.video_tokens(cfg.num_frames)
 
@@ -637,13 +655,13 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
 
     rows = store.rows()
     labels = [*order, *(label for label, *_ in capped)]
-    selected = [r for r in rows if r["policy"] in labels and r["sample_id"] in ids]
+    selected = [r for r in rows if r["policy"] in labels and r["sample_id"] in all_ids]
     # make-video-qa's records name the frames that hold the answer (indices among the sampled frames)
-    key_frames = {s.sample_id: [int(k) for k in s.meta["key_frames"]] for s in samples
+    key_frames = {s.sample_id: [int(k) for k in s.meta["key_frames"]] for s in all_samples
                   if s.meta.get("key_frames") and s.meta.get("num_frames") == cfg.num_frames}
     summary = summarise(selected, task_types, key_frames, labels)
-    namm_rows = [r for r in rows if r["policy"] == NAMM_NAME and r["sample_id"] in ids]
-    if budget is None and len(namm_rows) >= len(samples) and any(not r.get("failed") for r in namm_rows):
+    namm_rows = [r for r in rows if r["policy"] == NAMM_NAME and r["sample_id"] in all_ids]
+    if budget is None and len(namm_rows) >= len(all_ids) and any(not r.get("failed") for r in namm_rows):
         budget = matched_budget(namm_rows)
         frames_k = uniform_frame_count(namm_rows, layout.tokens_per_frame, cfg.num_frames)
     if writer is not None:
@@ -668,7 +686,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
         f"- command: `{meta['command']}`\n- date: {meta['date']}, git {meta['git_revision']}\n"
         f"- model: {cfg.model} ({video_model.model.config.model_type}, {layout.tokens_per_frame} tokens per "
         f"frame), {cfg.num_frames} frames per video = {layout.video_tokens(cfg.num_frames)} video tokens\n"
-        f"- samples: {len(samples)} ({', '.join(task_types)})\n"
+        f"- samples: {len(all_samples)} ({', '.join(task_types)})\n"
         f"- NAMM: {namm_label}, zero-shot, update every {cfg.update_every} tokens (also the prefill chunk of "
         f"every policy)\n"
         f"- token baselines' per-layer budget: {budget}; UniformFrames: {frames_k} of {cfg.num_frames} "

@@ -486,3 +486,24 @@ def test_shards_split_the_samples_and_the_last_summary_covers_them_all(tmp_path,
     assert sharded == answers
     with pytest.raises(ValueError, match="0 <= K < N"):
         EvalVideoConfig(annotations="a.json", shard="2/2")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_shot_shared_prefill_answers_like_feeding_each_prompt(tmp_path, data, family):
+    """One prefill up to the video's end shared by every policy, then one fork each, gives the rows of
+    feeding each policy's prompt in two chunks: same answers, same kept tokens per layer, same frames."""
+    names = [NAMM_NAME, "Recency", "H2O", "SnapKV"]
+    rows = {}
+    for shared in (True, False):
+        cfg = _config(tmp_path / str(shared), data["jsonl"], model=family, policies=names, budgets=[0.5],
+                      protocols=["one-shot"], own_budget=False, shared_prefill=shared, max_new_tokens=4)
+        run_eval_video(cfg, loader=tiny_loader, namm=NAMM.init_random(0))
+        rows[shared] = {(r["policy"], r["sample_id"]): r for r in _rows(cfg) if "one-shot" in r["policy"]}
+    assert rows[True].keys() == rows[False].keys() and len(rows[True]) == 3 * len(names)
+    for key, a in rows[True].items():
+        b = rows[False][key]
+        assert a["shared_prefill"] and "shared_prefill" not in b
+        assert a["output"] == b["output"], key
+        assert a["kept_per_layer"] == pytest.approx(b["kept_per_layer"]), key
+        assert a["frame_retention"] == pytest.approx(b["frame_retention"]), key
+        assert a["cap"] == b["cap"] and a["evictions"] == b["evictions"] > 0

@@ -207,15 +207,17 @@ def split_context(example, tokenizer) -> int:
 
 @torch.no_grad()
 def prefill_context(
-    model, handle, example, tokenizer, policies: list[MemoryPolicy], context_len: int | None = None
+    model, handle, example, tokenizer, policies: list[MemoryPolicy], context_len: int | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> ContextPrefill:
     """Prefill ``example``'s context once with a :class:`Tee` of ``policies`` (the model must be attached
-    through ``handle`` = ``attach(model, some_policy)``, any policy reading attention)."""
+    through ``handle`` = ``attach(model, some_policy)``, any policy reading attention); ``inputs`` go to
+    that forward too (a video model's ``pixel_values_videos``)."""
     n = split_context(example, tokenizer) if context_len is None else context_len
     ids = torch.as_tensor(list(example.prompt_ids), device=model.device)
     tee = Tee(policies)
     cache = EvictingCache(tee, handle.num_layers, handle.n_groups, getattr(handle, "sliding_windows", None))
-    model(input_ids=ids[None, :n], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids[None, :n], past_key_values=cache, use_cache=True, logits_to_keep=1, **(inputs or {}))
     return ContextPrefill(ids[:n], ids[n:], cache, list(policies))
 
 

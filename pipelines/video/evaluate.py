@@ -189,6 +189,8 @@ class EvalVideoConfig:
             tokens while the prompt streams in, question and answer included) and/or ``one-shot`` (the
             prompt up to the video's end in one chunk, one eviction there, none after: the question is
             never compressed).
+        shared_prefill: one-shot runs of a sample share one prefill of the prompt up to the video's end
+            (:func:`one_shot_sample`); False feeds each run's prompt itself (two chunks).
         own_budget: also run the token baselines and UniformFrames at the NAMM's own measured budget
             (False: only at ``budgets``).
         limit: evaluate only the first ``limit`` samples (None: all).
@@ -222,6 +224,7 @@ class EvalVideoConfig:
     budgets: list[float] = field(default_factory=list)
     protocols: list[str] = field(default_factory=lambda: ["progressive"])
     own_budget: bool = True
+    shared_prefill: bool = True
     limit: int | None = None
     shard: str = "0/1"
     max_new_tokens: int = 8
@@ -345,6 +348,19 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
     text, stats, retention = generate_with_policy(video_model, ids, pixels, policy, chunk, max_new_tokens,
                                                   exact_output, layout)
     generated = time.perf_counter()
+    row, full_retention = answer_row(sample, text, stats, retention, chosen, int(ids.shape[1]), layout,
+                                     num_frames)
+    row.update(prepare_seconds=prepared - start, generate_seconds=generated - prepared,
+               seconds=time.perf_counter() - start, **info)
+    return row, full_retention
+
+
+def answer_row(sample: VideoQASample, text: str, stats: dict[str, Any], retention: np.ndarray,
+               chosen: np.ndarray, prompt_tokens: int, layout: Any,
+               num_frames: int) -> tuple[dict, np.ndarray]:
+    """The row of one answer (scored, with what its cache kept; no timings) and the ``[layers,
+    num_frames]`` retention (frames not fed are 0)."""
+    n_frames = len(chosen)
     predicted, correct = score_output(text, sample)
     full_retention = np.zeros((retention.shape[0], num_frames))
     full_retention[:, chosen] = np.nan_to_num(retention[:, :n_frames], nan=0.0)
@@ -361,7 +377,7 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
         "failed": False,
         "frames": n_frames,
         "frame_indices": chosen.tolist(),
-        "prompt_tokens": int(ids.shape[1]),
+        "prompt_tokens": prompt_tokens,
         "video_tokens": layout.video_tokens(n_frames),
         "kept_video_tokens": kept_tokens,
         "kept_video_fraction": kept_tokens / frame_tokens,
@@ -374,12 +390,61 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
         "full_kv_bytes": int(stats["full_kv_bytes"]),
         "evictions": int(stats["evictions"]),
         "nonfinite": int(stats["nonfinite"]),
-        "prepare_seconds": prepared - start,
-        "generate_seconds": generated - prepared,
-        "seconds": time.perf_counter() - start,
-        **info,
     }
     return row, full_retention
+
+
+@torch.no_grad()
+def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[tuple[str, str, float]], namm,
+                    num_frames: int, max_new_tokens: int, post_prompt: str = POST_PROMPT,
+                    answer_prefix: str = "", seed: int = 0) -> list[tuple[str, dict, np.ndarray]]:
+    """Every one-shot run of one sample from one shared prefill.
+
+    Until the one-shot eviction at the video's end nothing depends on the policy, so the prompt up to
+    there is fed once, with a :class:`~namm_transfer.pipelines.text.shared_prefill.Tee` recording every
+    policy's state (the NAMM's spectrogram, H2O's sums, ...); each run ``(label, policy name, fraction)``
+    then forks that cache, compressed by its own policy at its cap (:func:`capped_policy`), and decodes
+    the question and answer. Returns ``(label, row, retention)`` per run, rows as
+    :func:`evaluate_sample`'s (``seconds`` = the shared part + the run's own).
+
+    Raises:
+        VideoReadError: the video is missing or cannot be decoded.
+    """
+    from types import SimpleNamespace
+
+    from namm_transfer.adapters import attach, frame_map, video_layout
+    from namm_transfer.pipelines.text.shared_prefill import generate_answer, prefill_context
+    from namm_transfer.pipelines.video.io import read_frames
+
+    model, tokenizer = video_model.model, video_model.tokenizer
+    layout = video_layout(model)
+    start = time.perf_counter()
+    frames = read_frames(sample.video_path, num_frames=num_frames)
+    pixels = video_model.preprocessor(frames)[None].to(device=model.device, dtype=model.dtype)
+    ids = prompt_ids(video_model, sample, num_frames, post_prompt, answer_prefix)
+    video_tokens = layout.video_tokens(num_frames)
+    end = video_end(ids, layout.video_token_id)
+    names = list(dict.fromkeys(name for _, name, _ in runs))
+    recorded = [namm if name == NAMM_NAME else build_policy(name, namm, None, ONE_SHOT_CADENCE, seed)
+                for name in names]
+    fmap = frame_map(torch.tensor([ids]), layout)
+    out = []
+    with attach(model, namm) as handle:
+        prefill = prefill_context(model, handle, SimpleNamespace(prompt_ids=ids), tokenizer, recorded,
+                                  context_len=end, inputs={"pixel_values_videos": pixels})
+        shared = time.perf_counter() - start
+        for label, name, fraction in runs:
+            t0 = time.perf_counter()
+            policy, _, info = capped_policy(name, namm, fraction, "one-shot", ids, video_tokens,
+                                            layout.video_token_id, ONE_SHOT_CADENCE, seed)
+            cache = prefill.fork(names.index(name), policy)
+            text = generate_answer(model, tokenizer, prefill, cache, max_new_tokens)
+            row, retention = answer_row(sample, text, handle.stats(), handle.frame_retention(fmap),
+                                        np.arange(num_frames), len(ids), layout, num_frames)
+            row.update(prepare_seconds=shared, generate_seconds=time.perf_counter() - t0,
+                       seconds=shared + time.perf_counter() - t0, shared_prefill=True, **info)
+            out.append((label, row, retention))
+    return out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -640,8 +705,32 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     if capped:
         log(f"capped runs: {', '.join(f'{100 * f:g}%' for f in cfg.budgets)} of {video_tokens} video tokens, "
             f"protocols {', '.join(cfg.protocols)}")
+    shared = [(label, name, fraction) for label, name, fraction, protocol in capped
+              if protocol == "one-shot" and name != UNIFORM] if cfg.shared_prefill else []
+    if shared:
+        pending = [(i, s) for i, s in enumerate(samples)
+                   if any(not store.done((label, s.sample_id)) for label, *_ in shared)]
+        for index, sample in tqdm(pending, desc="one-shot (shared prefill)", unit="sample"):
+            todo = [run for run in shared if not store.done((run[0], sample.sample_id))]
+            try:
+                results = one_shot_sample(video_model, sample, todo, namm, cfg.num_frames, cfg.max_new_tokens,
+                                          cfg.post_prompt, cfg.answer_prefix, cfg.seed)
+            except VideoReadError as error:
+                log(f"one-shot: sample {sample.sample_id} failed: {error}")
+                results = [(label, {"sample_id": sample.sample_id, "task_type": sample.task_type,
+                                    "video": sample.video, "answer": sample.answer, "failed": True,
+                                    "error": str(error), "seconds": 0.0}, None) for label, *_ in todo]
+            for (label, name, fraction), (_, row, retention) in zip(todo, results, strict=True):
+                store.add({"policy": label, **row, "base_policy": name, "budget_fraction": fraction,
+                           "protocol": "one-shot"})
+                if retention is not None and index < cfg.heatmaps:
+                    png = out_dir / "heatmaps" / f"{_safe(label)}_{index}_{_safe(sample.sample_id)}.png"
+                    title = f"{label}: {sample.sample_id} ({sample.task_type})"
+                    save_retention_heatmap(retention, png, title)
     for label, name, fraction, protocol in capped:
         extra = {"base_policy": name, "budget_fraction": fraction, "protocol": protocol}
+        if any(label == run[0] for run in shared):
+            continue
         if name == UNIFORM:
             k = int(min(cfg.num_frames, max(1, round(fraction * cfg.num_frames))))
             run(label, build_policy(FULL_CACHE), k, extra)

@@ -111,6 +111,7 @@ def _rows_and_output(
     scaling: float,
     softcap: float | None,
     rows_buffer: Callable[[int], torch.Tensor] | None = None,
+    scores_buffer: Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Softmax attention computed once, giving both the output and the policy's rows.
 
@@ -122,7 +123,9 @@ def _rows_and_output(
     block, so they are not computed at all (as a causal kernel skips them).
 
     ``rows_buffer(n)``, if given, returns float32 memory of at least n elements for the rows (reused
-    from layer to layer, so a whole context's rows are not page-faulted in again for every layer).
+    from layer to layer, so a whole context's rows are not page-faulted in again for every layer);
+    ``scores_buffer(n)`` likewise for the tiles' float32 scores (used on CPU, where they are updated in
+    place; each tile would otherwise take, fault in and free fresh pages).
 
     Returns ``rows`` ``[B, H_kv, q, S]`` float32, the output ``[B, H_q, q, D]`` and the seconds spent
     on the rows alone (the group mean: the policy's share of the work).
@@ -142,13 +145,21 @@ def _rows_and_output(
     tracked = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     in_place = query.device.type == "cpu" and not tracked  # ATen's CPU softmax may write over its input
     rows_s = 0.0
+    if scores_buffer is not None and not (in_place and query.dtype == torch.float32):
+        scores_buffer = None  # written out of place, or converted to float32: a fresh tensor anyway
+    if scores_buffer is not None:
+        tile_scores = scores_buffer(batch * q_heads * min(n_q, QUERY_TILE) * n_keys)
     for i0 in range(0, n_q, QUERY_TILE):
         i1 = min(n_q, i0 + QUERY_TILE)
         n, width = i1 - i0, n_keys - n_q + i1
         tile = grouped[:, :, :, i0:i1].reshape(batch, kv_heads, groups * n, dim)
         if softcap is None:  # scaling the few queries instead of the many scores
             tile = tile * scaling
-        scores = torch.matmul(tile, key_t[..., :width])
+        if scores_buffer is None:
+            scores = torch.matmul(tile, key_t[..., :width])
+        else:
+            scores = tile_scores[: batch * q_heads * n * width].view(batch, kv_heads, groups * n, width)
+            torch.matmul(tile, key_t[..., :width], out=scores)
         scores = scores.float() if scores.dtype != torch.float32 else scores
         if softcap is not None:  # Gemma2: logits -> softcap * tanh(logits / softcap), before the mask
             scores = torch.tanh(scores.mul_(scaling / softcap)).mul_(softcap)
@@ -250,7 +261,9 @@ def namm_attention_forward(
     if needs_rows and not exact:
         allowed = None if plain_causal else memory.attention_mask(n_q, window)  # [B, H_kv, q, S]
         reuse = layer.rows_buffer if memory.policy.rows_transient else None
-        rows, out, rows_s = _rows_and_output(query, key, value, allowed, scaling, softcap, reuse)
+        rows, out, rows_s = _rows_and_output(
+            query, key, value, allowed, scaling, softcap, reuse, layer.scores_buffer
+        )
         memory.stats.timing["capture_s"] += rows_s
         # A non-finite probability makes its whole output row non-finite, so a finite output clears the
         # rows without a pass over them.

@@ -26,18 +26,26 @@ from namm_transfer.policies import MemoryPolicy
 
 
 class RowsBuffer:
-    """float32 scratch memory for the attention rows a layer hands its policy, shared by the layers of
-    one cache (they run one after another) and grown on demand: a long chunk's rows (hundreds of MiB
-    for a whole 4k context) are not allocated, page-faulted in and freed again for every layer."""
+    """float32 scratch memory shared by the layers of one cache (they run one after another), one block
+    per use (``name``: ``"rows"``, the attention rows a layer hands its policy; ``"scores"``, a query
+    tile's attention scores), each grown on demand: a long chunk's rows (hundreds of MiB for a whole 4k
+    context) and the score tiles are not allocated, page-faulted in and freed again for every layer and
+    tile (fresh pages cost more than the arithmetic on them)."""
 
     def __init__(self) -> None:
-        self.memory: torch.Tensor | None = None
+        self.blocks: dict[str, torch.Tensor] = {}
 
-    def __call__(self, numel: int, device: torch.device) -> torch.Tensor:
-        if self.memory is None or self.memory.numel() < numel or self.memory.device != device:
-            self.memory = None  # free the old block before taking a larger one
-            self.memory = torch.empty(numel, dtype=torch.float32, device=device)
-        return self.memory
+    @property
+    def memory(self) -> torch.Tensor | None:
+        """The rows block (None before the first use)."""
+        return self.blocks.get("rows")
+
+    def __call__(self, numel: int, device: torch.device, name: str = "rows") -> torch.Tensor:
+        block = self.blocks.get(name)
+        if block is None or block.numel() < numel or block.device != device:
+            self.blocks.pop(name, None)  # free the old block before taking a larger one
+            block = self.blocks[name] = torch.empty(numel, dtype=torch.float32, device=device)
+        return block
 
 
 class EvictingLayer(DynamicLayer):
@@ -66,6 +74,12 @@ class EvictingLayer(DynamicLayer):
         policy must not keep them: see ``MemoryPolicy.rows_transient``)."""
         device = self.keys.device if self.keys is not None else torch.device("cpu")
         return self._rows(numel, device)
+
+    def scores_buffer(self, numel: int) -> torch.Tensor:
+        """Scratch float32 memory of at least ``numel`` elements for one query tile's attention scores
+        (used and dropped within the attention call)."""
+        device = self.keys.device if self.keys is not None else torch.device("cpu")
+        return self._rows(numel, device, name="scores")
 
     @property
     def is_sliding(self) -> bool:  # read by transformers' Cache.is_sliding

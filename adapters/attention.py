@@ -176,8 +176,12 @@ def _rows_and_output(
             view = scores.view(batch, kv_heads, groups, n, width)
         t0 = time.perf_counter()
         view = view.detach()  # the policy's rows carry no gradient
-        if groups > 1:
-            torch.mean(view, dim=2, out=rows[:, :, i0:i1, :width])
+        if groups > 1:  # the group mean as plain adds (one pass each), not a strided reduction
+            mean = rows[:, :, i0:i1, :width]
+            torch.add(view[:, :, 0], view[:, :, 1], out=mean)
+            for g in range(2, groups):
+                mean.add_(view[:, :, g])
+            mean.div_(groups)
         else:
             rows[:, :, i0:i1, :width] = view[:, :, 0]
         rows[:, :, i0:i1, width:] = 0.0

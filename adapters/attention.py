@@ -100,6 +100,18 @@ def _softmax_rows(
     return torch.softmax(scores, dim=-1)
 
 
+LOG2E = 1.0 / math.log(2.0)
+
+
+def _softmax2_(scores: torch.Tensor) -> torch.Tensor:
+    """In-place softmax over the last axis of logits given in base 2 (``x * log2(e)``): ``2^(x - max) /
+    sum``. On CPU ``exp2`` costs well under half of ``exp`` and this is the attention's largest
+    element-wise step; the result equals ``softmax(x)`` to float32 rounding."""
+    top = scores.amax(-1, keepdim=True)
+    scores.sub_(top).exp2_()
+    return scores.mul_(scores.sum(-1, keepdim=True).reciprocal_())
+
+
 QUERY_TILE = 128  # queries per block of the fused rows + output computation (scores stay in cache)
 
 
@@ -144,6 +156,7 @@ def _rows_and_output(
     blocked = None if allowed is None else ~allowed
     tracked = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     in_place = query.device.type == "cpu" and not tracked  # ATen's CPU softmax may write over its input
+    base2 = in_place and softcap is None  # logits scaled by log2(e) with the queries, then _softmax2_
     rows_s = 0.0
     if scores_buffer is not None and not (in_place and query.dtype == torch.float32):
         scores_buffer = None  # written out of place, or converted to float32: a fresh tensor anyway
@@ -154,7 +167,7 @@ def _rows_and_output(
         n, width = i1 - i0, n_keys - n_q + i1
         tile = grouped[:, :, :, i0:i1].reshape(batch, kv_heads, groups * n, dim)
         if softcap is None:  # scaling the few queries instead of the many scores
-            tile = tile * scaling
+            tile = tile * (scaling * LOG2E if base2 else scaling)
         if scores_buffer is None:
             scores = torch.matmul(tile, key_t[..., :width])
         else:
@@ -169,7 +182,9 @@ def _rows_and_output(
             view[..., width - n :].masked_fill_(causal, float("-inf"))
         else:
             view.masked_fill_(blocked[:, :, None, i0:i1, :width], float("-inf"))
-        if in_place:
+        if base2:
+            _softmax2_(scores)
+        elif in_place:
             torch.ops.aten._softmax.out(scores, -1, False, out=scores)
         else:
             scores = torch.softmax(scores, dim=-1)

@@ -100,3 +100,14 @@ def test_select_slots_equals_gather():
     assert torch.equal(_select_slots(states, index), expected)
     strided = states.transpose(-1, -2).contiguous().transpose(-1, -2)  # not contiguous: copied first
     assert torch.equal(_select_slots(strided, index), expected)
+
+
+def test_base2_softmax_equals_softmax():
+    """Logits scaled by log2(e) and exponentiated in base 2: softmax to float32 rounding, masked slots 0."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 3, 17, 40, generator=g) * 6
+    logits[..., 25:] = float("-inf")
+    expected = torch.softmax(logits, dim=-1)
+    got = attention._softmax2_(logits * attention.LOG2E)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert not got[..., 25:].any()

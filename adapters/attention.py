@@ -100,6 +100,18 @@ def _softmax_rows(
     return torch.softmax(scores, dim=-1)
 
 
+LOG2E = 1.0 / math.log(2.0)
+
+
+def _softmax2_(scores: torch.Tensor) -> torch.Tensor:
+    """In-place softmax over the last axis of logits given in base 2 (``x * log2(e)``): ``2^(x - max) /
+    sum``. On CPU ``exp2`` costs well under half of ``exp`` and this is the attention's largest
+    element-wise step; the result equals ``softmax(x)`` to float32 rounding."""
+    top = scores.amax(-1, keepdim=True)
+    scores.sub_(top).exp2_()
+    return scores.mul_(scores.sum(-1, keepdim=True).reciprocal_())
+
+
 QUERY_TILE = 128  # queries per block of the fused rows + output computation (scores stay in cache)
 
 
@@ -111,6 +123,7 @@ def _rows_and_output(
     scaling: float,
     softcap: float | None,
     rows_buffer: Callable[[int], torch.Tensor] | None = None,
+    scores_buffer: Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Softmax attention computed once, giving both the output and the policy's rows.
 
@@ -122,7 +135,9 @@ def _rows_and_output(
     block, so they are not computed at all (as a causal kernel skips them).
 
     ``rows_buffer(n)``, if given, returns float32 memory of at least n elements for the rows (reused
-    from layer to layer, so a whole context's rows are not page-faulted in again for every layer).
+    from layer to layer, so a whole context's rows are not page-faulted in again for every layer);
+    ``scores_buffer(n)`` likewise for the tiles' float32 scores (used on CPU, where they are updated in
+    place; each tile would otherwise take, fault in and free fresh pages).
 
     Returns ``rows`` ``[B, H_kv, q, S]`` float32, the output ``[B, H_q, q, D]`` and the seconds spent
     on the rows alone (the group mean: the policy's share of the work).
@@ -141,14 +156,23 @@ def _rows_and_output(
     blocked = None if allowed is None else ~allowed
     tracked = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     in_place = query.device.type == "cpu" and not tracked  # ATen's CPU softmax may write over its input
+    base2 = in_place and softcap is None  # logits scaled by log2(e) with the queries, then _softmax2_
     rows_s = 0.0
+    if scores_buffer is not None and not (in_place and query.dtype == torch.float32):
+        scores_buffer = None  # written out of place, or converted to float32: a fresh tensor anyway
+    if scores_buffer is not None:
+        tile_scores = scores_buffer(batch * q_heads * min(n_q, QUERY_TILE) * n_keys)
     for i0 in range(0, n_q, QUERY_TILE):
         i1 = min(n_q, i0 + QUERY_TILE)
         n, width = i1 - i0, n_keys - n_q + i1
         tile = grouped[:, :, :, i0:i1].reshape(batch, kv_heads, groups * n, dim)
         if softcap is None:  # scaling the few queries instead of the many scores
-            tile = tile * scaling
-        scores = torch.matmul(tile, key_t[..., :width])
+            tile = tile * (scaling * LOG2E if base2 else scaling)
+        if scores_buffer is None:
+            scores = torch.matmul(tile, key_t[..., :width])
+        else:
+            scores = tile_scores[: batch * q_heads * n * width].view(batch, kv_heads, groups * n, width)
+            torch.matmul(tile, key_t[..., :width], out=scores)
         scores = scores.float() if scores.dtype != torch.float32 else scores
         if softcap is not None:  # Gemma2: logits -> softcap * tanh(logits / softcap), before the mask
             scores = torch.tanh(scores.mul_(scaling / softcap)).mul_(softcap)
@@ -158,15 +182,21 @@ def _rows_and_output(
             view[..., width - n :].masked_fill_(causal, float("-inf"))
         else:
             view.masked_fill_(blocked[:, :, None, i0:i1, :width], float("-inf"))
-        if in_place:
+        if base2:
+            _softmax2_(scores)
+        elif in_place:
             torch.ops.aten._softmax.out(scores, -1, False, out=scores)
         else:
             scores = torch.softmax(scores, dim=-1)
             view = scores.view(batch, kv_heads, groups, n, width)
         t0 = time.perf_counter()
         view = view.detach()  # the policy's rows carry no gradient
-        if groups > 1:
-            torch.mean(view, dim=2, out=rows[:, :, i0:i1, :width])
+        if groups > 1:  # the group mean as plain adds (one pass each), not a strided reduction
+            mean = rows[:, :, i0:i1, :width]
+            torch.add(view[:, :, 0], view[:, :, 1], out=mean)
+            for g in range(2, groups):
+                mean.add_(view[:, :, g])
+            mean.div_(groups)
         else:
             rows[:, :, i0:i1, :width] = view[:, :, 0]
         rows[:, :, i0:i1, width:] = 0.0
@@ -250,7 +280,9 @@ def namm_attention_forward(
     if needs_rows and not exact:
         allowed = None if plain_causal else memory.attention_mask(n_q, window)  # [B, H_kv, q, S]
         reuse = layer.rows_buffer if memory.policy.rows_transient else None
-        rows, out, rows_s = _rows_and_output(query, key, value, allowed, scaling, softcap, reuse)
+        rows, out, rows_s = _rows_and_output(
+            query, key, value, allowed, scaling, softcap, reuse, layer.scores_buffer
+        )
         memory.stats.timing["capture_s"] += rows_s
         # A non-finite probability makes its whole output row non-finite, so a finite output clears the
         # rows without a pass over them.

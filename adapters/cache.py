@@ -26,18 +26,34 @@ from namm_transfer.policies import MemoryPolicy
 
 
 class RowsBuffer:
-    """float32 scratch memory for the attention rows a layer hands its policy, shared by the layers of
-    one cache (they run one after another) and grown on demand: a long chunk's rows (hundreds of MiB
-    for a whole 4k context) are not allocated, page-faulted in and freed again for every layer."""
+    """float32 scratch memory shared by the layers of one cache (they run one after another), one block
+    per use (``name``: ``"rows"``, the attention rows a layer hands its policy; ``"scores"``, a query
+    tile's attention scores), each grown on demand: a long chunk's rows (hundreds of MiB for a whole 4k
+    context) and the score tiles are not allocated, page-faulted in and freed again for every layer and
+    tile (fresh pages cost more than the arithmetic on them)."""
 
     def __init__(self) -> None:
-        self.memory: torch.Tensor | None = None
+        self.blocks: dict[str, torch.Tensor] = {}
 
-    def __call__(self, numel: int, device: torch.device) -> torch.Tensor:
-        if self.memory is None or self.memory.numel() < numel or self.memory.device != device:
-            self.memory = None  # free the old block before taking a larger one
-            self.memory = torch.empty(numel, dtype=torch.float32, device=device)
-        return self.memory
+    @property
+    def memory(self) -> torch.Tensor | None:
+        """The rows block (None before the first use)."""
+        return self.blocks.get("rows")
+
+    def __call__(self, numel: int, device: torch.device, name: str = "rows") -> torch.Tensor:
+        block = self.blocks.get(name)
+        if block is None or block.numel() < numel or block.device != device:
+            self.blocks.pop(name, None)  # free the old block before taking a larger one
+            block = self.blocks[name] = torch.empty(numel, dtype=torch.float32, device=device)
+        return block
+
+
+def _select_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``states[b, h, index[b, h, k]]``: ``[B, H, K, D]`` from ``states`` ``[B, H, S, D]``."""
+    batch, heads, slots, dim = states.shape
+    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1) * slots
+    rows = (index + offsets).reshape(-1)
+    return states.reshape(batch * heads * slots, dim).index_select(0, rows).view(batch, heads, -1, dim)
 
 
 class EvictingLayer(DynamicLayer):
@@ -66,6 +82,12 @@ class EvictingLayer(DynamicLayer):
         policy must not keep them: see ``MemoryPolicy.rows_transient``)."""
         device = self.keys.device if self.keys is not None else torch.device("cpu")
         return self._rows(numel, device)
+
+    def scores_buffer(self, numel: int) -> torch.Tensor:
+        """Scratch float32 memory of at least ``numel`` elements for one query tile's attention scores
+        (used and dropped within the attention call)."""
+        device = self.keys.device if self.keys is not None else torch.device("cpu")
+        return self._rows(numel, device, name="scores")
 
     @property
     def is_sliding(self) -> bool:  # read by transformers' Cache.is_sliding
@@ -99,9 +121,11 @@ class EvictingLayer(DynamicLayer):
         return self.sliding_window
 
     def _gather(self, index: torch.Tensor) -> None:
-        gather = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, gather)
-        self.values = self.values.gather(2, gather)
+        """Keep slots ``index`` ``[B, H, K]`` of keys and values: whole rows of the flattened
+        ``[B * H * S, D]`` tensors picked by one ``index_select`` each (a row copy, far cheaper than an
+        element-wise gather with the index expanded over D)."""
+        self.keys = _select_slots(self.keys, index)
+        self.values = _select_slots(self.values, index)
 
     def apply_eviction(self, force: bool = False) -> None:
         """After a forward: drop what left the sliding window, then ask the policy (if due, or at once with

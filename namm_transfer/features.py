@@ -14,6 +14,7 @@ frame every ``hop`` queries, instead of buffering every row since the previous c
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,23 @@ def paired_dft_basis(n_fft: int, device: torch.device | str | None = None) -> to
 # Bytes of basis output one block of frames may take: small enough to stay in the last-level cache
 # while it is squared, summed, square-rooted and reduced.
 FRAME_BLOCK_BYTES = 2 << 20
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, numel: int, device: torch.device) -> torch.Tensor:
+    """float32 scratch memory of at least ``numel`` elements, reused from call to call (per thread and
+    device): the frame blocks are written and read within one call, and fresh pages for every block
+    cost more than the arithmetic on them."""
+    blocks = getattr(_SCRATCH, "blocks", None)
+    if blocks is None:
+        blocks = _SCRATCH.blocks = {}
+    key = (name, str(device))
+    block = blocks.get(key)
+    if block is None or block.numel() < numel:
+        blocks.pop(key, None)  # free the old block before taking a larger one
+        block = blocks[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    return block
 
 
 def batch_spectrogram_ema(
@@ -205,14 +223,31 @@ class StreamingSpectrogram:
             n_old = rows.shape[-1] - n_q if causal else None  # slot arriving with the chunk's first row
             update = self._weighted_frames(rows, first_start + self.hop * reaching, decay[reaching:], n_old)
             if reaching:
-                head = torch.cat([self.window, rows[..., : self.n_fft, :]], dim=-2)
-                head_old = None if n_old is None else n_old - self.n_fft
-                head_start = first_start + self.n_fft
-                update = update + self._weighted_frames(head, head_start, decay[:reaching], head_old)
+                update = update + self._head_frames(rows, first_start, decay[:reaching], n_old)
             self.window = rows[..., -self.n_fft :, :].clone()
         # out of place on the old state: forked states (shared prefill) may hold it as an expanded view
         self.spectrum = update.add_(self.spectrum, alpha=fd**n_frames)
         return n_frames
+
+    def _head_frames(
+        self, rows: torch.Tensor, first_start: int, weights: torch.Tensor, arrival: int | None
+    ) -> torch.Tensor:
+        """``sum_f weights[f] * |STFT frame f|`` ``[B, H, n_bins, S]`` for the frames that start before the
+        chunk ``rows`` ``[B, H, q, S]`` (frame f at chunk row ``first_start + f * hop < 0``): the basis
+        columns of a frame's first rows read the window, the others the chunk, and the two products are
+        summed (the STFT is linear until the magnitude), so the window and the chunk are never joined.
+        ``arrival`` as in :meth:`_weighted_frames` (slot ``arrival + r`` arrives with chunk row r)."""
+        n_keys, n_bins = rows.shape[-1], self.n_bins
+        total = rows.new_zeros(*rows.shape[:2], n_bins, n_keys)
+        for f in range(weights.shape[0]):
+            early = -(first_start + f * self.hop)  # rows of the frame that are in the window
+            width = n_keys if arrival is None else max(1, min(n_keys, arrival + self.n_fft - early))
+            spec = torch.matmul(self._paired[:, :early], self.window[..., self.n_fft - early :, :width])
+            spec += torch.matmul(self._paired[:, early:], rows[..., : self.n_fft - early, :width])
+            spec.square_()
+            mag = spec[..., :n_bins, :].add_(spec[..., n_bins:, :]).sqrt_()
+            total[..., :width].add_(mag, alpha=float(weights[f]))
+        return total
 
     def _weighted_frames(
         self, series: torch.Tensor, start: int, weights: torch.Tensor, arrival: int | None = None
@@ -246,9 +281,12 @@ class StreamingSpectrogram:
 
         The series of all (sample, head) pairs are laid end to end (``[B*H*T, S]``, a view): then
         (b, h)'s frame f is window ``(b*H + h) * T/hop + f`` of one evenly strided sequence of windows,
-        which one batched matmul reads in place. Windows that straddle two series get weight 0. The
-        windows go through in blocks whose basis output stays in cache while its magnitude is formed
-        (in place) and reduced by a small matmul; with ``arrival``, a block reads only the slots that
+        which one batched matmul reads in place (windows that straddle two series are not real frames
+        and are left out of the sums). The windows go through in blocks whose basis output stays in
+        cache: the matmul writes into reused scratch memory (fresh pages cost more than the arithmetic
+        on them), the squared cosine and sine halves are summed into a second scratch block whose
+        square root is taken in place, and each series' frames of the block are reduced by one
+        vector-matrix product with their weights. With ``arrival``, a block reads only the slots that
         exist by the end of its latest frame.
         """
         batch, heads, total, n_keys = series.shape
@@ -256,29 +294,39 @@ class StreamingSpectrogram:
         n_series, per_series = batch * heads, total // self.hop
         n_windows = (n_series - 1) * per_series + n_frames
         device = series.device
-        by_window = torch.zeros(n_series, n_windows, device=device)
-        first = torch.arange(n_series, device=device)[:, None] * per_series
-        by_window.scatter_(1, first + torch.arange(n_frames, device=device), weights.expand(n_series, -1))
         flat = series.view(n_series * total, n_keys)
         paired, n_bins = self._paired, self.n_bins
         update = torch.zeros(n_series, n_bins, n_keys, device=device)
         block = max(1, FRAME_BLOCK_BYTES // (paired.shape[0] * n_keys * 4))
+        block = min(block, n_windows)
+        spec_memory = _scratch("spec", block * paired.shape[0] * n_keys, device)
+        mag_memory = _scratch("mag", block * n_bins * n_keys, device)
         row = n_keys  # flat's row stride
         for j0 in range(0, n_windows, block):
             j1 = min(n_windows, j0 + block)
+            n = j1 - j0
             width = n_keys
             if arrival is not None:  # the latest real frame of the block (frame index < n_frames)
                 latest = max(min(j % per_series, n_frames - 1) for j in range(j0, j1))
                 width = max(1, min(n_keys, arrival + start + self.hop * latest + self.n_fft))
             windows = flat.as_strided(
-                (j1 - j0, self.n_fft, width),
+                (n, self.n_fft, width),
                 (self.hop * row, row, 1),
                 flat.storage_offset() + (start + self.hop * j0) * row,
             )
-            spec = torch.matmul(paired, windows).square_()  # [n, 2 * bins, width]
-            mag = spec[:, :n_bins].add_(spec[:, n_bins:]).sqrt_()
-            reduced = torch.matmul(by_window[:, j0:j1], mag.reshape(j1 - j0, n_bins * width))
-            update[..., :width] += reduced.view(n_series, n_bins, width)
+            spec = spec_memory[: n * paired.shape[0] * width].view(n, paired.shape[0], width)
+            torch.matmul(paired, windows, out=spec)
+            spec.square_()
+            mag = mag_memory[: n * n_bins * width].view(n, n_bins, width)
+            torch.add(spec[:, :n_bins], spec[:, n_bins:], out=mag).sqrt_()
+            for sid in range(j0 // per_series, (j1 - 1) // per_series + 1):
+                first = sid * per_series  # window of the series' frame 0
+                a, b = max(j0, first), min(j1, first + n_frames)
+                if a >= b:
+                    continue  # only straddling windows of this series in the block
+                own = mag[a - j0 : b - j0].view(b - a, -1)
+                reduced = torch.matmul(weights[a - first : b - first][None], own)
+                update[sid, :, :width] += reduced.view(n_bins, width)
         return update.view(batch, heads, n_bins, n_keys)
 
     def _observe_per_sample(self, combined: torch.Tensor, row_valid: torch.Tensor | None) -> int:

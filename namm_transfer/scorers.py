@@ -58,8 +58,14 @@ def unflatten(params: torch.Tensor, shapes: ScorerShapes) -> dict[str, torch.Ten
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, S, i] @ weight [P, i, o] + bias [P, o]`` with P in {1, B}."""
-    return torch.einsum("bhsi,bio->bhso", x, weight.expand(x.shape[0], -1, -1)) + bias[:, None, None, :]
+    """``x [B, H, S, i] @ weight [P, i, o] + bias [P, o]`` with P in {1, B}; the bias is added by the
+    matrix product itself (one pass, no temporary)."""
+    batch, heads, slots, width = x.shape
+    if weight.shape[0] == 1:
+        out = torch.addmm(bias[0], x.reshape(-1, width), weight[0])
+    else:
+        out = torch.baddbmm(bias[:, None, :], x.reshape(batch, heads * slots, width), weight)
+    return out.view(batch, heads, slots, -1)
 
 
 def score_tokens(
@@ -83,15 +89,20 @@ def score_tokens(
         newer valid tokens (counter-causal), so its score depends on what came after it.
     """
     p = unflatten(params.to(features.dtype), shapes)
-    x = features.masked_fill(~valid[..., None], 0.0)  # garbage in empty slots must not leak
+    all_valid = bool(valid.all())
+    # garbage in empty slots must not leak
+    x = features if all_valid else features.masked_fill(~valid[..., None], 0.0)
+    flipped = False
     if shapes.kind == "bam":
-        q, k, v = _linear(x, p["qkv_weight"], p["qkv_bias"]).split(shapes.hidden, dim=-1)
-        if bool(valid.all()) and bool((positions[..., 1:] > positions[..., :-1]).all()):
+        if all_valid and bool((positions[..., 1:] > positions[..., :-1]).all()):
             # Slots are stored oldest first, so "itself and newer" is causal attention on the reversed
-            # sequence: SDPA's fused causal kernel, no S x S mask.
-            q, k, v = q.flip(-2), k.flip(-2), v.flip(-2)
-            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True).flip(-2)
+            # sequence: SDPA's fused causal kernel, no S x S mask. The features are reversed once and
+            # every per-token step runs in that order; only the scores are put back.
+            x, flipped = x.flip(-2), True
+            q, k, v = _linear(x, p["qkv_weight"], p["qkv_bias"]).split(shapes.hidden, dim=-1)
+            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
+            q, k, v = _linear(x, p["qkv_weight"], p["qkv_bias"]).split(shapes.hidden, dim=-1)
             allowed = (positions[..., None, :] >= positions[..., :, None]) & valid[..., None, :]
             allowed = allowed | torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)  # no empty row
             mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
@@ -100,8 +111,12 @@ def score_tokens(
     else:
         raise ValueError(f"unknown scorer kind {shapes.kind!r}; expected 'bam' or 'mlp'")
     residual, multiplier = _linear(mixed, p["out_weight"], p["out_bias"]).split(shapes.in_dim, dim=-1)
-    hidden = x * (1 + multiplier) + residual
-    return _linear(hidden, p["final_weight"], p["final_bias"]).squeeze(-1)
+    if torch.is_grad_enabled() and (features.requires_grad or params.requires_grad):
+        hidden = x * (1 + multiplier) + residual
+    else:  # the same arithmetic, in place on the product's own output
+        hidden = multiplier.add_(1).mul_(x).add_(residual)
+    scores = _linear(hidden, p["final_weight"], p["final_bias"]).squeeze(-1)
+    return scores.flip(-1) if flipped else scores
 
 
 def keep_all_params(shapes: ScorerShapes, bias: float = 1.0) -> torch.Tensor:

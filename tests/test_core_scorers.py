@@ -188,3 +188,20 @@ def test_unknown_kind_raises():
     x, valid, positions = make_inputs()
     with pytest.raises(ValueError, match="unknown scorer kind 'transformer'"):
         score_tokens(torch.zeros(shapes.n_params), x, valid, positions, shapes)
+
+
+@pytest.mark.parametrize("shapes", [BAM, MLP], ids=["bam", "mlp"])
+@pytest.mark.parametrize("ordered", [True, False], ids=["fused-causal", "masked"])
+def test_in_place_path_equals_autograd_path(shapes, ordered):
+    """Without gradients the output product is finished in place; with them out of place: same scores,
+    and the in-place path never writes into the caller's features."""
+    x, valid, positions = make_inputs(shuffle=not ordered, slots=9, seed=4)
+    if ordered:
+        valid[:] = True
+    params = random_params(shapes, n=2, seed=5)
+    before = x.clone()
+    with torch.no_grad():
+        fast = score_tokens(params, x, valid, positions, shapes)
+    tracked = score_tokens(params.clone().requires_grad_(True), x, valid, positions, shapes)
+    torch.testing.assert_close(fast, tracked.detach(), atol=1e-6, rtol=0)
+    assert torch.equal(x, before)

@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 
 from namm_transfer.features import StreamingSpectrogram, age_embedding
-from namm_transfer.policies.base import Budget, CacheView, MemoryPolicy, check_budget, resolve_budget
+from namm_transfer.policies.base import (
+    Budget,
+    CacheView,
+    MemoryPolicy,
+    check_budget,
+    resolve_budget,
+    sink_slots,
+)
 from namm_transfer.scorers import ScorerShapes, keep_all_params, score_tokens
 from namm_transfer.selection import select_tokens
 
@@ -42,8 +49,14 @@ class NAMMConfig:
     # Instead of ``budget``: the fraction of the tokens seen so far to remove at each update (kvpress's
     # convention), a cap of max(1, round((1 - ratio) * seen)) per sample and KV head. In [0, 1).
     compression_ratio: float | None = None
+    # Always keep each sample's first ``sink_tokens`` tokens (StreamingLLM's attention sinks), whatever
+    # their score: a hand-written prior on top of the learned policy, 0 (off) as evolved. Within a budget
+    # they take part of it.
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         check_budget(self.budget, self.compression_ratio, owner="NAMMConfig.budget")
         if self.update_every < 1 or self.hop < 1 or self.n_fft < self.hop:
             raise ValueError(
@@ -197,6 +210,8 @@ class NAMM(MemoryPolicy):
             )
         feats = self.features(state, view)
         scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
+        if self.config.sink_tokens:
+            scores = scores.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
         cap = resolve_budget(self.config.budget, self.config.compression_ratio, view)
         return select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
 

@@ -204,6 +204,28 @@ def test_recency_keeps_sinks_and_most_recent():
     assert kept1 == [5, 6, 7, 33, 34, 35, 36]  # sinks are the first *real* tokens
 
 
+def test_namm_sink_tokens_are_kept_within_the_budget_and_change_nothing_else():
+    """sink_tokens=3: each sample's first 3 real tokens survive a budget of 7 whatever their scores; the
+    other 4 kept are among the sink-free NAMM's (same scores)."""
+    namm = NAMM.init_random(3, config=NAMMConfig(update_every=32, budget=7, threshold=None))
+    kept = {}
+    for sinks in (0, 3):
+        mem = LayerMemory(namm.replace(sink_tokens=sinks), 0)
+        mem.append(2, 1, 32, torch.device("cpu"))
+        mem.mark_padding(torch.arange(32)[None, :] >= torch.tensor([0, 5])[:, None])
+        mem.observe(softmax_rows(mem, 32), torch.arange(32)[None, :] >= torch.tensor([0, 5])[:, None])
+        mem.maybe_evict()
+        kept[sinks] = [mem.positions[b, 0][mem.valid[b, 0]].tolist() for b in range(2)]
+    for b, first in enumerate((0, 5)):
+        sinks = [first, first + 1, first + 2]
+        assert set(sinks) <= set(kept[3][b]) and len(kept[3][b]) == 7
+        # the other 4 are the best non-sinks: inside the sink-free top 7 (which holds >= 4 non-sinks)
+        others = set(kept[3][b]) - set(sinks)
+        assert len(others) == 4 and others <= set(kept[0][b]) - set(sinks)
+    with pytest.raises(ValueError, match="sink_tokens"):
+        NAMMConfig(sink_tokens=-1)
+
+
 def test_h2o_keeps_recent_window_and_heavy_hitters():
     policy = H2O(budget=6, recent=2, update_every=10)
     mem = LayerMemory(policy, 0)

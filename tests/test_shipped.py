@@ -59,7 +59,7 @@ def test_one_resolver_for_every_kind_of_shipped_artefact(tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         resolve(tmp_path / "file.json", "namm")
     with pytest.raises(FileNotFoundError, match=r"neither a video model directory nor a shipped video model "
-                                                r"\(smollm2-shapes\)"):
+                                                r"\(smollm2-shapes, smollm2-shapes-128\)"):
         resolve("nope", "video", hub=False)
     with pytest.raises(FileNotFoundError, match="nor a Hub id"):
         resolve("nope", "dt")

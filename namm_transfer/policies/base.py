@@ -153,6 +153,13 @@ def per_sample(cap: int | torch.Tensor, like: torch.Tensor) -> int | torch.Tenso
     return cap
 
 
+def sink_slots(view: CacheView, sink: int) -> torch.Tensor:
+    """``[B, H, S]`` bool: the valid slots holding each sample's first ``sink`` tokens (StreamingLLM's
+    attention sinks; positions count from the sample's first real token, padding aside)."""
+    first = view.positions.masked_fill(~view.valid, 1 << 62).amin(dim=-1, keepdim=True)
+    return view.valid & (view.positions < first + sink)
+
+
 class ScoredPolicy(MemoryPolicy):
     """A policy that scores tokens and keeps the ``budget`` best per (sample, KV head).
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from namm_transfer.policies.base import Budget, CacheView, MemoryPolicy, ScoredPolicy, per_sample
+from namm_transfer.policies.base import Budget, CacheView, MemoryPolicy, ScoredPolicy, per_sample, sink_slots
 
 
 class FullCache(MemoryPolicy):
@@ -36,10 +36,7 @@ class Recency(ScoredPolicy):
         self.sink = sink
 
     def score(self, state: Any, view: CacheView) -> torch.Tensor:
-        scores = view.positions.float()
-        first = view.positions.masked_fill(~view.valid, 1 << 62).amin(dim=-1, keepdim=True)
-        is_sink = view.valid & (view.positions < first + self.sink)
-        return scores.masked_fill(is_sink, float("inf"))
+        return view.positions.float().masked_fill(sink_slots(view, self.sink), float("inf"))
 
 
 class H2O(ScoredPolicy):

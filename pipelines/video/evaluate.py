@@ -176,6 +176,8 @@ class EvalVideoConfig:
         namm_budget: optional hard cap on the tokens the NAMM keeps per layer and KV head (it still
             evicts every token it scores below 0, and keeps the top ``namm_budget`` of the rest by
             score); None: the NAMM as evolved (no cap).
+        namm_sinks: the NAMM always keeps each prompt's first ``namm_sinks`` tokens (attention sinks,
+            :attr:`~namm_transfer.NAMMConfig.sink_tokens`); 0: the NAMM as evolved.
         update_every: tokens between policy updates (NAMM and baselines) and the prefill chunk.
         num_frames: frames sampled uniformly from each video (None: the frame count the model was
             trained with when it says, else 32).
@@ -218,6 +220,7 @@ class EvalVideoConfig:
     loader: str | None = None
     namm: str = "smollm2-text"
     namm_budget: int | None = None
+    namm_sinks: int = 0
     update_every: int = 256
     num_frames: int | None = None
     policies: list[str] = field(default_factory=video_policies)
@@ -255,6 +258,8 @@ class EvalVideoConfig:
         if bad or not self.protocols:
             raise ValueError(f"unknown protocol(s) {bad or self.protocols}; "
                              f"choose from {', '.join(PROTOCOLS)}")
+        if self.namm_sinks < 0:
+            raise ValueError(f"namm_sinks must be >= 0, got {self.namm_sinks}")
         if self.namm_budget is not None and self.namm_budget < 1:
             raise ValueError(f"namm_budget must be >= 1 token per layer and KV head, got {self.namm_budget}")
 
@@ -467,7 +472,8 @@ def _setting(cfg: EvalVideoConfig) -> dict[str, Any]:
             "update_every": cfg.update_every, "num_frames": cfg.num_frames, "limit": cfg.limit,
             "max_new_tokens": cfg.max_new_tokens, "post_prompt": cfg.post_prompt,
             "answer_prefix": cfg.answer_prefix, "exact_output": cfg.exact_output, "seed": cfg.seed,
-            "dtype": cfg.dtype, "namm_budget": cfg.namm_budget}  # budgets / protocols label their own rows
+            "dtype": cfg.dtype, "namm_budget": cfg.namm_budget,
+            "namm_sinks": cfg.namm_sinks}  # budgets / protocols label their own rows
 
 
 def key_frame_retention(rows: list[dict[str, Any]], key_frames: dict[str, list[int]]) -> tuple[float, float]:
@@ -630,7 +636,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     out_dir.mkdir(parents=True, exist_ok=True)
     setting = _setting(cfg)
     # results written before namm_budget existed were uncapped
-    check_setting(out_dir, setting, assumed={"namm_budget": None})
+    check_setting(out_dir, setting, assumed={"namm_budget": None, "namm_sinks": 0})
     store = RowStore(out_dir / shard_rows_name(shard, n_shards, ROWS_NAME),
                      key=lambda r: (r["policy"], r["sample_id"]), read=sorted(out_dir.glob("rows*.jsonl")))
     writer = open_tensorboard(out_dir)
@@ -641,6 +647,9 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
         namm = NAMM.from_pretrained(cfg.namm)
     if namm is not None:
         namm = namm.replace(update_every=cfg.update_every)
+        if cfg.namm_sinks:
+            namm = namm.replace(sink_tokens=cfg.namm_sinks)
+            namm_label += f", its first {cfg.namm_sinks} tokens always kept (attention sinks)"
         if cfg.namm_budget is not None:
             namm = namm.with_budget(cfg.namm_budget)
             namm_label += f", capped at {cfg.namm_budget} tokens per layer and KV head"

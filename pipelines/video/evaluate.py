@@ -143,14 +143,13 @@ def capped_policy(name: str, namm, fraction: float, protocol: str, ids: list[int
     the NAMM keeps the top-k of its scores (no threshold). ``one-shot``: the prompt up to the video's end
     is one chunk, after which the cache holds more than the cap and the policy's first update compresses
     it (see :meth:`~namm_transfer.memory.LayerMemory.due`); its cadence is never reached after that."""
-    kept_video = max(1, round(fraction * video_tokens))
+    end = video_end(ids, video_token_id)
     if protocol == "one-shot":
-        end = video_end(ids, video_token_id)
         every, chunk, text = ONE_SHOT_CADENCE, end, end - video_tokens
     else:
         every, chunk, text = update_every, update_every, len(ids) - video_tokens
-    cap = kept_video + text
-    info = {"cap": cap, "video_end": video_end(ids, video_token_id)}
+    cap = max(1, round(fraction * video_tokens)) + text
+    info = {"cap": cap, "video_end": end}
     if name == NAMM_NAME:
         return namm.replace(update_every=every).with_budget(cap, keep_threshold=False), chunk, info
     return build_policy(name, namm, cap, every, seed), chunk, info
@@ -358,6 +357,12 @@ def evaluate_sample(video_model: VideoModel, sample: VideoQASample, policy, num_
     row.update(prepare_seconds=prepared - start, generate_seconds=generated - prepared,
                seconds=time.perf_counter() - start, **info)
     return row, full_retention
+
+
+def failed_row(sample: VideoQASample, error: Exception, seconds: float) -> dict[str, Any]:
+    """The row of a sample whose video could not be read (retried on the next run)."""
+    return {"sample_id": sample.sample_id, "task_type": sample.task_type, "video": sample.video,
+            "answer": sample.answer, "failed": True, "error": str(error), "seconds": seconds}
 
 
 def answer_row(sample: VideoQASample, text: str, stats: dict[str, Any], retention: np.ndarray,
@@ -660,6 +665,23 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     ids = {s.sample_id for s in samples}
     video_tokens = layout.video_tokens(cfg.num_frames)
 
+    def record(label: str, index: int, sample: VideoQASample, row: dict, retention) -> None:
+        """Append one row (incremental: a kill loses at most this sample), its scalars and, for the
+        first ``heatmaps`` samples, its retention heatmap."""
+        row = store.add({"policy": label, **row})
+        if writer is not None and not row["failed"]:
+            writer.add_scalar(f"correct/{label}", float(row["correct"]), index)
+            writer.add_scalar(f"kept_video_tokens/{label}", row["kept_video_tokens"], index)
+        if retention is not None and index < cfg.heatmaps:
+            title = f"{label}: {sample.sample_id} ({sample.task_type})"
+            png = out_dir / "heatmaps" / f"{_safe(label)}_{index}_{_safe(sample.sample_id)}.png"
+            save_retention_heatmap(retention, png, title)
+            if writer is not None:  # the same picture, not drawn twice
+                from PIL import Image
+
+                image = np.asarray(Image.open(png).convert("RGB"))
+                writer.add_image(f"retention/{label}/{index}", image, 0, dataformats="HWC")
+
     def run(label: str, policy, frame_subset: int | None = None, extra: dict | None = None) -> None:
         """Every pending sample under one policy (or prompt -> policy factory), rows appended."""
         todo = [(i, s) for i, s in enumerate(samples) if not store.done((label, s.sample_id))]
@@ -674,25 +696,8 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
                 )
             except VideoReadError as error:
                 log(f"{label}: sample {sample.sample_id} failed: {error}")
-                row, retention = {
-                    "sample_id": sample.sample_id, "task_type": sample.task_type, "video": sample.video,
-                    "answer": sample.answer, "failed": True, "error": str(error),
-                    "seconds": time.perf_counter() - start,
-                }, None
-            row = {"policy": label, **row, **(extra or {})}
-            store.add(row)  # incremental: a kill loses at most this sample
-            if writer is not None and not row["failed"]:
-                writer.add_scalar(f"correct/{label}", float(row["correct"]), index)
-                writer.add_scalar(f"kept_video_tokens/{label}", row["kept_video_tokens"], index)
-            if retention is not None and index < cfg.heatmaps:
-                title = f"{label}: {sample.sample_id} ({sample.task_type})"
-                png = out_dir / "heatmaps" / f"{_safe(label)}_{index}_{_safe(sample.sample_id)}.png"
-                save_retention_heatmap(retention, png, title)
-                if writer is not None:  # the same picture, not drawn twice
-                    from PIL import Image
-
-                    image = np.asarray(Image.open(png).convert("RGB"))
-                    writer.add_image(f"retention/{label}/{index}", image, 0, dataformats="HWC")
+                row, retention = failed_row(sample, error, time.perf_counter() - start), None
+            record(label, index, sample, {**row, **(extra or {})}, retention)
         mine = store.rows(lambda r: r["policy"] == label and r["sample_id"] in ids and not r.get("failed"))
         if mine:
             kept = np.mean([r["kept_video_tokens"] for r in mine])
@@ -726,16 +731,10 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
                                           cfg.post_prompt, cfg.answer_prefix, cfg.seed)
             except VideoReadError as error:
                 log(f"one-shot: sample {sample.sample_id} failed: {error}")
-                results = [(label, {"sample_id": sample.sample_id, "task_type": sample.task_type,
-                                    "video": sample.video, "answer": sample.answer, "failed": True,
-                                    "error": str(error), "seconds": 0.0}, None) for label, *_ in todo]
+                results = [(label, failed_row(sample, error, 0.0), None) for label, *_ in todo]
             for (label, name, fraction), (_, row, retention) in zip(todo, results, strict=True):
-                store.add({"policy": label, **row, "base_policy": name, "budget_fraction": fraction,
-                           "protocol": "one-shot"})
-                if retention is not None and index < cfg.heatmaps:
-                    png = out_dir / "heatmaps" / f"{_safe(label)}_{index}_{_safe(sample.sample_id)}.png"
-                    title = f"{label}: {sample.sample_id} ({sample.task_type})"
-                    save_retention_heatmap(retention, png, title)
+                record(label, index, sample, {**row, "base_policy": name, "budget_fraction": fraction,
+                                              "protocol": "one-shot"}, retention)
     for label, name, fraction, protocol in capped:
         extra = {"base_policy": name, "budget_fraction": fraction, "protocol": protocol}
         if any(label == run[0] for run in shared):

@@ -17,6 +17,7 @@ from namm_transfer.pipelines.bench.engine import (
     EngineBenchConfig,
     run_engine_bench,
 )
+from namm_transfer.pipelines.bench.evidence import EvidenceConfig, run_evidence
 from namm_transfer.pipelines.bench.oracle import OracleConfig, run_oracle
 from namm_transfer.pipelines.bench.overhead import OverheadConfig, run_overhead
 from namm_transfer.pipelines.bench.population import (
@@ -149,7 +150,7 @@ COMMANDS: tuple[Command, ...] = (
         {**DTYPE, "stages": {"type": _stages, "metavar": "'T1;T1,T2'"},
          "budgets": {"type": _fractions, "metavar": "F1,F2"}, "scorer": {"choices": ("bam", "mlp")},
          "backend": {"choices": ("local", "ray")}, "engine": {"choices": ("shared-prefill", "generate")},
-         "warm_loss": {"choices": ("topk", "rank")}},
+         "warm_loss": {"choices": ("topk", "rank", "evidence")}},
     ),
     Command(
         "eval-text", EvalTextConfig, run_eval_text,
@@ -332,6 +333,16 @@ COMMANDS: tuple[Command, ...] = (
         "from OUTPUT_DIR/rows.jsonl; writes OUTPUT_DIR/summary.md and .json.",
         {**DTYPE, "tasks": {"choices": tuple(TASKS)}, "model": {"choices": tuple(MODELS)},
          "split": {"choices": ("test", "val")}},
+    ),
+    Command(
+        "bench evidence", EvidenceConfig, run_evidence,
+        "do the NAMM's input features tell the facts of a context from its filler?",
+        "Prefill training and validation prompts of each text task once; at the one-shot eviction point "
+        "(before the question) measure, on the validation prompts, the share of fact tokens in each "
+        "layer-head's top-k of the NAMM's scores (and of Recency), and the ROC AUC for fact tokens of the "
+        "NAMM's scores and of logistic and MLP probes fitted on the training prompts' features. Writes "
+        "OUTPUT_DIR/summary.md and .json.",
+        {**DTYPE, "tasks": {"choices": ("passkey", "kv", "docs", "hop")}, "model": {"choices": ("smollm2",)}},
     ),
     Command(
         "bench text-tasks", MeasureConfig, measure_full_cache,

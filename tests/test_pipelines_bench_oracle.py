@@ -4,7 +4,7 @@ and KV head."""
 import pytest
 import torch
 
-from namm_transfer.pipelines.bench.oracle import FixedScoreTopK, OracleConfig
+from namm_transfer.pipelines.bench.oracle import FixedScoreTopK, OracleConfig, evidence_scores
 from namm_transfer.policies.base import CacheView
 
 
@@ -29,3 +29,12 @@ def test_fixed_score_top_k_keeps_the_best_valid_slots_per_layer_and_head():
 def test_budgets_are_fractions():
     with pytest.raises(ValueError, match="kept fractions"):
         OracleConfig(budgets=[0.0])
+
+
+def test_evidence_scores_keep_sinks_then_facts_then_the_most_recent():
+    mask = [False] * 20
+    mask[9] = mask[10] = True
+    scores = evidence_scores(mask, 20)
+    order = scores.argsort(descending=True).tolist()
+    assert order[:7] == [3, 2, 1, 0, 10, 9, 19]  # sinks, facts, then newest first
+    assert order[-1] == 4

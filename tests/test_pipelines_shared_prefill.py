@@ -16,6 +16,8 @@ from namm_transfer.pipelines.text.evolve_shared import (
     PoolEntry,
     calibrate_bias,
     entry_features,
+    evidence_target,
+    listwise_loss,
     topk_loss,
     warm_start,
 )
@@ -263,6 +265,25 @@ def test_topk_loss_prefers_scores_that_rank_the_top_tokens_first():
     good = torch.log(target)
     bad = -good
     assert topk_loss(good, target, valid, top=0.2) < topk_loss(bad, target, valid, top=0.2)
+
+
+def test_listwise_loss_is_the_cross_entropy_towards_the_labelled_tokens():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 6)
+    label = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    valid[1, 0] = False
+    logp0 = torch.log_softmax(scores[0], -1)
+    logp1 = torch.log_softmax(scores[1, 1:], -1)
+    expected = (-(logp0[0] + logp0[2]) / 2 - logp1[-1] + 0) / 3  # the unlabelled row counts 0
+    assert float(listwise_loss(scores, label, valid)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_evidence_target_marks_facts_by_position_and_the_sinks():
+    evidence = torch.zeros(10, dtype=torch.bool)
+    evidence[6:8] = True
+    positions = torch.tensor([[0, 2, 5, 6, 7, 9, 11]])  # an evicted order; 11 lies past the context
+    assert evidence_target(evidence, positions).tolist() == [[True, True, False, True, True, False, False]]
 
 
 def test_received_attention_sums_only_what_it_observed():

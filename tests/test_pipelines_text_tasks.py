@@ -50,6 +50,15 @@ class WordTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return "".join(self.inverse[int(i)] for i in ids)
 
+    def __call__(self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = False):
+        ids = self.encode(text, add_special_tokens)
+        offsets, at = [], 0
+        for i in ids:
+            piece = self.inverse[i]
+            offsets.append((at, at + len(piece)))
+            at += len(piece)
+        return {"input_ids": ids, "offset_mapping": offsets}
+
 
 @pytest.fixture(scope="module")
 def tok() -> WordTokenizer:
@@ -201,6 +210,37 @@ def test_fit_to_length(tok):
 def test_evidence_spread_over_the_context(tok):
     depths = [e.meta["depth"] for e in make_split("kv", tok, "train", 40, 300)]
     assert min(depths) < 0.3 and max(depths) > 0.7 and all(0.02 <= d <= 0.98 for d in depths)
+
+
+@pytest.mark.parametrize("name", ["kv", "docs", "hop"])
+def test_evidence_mask_marks_every_fact_and_nothing_else(name, tok, examples):
+    for ex in examples[name]:
+        mask = tt.evidence_mask(ex, tok)
+        assert len(mask) == ex.num_tokens
+        marked = tok.decode([i for i, m in zip(ex.prompt_ids, mask, strict=True) if m])
+        facts = tt.evidence_sentences(ex)
+        assert len(facts) == {"kv": 8, "docs": 4, "hop": 7}[name]
+        for fact in facts:
+            assert fact in marked
+        # the marked tokens are exactly the facts' tokens
+        assert sum(mask) == sum(len(tok.encode(f)) for f in facts)
+        assert ex.answer in marked
+
+
+def test_evidence_mask_of_passkey_is_the_needle(tok, examples):
+    ex = examples["passkey"][0]
+    start, end = ex.meta["needle_span"]
+    assert tt.evidence_mask(ex, tok) == [start <= i < end for i in range(ex.num_tokens)]
+
+
+def test_evidence_mask_errors(tok, examples):
+    with pytest.raises(ValueError, match="no evidence sentences"):
+        tt.evidence_mask(examples["vartrack"][0], tok)
+    ex = examples["kv"][0]
+    broken = TaskExample(ex.task, ex.seed, ex.prompt_ids, ex.answer, ex.answer_prefix,
+                         ex.text.replace("The ticket number of", "The ticket code of", 1), ex.meta)
+    with pytest.raises(ValueError, match="differs from its prompt_ids|is not in the prompt"):
+        tt.evidence_mask(broken, tok)
 
 
 def test_docs_filler_is_stdlib_documentation(examples):

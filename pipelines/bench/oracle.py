@@ -9,7 +9,16 @@ fraction by
   most (their summed attention in the full-cache forward: :func:`.evolve_shared.answer_attention`,
   the evolution warm start's target). It reads the future, so it is a ceiling for attention-based
   selection, not a policy;
-- ``NAMM``: the NAMM by top-k of its scores, from the same prefill (as ``eval-text`` one-shot).
+- ``Evidence``: a question-agnostic ceiling. It knows which sentences are facts (every key, person or
+  needle of the prompt: :func:`.tasks.evidence_mask`) but not which one will be asked; per layer and
+  KV head it keeps the first ``SINKS`` tokens, then every fact token, then the most recent tokens.
+  It reads the task's ground truth, so it too is a ceiling, not a policy: the ceiling of a policy
+  that cannot see the question;
+- ``NAMM``: the NAMM by top-k of its scores, from the same prefill (as ``eval-text`` one-shot);
+- ``JointProbe`` (with ``--joint-probe``): a learned, question-agnostic ranking that reads the NAMM's
+  features of every layer and KV head at once (:class:`.evidence.JointProbe`, fitted on training
+  prompts by ``bench evidence``); every layer-head keeps the first ``SINKS`` tokens and then the
+  tokens it scores highest. It reads only attention, but it is not a NAMM.
 
 Scores are normalised by the full cache's on the same prompts, as in ``eval-text``.
 """
@@ -25,11 +34,22 @@ import torch
 
 from namm_transfer.pipelines.common import log, markdown_table, parse_dtype, run_metadata, set_threads
 from namm_transfer.pipelines.harness import RowStore, check_setting, write_summary
+from namm_transfer.pipelines.text.tasks import SINKS
 from namm_transfer.policies import MemoryPolicy
 from namm_transfer.policies.base import CacheView
 from namm_transfer.policies.registry import FULL_CACHE, NAMM_NAME
 
 ORACLE = "Oracle"
+EVIDENCE = "Evidence"
+JOINT = "JointProbe"
+
+
+def evidence_scores(mask: list[bool], context_len: int) -> torch.Tensor:
+    """``[context_len]`` scores whose top-k is: the first :data:`SINKS` tokens, then the fact tokens,
+    then the most recent tokens (ties broken by recency)."""
+    position = torch.arange(context_len, dtype=torch.float32)
+    fact = torch.tensor(mask[:context_len], dtype=torch.float32)
+    return 4.0 * (position < SINKS) + 2.0 * fact + position / context_len
 
 
 class FixedScoreTopK(MemoryPolicy):
@@ -70,6 +90,7 @@ class OracleConfig:
         prompt_tokens: prompt length (as ``eval-text``).
         budgets: kept fractions of the context.
         output_dir: rows.jsonl (resumable) and the summary.
+        joint_probe: a ``joint_probe.pt`` written by ``bench evidence``: adds the ``JointProbe`` rows.
         device, dtype, threads: as ``eval-text``.
     """
 
@@ -81,6 +102,7 @@ class OracleConfig:
     prompt_tokens: int = 1024
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.25])
     output_dir: str = "benchmarks/results/oracle_text"
+    joint_probe: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
@@ -104,19 +126,28 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
         kept_report,
         prefill_context,
     )
-    from namm_transfer.pipelines.text.tasks import TASKS, make_split
+    from namm_transfer.pipelines.text.tasks import TASKS, evidence_mask, make_split
 
     set_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    setting = {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "device", "threads")}
+    # JointProbe rows carry their probe's path; the other rows do not depend on it
+    setting = {k: v for k, v in asdict(cfg).items()
+               if k not in ("output_dir", "device", "threads", "joint_probe")}
     check_setting(out_dir, setting)
     store = RowStore(out_dir / "rows.jsonl", key=lambda r: (r["budget"], r["policy"], r["task"], r["seed"]))
     namm = NAMM.from_pretrained(cfg.namm)
     model, tokenizer = load_named_model(cfg.model, device=cfg.device, dtype=parse_dtype(cfg.dtype))
     examples = [(t, ex) for t in cfg.tasks
                 for ex in make_split(t, tokenizer, cfg.split, cfg.n, cfg.prompt_tokens)]
-    names = [FULL_CACHE, ORACLE, NAMM_NAME]
+    names = [FULL_CACHE, ORACLE, EVIDENCE, NAMM_NAME]
+    probe = None
+    if cfg.joint_probe is not None:
+        from namm_transfer.pipelines.bench.evidence import JointProbe
+        from namm_transfer.pipelines.text.evolve_shared import prefill_features
+
+        probe = JointProbe.load(cfg.joint_probe)
+        names.append(JOINT)
     with attach(model, namm) as handle:
         for task, ex in tqdm(examples, desc="bench oracle", unit="prompt"):
             todo = [(b, p) for b in cfg.budgets for p in names
@@ -128,6 +159,11 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
             _, target = answer_attention(model, prefill, answer_token_ids(tokenizer, ex))
             layers = len(prefill.cache.layers)
             scores = target.reshape(layers, -1, target.shape[-1])
+            agnostic = evidence_scores(evidence_mask(ex, tokenizer), prefill.context_len).expand_as(scores)
+            if probe is not None:
+                feats, _, positions = prefill_features(prefill, namm)
+                joint = probe.scores(feats).sigmoid() + 2.0 * (positions[0] < SINKS)  # sinks first
+                joint = joint.expand_as(scores)
             shared_s = time.perf_counter() - start
             max_new = TASKS[task].max_new_tokens
             for budget, name in todo:
@@ -137,6 +173,10 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
                     policy = FixedScoreTopK(scores, None)
                 elif name == ORACLE:
                     policy = FixedScoreTopK(scores, k)
+                elif name == EVIDENCE:
+                    policy = FixedScoreTopK(agnostic, k)
+                elif name == JOINT:
+                    policy = FixedScoreTopK(joint, k)
                 else:
                     policy = namm.with_budget(k, keep_threshold=False)
                 cache = prefill.fork(0, policy)
@@ -145,6 +185,7 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
                 store.add({"budget": budget, "policy": name, "task": task, "seed": ex.seed,
                            "score": float(TASKS[task].score(text, ex)), "answer": text,
                            "kept_fraction": float(kept[0]), "context_tokens": prefill.context_len,
+                           **({"joint_probe": cfg.joint_probe} if name == JOINT else {}),
                            "seconds": time.perf_counter() - t0 + shared_s})
     rows = store.rows()
     full_rows = [r for r in rows if r["policy"] == FULL_CACHE]
@@ -159,13 +200,23 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
               f"{s['mean_normalised']:.3f} ± {s['mean_normalised_se']:.3f}", f"{s['kept_fraction']:.3f}",
               str(s["n"])] for name, s in summary.items()]))
     meta = run_metadata(argv)
-    text = (f"# One-shot compression before the question: NAMM vs a question-aware oracle\n\n"
+    text = ("# One-shot compression before the question: NAMM vs question-aware and question-agnostic "
+            "ceilings\n\n"
             f"- command: `{meta['command']}`\n- date: {meta['date']}, git {meta['git_revision']}\n"
             f"- model: {cfg.model}; NAMM: {cfg.namm}; {cfg.split} split, {cfg.n} prompts per task, "
             f"~{cfg.prompt_tokens} tokens\n\n"
             "Oracle: per layer and KV head, the context tokens the question and the reference answer "
             "attend to most in the full-cache forward (it reads the future: a ceiling for attention-based "
-            "selection, not a policy). NAMM: top-k of its scores. Both compress the context once, before "
+            "selection, not a policy). Evidence: question-agnostic ceiling; it keeps the first "
+            f"{SINKS} tokens, every fact sentence of the prompt (all keys or people, not only the asked "
+            "one; it reads the task's ground truth), then the most recent tokens. NAMM: top-k of its "
+            "scores."
+            + (f" JointProbe: a logistic regression on a token's NAMM features in every layer and KV head "
+               f"at once, fitted on training prompts to find the fact tokens (`{cfg.joint_probe}`, from "
+               "`bench evidence`); it keeps the first "
+               f"{SINKS} tokens, then its highest scores; question-agnostic and attention-only, not a NAMM."
+               if probe is not None else "")
+            + " All compress the context once, before "
             "the question, from one shared prefill; normalised = mean score / full cache's mean on the same "
             "prompts, ± standard error over prompts.\n\n" + "\n\n".join(tables) + "\n")
     write_summary(out_dir, {"config": asdict(cfg), "meta": meta, "summary": data}, text, "summary")

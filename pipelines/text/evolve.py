@@ -102,8 +102,9 @@ class EvolveConfig:
         warm_start_lr: its learning rate.
         keep_target: share of a training context the calibrated NAMM keeps in threshold mode.
         em_weight: weight of exact match in a prompt's score (the rest: the likelihood ratio).
-        warm_loss: "topk" (cross-entropy towards the oracle's top 10% tokens) or "rank" (correlation
-            with the log attention share); see :mod:`.evolve_shared`.
+        warm_loss: "topk" (cross-entropy towards the oracle's top 10% tokens), "rank" (correlation
+            with the log attention share) or "evidence" (cross-entropy towards every fact token of the
+            prompt and the first 4 tokens: question-agnostic); see :mod:`.evolve_shared`.
         ema_decay: per-query decay of the NAMM's spectrogram EMA (the reference's 0.99).
     """
 

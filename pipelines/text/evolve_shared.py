@@ -51,6 +51,7 @@ from namm_transfer.pipelines.text.shared_prefill import (
     prefill_context,
     teacher_forced,
 )
+from namm_transfer.pipelines.text.tasks import SINKS, evidence_mask
 from namm_transfer.policies.base import CacheView
 from namm_transfer.scorers import score_tokens
 
@@ -65,6 +66,7 @@ class PoolEntry:
     answer_ids: torch.Tensor
     full: TeacherForced
     target: torch.Tensor  # [L * H, S] attention the question and answer paid to each context token
+    evidence: torch.Tensor | None = None  # [S] bool: fact tokens any question could need (evidence_mask)
 
 
 class PrefillPool:
@@ -87,7 +89,12 @@ class PrefillPool:
         prefill = prefill_context(self.model, self.handle, example, self.tokenizer, [NAMM(self.namm_cfg)])
         answer = answer_token_ids(self.tokenizer, example)
         full, target = answer_attention(self.model, prefill, answer)
-        return PoolEntry(task, seed, prefill, answer, full, target)
+        try:
+            mask = evidence_mask(example, self.tokenizer)[: prefill.context_len]
+            evidence = torch.tensor(mask, dtype=torch.bool)
+        except (ValueError, KeyError):  # a task without marked facts: no evidence target
+            evidence = None
+        return PoolEntry(task, seed, prefill, answer, full, target, evidence)
 
     def nbytes(self) -> int:
         return sum(e.prefill.nbytes() + e.target.numel() * 4 for e in self.entries.values())
@@ -111,8 +118,13 @@ def answer_attention(model, prefill: ContextPrefill,
 def entry_features(entry: PoolEntry, namm: NAMM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(features [L*H, S, in_dim], valid [L*H, S], positions [L*H, S])`` of a pool prompt's context
     as ``namm`` sees them at the one-shot eviction point (its frozen statistics applied)."""
+    return prefill_features(entry.prefill, namm)
+
+
+def prefill_features(prefill: ContextPrefill, namm: NAMM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`entry_features` of a prefill whose first recorded policy state is ``namm``'s."""
     feats, valid, positions = [], [], []
-    for layer in entry.prefill.cache.layers:
+    for layer in prefill.cache.layers:
         mem = layer.memory
         view = CacheView(mem.layer_idx, mem.positions, mem.valid)
         feats.append(namm.features(mem.state[0], view)[0])
@@ -147,7 +159,9 @@ def warm_start(
     loss: str = "topk",
 ) -> tuple[torch.Tensor, list[float]]:
     """Fit the scorer's parameters so that ``softmax(scores)`` over each layer-head's context tokens
-    matches the share of the question's and answer's attention each token received (cross-entropy).
+    matches the share of the question's and answer's attention each token received (cross-entropy);
+    with ``loss="evidence"``, the uniform distribution over the first :data:`SINKS` tokens and every
+    fact token of the prompt (question-agnostic: what any question about the context could need).
 
     Starts from ``namm``'s parameters plus N(0, 0.065^2) noise (all-zero weights are a saddle: no
     gradient reaches the attention block). Returns the parameters and the loss curve.
@@ -158,7 +172,12 @@ def warm_start(
     data = []
     for entry in entries:
         feats, valid, positions = entry_features(entry, namm)
-        target = entry.target.masked_fill(~valid, 0)
+        target = entry.target
+        if loss == "evidence":
+            if entry.evidence is None:
+                raise ValueError(f"task {entry.task!r} has no evidence tokens: use another warm_loss")
+            target = evidence_target(entry.evidence, positions).float()
+        target = target.masked_fill(~valid, 0)
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
         data.append((feats[None], valid[None], positions[None], target[None]))
     gen = torch.Generator().manual_seed(seed)
@@ -197,21 +216,34 @@ def rank_loss(scores: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
     return 1 - (centred(scores) * centred(y)).sum(-1).mean()
 
 
-def topk_loss(
-    scores: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, top: float = 0.1
-) -> torch.Tensor:
-    """Listwise cross-entropy of ``softmax(scores)`` against the uniform distribution over each
-    layer-head row's ``top`` share of tokens by received attention (what an oracle budget keeps):
-    the learning goes to the few tokens the question needs, not to ordering the filler."""
-    k = (valid.sum(-1, keepdim=True).float() * top).clamp_min(1).long()
-    ranked = target.masked_fill(~valid, -1.0).argsort(-1, descending=True).argsort(-1)
-    label = (ranked < k).float()
-    label = label / label.sum(-1, keepdim=True)
+def listwise_loss(scores: torch.Tensor, label: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``softmax(scores)`` over each row's valid tokens against the uniform
+    distribution over the row's labelled tokens (rows without a label count 0)."""
+    label = (label > 0) & valid
+    label = label.float() / label.sum(-1, keepdim=True).clamp_min(1)
     logp = torch.log_softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).masked_fill(~valid, 0)
     return -(label * logp).sum(-1).mean()
 
 
-LOSSES = {"rank": rank_loss, "topk": topk_loss}
+def topk_loss(
+    scores: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, top: float = 0.1
+) -> torch.Tensor:
+    """:func:`listwise_loss` towards each layer-head row's ``top`` share of tokens by received attention
+    (what an oracle budget keeps): the learning goes to the few tokens the question needs, not to
+    ordering the filler."""
+    k = (valid.sum(-1, keepdim=True).float() * top).clamp_min(1).long()
+    ranked = target.masked_fill(~valid, -1.0).argsort(-1, descending=True).argsort(-1)
+    return listwise_loss(scores, ranked < k, valid)
+
+
+def evidence_target(evidence: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[rows, S]`` bool: the fact tokens of ``evidence`` (``[context]``, by position) and the first
+    :data:`SINKS` positions, at each cached slot's position."""
+    index = positions.clamp(0, evidence.shape[0] - 1)
+    return (evidence[index] & (positions < evidence.shape[0])) | ((positions >= 0) & (positions < SINKS))
+
+
+LOSSES = {"rank": rank_loss, "topk": topk_loss, "evidence": listwise_loss}
 
 
 @torch.no_grad()

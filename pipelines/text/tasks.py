@@ -608,6 +608,49 @@ EXTRA_TASKS: dict[str, TextTask] = {t.name: t for t in (VariableTrackingTask(), 
 
 
 # ---------------------------------------------------------------------------------------------------
+# evidence
+
+SINKS = 4  # first tokens every evidence keep-set includes: the attention sink (StreamingLLM's 4)
+
+
+def evidence_sentences(example: TaskExample) -> list[str]:
+    """Every fact sentence of ``example`` that some question about its context could need (all keys,
+    roles or people, not only the asked one), as written in the prompt. Passkey prompts use their
+    ``needle_span`` instead (see :func:`evidence_mask`)."""
+    meta = example.meta
+    if example.task in ("kv", "hop"):
+        out = [f"The ticket number of {n} is {c}." for n, c in meta["keys"].items()]
+        return out + [f"The {r} was {n}." for r, n in meta.get("roles", {}).items()]
+    if example.task == "docs":
+        return [f"{p} was born in {y}." for p, y in meta["facts"].items()]
+    raise ValueError(f"no evidence sentences are defined for task {example.task!r}")
+
+
+def evidence_mask(example: TaskExample, tokenizer: Tokenizer) -> list[bool]:
+    """Per prompt token: does it overlap a fact sentence (:func:`evidence_sentences`; for ``passkey``
+    the needle's tokens). Question-agnostic: it marks what any question could ask for.
+
+    Raises:
+        ValueError: when a fact sentence is not found in the prompt's text, or the tokenizer's offsets
+            do not reproduce the prompt's ids.
+    """
+    n = example.num_tokens
+    if example.task == "passkey":
+        start, end = example.meta["needle_span"]
+        return [start <= i < end for i in range(n)]
+    enc = tokenizer(example.text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != list(example.prompt_ids):
+        raise ValueError("the tokenizer's encoding of the prompt text differs from its prompt_ids")
+    spans = []
+    for sentence in evidence_sentences(example):
+        at = example.text.find(sentence)
+        if at < 0:
+            raise ValueError(f"fact {sentence!r} is not in the prompt of {example.task} seed {example.seed}")
+        spans.append((at, at + len(sentence)))
+    return [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
+
+
+# ---------------------------------------------------------------------------------------------------
 # splits
 
 

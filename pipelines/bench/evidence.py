@@ -1,0 +1,291 @@
+"""``namm-transfer bench evidence``: can a NAMM's inputs tell the facts of a context from its filler?
+
+The one-shot protocol compresses the context before the question, so a policy has to keep every fact
+that some question could ask for (``bench oracle``'s ``Evidence`` ceiling shows that this is enough on
+``kv`` and ``docs``). This job measures whether the NAMM's per-token features at that eviction point
+(8 age dims + 17 spectrogram bins of the attention each token received) carry that information:
+
+- **evidence recall** of the NAMM's scores: the share of fact tokens (:func:`.tasks.evidence_mask`) in
+  each layer-head's top-k, at each kept fraction; a ranking blind to facts recalls the kept fraction
+  itself. Recency is shown beside it;
+- **ROC AUC** of the NAMM's scores and of probes fitted on training prompts (a logistic regression
+  and a one-hidden-layer MLP on the 25 features of one layer-head, shared by all, as the NAMM is) on
+  held-out validation prompts. 0.5 is no information; these probes bound what any per-token function
+  of one layer-head's features can do, where the BAM can also compare a token with newer ones;
+- the same for probes that read a token's features in **every layer and KV head at once** (a
+  logistic regression on the ``layers x heads x 17`` spectrogram bins plus the 8 age dims): what the
+  features hold when no layer-head is scored on its own.
+
+The first :data:`.tasks.SINKS` tokens are left out of both (their age gives them away; they are not
+facts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from namm_transfer.pipelines.common import log, markdown_table, parse_dtype, run_metadata, set_threads
+from namm_transfer.pipelines.harness import write_summary
+from namm_transfer.pipelines.text.tasks import SINKS, TASKS
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for boolean ``labels`` (ties count half: average ranks).
+
+    Raises:
+        ValueError: when ``labels`` holds only one class.
+    """
+    scores, labels = scores.double().flatten(), labels.bool().flatten()
+    n_pos = int(labels.sum())
+    n_neg = labels.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_auc needs both positive and negative labels")
+    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # rank (0-based) of each distinct value's first element
+    ranks = (first + (counts - 1) / 2.0)[inverse] + 1  # average 1-based rank of tied elements
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def evidence_recall(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, k: int) -> float:
+    """Share of the labelled valid slots of ``[rows, S]`` that are in their row's top-``k`` by score."""
+    top = scores.masked_fill(~valid, -torch.inf).topk(min(k, scores.shape[-1]), dim=-1).indices
+    kept = torch.zeros_like(valid).scatter(-1, top, True) & valid
+    wanted = labels & valid
+    return float((kept & wanted).sum() / wanted.sum().clamp_min(1))
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, hidden: int, steps: int, seed: int) -> torch.nn.Module:
+    """A per-token classifier of ``y`` from ``x`` (logistic regression when ``hidden`` is 0, else one
+    hidden ReLU layer), Adam on class-balanced binary cross-entropy over minibatches of 8,192."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dim = x.shape[1]
+    net = (torch.nn.Linear(dim, 1) if hidden == 0 else
+           torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    pos_weight = (1 - y.float().mean()) / y.float().mean().clamp_min(1e-6)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(len(x), (8192,), generator=gen)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                net(x[idx])[:, 0], y[idx].float(), pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+@dataclass
+class _Rows:
+    """One prompt's context at the eviction point, flattened over layer-head rows."""
+
+    task: str
+    feats: torch.Tensor  # [R, S, 25]
+    valid: torch.Tensor  # [R, S] slots scored (sinks left out)
+    labels: torch.Tensor  # [R, S] fact tokens
+    positions: torch.Tensor  # [R, S]
+    namm_scores: torch.Tensor  # [R, S]
+    context_len: int
+
+
+def across_heads(rows: list[_Rows], age_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per context token (sinks left out): its spectral features in every layer-head side by side
+    plus its age embedding, ``[tokens, R * bins + age_dim]``, and its fact label. Needs caches that
+    kept everything (every row holds every token, in position order)."""
+    xs, ys = [], []
+    for r in rows:
+        if not bool(r.valid.any(0).eq(r.valid.all(0)).all()):
+            raise ValueError("across_heads needs keep-everything caches (the same tokens in every row)")
+        cols = r.valid[0]
+        spectral = r.feats[:, cols, age_dim:]  # [R, tokens, bins]
+        xs.append(torch.cat([spectral.permute(1, 0, 2).flatten(1), r.feats[0, cols, :age_dim]], -1))
+        ys.append(r.labels[0, cols])
+    return torch.cat(xs), torch.cat(ys)
+
+
+@dataclass
+class JointProbe:
+    """A question-agnostic fact detector that reads a token's NAMM features in every layer and KV head
+    at once: a logistic regression on :func:`across_heads`'s vector, standardised with the training
+    prompts' mean and deviation. It is not a NAMM (a NAMM scores each layer-head from that layer-head's
+    features alone); ``bench oracle --joint-probe`` measures what its ranking keeps.
+
+    Attributes:
+        weight: ``[R * bins + age_dim]`` logistic weights on the standardised vector.
+        bias: logistic bias.
+        mean, std: the standardisation.
+        age_dim: age dims at the end of the vector (the NAMM's ``age_dim``).
+    """
+
+    weight: torch.Tensor
+    bias: float
+    mean: torch.Tensor
+    std: torch.Tensor
+    age_dim: int
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, age_dim: int, steps: int, seed: int) -> JointProbe:
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        net = fit_probe((x - mean) / std, y, 0, steps, seed)
+        return cls(net.weight.detach()[0].clone(), float(net.bias.detach()[0]), mean, std, age_dim)
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[S]`` fact scores of a keep-everything context's ``[R, S, D]`` NAMM features."""
+        spectral = feats[..., self.age_dim :].permute(1, 0, 2).flatten(1)
+        x = torch.cat([spectral, feats[0, :, : self.age_dim]], -1)
+        if x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"the probe reads {self.weight.shape[0]} features per token, this model's "
+                             f"context gives {x.shape[-1]} (another model or NAMM config?)")
+        return ((x - self.mean) / self.std) @ self.weight + self.bias
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std,
+                    "age_dim": self.age_dim}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> JointProbe:
+        state = torch.load(path, weights_only=True)
+        return cls(state["weight"], float(state["bias"]), state["mean"], state["std"], int(state["age_dim"]))
+
+
+@dataclass
+class EvidenceConfig:
+    """Settings of :func:`run_evidence`.
+
+    Attributes:
+        model: ``smollm2`` (the model the NAMM was evolved on).
+        namm: the NAMM whose features and scores are probed (a shipped name or a directory).
+        tasks: text tasks with marked facts.
+        train_n: training prompts per task (the probes are fitted on them).
+        val_n: validation prompts per task (every figure is measured on them).
+        prompt_tokens: prompt length.
+        budgets: kept fractions for evidence recall.
+        probe_steps: Adam steps per probe.
+        seed: the probes' seed.
+        output_dir: summary.md and summary.json.
+        device, dtype, threads: as ``eval-text``.
+    """
+
+    model: str = "smollm2"
+    namm: str = "smollm2-text"
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "kv", "docs"])
+    train_n: int = 8
+    val_n: int = 8
+    prompt_tokens: int = 1024
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    probe_steps: int = 400
+    seed: int = 0
+    output_dir: str = "benchmarks/results/evidence_probe"
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if any(not 0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets are kept fractions in (0, 1], got {self.budgets}")
+        if self.train_n < 1 or self.val_n < 1:
+            raise ValueError("train_n and val_n must be at least 1")
+
+
+def run_evidence(cfg: EvidenceConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from namm_transfer import NAMM
+    from namm_transfer.adapters import attach
+    from namm_transfer.pipelines.models import load_named_model
+    from namm_transfer.pipelines.text.evolve_shared import PrefillPool, entry_features, evidence_target
+    from namm_transfer.pipelines.text.tasks import split_seeds
+    from namm_transfer.scorers import score_tokens
+
+    set_threads(cfg.threads)
+    out_dir = Path(cfg.output_dir)
+    namm = NAMM.from_pretrained(cfg.namm)
+    age_dim = namm.config.age_dim
+    model, tokenizer = load_named_model(cfg.model, device=cfg.device, dtype=parse_dtype(cfg.dtype))
+    keep_all = replace(namm.config, threshold=None, budget=None)
+    rows: dict[str, list[_Rows]] = {"train": [], "val": []}
+    with attach(model, NAMM(keep_all)) as handle:
+        pool = PrefillPool(model, tokenizer, handle, TASKS, keep_all, cfg.prompt_tokens)
+        todo = [(split, t, s) for split, n in (("train", cfg.train_n), ("val", cfg.val_n))
+                for t in cfg.tasks for s in split_seeds(split, n)]
+        for split, task, seed in tqdm(todo, desc="bench evidence", unit="prompt"):
+            entry = pool.get(task, seed)
+            if entry.evidence is None:
+                raise ValueError(f"task {task!r} has no marked facts")
+            with torch.no_grad():
+                feats, valid, positions = entry_features(entry, namm)
+                scores = score_tokens(namm.params[:1], feats[None], valid[None], positions[None],
+                                      namm.config.shapes)[0]
+            facts = evidence_target(entry.evidence, positions) & (positions >= SINKS)
+            rows[split].append(_Rows(task, feats, valid & (positions >= SINKS), facts & valid, positions,
+                                     scores, entry.prefill.context_len))
+            pool.entries.clear()  # one prefill at a time in memory
+
+    def flat(split: str, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        chosen = [r for r in rows[split] if r.task in tasks]
+        return (torch.cat([r.feats[r.valid] for r in chosen]), torch.cat([r.labels[r.valid] for r in chosen]),
+                torch.cat([r.namm_scores[r.valid] for r in chosen]))
+
+    x_train, y_train, _ = flat("train", cfg.tasks)
+    probes = {"logistic probe, one layer-head": fit_probe(x_train, y_train, 0, cfg.probe_steps, cfg.seed),
+              "MLP probe (64 hidden), one layer-head": fit_probe(x_train, y_train, 64, cfg.probe_steps,
+                                                                 cfg.seed)}
+    x_train, y_train = across_heads([r for r in rows["train"] if r.task in cfg.tasks], age_dim)
+    joint = JointProbe.fit(x_train, y_train, age_dim, cfg.probe_steps, cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    joint.save(out_dir / "joint_probe.pt")
+    auc: dict[str, dict[str, float]] = {}
+    groups = {**{t: [t] for t in cfg.tasks}, "all": cfg.tasks}
+    for group, tasks in groups.items():
+        x, y, namm_scores = flat("val", tasks)
+        auc.setdefault(f"NAMM ({cfg.namm})", {})[group] = roc_auc(namm_scores, y)
+        with torch.no_grad():
+            for name, net in probes.items():
+                auc.setdefault(name, {})[group] = roc_auc(net(x)[:, 0], y)
+            chosen = [r for r in rows["val"] if r.task in tasks]
+            joint_scores = torch.cat([joint.scores(r.feats[:, r.valid[0]]) for r in chosen])
+            auc.setdefault("logistic probe, every layer-head at once", {})[group] = roc_auc(
+                joint_scores, across_heads(chosen, age_dim)[1])
+    recall: dict[str, dict[str, dict[str, float]]] = {}
+    for budget in cfg.budgets:
+        for task in cfg.tasks:
+            for policy in (f"NAMM ({cfg.namm})", "Recency"):
+                values = []
+                for r in (r for r in rows["val"] if r.task == task):
+                    s = r.namm_scores if policy != "Recency" else r.positions.float()
+                    k = max(1, round(budget * r.context_len)) - SINKS  # the sinks take their own slots
+                    values.append(evidence_recall(s, r.labels, r.valid, k))
+                recall.setdefault(str(budget), {}).setdefault(policy, {})[task] = float(np.mean(values))
+
+    meta = run_metadata(argv)
+    n_facts = {t: float(np.mean([float(r.labels[0].sum()) for r in rows["val"] if r.task == t]))
+               for t in cfg.tasks}
+    text = [
+        "# Do the NAMM's inputs tell facts from filler? (one-shot eviction point, before the question)\n",
+        f"- command: `{meta['command']}`\n- date: {meta['date']}, git {meta['git_revision']}",
+        f"- model: {cfg.model}; NAMM: {cfg.namm} (its features: 8 age + 17 spectrogram bins, EMA "
+        f"{namm.config.ema_decay}); probes fitted on {cfg.train_n} training prompts per task, every "
+        f"figure on {cfg.val_n} validation prompts per task, ~{cfg.prompt_tokens} tokens",
+        "- fact tokens per prompt: " + ", ".join(f"{t} {n:.0f}" for t, n in n_facts.items())
+        + f" (every fact sentence, not only the asked one; the first {SINKS} tokens are left out)\n",
+        "## ROC AUC for fact tokens, validation prompts (0.5 = no information)\n",
+        markdown_table(["scores", *groups], [[name, *(f"{v[g]:.3f}" for g in groups)]
+                                             for name, v in auc.items()]),
+        "\n## Evidence recall: share of fact tokens in each layer-head's top-k\n",
+        "A ranking blind to facts recalls about the kept fraction itself.\n",
+    ]
+    for budget, by_policy in recall.items():
+        text += [f"### {100 * float(budget):g}% of the context kept\n",
+                 markdown_table(["policy", *cfg.tasks], [[p, *(f"{v[t]:.3f}" for t in cfg.tasks)]
+                                                         for p, v in by_policy.items()]), ""]
+    markdown = "\n".join(text) + "\n"
+    write_summary(out_dir, {"config": asdict(cfg), "meta": meta, "auc": auc, "recall": recall,
+                            "fact_tokens": n_facts}, markdown, "summary")
+    print(markdown)
+    log(f"results in {out_dir}")
+    return {"auc": auc, "recall": recall}

@@ -39,22 +39,33 @@ class RowStore:
     Args:
         path: the file new rows are appended to.
         key: what identifies a row (e.g. policy and sample id).
-        read: more files to read on resume (e.g. other shards' rows); ``path`` is always read.
+        read: more files to read on resume; ``path`` is always read.
+        shards: a glob pattern in ``path``'s folder (e.g. ``rows*.jsonl``) for the rows files of
+            parallel processes, looked up again at every :meth:`refresh`, so a shard that starts later
+            is found too.
     """
 
     def __init__(self, path: str | Path, key: Callable[[dict[str, Any]], Hashable],
-                 read: Iterable[str | Path] = ()):
+                 read: Iterable[str | Path] = (), shards: str | None = None):
         self.path = Path(path)
         self.key = key
+        self.read, self.shards = [Path(f) for f in read], shards
         self.latest: dict[Hashable, dict[str, Any]] = {}
-        for file in dict.fromkeys([*map(Path, read), self.path]):
+        self.refresh()
+        if self.latest:
+            log(f"resuming: {len(self.latest)} rows already in {self.path.parent} (failed ones are retried)")
+
+    def refresh(self) -> None:
+        """Read every file again: rows other processes (shards) appended since are seen, e.g. before a
+        summary. The files hold every row this store added, so nothing of its own is lost."""
+        self.latest = {}
+        found = sorted(self.path.parent.glob(self.shards)) if self.shards else []
+        for file in dict.fromkeys([*self.read, *found, self.path]):
             if file.is_file():
                 for line in file.read_text().splitlines():
                     if line.strip():
                         row = upgrade_row(json.loads(line))
-                        self.latest[key(row)] = row
-        if self.latest:
-            log(f"resuming: {len(self.latest)} rows already in {self.path.parent} (failed ones are retried)")
+                        self.latest[self.key(row)] = row
 
     def done(self, key: Hashable) -> bool:
         """A finished (not failed) row exists for ``key``."""

@@ -7,13 +7,12 @@ import torch
 
 from namm_transfer.pipelines.bench.evidence import (
     EvidenceConfig,
-    JointProbe,
     _Rows,
     across_heads,
     evidence_recall,
-    fit_probe,
     roc_auc,
 )
+from namm_transfer.pipelines.joint_probe import JointProbe, fit_probe
 
 
 def _pairwise_auc(scores, labels):

@@ -4,7 +4,8 @@ and KV head."""
 import pytest
 import torch
 
-from namm_transfer.pipelines.bench.oracle import FixedScoreTopK, OracleConfig, evidence_scores
+from namm_transfer.pipelines.bench.oracle import OracleConfig, evidence_scores
+from namm_transfer.pipelines.joint_probe import FixedScoreTopK
 from namm_transfer.policies.base import CacheView
 
 

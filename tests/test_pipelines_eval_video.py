@@ -507,3 +507,42 @@ def test_one_shot_shared_prefill_answers_like_feeding_each_prompt(tmp_path, data
         assert a["kept_per_layer"] == pytest.approx(b["kept_per_layer"]), key
         assert a["frame_retention"] == pytest.approx(b["frame_retention"]), key
         assert a["cap"] == b["cap"] and a["evictions"] == b["evictions"] > 0
+
+
+def test_joint_probe_rows_keep_the_cap_with_one_ranking_for_every_layer_head(tmp_path, data):
+    """--joint-probe adds 'JointProbe @ 50% one-shot' rows: the cap of every other one-shot policy,
+    from the shared prefill, the same tokens in every layer and KV head."""
+    from namm_transfer.pipelines.joint_probe import JOINT, JointProbe
+
+    text = build("llava_next_video").config.text_config
+    rows_per_token = text.num_hidden_layers * text.num_key_value_heads
+    gen = torch.Generator().manual_seed(0)
+    dim = rows_per_token * 17 + 8
+    probe = JointProbe(torch.randn(dim, generator=gen), 0.0, torch.zeros(dim), torch.ones(dim), 8)
+    probe.save(tmp_path / "probe.pt")
+    cfg = _config(tmp_path, data["jsonl"], policies=[FULL, "Recency"], budgets=[0.5], protocols=["one-shot"],
+                  own_budget=False, joint_probe=str(tmp_path / "probe.pt"), heatmaps=3)
+    summary = run_eval_video(cfg, loader=tiny_loader, namm=NAMM.init_random(0))
+    label = f"{JOINT} @ 50% one-shot"
+    rows = {(r["policy"], r["sample_id"]): r for r in _rows(cfg)}
+    joint = [r for (name, _), r in rows.items() if name == label]
+    assert len(joint) == 3 and summary[label]["policy"] == JOINT
+    for row in joint:
+        recency = rows[("Recency @ 50% one-shot", row["sample_id"])]
+        assert row["cap"] == recency["cap"] and row["joint_probe"] == str(tmp_path / "probe.pt")
+        kept = np.array(row["kept_per_layer"]) - np.array(row["since_update"])
+        assert kept.tolist() == pytest.approx([row["cap"]] * len(kept))
+    heatmaps = sorted((tmp_path / "out" / "heatmaps").glob("JointProbe*.png"))
+    assert heatmaps  # one retention map per sample
+    # one ranking: every layer keeps the same share of each frame
+    from namm_transfer.pipelines.video.evaluate import one_shot_sample
+
+    video_model = load_video_model("llava_next_video", tiny_loader)
+    sample = load_annotations(data["jsonl"])[0]
+    [(_, row, retention)] = one_shot_sample(video_model, sample, [(label, JOINT, 0.5)], NAMM.init_random(0),
+                                            6, 3, probe=probe)
+    assert np.allclose(retention, retention[:1]) and 0 < retention.mean() < 1
+    with pytest.raises(ValueError, match="needs the probe"):
+        one_shot_sample(video_model, sample, [(label, JOINT, 0.5)], NAMM.init_random(0), 6, 3)
+    with pytest.raises(ValueError, match="joint_probe runs one-shot"):
+        EvalVideoConfig(annotations="a.json", joint_probe="p.pt", budgets=[0.5])

@@ -44,6 +44,17 @@ def test_rows_from_other_files_and_old_names(tmp_path):
     assert row["kept_per_layer"] == [3.0] and row["since_update"] == [1.0]
 
 
+def test_refresh_sees_rows_other_shards_appended_since_even_from_a_file_that_did_not_exist(tmp_path):
+    key = lambda r: (r["policy"], r["id"])  # noqa: E731
+    mine = RowStore(tmp_path / "rows.shard0of2.jsonl", key=key, shards="rows*.jsonl")
+    other = RowStore(tmp_path / "rows.shard1of2.jsonl", key=key, shards="rows*.jsonl")
+    mine.add({"policy": "A", "id": 0})
+    other.add({"policy": "A", "id": 1})
+    assert not mine.done(("A", 1))
+    mine.refresh()
+    assert mine.done(("A", 1)) and mine.done(("A", 0)) and len(mine.rows()) == 2
+
+
 def test_settings_guard_names_what_differs(tmp_path):
     check_setting(tmp_path, {"a": 1, "b": "x"})
     check_setting(tmp_path, {"a": 1, "b": "x"})  # same setting: resumes

@@ -31,6 +31,7 @@ import torch
 
 from namm_transfer.pipelines.common import log, markdown_table, parse_dtype, run_metadata, set_threads
 from namm_transfer.pipelines.harness import write_summary
+from namm_transfer.pipelines.joint_probe import JointProbe, fit_probe
 from namm_transfer.pipelines.text.tasks import SINKS, TASKS
 
 
@@ -59,27 +60,6 @@ def evidence_recall(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Ten
     return float((kept & wanted).sum() / wanted.sum().clamp_min(1))
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, hidden: int, steps: int, seed: int) -> torch.nn.Module:
-    """A per-token classifier of ``y`` from ``x`` (logistic regression when ``hidden`` is 0, else one
-    hidden ReLU layer), Adam on class-balanced binary cross-entropy over minibatches of 8,192."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    dim = x.shape[1]
-    net = (torch.nn.Linear(dim, 1) if hidden == 0 else
-           torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    pos_weight = (1 - y.float().mean()) / y.float().mean().clamp_min(1e-6)
-    with torch.enable_grad():
-        for _ in range(steps):
-            idx = torch.randint(len(x), (8192,), generator=gen)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                net(x[idx])[:, 0], y[idx].float(), pos_weight=pos_weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
-
-
 @dataclass
 class _Rows:
     """One prompt's context at the eviction point, flattened over layer-head rows."""
@@ -106,51 +86,6 @@ def across_heads(rows: list[_Rows], age_dim: int) -> tuple[torch.Tensor, torch.T
         xs.append(torch.cat([spectral.permute(1, 0, 2).flatten(1), r.feats[0, cols, :age_dim]], -1))
         ys.append(r.labels[0, cols])
     return torch.cat(xs), torch.cat(ys)
-
-
-@dataclass
-class JointProbe:
-    """A question-agnostic fact detector that reads a token's NAMM features in every layer and KV head
-    at once: a logistic regression on :func:`across_heads`'s vector, standardised with the training
-    prompts' mean and deviation. It is not a NAMM (a NAMM scores each layer-head from that layer-head's
-    features alone); ``bench oracle --joint-probe`` measures what its ranking keeps.
-
-    Attributes:
-        weight: ``[R * bins + age_dim]`` logistic weights on the standardised vector.
-        bias: logistic bias.
-        mean, std: the standardisation.
-        age_dim: age dims at the end of the vector (the NAMM's ``age_dim``).
-    """
-
-    weight: torch.Tensor
-    bias: float
-    mean: torch.Tensor
-    std: torch.Tensor
-    age_dim: int
-
-    @classmethod
-    def fit(cls, x: torch.Tensor, y: torch.Tensor, age_dim: int, steps: int, seed: int) -> JointProbe:
-        mean, std = x.mean(0), x.std(0) + 1e-6
-        net = fit_probe((x - mean) / std, y, 0, steps, seed)
-        return cls(net.weight.detach()[0].clone(), float(net.bias.detach()[0]), mean, std, age_dim)
-
-    def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """``[S]`` fact scores of a keep-everything context's ``[R, S, D]`` NAMM features."""
-        spectral = feats[..., self.age_dim :].permute(1, 0, 2).flatten(1)
-        x = torch.cat([spectral, feats[0, :, : self.age_dim]], -1)
-        if x.shape[-1] != self.weight.shape[0]:
-            raise ValueError(f"the probe reads {self.weight.shape[0]} features per token, this model's "
-                             f"context gives {x.shape[-1]} (another model or NAMM config?)")
-        return ((x - self.mean) / self.std) @ self.weight + self.bias
-
-    def save(self, path: str | Path) -> None:
-        torch.save({"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std,
-                    "age_dim": self.age_dim}, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> JointProbe:
-        state = torch.load(path, weights_only=True)
-        return cls(state["weight"], float(state["bias"]), state["mean"], state["std"], int(state["age_dim"]))
 
 
 @dataclass

@@ -34,14 +34,12 @@ import torch
 
 from namm_transfer.pipelines.common import log, markdown_table, parse_dtype, run_metadata, set_threads
 from namm_transfer.pipelines.harness import RowStore, check_setting, write_summary
+from namm_transfer.pipelines.joint_probe import JOINT, FixedScoreTopK, JointProbe, prefill_joint_scores
 from namm_transfer.pipelines.text.tasks import SINKS
-from namm_transfer.policies import MemoryPolicy
-from namm_transfer.policies.base import CacheView
 from namm_transfer.policies.registry import FULL_CACHE, NAMM_NAME
 
 ORACLE = "Oracle"
 EVIDENCE = "Evidence"
-JOINT = "JointProbe"
 
 
 def evidence_scores(mask: list[bool], context_len: int) -> torch.Tensor:
@@ -50,31 +48,6 @@ def evidence_scores(mask: list[bool], context_len: int) -> torch.Tensor:
     position = torch.arange(context_len, dtype=torch.float32)
     fact = torch.tensor(mask[:context_len], dtype=torch.float32)
     return 4.0 * (position < SINKS) + 2.0 * fact + position / context_len
-
-
-class FixedScoreTopK(MemoryPolicy):
-    """Keeps, per layer and KV head, the ``budget`` valid slots with the highest given scores.
-
-    Args:
-        scores: ``[layers, kv_heads, slots]`` one score per cached slot (batch 1).
-        budget: slots kept per layer and KV head (None keeps all).
-    """
-
-    def __init__(self, scores: torch.Tensor, budget: int | None):
-        super().__init__(update_every=1 << 40)
-        self.scores, self.budget = scores, budget
-
-    def new_state(self, layer_idx: int) -> None:
-        return None
-
-    def keep(self, state: Any, view: CacheView) -> torch.Tensor:
-        valid = view.valid
-        if self.budget is None or self.budget >= valid.shape[-1]:
-            return valid.clone()
-        scores = self.scores[view.layer_idx].to(valid.device)[None, :, : valid.shape[-1]]
-        scores = scores.expand_as(valid).masked_fill(~valid, -torch.inf)
-        top = scores.topk(self.budget, dim=-1).indices
-        return torch.zeros_like(valid).scatter(-1, top, True) & valid
 
 
 @dataclass
@@ -143,9 +116,6 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
     names = [FULL_CACHE, ORACLE, EVIDENCE, NAMM_NAME]
     probe = None
     if cfg.joint_probe is not None:
-        from namm_transfer.pipelines.bench.evidence import JointProbe
-        from namm_transfer.pipelines.text.evolve_shared import prefill_features
-
         probe = JointProbe.load(cfg.joint_probe)
         names.append(JOINT)
     with attach(model, namm) as handle:
@@ -161,9 +131,7 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
             scores = target.reshape(layers, -1, target.shape[-1])
             agnostic = evidence_scores(evidence_mask(ex, tokenizer), prefill.context_len).expand_as(scores)
             if probe is not None:
-                feats, _, positions = prefill_features(prefill, namm)
-                joint = probe.scores(feats).sigmoid() + 2.0 * (positions[0] < SINKS)  # sinks first
-                joint = joint.expand_as(scores)
+                joint = prefill_joint_scores(prefill, namm, probe)
             shared_s = time.perf_counter() - start
             max_new = TASKS[task].max_new_tokens
             for budget, name in todo:

@@ -371,8 +371,11 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
     _check_same_setting(out_dir, cfg, every)
     shard, n_shards = parse_shard(cfg.shard)
     rows_path = out_dir / shard_rows_name(shard, n_shards, ROWS_NAME)
-    store = RowStore(rows_path, _key, read=sorted(out_dir.glob("rows*.jsonl")))  # every shard's rows
-    stale = store.forget(lambda r: depends_on_namm(r) and r.get("namm") != str(cfg.namm))
+    store = RowStore(rows_path, _key, shards="rows*.jsonl")  # every shard's rows
+    def is_stale(r):
+        return depends_on_namm(r) and r.get("namm") != str(cfg.namm)
+
+    stale = store.forget(is_stale)
     if stale:
         log(f"{stale} rows of another NAMM are ignored and redone")
     model, tokenizer = load_named_model(cfg.model, device=cfg.device, dtype=parse_dtype(cfg.dtype))
@@ -413,6 +416,8 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
             if todo:
                 max_new = cfg.max_new_tokens or TASKS[t].max_new_tokens
                 write(_progressive_prompt(model, tokenizer, namm, ex, TASKS[t], cfg, todo, max_new, every))
+    store.refresh()  # the other shards' rows written meanwhile
+    store.forget(is_stale)
     return write_text_summary(out_dir, cfg, store.rows(), argv)
 
 

@@ -121,13 +121,15 @@ def entry_features(entry: PoolEntry, namm: NAMM) -> tuple[torch.Tensor, torch.Te
     return prefill_features(entry.prefill, namm)
 
 
-def prefill_features(prefill: ContextPrefill, namm: NAMM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`entry_features` of a prefill whose first recorded policy state is ``namm``'s."""
+def prefill_features(
+    prefill: ContextPrefill, namm: NAMM, index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`entry_features` of a prefill whose recorded policy state ``index`` is ``namm``'s."""
     feats, valid, positions = [], [], []
     for layer in prefill.cache.layers:
         mem = layer.memory
         view = CacheView(mem.layer_idx, mem.positions, mem.valid)
-        feats.append(namm.features(mem.state[0], view)[0])
+        feats.append(namm.features(mem.state[index], view)[0])
         valid.append(mem.valid[0])
         positions.append(mem.positions[0])
     return torch.cat(feats), torch.cat(valid), torch.cat(positions)

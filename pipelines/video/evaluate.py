@@ -86,6 +86,7 @@ from namm_transfer.pipelines.harness import (
     shard_rows_name,
     write_summary,
 )
+from namm_transfer.pipelines.joint_probe import JOINT, FixedScoreTopK, JointProbe, prefill_joint_scores
 from namm_transfer.pipelines.video.annotations import FORMATS, load_annotations
 from namm_transfer.pipelines.video.loading import VideoModel, load_video_model
 from namm_transfer.pipelines.video.qa import (
@@ -123,6 +124,8 @@ def budget_runs(cfg: EvalVideoConfig) -> list[tuple[str, str, float, str]]:
                 if name not in cfg.policies or (name == UNIFORM and protocol != cfg.protocols[0]):
                     continue
                 runs.append((budget_label(name, fraction, protocol), name, fraction, protocol))
+            if cfg.joint_probe is not None and protocol == "one-shot":
+                runs.append((budget_label(JOINT, fraction, protocol), JOINT, fraction, protocol))
     return runs
 
 
@@ -192,6 +195,10 @@ class EvalVideoConfig:
             never compressed).
         shared_prefill: one-shot runs of a sample share one prefill of the prompt up to the video's end
             (:func:`one_shot_sample`); False feeds each run's prompt itself (two chunks).
+        joint_probe: a ``joint_probe.pt`` written by ``bench evidence`` (fitted on text): adds
+            ``JointProbe @ <pct>% one-shot`` rows at every budget, a ranking that reads the NAMM's features
+            of every layer-head at once (:mod:`~namm_transfer.pipelines.joint_probe`; one-shot, shared
+            prefill only). The model must have the probe's layers and KV heads.
         own_budget: also run the token baselines and UniformFrames at the NAMM's own measured budget
             (False: only at ``budgets``).
         limit: evaluate only the first ``limit`` samples (None: all).
@@ -227,6 +234,7 @@ class EvalVideoConfig:
     protocols: list[str] = field(default_factory=lambda: ["progressive"])
     own_budget: bool = True
     shared_prefill: bool = True
+    joint_probe: str | None = None
     limit: int | None = None
     shard: str = "0/1"
     max_new_tokens: int = 8
@@ -259,6 +267,11 @@ class EvalVideoConfig:
                              f"choose from {', '.join(PROTOCOLS)}")
         if self.namm_sinks < 0:
             raise ValueError(f"namm_sinks must be >= 0, got {self.namm_sinks}")
+        if self.joint_probe is not None and not (
+            self.budgets and "one-shot" in self.protocols and self.shared_prefill
+        ):
+            raise ValueError("joint_probe runs one-shot from the shared prefill: it needs budgets, the "
+                             "one-shot protocol and shared_prefill")
         if self.namm_budget is not None and self.namm_budget < 1:
             raise ValueError(f"namm_budget must be >= 1 token per layer and KV head, got {self.namm_budget}")
 
@@ -407,7 +420,8 @@ def answer_row(sample: VideoQASample, text: str, stats: dict[str, Any], retentio
 @torch.no_grad()
 def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[tuple[str, str, float]], namm,
                     num_frames: int, max_new_tokens: int, post_prompt: str = POST_PROMPT,
-                    answer_prefix: str = "", seed: int = 0) -> list[tuple[str, dict, np.ndarray]]:
+                    answer_prefix: str = "", seed: int = 0,
+                    probe: JointProbe | None = None) -> list[tuple[str, dict, np.ndarray]]:
     """Every one-shot run of one sample from one shared prefill.
 
     Until the one-shot eviction at the video's end nothing depends on the policy, so the prompt up to
@@ -415,10 +429,13 @@ def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[t
     policy's state (the NAMM's spectrogram, H2O's sums, ...); each run ``(label, policy name, fraction)``
     then forks that cache, compressed by its own policy at its cap (:func:`capped_policy`), and decodes
     the question and answer. Returns ``(label, row, retention)`` per run, rows as
-    :func:`evaluate_sample`'s (``seconds`` = the shared part + the run's own).
+    :func:`evaluate_sample`'s (``seconds`` = the shared part + the run's own). Runs of
+    :data:`~namm_transfer.pipelines.joint_probe.JOINT` keep, at the same cap, the top of ``probe``'s
+    joint ranking (:func:`~namm_transfer.pipelines.joint_probe.prefill_joint_scores`).
 
     Raises:
         VideoReadError: the video is missing or cannot be decoded.
+        ValueError: a JointProbe run without ``probe``.
     """
     from types import SimpleNamespace
 
@@ -435,6 +452,10 @@ def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[t
     video_tokens = layout.video_tokens(num_frames)
     end = video_end(ids, layout.video_token_id)
     names = list(dict.fromkeys(name for _, name, _ in runs))
+    if JOINT in names:
+        if probe is None:
+            raise ValueError("a JointProbe run needs the probe")
+        names = list(dict.fromkeys([NAMM_NAME, *(n for n in names if n != JOINT)]))  # it reads the NAMM's
     recorded = [namm if name == NAMM_NAME else build_policy(name, namm, None, ONE_SHOT_CADENCE, seed)
                 for name in names]
     fmap = frame_map(torch.tensor([ids]), layout)
@@ -442,12 +463,15 @@ def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[t
     with attach(model, namm) as handle:
         prefill = prefill_context(model, handle, SimpleNamespace(prompt_ids=ids), tokenizer, recorded,
                                   context_len=end, inputs={"pixel_values_videos": pixels})
+        joint = prefill_joint_scores(prefill, namm, probe, names.index(NAMM_NAME)) if probe else None
         shared = time.perf_counter() - start
         for label, name, fraction in runs:
             t0 = time.perf_counter()
-            policy, _, info = capped_policy(name, namm, fraction, "one-shot", ids, video_tokens,
-                                            layout.video_token_id, ONE_SHOT_CADENCE, seed)
-            cache = prefill.fork(names.index(name), policy)
+            policy, _, info = capped_policy(NAMM_NAME if name == JOINT else name, namm, fraction, "one-shot",
+                                            ids, video_tokens, layout.video_token_id, ONE_SHOT_CADENCE, seed)
+            if name == JOINT:
+                policy = FixedScoreTopK(joint, info["cap"])
+            cache = prefill.fork(names.index(NAMM_NAME if name == JOINT else name), policy)
             text = generate_answer(model, tokenizer, prefill, cache, max_new_tokens)
             row, retention = answer_row(sample, text, handle.stats(), handle.frame_retention(fmap),
                                         np.arange(num_frames), len(ids), layout, num_frames)
@@ -643,7 +667,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     # results written before namm_budget existed were uncapped
     check_setting(out_dir, setting, assumed={"namm_budget": None, "namm_sinks": 0})
     store = RowStore(out_dir / shard_rows_name(shard, n_shards, ROWS_NAME),
-                     key=lambda r: (r["policy"], r["sample_id"]), read=sorted(out_dir.glob("rows*.jsonl")))
+                     key=lambda r: (r["policy"], r["sample_id"]), shards="rows*.jsonl")
     writer = open_tensorboard(out_dir)
     namm_label = str(cfg.namm) if namm is None else f"{namm!r} (passed in by the caller)"
     if namm is None and any(p != FULL_CACHE for p in cfg.policies):
@@ -721,6 +745,13 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
             f"protocols {', '.join(cfg.protocols)}")
     shared = [(label, name, fraction) for label, name, fraction, protocol in capped
               if protocol == "one-shot" and name != UNIFORM] if cfg.shared_prefill else []
+    probe = None
+    if cfg.joint_probe is not None:
+        probe = JointProbe.load(cfg.joint_probe)
+        if namm is None:
+            from namm_transfer import NAMM
+
+            namm = NAMM.from_pretrained(cfg.namm).replace(update_every=cfg.update_every)
     if shared:
         pending = [(i, s) for i, s in enumerate(samples)
                    if any(not store.done((label, s.sample_id)) for label, *_ in shared)]
@@ -728,13 +759,14 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
             todo = [run for run in shared if not store.done((run[0], sample.sample_id))]
             try:
                 results = one_shot_sample(video_model, sample, todo, namm, cfg.num_frames, cfg.max_new_tokens,
-                                          cfg.post_prompt, cfg.answer_prefix, cfg.seed)
+                                          cfg.post_prompt, cfg.answer_prefix, cfg.seed, probe)
             except VideoReadError as error:
                 log(f"one-shot: sample {sample.sample_id} failed: {error}")
                 results = [(label, failed_row(sample, error, 0.0), None) for label, *_ in todo]
             for (label, name, fraction), (_, row, retention) in zip(todo, results, strict=True):
+                probe_path = {"joint_probe": cfg.joint_probe} if name == JOINT else {}
                 record(label, index, sample, {**row, "base_policy": name, "budget_fraction": fraction,
-                                              "protocol": "one-shot"}, retention)
+                                              "protocol": "one-shot", **probe_path}, retention)
     for label, name, fraction, protocol in capped:
         extra = {"base_policy": name, "budget_fraction": fraction, "protocol": protocol}
         if any(label == run[0] for run in shared):
@@ -750,6 +782,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
 
         run(label, factory, None, extra)
 
+    store.refresh()  # the other shards' rows written meanwhile
     rows = store.rows()
     labels = [*order, *(label for label, *_ in capped)]
     selected = [r for r in rows if r["policy"] in labels and r["sample_id"] in all_ids]

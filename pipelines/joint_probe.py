@@ -1,0 +1,128 @@
+"""A learned, question-agnostic selection that reads a token's NAMM features in every layer and KV head
+at once (:class:`JointProbe`), and the policy that applies fixed per-slot scores
+(:class:`FixedScoreTopK`).
+
+A NAMM scores each layer-head from that layer-head's own features; ``bench evidence`` found that those
+features, read one layer-head at a time, hardly tell the facts of a context from its filler, and read
+all together do (``docs/design.md``, "Evaluation protocols"). A joint ranking needs every layer's state,
+so it runs at a one-shot eviction point, from a shared prefill (:func:`prefill_joint_scores`): ``bench
+oracle --joint-probe`` on text, ``eval-video --joint-probe`` on video.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from namm_transfer.pipelines.text.tasks import SINKS
+from namm_transfer.policies import MemoryPolicy
+from namm_transfer.policies.base import CacheView
+
+JOINT = "JointProbe"
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, hidden: int, steps: int, seed: int) -> torch.nn.Module:
+    """A per-token classifier of ``y`` from ``x`` (logistic regression when ``hidden`` is 0, else one
+    hidden ReLU layer), Adam on class-balanced binary cross-entropy over minibatches of 8,192."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dim = x.shape[1]
+    net = (torch.nn.Linear(dim, 1) if hidden == 0 else
+           torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    pos_weight = (1 - y.float().mean()) / y.float().mean().clamp_min(1e-6)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(len(x), (8192,), generator=gen)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                net(x[idx])[:, 0], y[idx].float(), pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+class FixedScoreTopK(MemoryPolicy):
+    """Keeps, per layer and KV head, the ``budget`` valid slots with the highest given scores.
+
+    Args:
+        scores: ``[layers, kv_heads, slots]`` one score per cached slot (batch 1).
+        budget: slots kept per layer and KV head (None keeps all).
+    """
+
+    def __init__(self, scores: torch.Tensor, budget: int | None):
+        super().__init__(update_every=1 << 40)
+        self.scores, self.budget = scores, budget
+
+    def new_state(self, layer_idx: int) -> None:
+        return None
+
+    def keep(self, state: Any, view: CacheView) -> torch.Tensor:
+        valid = view.valid
+        if self.budget is None or self.budget >= valid.shape[-1]:
+            return valid.clone()
+        scores = self.scores[view.layer_idx].to(valid.device)[None, :, : valid.shape[-1]]
+        scores = scores.expand_as(valid).masked_fill(~valid, -torch.inf)
+        top = scores.topk(self.budget, dim=-1).indices
+        return torch.zeros_like(valid).scatter(-1, top, True) & valid
+
+
+@dataclass
+class JointProbe:
+    """A question-agnostic fact detector that reads a token's NAMM features in every layer and KV head
+    at once: a logistic regression on :func:`across_heads`'s vector, standardised with the training
+    prompts' mean and deviation. It is not a NAMM (a NAMM scores each layer-head from that layer-head's
+    features alone); ``bench oracle --joint-probe`` measures what its ranking keeps.
+
+    Attributes:
+        weight: ``[R * bins + age_dim]`` logistic weights on the standardised vector.
+        bias: logistic bias.
+        mean, std: the standardisation.
+        age_dim: age dims at the end of the vector (the NAMM's ``age_dim``).
+    """
+
+    weight: torch.Tensor
+    bias: float
+    mean: torch.Tensor
+    std: torch.Tensor
+    age_dim: int
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, age_dim: int, steps: int, seed: int) -> JointProbe:
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        net = fit_probe((x - mean) / std, y, 0, steps, seed)
+        return cls(net.weight.detach()[0].clone(), float(net.bias.detach()[0]), mean, std, age_dim)
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[S]`` fact scores of a keep-everything context's ``[R, S, D]`` NAMM features."""
+        spectral = feats[..., self.age_dim :].permute(1, 0, 2).flatten(1)
+        x = torch.cat([spectral, feats[0, :, : self.age_dim]], -1)
+        if x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"the probe reads {self.weight.shape[0]} features per token, this model's "
+                             f"context gives {x.shape[-1]} (another model or NAMM config?)")
+        return ((x - self.mean) / self.std) @ self.weight + self.bias
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std,
+                    "age_dim": self.age_dim}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> JointProbe:
+        state = torch.load(path, weights_only=True)
+        return cls(state["weight"], float(state["bias"]), state["mean"], state["std"], int(state["age_dim"]))
+
+
+def prefill_joint_scores(prefill, namm, probe: JointProbe, index: int = 0) -> torch.Tensor:
+    """``[layers, kv_heads, S]`` scores of a keep-everything prefill's context for
+    :class:`FixedScoreTopK`: the first :data:`~.tasks.SINKS` tokens first, then the probe's fact
+    probability (the same ranking in every layer-head). ``index``: the NAMM's place among the
+    prefill's recorded policies."""
+    from namm_transfer.pipelines.text.evolve_shared import prefill_features
+
+    feats, _, positions = prefill_features(prefill, namm, index)
+    scores = probe.scores(feats).sigmoid() + 2.0 * (positions[0] < SINKS)
+    layers = len(prefill.cache.layers)
+    return scores.expand(layers, feats.shape[0] // layers, -1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -120,9 +121,82 @@ def prefill_joint_scores(prefill, namm, probe: JointProbe, index: int = 0) -> to
     :class:`FixedScoreTopK`: the first :data:`~.tasks.SINKS` tokens first, then the probe's fact
     probability (the same ranking in every layer-head). ``index``: the NAMM's place among the
     prefill's recorded policies."""
-    from namm_transfer.pipelines.text.evolve_shared import prefill_features
+    return cache_joint_scores(prefill.cache, namm, probe, index)
 
-    feats, _, positions = prefill_features(prefill, namm, index)
+
+def cache_joint_scores(cache, namm, probe: JointProbe, index: int | None = None) -> torch.Tensor:
+    """:func:`prefill_joint_scores` of an evicting cache whose layer-heads all hold the same tokens (a
+    keep-everything cache, or one only a joint ranking evicted from).
+
+    Raises:
+        ValueError: when layer-heads hold different tokens (no joint vector per token exists).
+    """
+    from namm_transfer.pipelines.text.evolve_shared import cache_features
+
+    feats, valid, positions = cache_features(cache, namm, index)
+    if not (torch.equal(positions, positions[:1].expand_as(positions)) and bool(valid.all())):
+        raise ValueError("a joint ranking needs every layer and KV head to hold the same tokens")
     scores = probe.scores(feats).sigmoid() + 2.0 * (positions[0] < SINKS)
-    layers = len(prefill.cache.layers)
+    layers = len(cache.layers)
     return scores.expand(layers, feats.shape[0] // layers, -1)
+
+
+class ScoredKeep(MemoryPolicy):
+    """Records ``namm``'s features (its feature state and updates) and, when an eviction is forced,
+    keeps the ``budget`` slots of each layer and KV head with the highest :attr:`scores`, set from
+    outside beforehand (e.g. :func:`cache_joint_scores`). It never evicts on its own cadence."""
+
+    needs_attention = True
+    rows_transient = True
+
+    def __init__(self, namm, budget: int | None):
+        super().__init__(update_every=1 << 40)
+        self.namm, self.budget = namm, budget
+        self.scores: torch.Tensor | None = None
+
+    def new_state(self, layer_idx: int):
+        return self.namm.new_state(layer_idx)
+
+    def observe(self, state, attention: torch.Tensor, row_valid) -> None:
+        self.namm.observe(state, attention, row_valid)
+
+    def on_select(self, state, index: torch.Tensor) -> None:
+        self.namm.on_select(state, index)
+
+    def state_nbytes(self, state) -> int:
+        return self.namm.state_nbytes(state)
+
+    def keep(self, state, view: CacheView) -> torch.Tensor:
+        if self.scores is None:
+            raise RuntimeError("ScoredKeep evicts only after its scores are set")
+        return FixedScoreTopK(self.scores, self.budget).keep(None, view)
+
+
+@torch.no_grad()
+def progressive_joint_answer(model, tokenizer, handle, prompt_ids: list[int], namm, probe: JointProbe,
+                             budget: int, chunk: int, max_new_tokens: int) -> tuple[str, float]:
+    """The progressive protocol with a joint ranking: the prompt is fed in chunks of ``chunk`` tokens,
+    and after each chunk every layer keeps the ``budget`` tokens :func:`cache_joint_scores` ranks first
+    (features of every layer at that point: evicting all layers after a forward is what evicting each
+    layer after its own attention gives, since no later layer reads an earlier layer's cache). The
+    last prompt token is fed with the greedy decoding, after the last compression. Returns the answer
+    and the kept fraction of the tokens seen at the end (mean over layers and KV heads).
+    """
+    from namm_transfer.adapters.cache import EvictingCache
+    from namm_transfer.pipelines.text.shared_prefill import generate_answer
+
+    ids = torch.as_tensor(prompt_ids, device=model.device)
+    policy = ScoredKeep(namm, budget)
+    cache = EvictingCache(policy, handle.num_layers, handle.n_groups)
+    body = ids.shape[0] - 1
+    for start in range(0, body, chunk):
+        model(input_ids=ids[None, start : min(start + chunk, body)], past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        policy.scores = cache_joint_scores(cache, namm, probe)
+        for layer in cache.layers:
+            layer.apply_eviction(force=True)
+    tail = SimpleNamespace(suffix_ids=ids[body:])
+    text = generate_answer(model, tokenizer, tail, cache, max_new_tokens)
+    seen = cache.get_seq_length()
+    kept = torch.stack([layer.memory.valid[0].sum(-1).float() for layer in cache.layers]).mean()
+    return text, float(kept) / seen

@@ -34,12 +34,19 @@ import torch
 
 from namm_transfer.pipelines.common import log, markdown_table, parse_dtype, run_metadata, set_threads
 from namm_transfer.pipelines.harness import RowStore, check_setting, write_summary
-from namm_transfer.pipelines.joint_probe import JOINT, FixedScoreTopK, JointProbe, prefill_joint_scores
+from namm_transfer.pipelines.joint_probe import (
+    JOINT,
+    FixedScoreTopK,
+    JointProbe,
+    prefill_joint_scores,
+    progressive_joint_answer,
+)
 from namm_transfer.pipelines.text.tasks import SINKS
 from namm_transfer.policies.registry import FULL_CACHE, NAMM_NAME
 
 ORACLE = "Oracle"
 EVIDENCE = "Evidence"
+JOINT_PROGRESSIVE = "JointProbe progressive"
 
 
 def evidence_scores(mask: list[bool], context_len: int) -> torch.Tensor:
@@ -64,6 +71,9 @@ class OracleConfig:
         budgets: kept fractions of the context.
         output_dir: rows.jsonl (resumable) and the summary.
         joint_probe: a ``joint_probe.pt`` written by ``bench evidence``: adds the ``JointProbe`` rows.
+        joint_progressive: also run the JointProbe in the progressive protocol (rows ``JointProbe
+            progressive``): the whole prompt fed in chunks of the NAMM's cadence, all layers compressed
+            to the budget's share of the prompt after each chunk (as ``eval-text``'s progressive rows).
         device, dtype, threads: as ``eval-text``.
     """
 
@@ -76,6 +86,7 @@ class OracleConfig:
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.25])
     output_dir: str = "benchmarks/results/oracle_text"
     joint_probe: str | None = None
+    joint_progressive: bool = False
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
@@ -106,7 +117,7 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
     out_dir.mkdir(parents=True, exist_ok=True)
     # JointProbe rows carry their probe's path; the other rows do not depend on it
     setting = {k: v for k, v in asdict(cfg).items()
-               if k not in ("output_dir", "device", "threads", "joint_probe")}
+               if k not in ("output_dir", "device", "threads", "joint_probe", "joint_progressive")}
     check_setting(out_dir, setting)
     store = RowStore(out_dir / "rows.jsonl", key=lambda r: (r["budget"], r["policy"], r["task"], r["seed"]))
     namm = NAMM.from_pretrained(cfg.namm)
@@ -118,10 +129,29 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
     if cfg.joint_probe is not None:
         probe = JointProbe.load(cfg.joint_probe)
         names.append(JOINT)
+        if cfg.joint_progressive:
+            names.append(JOINT_PROGRESSIVE)
+    elif cfg.joint_progressive:
+        raise ValueError("joint_progressive needs joint_probe")
     with attach(model, namm) as handle:
         for task, ex in tqdm(examples, desc="bench oracle", unit="prompt"):
             todo = [(b, p) for b in cfg.budgets for p in names
                     if not store.done((b, p, task, ex.seed)) and (p != FULL_CACHE or b == cfg.budgets[0])]
+            if not todo:
+                continue
+            max_new = TASKS[task].max_new_tokens
+            for budget, name in [t for t in todo if t[1] == JOINT_PROGRESSIVE]:  # no shared prefill
+                t0 = time.perf_counter()
+                cap = max(1, round(budget * ex.num_tokens))
+                text, kept_fraction = progressive_joint_answer(
+                    model, tokenizer, handle, ex.prompt_ids, namm, probe, cap, namm.config.update_every,
+                    max_new)
+                store.add({"budget": budget, "policy": name, "task": task, "seed": ex.seed,
+                           "score": float(TASKS[task].score(text, ex)), "answer": text,
+                           "kept_fraction": kept_fraction, "prompt_tokens": ex.num_tokens,
+                           "joint_probe": cfg.joint_probe, "protocol": "progressive",
+                           "seconds": time.perf_counter() - t0})
+            todo = [t for t in todo if t[1] != JOINT_PROGRESSIVE]
             if not todo:
                 continue
             start = time.perf_counter()
@@ -133,7 +163,6 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
             if probe is not None:
                 joint = prefill_joint_scores(prefill, namm, probe)
             shared_s = time.perf_counter() - start
-            max_new = TASKS[task].max_new_tokens
             for budget, name in todo:
                 t0 = time.perf_counter()
                 k = max(1, round(budget * prefill.context_len))
@@ -183,6 +212,10 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
                f"at once, fitted on training prompts to find the fact tokens (`{cfg.joint_probe}`, from "
                "`bench evidence`); it keeps the first "
                f"{SINKS} tokens, then its highest scores; question-agnostic and attention-only, not a NAMM."
+               + (" JointProbe progressive: the same ranking in the progressive protocol (the whole prompt "
+                  "in chunks of the NAMM's cadence, every layer compressed to the budget's share of the "
+                  "prompt after each chunk; the budget is then a share of the prompt, as in `eval-text`)."
+                  if cfg.joint_progressive else "")
                if probe is not None else "")
             + " All compress the context once, before "
             "the question, from one shared prefill; normalised = mean score / full cache's mean on the same "

@@ -125,11 +125,20 @@ def prefill_features(
     prefill: ContextPrefill, namm: NAMM, index: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`entry_features` of a prefill whose recorded policy state ``index`` is ``namm``'s."""
+    return cache_features(prefill.cache, namm, index)
+
+
+def cache_features(
+    cache, namm: NAMM, index: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`entry_features` of an evicting cache (batch 1) whose layers' policy state is ``namm``'s
+    feature state (``index``: its place in a :class:`.shared_prefill.Tee`'s list of states)."""
     feats, valid, positions = [], [], []
-    for layer in prefill.cache.layers:
+    for layer in cache.layers:
         mem = layer.memory
         view = CacheView(mem.layer_idx, mem.positions, mem.valid)
-        feats.append(namm.features(mem.state[index], view)[0])
+        state = mem.state if index is None else mem.state[index]
+        feats.append(namm.features(state, view)[0])
         valid.append(mem.valid[0])
         positions.append(mem.positions[0])
     return torch.cat(feats), torch.cat(valid), torch.cat(positions)

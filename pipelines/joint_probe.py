@@ -22,7 +22,9 @@ from namm_transfer.pipelines.text.tasks import SINKS
 from namm_transfer.policies import MemoryPolicy
 from namm_transfer.policies.base import CacheView
 
-JOINT = "JointProbe"
+JOINT = "JointProbe"  # rows of a side-by-side probe
+POOLED = "PooledProbe"  # rows of a pooled one
+PROBES = (JOINT, POOLED)
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, hidden: int, steps: int, seed: int) -> torch.nn.Module:
@@ -83,6 +85,7 @@ class JointProbe:
         bias: logistic bias.
         mean, std: the standardisation.
         age_dim: age dims at the end of the vector (the NAMM's ``age_dim``).
+        pooled: the vector pools the layer-heads (:func:`joint_vector`): any model's features fit.
     """
 
     weight: torch.Tensor
@@ -90,17 +93,24 @@ class JointProbe:
     mean: torch.Tensor
     std: torch.Tensor
     age_dim: int
+    pooled: bool = False
 
     @classmethod
-    def fit(cls, x: torch.Tensor, y: torch.Tensor, age_dim: int, steps: int, seed: int) -> JointProbe:
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, age_dim: int, steps: int, seed: int,
+            pooled: bool = False) -> JointProbe:
+        """Fitted on :func:`joint_vector` rows ``x`` (built with the same ``pooled``) and labels ``y``."""
         mean, std = x.mean(0), x.std(0) + 1e-6
         net = fit_probe((x - mean) / std, y, 0, steps, seed)
-        return cls(net.weight.detach()[0].clone(), float(net.bias.detach()[0]), mean, std, age_dim)
+        return cls(net.weight.detach()[0].clone(), float(net.bias.detach()[0]), mean, std, age_dim, pooled)
+
+    @property
+    def name(self) -> str:
+        """The policy name its rows carry: :data:`POOLED` or :data:`JOINT`."""
+        return POOLED if self.pooled else JOINT
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """``[S]`` fact scores of a keep-everything context's ``[R, S, D]`` NAMM features."""
-        spectral = feats[..., self.age_dim :].permute(1, 0, 2).flatten(1)
-        x = torch.cat([spectral, feats[0, :, : self.age_dim]], -1)
+        x = joint_vector(feats, self.age_dim, self.pooled)
         if x.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"the probe reads {self.weight.shape[0]} features per token, this model's "
                              f"context gives {x.shape[-1]} (another model or NAMM config?)")
@@ -108,12 +118,26 @@ class JointProbe:
 
     def save(self, path: str | Path) -> None:
         torch.save({"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std,
-                    "age_dim": self.age_dim}, path)
+                    "age_dim": self.age_dim, "pooled": self.pooled}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> JointProbe:
         state = torch.load(path, weights_only=True)
-        return cls(state["weight"], float(state["bias"]), state["mean"], state["std"], int(state["age_dim"]))
+        return cls(state["weight"], float(state["bias"]), state["mean"], state["std"], int(state["age_dim"]),
+                   bool(state.get("pooled", False)))
+
+
+def joint_vector(feats: torch.Tensor, age_dim: int, pooled: bool = False) -> torch.Tensor:
+    """``[S, F]``: each token's NAMM features ``[R, S, D]`` of every layer-head read together. Side by
+    side (``R * bins + age_dim``, tied to one model's layers and heads), or ``pooled`` over the
+    layer-heads: the mean, standard deviation and maximum of each spectral bin, then the age
+    (``3 * bins + age_dim``, the same size for any model)."""
+    spectral = feats[..., age_dim:]
+    age = feats[0, :, :age_dim]
+    if pooled:
+        parts = [spectral.mean(0), spectral.std(0, unbiased=False), spectral.amax(0)]
+        return torch.cat([*parts, age], -1)
+    return torch.cat([spectral.permute(1, 0, 2).flatten(1), age], -1)
 
 
 def prefill_joint_scores(prefill, namm, probe: JointProbe, index: int = 0) -> torch.Tensor:

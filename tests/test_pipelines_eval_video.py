@@ -521,7 +521,7 @@ def test_joint_probe_rows_keep_the_cap_with_one_ranking_for_every_layer_head(tmp
     probe = JointProbe(torch.randn(dim, generator=gen), 0.0, torch.zeros(dim), torch.ones(dim), 8)
     probe.save(tmp_path / "probe.pt")
     cfg = _config(tmp_path, data["jsonl"], policies=[FULL, "Recency"], budgets=[0.5], protocols=["one-shot"],
-                  own_budget=False, joint_probe=str(tmp_path / "probe.pt"), heatmaps=3)
+                  own_budget=False, joint_probe=[str(tmp_path / "probe.pt")], heatmaps=3)
     summary = run_eval_video(cfg, loader=tiny_loader, namm=NAMM.init_random(0))
     label = f"{JOINT} @ 50% one-shot"
     rows = {(r["policy"], r["sample_id"]): r for r in _rows(cfg)}
@@ -540,9 +540,12 @@ def test_joint_probe_rows_keep_the_cap_with_one_ranking_for_every_layer_head(tmp
     video_model = load_video_model("llava_next_video", tiny_loader)
     sample = load_annotations(data["jsonl"])[0]
     [(_, row, retention)] = one_shot_sample(video_model, sample, [(label, JOINT, 0.5)], NAMM.init_random(0),
-                                            6, 3, probe=probe)
+                                            6, 3, probes={JOINT: probe})
     assert np.allclose(retention, retention[:1]) and 0 < retention.mean() < 1
-    with pytest.raises(ValueError, match="needs the probe"):
+    with pytest.raises(ValueError, match="need those probes"):
         one_shot_sample(video_model, sample, [(label, JOINT, 0.5)], NAMM.init_random(0), 6, 3)
+    with pytest.raises(ValueError, match="one probe of each kind"):
+        run_eval_video(dataclasses.replace(cfg, joint_probe=[str(tmp_path / "probe.pt")] * 2),
+                       loader=tiny_loader, namm=NAMM.init_random(0))
     with pytest.raises(ValueError, match="joint_probe runs one-shot"):
-        EvalVideoConfig(annotations="a.json", joint_probe="p.pt", budgets=[0.5])
+        EvalVideoConfig(annotations="a.json", joint_probe=["p.pt"], budgets=[0.5])

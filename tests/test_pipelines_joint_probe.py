@@ -106,3 +106,22 @@ def test_joint_scores_refuse_layer_heads_holding_different_tokens(model):
         cache_joint_scores(cache, namm, _probe())
     with pytest.raises(RuntimeError, match="scores are set"):
         ScoredKeep(namm, 4).keep(None, None)
+
+
+def test_pooled_vector_is_the_same_size_for_any_model_and_ignores_the_layer_head_order():
+    from namm_transfer.pipelines.joint_probe import joint_vector
+
+    gen = torch.Generator().manual_seed(0)
+    for rows in (4, 90):
+        feats = torch.randn(rows, 12, AGE + BINS, generator=gen)
+        feats[:, :, :AGE] = feats[0, :, :AGE]  # the age is the same in every row
+        x = joint_vector(feats, AGE, pooled=True)
+        assert x.shape == (12, 3 * BINS + AGE)
+        spectral = feats[..., AGE:]
+        assert torch.allclose(x[:, :BINS], spectral.mean(0)) and torch.allclose(x[:, 2 * BINS : 3 * BINS],
+                                                                                spectral.amax(0))
+        shuffled = feats[torch.randperm(rows, generator=gen)]
+        assert torch.allclose(joint_vector(shuffled, AGE, pooled=True), x, atol=1e-6)
+    side_by_side = joint_vector(feats, AGE)
+    assert side_by_side.shape == (12, 90 * BINS + AGE)
+    assert torch.equal(side_by_side[:, :BINS], feats[0, :, AGE:])

@@ -14,7 +14,10 @@ that some question could ask for (``bench oracle``'s ``Evidence`` ceiling shows 
   of one layer-head's features can do, where the BAM can also compare a token with newer ones;
 - the same for probes that read a token's features in **every layer and KV head at once** (a
   logistic regression on the ``layers x heads x 17`` spectrogram bins plus the 8 age dims): what the
-  features hold when no layer-head is scored on its own.
+  features hold when no layer-head is scored on its own; and on those bins **pooled** over the
+  layer-heads (mean, standard deviation, maximum: a vector of the same size for any model). Both
+  probes are saved (``joint_probe.pt``, ``pooled_probe.pt``) for ``bench oracle --joint-probe`` and
+  ``eval-video --joint-probe``.
 
 The first :data:`.tasks.SINKS` tokens are left out of both (their age gives them away; they are not
 facts).
@@ -31,7 +34,7 @@ import torch
 
 from namm_transfer.pipelines.common import log, markdown_table, parse_dtype, run_metadata, set_threads
 from namm_transfer.pipelines.harness import write_summary
-from namm_transfer.pipelines.joint_probe import JointProbe, fit_probe
+from namm_transfer.pipelines.joint_probe import JointProbe, fit_probe, joint_vector
 from namm_transfer.pipelines.text.tasks import SINKS, TASKS
 
 
@@ -73,17 +76,17 @@ class _Rows:
     context_len: int
 
 
-def across_heads(rows: list[_Rows], age_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per context token (sinks left out): its spectral features in every layer-head side by side
-    plus its age embedding, ``[tokens, R * bins + age_dim]``, and its fact label. Needs caches that
-    kept everything (every row holds every token, in position order)."""
+def across_heads(rows: list[_Rows], age_dim: int, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per context token (sinks left out): its features in every layer-head read together
+    (:func:`~namm_transfer.pipelines.joint_probe.joint_vector`: side by side, ``[tokens, R * bins +
+    age_dim]``, or ``pooled``) and its fact label. Needs caches that kept everything (every row holds
+    every token, in position order)."""
     xs, ys = [], []
     for r in rows:
         if not bool(r.valid.any(0).eq(r.valid.all(0)).all()):
             raise ValueError("across_heads needs keep-everything caches (the same tokens in every row)")
         cols = r.valid[0]
-        spectral = r.feats[:, cols, age_dim:]  # [R, tokens, bins]
-        xs.append(torch.cat([spectral.permute(1, 0, 2).flatten(1), r.feats[0, cols, :age_dim]], -1))
+        xs.append(joint_vector(r.feats[:, cols], age_dim, pooled))
         ys.append(r.labels[0, cols])
     return torch.cat(xs), torch.cat(ys)
 
@@ -170,10 +173,13 @@ def run_evidence(cfg: EvidenceConfig, argv: list[str] | None = None) -> dict[str
     probes = {"logistic probe, one layer-head": fit_probe(x_train, y_train, 0, cfg.probe_steps, cfg.seed),
               "MLP probe (64 hidden), one layer-head": fit_probe(x_train, y_train, 64, cfg.probe_steps,
                                                                  cfg.seed)}
-    x_train, y_train = across_heads([r for r in rows["train"] if r.task in cfg.tasks], age_dim)
-    joint = JointProbe.fit(x_train, y_train, age_dim, cfg.probe_steps, cfg.seed)
+    train_rows = [r for r in rows["train"] if r.task in cfg.tasks]
+    joint = JointProbe.fit(*across_heads(train_rows, age_dim), age_dim, cfg.probe_steps, cfg.seed)
+    pooled = JointProbe.fit(*across_heads(train_rows, age_dim, pooled=True), age_dim, cfg.probe_steps,
+                            cfg.seed, pooled=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     joint.save(out_dir / "joint_probe.pt")
+    pooled.save(out_dir / "pooled_probe.pt")
     auc: dict[str, dict[str, float]] = {}
     groups = {**{t: [t] for t in cfg.tasks}, "all": cfg.tasks}
     for group, tasks in groups.items():
@@ -183,9 +189,11 @@ def run_evidence(cfg: EvidenceConfig, argv: list[str] | None = None) -> dict[str
             for name, net in probes.items():
                 auc.setdefault(name, {})[group] = roc_auc(net(x)[:, 0], y)
             chosen = [r for r in rows["val"] if r.task in tasks]
-            joint_scores = torch.cat([joint.scores(r.feats[:, r.valid[0]]) for r in chosen])
-            auc.setdefault("logistic probe, every layer-head at once", {})[group] = roc_auc(
-                joint_scores, across_heads(chosen, age_dim)[1])
+            labels = across_heads(chosen, age_dim)[1]
+            for name, probe in (("logistic probe, every layer-head at once", joint),
+                                ("logistic probe, pooled over layer-heads (mean / std / max)", pooled)):
+                probe_scores = torch.cat([probe.scores(r.feats[:, r.valid[0]]) for r in chosen])
+                auc.setdefault(name, {})[group] = roc_auc(probe_scores, labels)
     recall: dict[str, dict[str, dict[str, float]]] = {}
     for budget in cfg.budgets:
         for task in cfg.tasks:

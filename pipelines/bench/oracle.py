@@ -35,7 +35,7 @@ import torch
 from namm_transfer.pipelines.common import log, markdown_table, parse_dtype, run_metadata, set_threads
 from namm_transfer.pipelines.harness import RowStore, check_setting, write_summary
 from namm_transfer.pipelines.joint_probe import (
-    JOINT,
+    PROBES,
     FixedScoreTopK,
     JointProbe,
     prefill_joint_scores,
@@ -46,7 +46,7 @@ from namm_transfer.policies.registry import FULL_CACHE, NAMM_NAME
 
 ORACLE = "Oracle"
 EVIDENCE = "Evidence"
-JOINT_PROGRESSIVE = "JointProbe progressive"
+PROGRESSIVE = "progressive"  # suffix of the probes' progressive rows
 
 
 def evidence_scores(mask: list[bool], context_len: int) -> torch.Tensor:
@@ -128,9 +128,9 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
     probe = None
     if cfg.joint_probe is not None:
         probe = JointProbe.load(cfg.joint_probe)
-        names.append(JOINT)
+        names.append(probe.name)
         if cfg.joint_progressive:
-            names.append(JOINT_PROGRESSIVE)
+            names.append(f"{probe.name} {PROGRESSIVE}")
     elif cfg.joint_progressive:
         raise ValueError("joint_progressive needs joint_probe")
     with attach(model, namm) as handle:
@@ -140,7 +140,7 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
             if not todo:
                 continue
             max_new = TASKS[task].max_new_tokens
-            for budget, name in [t for t in todo if t[1] == JOINT_PROGRESSIVE]:  # no shared prefill
+            for budget, name in [t for t in todo if t[1].endswith(PROGRESSIVE)]:  # no shared prefill
                 t0 = time.perf_counter()
                 cap = max(1, round(budget * ex.num_tokens))
                 text, kept_fraction = progressive_joint_answer(
@@ -151,7 +151,7 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
                            "kept_fraction": kept_fraction, "prompt_tokens": ex.num_tokens,
                            "joint_probe": cfg.joint_probe, "protocol": "progressive",
                            "seconds": time.perf_counter() - t0})
-            todo = [t for t in todo if t[1] != JOINT_PROGRESSIVE]
+            todo = [t for t in todo if not t[1].endswith(PROGRESSIVE)]
             if not todo:
                 continue
             start = time.perf_counter()
@@ -172,7 +172,7 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
                     policy = FixedScoreTopK(scores, k)
                 elif name == EVIDENCE:
                     policy = FixedScoreTopK(agnostic, k)
-                elif name == JOINT:
+                elif name in PROBES:
                     policy = FixedScoreTopK(joint, k)
                 else:
                     policy = namm.with_budget(k, keep_threshold=False)
@@ -182,7 +182,7 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
                 store.add({"budget": budget, "policy": name, "task": task, "seed": ex.seed,
                            "score": float(TASKS[task].score(text, ex)), "answer": text,
                            "kept_fraction": float(kept[0]), "context_tokens": prefill.context_len,
-                           **({"joint_probe": cfg.joint_probe} if name == JOINT else {}),
+                           **({"joint_probe": cfg.joint_probe} if name in PROBES else {}),
                            "seconds": time.perf_counter() - t0 + shared_s})
     rows = store.rows()
     full_rows = [r for r in rows if r["policy"] == FULL_CACHE]

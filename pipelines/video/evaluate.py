@@ -86,7 +86,7 @@ from namm_transfer.pipelines.harness import (
     shard_rows_name,
     write_summary,
 )
-from namm_transfer.pipelines.joint_probe import JOINT, FixedScoreTopK, JointProbe, prefill_joint_scores
+from namm_transfer.pipelines.joint_probe import PROBES, FixedScoreTopK, JointProbe, prefill_joint_scores
 from namm_transfer.pipelines.video.annotations import FORMATS, load_annotations
 from namm_transfer.pipelines.video.loading import VideoModel, load_video_model
 from namm_transfer.pipelines.video.qa import (
@@ -124,9 +124,25 @@ def budget_runs(cfg: EvalVideoConfig) -> list[tuple[str, str, float, str]]:
                 if name not in cfg.policies or (name == UNIFORM and protocol != cfg.protocols[0]):
                     continue
                 runs.append((budget_label(name, fraction, protocol), name, fraction, protocol))
-            if cfg.joint_probe is not None and protocol == "one-shot":
-                runs.append((budget_label(JOINT, fraction, protocol), JOINT, fraction, protocol))
+            if protocol == "one-shot":
+                for name in probe_paths(cfg):
+                    runs.append((budget_label(name, fraction, protocol), name, fraction, protocol))
     return runs
+
+
+def probe_paths(cfg: EvalVideoConfig) -> dict[str, str]:
+    """``{policy name: path}`` of ``cfg.joint_probe``'s probes.
+
+    Raises:
+        ValueError: two probes of the same kind (their rows would share a name).
+    """
+    out: dict[str, str] = {}
+    for path in cfg.joint_probe:
+        name = JointProbe.load(path).name
+        if name in out:
+            raise ValueError(f"{out[name]} and {path} are both {name}s: pass one probe of each kind")
+        out[name] = path
+    return out
 
 
 def video_end(ids: list[int], video_token_id: int) -> int:
@@ -195,10 +211,11 @@ class EvalVideoConfig:
             never compressed).
         shared_prefill: one-shot runs of a sample share one prefill of the prompt up to the video's end
             (:func:`one_shot_sample`); False feeds each run's prompt itself (two chunks).
-        joint_probe: a ``joint_probe.pt`` written by ``bench evidence`` (fitted on text): adds
-            ``JointProbe @ <pct>% one-shot`` rows at every budget, a ranking that reads the NAMM's features
-            of every layer-head at once (:mod:`~namm_transfer.pipelines.joint_probe`; one-shot, shared
-            prefill only). The model must have the probe's layers and KV heads.
+        joint_probe: probes written by ``bench evidence`` (``joint_probe.pt``, ``pooled_probe.pt``;
+            fitted on text): each adds ``<its name> @ <pct>% one-shot`` rows at every budget, a ranking
+            that reads the NAMM's features of every layer-head at once
+            (:mod:`~namm_transfer.pipelines.joint_probe`; one-shot, shared prefill only). A side-by-side
+            probe needs the model to have its layers and KV heads; a pooled one fits any model.
         own_budget: also run the token baselines and UniformFrames at the NAMM's own measured budget
             (False: only at ``budgets``).
         limit: evaluate only the first ``limit`` samples (None: all).
@@ -234,7 +251,7 @@ class EvalVideoConfig:
     protocols: list[str] = field(default_factory=lambda: ["progressive"])
     own_budget: bool = True
     shared_prefill: bool = True
-    joint_probe: str | None = None
+    joint_probe: list[str] = field(default_factory=list)
     limit: int | None = None
     shard: str = "0/1"
     max_new_tokens: int = 8
@@ -267,7 +284,7 @@ class EvalVideoConfig:
                              f"choose from {', '.join(PROTOCOLS)}")
         if self.namm_sinks < 0:
             raise ValueError(f"namm_sinks must be >= 0, got {self.namm_sinks}")
-        if self.joint_probe is not None and not (
+        if self.joint_probe and not (
             self.budgets and "one-shot" in self.protocols and self.shared_prefill
         ):
             raise ValueError("joint_probe runs one-shot from the shared prefill: it needs budgets, the "
@@ -421,7 +438,7 @@ def answer_row(sample: VideoQASample, text: str, stats: dict[str, Any], retentio
 def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[tuple[str, str, float]], namm,
                     num_frames: int, max_new_tokens: int, post_prompt: str = POST_PROMPT,
                     answer_prefix: str = "", seed: int = 0,
-                    probe: JointProbe | None = None) -> list[tuple[str, dict, np.ndarray]]:
+                    probes: dict[str, JointProbe] | None = None) -> list[tuple[str, dict, np.ndarray]]:
     """Every one-shot run of one sample from one shared prefill.
 
     Until the one-shot eviction at the video's end nothing depends on the policy, so the prompt up to
@@ -430,12 +447,13 @@ def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[t
     then forks that cache, compressed by its own policy at its cap (:func:`capped_policy`), and decodes
     the question and answer. Returns ``(label, row, retention)`` per run, rows as
     :func:`evaluate_sample`'s (``seconds`` = the shared part + the run's own). Runs of
-    :data:`~namm_transfer.pipelines.joint_probe.JOINT` keep, at the same cap, the top of ``probe``'s
-    joint ranking (:func:`~namm_transfer.pipelines.joint_probe.prefill_joint_scores`).
+    a probe's name (:data:`~namm_transfer.pipelines.joint_probe.PROBES`) keep, at the same cap, the
+    top of that probe's joint ranking (``probes[name]``,
+    :func:`~namm_transfer.pipelines.joint_probe.prefill_joint_scores`).
 
     Raises:
         VideoReadError: the video is missing or cannot be decoded.
-        ValueError: a JointProbe run without ``probe``.
+        ValueError: a probe's run without that probe in ``probes``.
     """
     from types import SimpleNamespace
 
@@ -452,10 +470,11 @@ def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[t
     video_tokens = layout.video_tokens(num_frames)
     end = video_end(ids, layout.video_token_id)
     names = list(dict.fromkeys(name for _, name, _ in runs))
-    if JOINT in names:
-        if probe is None:
-            raise ValueError("a JointProbe run needs the probe")
-        names = list(dict.fromkeys([NAMM_NAME, *(n for n in names if n != JOINT)]))  # it reads the NAMM's
+    if any(n in PROBES for n in names):
+        missing = [n for n in names if n in PROBES and n not in (probes or {})]
+        if missing:
+            raise ValueError(f"runs of {missing} need those probes")
+        names = list(dict.fromkeys([NAMM_NAME, *(n for n in names if n not in PROBES)]))  # reads the NAMM's
     recorded = [namm if name == NAMM_NAME else build_policy(name, namm, None, ONE_SHOT_CADENCE, seed)
                 for name in names]
     fmap = frame_map(torch.tensor([ids]), layout)
@@ -463,15 +482,17 @@ def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[t
     with attach(model, namm) as handle:
         prefill = prefill_context(model, handle, SimpleNamespace(prompt_ids=ids), tokenizer, recorded,
                                   context_len=end, inputs={"pixel_values_videos": pixels})
-        joint = prefill_joint_scores(prefill, namm, probe, names.index(NAMM_NAME)) if probe else None
+        joint = {name: prefill_joint_scores(prefill, namm, probe, names.index(NAMM_NAME))
+                 for name, probe in (probes or {}).items() if any(run[1] == name for run in runs)}
         shared = time.perf_counter() - start
         for label, name, fraction in runs:
             t0 = time.perf_counter()
-            policy, _, info = capped_policy(NAMM_NAME if name == JOINT else name, namm, fraction, "one-shot",
-                                            ids, video_tokens, layout.video_token_id, ONE_SHOT_CADENCE, seed)
-            if name == JOINT:
-                policy = FixedScoreTopK(joint, info["cap"])
-            cache = prefill.fork(names.index(NAMM_NAME if name == JOINT else name), policy)
+            base = NAMM_NAME if name in PROBES else name
+            policy, _, info = capped_policy(base, namm, fraction, "one-shot", ids, video_tokens,
+                                            layout.video_token_id, ONE_SHOT_CADENCE, seed)
+            if name in PROBES:
+                policy = FixedScoreTopK(joint[name], info["cap"])
+            cache = prefill.fork(names.index(base), policy)
             text = generate_answer(model, tokenizer, prefill, cache, max_new_tokens)
             row, retention = answer_row(sample, text, handle.stats(), handle.frame_retention(fmap),
                                         np.arange(num_frames), len(ids), layout, num_frames)
@@ -745,9 +766,9 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
             f"protocols {', '.join(cfg.protocols)}")
     shared = [(label, name, fraction) for label, name, fraction, protocol in capped
               if protocol == "one-shot" and name != UNIFORM] if cfg.shared_prefill else []
-    probe = None
-    if cfg.joint_probe is not None:
-        probe = JointProbe.load(cfg.joint_probe)
+    paths = probe_paths(cfg)
+    probes = {name: JointProbe.load(path) for name, path in paths.items()}
+    if probes:
         if namm is None:
             from namm_transfer import NAMM
 
@@ -759,12 +780,12 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
             todo = [run for run in shared if not store.done((run[0], sample.sample_id))]
             try:
                 results = one_shot_sample(video_model, sample, todo, namm, cfg.num_frames, cfg.max_new_tokens,
-                                          cfg.post_prompt, cfg.answer_prefix, cfg.seed, probe)
+                                          cfg.post_prompt, cfg.answer_prefix, cfg.seed, probes)
             except VideoReadError as error:
                 log(f"one-shot: sample {sample.sample_id} failed: {error}")
                 results = [(label, failed_row(sample, error, 0.0), None) for label, *_ in todo]
             for (label, name, fraction), (_, row, retention) in zip(todo, results, strict=True):
-                probe_path = {"joint_probe": cfg.joint_probe} if name == JOINT else {}
+                probe_path = {"joint_probe": paths[name]} if name in paths else {}
                 record(label, index, sample, {**row, "base_policy": name, "budget_fraction": fraction,
                                               "protocol": "one-shot", **probe_path}, retention)
     for label, name, fraction, protocol in capped:

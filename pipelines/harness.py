@@ -153,6 +153,12 @@ def namm_budget(store: RowStore, is_namm_row: Callable[[dict[str, Any]], bool], 
     return budget
 
 
+def check_fractions(budgets: Sequence[float], what: str = "kept fractions") -> None:
+    """Refuse budgets outside (0, 1], naming them (``what``: what the fractions are of)."""
+    if any(not 0 < b <= 1 for b in budgets):
+        raise ValueError(f"budgets are {what} in (0, 1], got {list(budgets)}")
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"K/N"`` -> ``(K, N)``: a process evaluates every N-th item starting at K."""
     try:

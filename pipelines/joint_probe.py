@@ -5,8 +5,9 @@ at once (:class:`JointProbe`), and the policy that applies fixed per-slot scores
 A NAMM scores each layer-head from that layer-head's own features; ``bench evidence`` found that those
 features, read one layer-head at a time, hardly tell the facts of a context from its filler, and read
 all together do (``docs/design.md``, "Evaluation protocols"). A joint ranking needs every layer's state,
-so it runs at a one-shot eviction point, from a shared prefill (:func:`prefill_joint_scores`): ``bench
-oracle --joint-probe`` on text, ``eval-video --joint-probe`` on video.
+so it evicts after a forward, all layers at once (:func:`cache_joint_scores`): one-shot from a shared
+prefill (``bench oracle --joint-probe`` on text, ``eval-video --joint-probe`` on video) or after every
+chunk (:func:`progressive_joint_answer`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class FixedScoreTopK(MemoryPolicy):
         budget: slots kept per layer and KV head (None keeps all).
     """
 
-    def __init__(self, scores: torch.Tensor, budget: int | None):
+    def __init__(self, scores: torch.Tensor | None, budget: int | None):
         super().__init__(update_every=1 << 40)
         self.scores, self.budget = scores, budget
 
@@ -76,7 +77,7 @@ class FixedScoreTopK(MemoryPolicy):
 @dataclass
 class JointProbe:
     """A question-agnostic fact detector that reads a token's NAMM features in every layer and KV head
-    at once: a logistic regression on :func:`across_heads`'s vector, standardised with the training
+    at once: a logistic regression on :func:`joint_vector`, standardised with the training
     prompts' mean and deviation. It is not a NAMM (a NAMM scores each layer-head from that layer-head's
     features alone); ``bench oracle --joint-probe`` measures what its ranking keeps.
 
@@ -140,17 +141,12 @@ def joint_vector(feats: torch.Tensor, age_dim: int, pooled: bool = False) -> tor
     return torch.cat([spectral.permute(1, 0, 2).flatten(1), age], -1)
 
 
-def prefill_joint_scores(prefill, namm, probe: JointProbe, index: int = 0) -> torch.Tensor:
-    """``[layers, kv_heads, S]`` scores of a keep-everything prefill's context for
-    :class:`FixedScoreTopK`: the first :data:`~.tasks.SINKS` tokens first, then the probe's fact
-    probability (the same ranking in every layer-head). ``index``: the NAMM's place among the
-    prefill's recorded policies."""
-    return cache_joint_scores(prefill.cache, namm, probe, index)
-
-
 def cache_joint_scores(cache, namm, probe: JointProbe, index: int | None = None) -> torch.Tensor:
-    """:func:`prefill_joint_scores` of an evicting cache whose layer-heads all hold the same tokens (a
-    keep-everything cache, or one only a joint ranking evicted from).
+    """``[layers, kv_heads, S]`` scores for :class:`FixedScoreTopK`: the first :data:`~.tasks.SINKS`
+    tokens first, then the probe's fact probability, the same ranking in every layer-head. ``cache``'s
+    layer-heads must all hold the same tokens (a keep-everything cache, e.g. a shared prefill's, or one
+    only a joint ranking evicted from); ``index``: the NAMM's place among a shared prefill's recorded
+    policy states (None: the cache's policy is the NAMM's feature recorder itself).
 
     Raises:
         ValueError: when layer-heads hold different tokens (no joint vector per token exists).
@@ -165,18 +161,17 @@ def cache_joint_scores(cache, namm, probe: JointProbe, index: int | None = None)
     return scores.expand(layers, feats.shape[0] // layers, -1)
 
 
-class ScoredKeep(MemoryPolicy):
-    """Records ``namm``'s features (its feature state and updates) and, when an eviction is forced,
-    keeps the ``budget`` slots of each layer and KV head with the highest :attr:`scores`, set from
-    outside beforehand (e.g. :func:`cache_joint_scores`). It never evicts on its own cadence."""
+class ScoredKeep(FixedScoreTopK):
+    """A :class:`FixedScoreTopK` whose :attr:`scores` are set from outside before each forced eviction
+    (e.g. :func:`cache_joint_scores`), and which records ``namm``'s features meanwhile (its feature
+    state and updates). It never evicts on its own cadence."""
 
     needs_attention = True
     rows_transient = True
 
     def __init__(self, namm, budget: int | None):
-        super().__init__(update_every=1 << 40)
-        self.namm, self.budget = namm, budget
-        self.scores: torch.Tensor | None = None
+        super().__init__(None, budget)
+        self.namm = namm
 
     def new_state(self, layer_idx: int):
         return self.namm.new_state(layer_idx)
@@ -193,7 +188,7 @@ class ScoredKeep(MemoryPolicy):
     def keep(self, state, view: CacheView) -> torch.Tensor:
         if self.scores is None:
             raise RuntimeError("ScoredKeep evicts only after its scores are set")
-        return FixedScoreTopK(self.scores, self.budget).keep(None, view)
+        return super().keep(state, view)
 
 
 @torch.no_grad()

@@ -15,10 +15,9 @@ from namm_transfer.pipelines.joint_probe import (
     JointProbe,
     ScoredKeep,
     cache_joint_scores,
-    prefill_joint_scores,
     progressive_joint_answer,
 )
-from namm_transfer.pipelines.text.evolve_shared import prefill_features
+from namm_transfer.pipelines.text.evolve_shared import cache_features
 from namm_transfer.pipelines.text.shared_prefill import prefill_context
 from namm_transfer.policies import FullCache
 
@@ -63,8 +62,8 @@ def test_prefill_joint_scores_rank_sinks_first_then_the_probe_in_every_layer_hea
     namm, probe, ids = _namm(), _probe(), _prompt()
     with attach(model, namm) as handle:
         prefill = prefill_context(model, handle, _Example(ids), None, [namm], context_len=40)
-        scores = prefill_joint_scores(prefill, namm, probe)
-        feats, _, _ = prefill_features(prefill, namm)
+        scores = cache_joint_scores(prefill.cache, namm, probe, 0)
+        feats, _, _ = cache_features(prefill.cache, namm, 0)
     assert scores.shape == (LAYERS, KV_HEADS, 40)
     assert torch.equal(scores, scores[:1, :1].expand_as(scores))  # one ranking everywhere
     expected = probe.scores(feats).sigmoid()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from namm_transfer.pipelines.common import log, markdown_table, parse_dtype, run_metadata, set_threads
-from namm_transfer.pipelines.harness import write_summary
+from namm_transfer.pipelines.harness import check_fractions, write_summary
 from namm_transfer.pipelines.joint_probe import JointProbe, fit_probe, joint_vector
 from namm_transfer.pipelines.text.tasks import SINKS, TASKS
 
@@ -124,8 +124,7 @@ class EvidenceConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if any(not 0 < b <= 1 for b in self.budgets):
-            raise ValueError(f"budgets are kept fractions in (0, 1], got {self.budgets}")
+        check_fractions(self.budgets)
         if self.train_n < 1 or self.val_n < 1:
             raise ValueError("train_n and val_n must be at least 1")
 

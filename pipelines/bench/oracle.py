@@ -33,12 +33,12 @@ from typing import Any
 import torch
 
 from namm_transfer.pipelines.common import log, markdown_table, parse_dtype, run_metadata, set_threads
-from namm_transfer.pipelines.harness import RowStore, check_setting, write_summary
+from namm_transfer.pipelines.harness import RowStore, check_fractions, check_setting, write_summary
 from namm_transfer.pipelines.joint_probe import (
     PROBES,
     FixedScoreTopK,
     JointProbe,
-    prefill_joint_scores,
+    cache_joint_scores,
     progressive_joint_answer,
 )
 from namm_transfer.pipelines.text.tasks import SINKS
@@ -92,8 +92,7 @@ class OracleConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if any(not 0 < b <= 1 for b in self.budgets):
-            raise ValueError(f"budgets are kept fractions in (0, 1], got {self.budgets}")
+        check_fractions(self.budgets)
 
 
 def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, Any]:
@@ -140,17 +139,23 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
             if not todo:
                 continue
             max_new = TASKS[task].max_new_tokens
+
+            def add(budget: float, name: str, text: str, kept_fraction: float, seconds: float,
+                    task: str = task, ex=ex, **extra) -> None:
+                """Store one row (the probes' rows carry their probe's path)."""
+                probe_path = {"joint_probe": cfg.joint_probe} if name.split()[0] in PROBES else {}
+                store.add({"budget": budget, "policy": name, "task": task, "seed": ex.seed,
+                           "score": float(TASKS[task].score(text, ex)), "answer": text,
+                           "kept_fraction": kept_fraction, **extra, **probe_path, "seconds": seconds})
+
             for budget, name in [t for t in todo if t[1].endswith(PROGRESSIVE)]:  # no shared prefill
                 t0 = time.perf_counter()
                 cap = max(1, round(budget * ex.num_tokens))
                 text, kept_fraction = progressive_joint_answer(
                     model, tokenizer, handle, ex.prompt_ids, namm, probe, cap, namm.config.update_every,
                     max_new)
-                store.add({"budget": budget, "policy": name, "task": task, "seed": ex.seed,
-                           "score": float(TASKS[task].score(text, ex)), "answer": text,
-                           "kept_fraction": kept_fraction, "prompt_tokens": ex.num_tokens,
-                           "joint_probe": cfg.joint_probe, "protocol": "progressive",
-                           "seconds": time.perf_counter() - t0})
+                add(budget, name, text, kept_fraction, time.perf_counter() - t0, prompt_tokens=ex.num_tokens,
+                    protocol="progressive")
             todo = [t for t in todo if not t[1].endswith(PROGRESSIVE)]
             if not todo:
                 continue
@@ -161,7 +166,7 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
             scores = target.reshape(layers, -1, target.shape[-1])
             agnostic = evidence_scores(evidence_mask(ex, tokenizer), prefill.context_len).expand_as(scores)
             if probe is not None:
-                joint = prefill_joint_scores(prefill, namm, probe)
+                joint = cache_joint_scores(prefill.cache, namm, probe, 0)
             shared_s = time.perf_counter() - start
             for budget, name in todo:
                 t0 = time.perf_counter()
@@ -179,11 +184,8 @@ def run_oracle(cfg: OracleConfig, argv: list[str] | None = None) -> dict[str, An
                 cache = prefill.fork(0, policy)
                 kept, _ = kept_report(cache, prefill.context_len)
                 text = generate_answer(model, tokenizer, prefill, cache, max_new)
-                store.add({"budget": budget, "policy": name, "task": task, "seed": ex.seed,
-                           "score": float(TASKS[task].score(text, ex)), "answer": text,
-                           "kept_fraction": float(kept[0]), "context_tokens": prefill.context_len,
-                           **({"joint_probe": cfg.joint_probe} if name in PROBES else {}),
-                           "seconds": time.perf_counter() - t0 + shared_s})
+                add(budget, name, text, float(kept[0]), time.perf_counter() - t0 + shared_s,
+                    context_tokens=prefill.context_len)
     rows = store.rows()
     full_rows = [r for r in rows if r["policy"] == FULL_CACHE]
     tables, data = [], {}

@@ -118,14 +118,7 @@ def answer_attention(model, prefill: ContextPrefill,
 def entry_features(entry: PoolEntry, namm: NAMM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(features [L*H, S, in_dim], valid [L*H, S], positions [L*H, S])`` of a pool prompt's context
     as ``namm`` sees them at the one-shot eviction point (its frozen statistics applied)."""
-    return prefill_features(entry.prefill, namm)
-
-
-def prefill_features(
-    prefill: ContextPrefill, namm: NAMM, index: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`entry_features` of a prefill whose recorded policy state ``index`` is ``namm``'s."""
-    return cache_features(prefill.cache, namm, index)
+    return cache_features(entry.prefill.cache, namm, 0)
 
 
 def cache_features(

@@ -78,6 +78,7 @@ from namm_transfer.pipelines.common import (
 )
 from namm_transfer.pipelines.harness import (
     RowStore,
+    check_fractions,
     check_setting,
     matched_budget,
     mean_se,
@@ -86,7 +87,7 @@ from namm_transfer.pipelines.harness import (
     shard_rows_name,
     write_summary,
 )
-from namm_transfer.pipelines.joint_probe import PROBES, FixedScoreTopK, JointProbe, prefill_joint_scores
+from namm_transfer.pipelines.joint_probe import PROBES, FixedScoreTopK, JointProbe, cache_joint_scores
 from namm_transfer.pipelines.video.annotations import FORMATS, load_annotations
 from namm_transfer.pipelines.video.loading import VideoModel, load_video_model
 from namm_transfer.pipelines.video.qa import (
@@ -276,8 +277,7 @@ class EvalVideoConfig:
         parse_shard(self.shard)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
-        if any(not 0.0 < f <= 1.0 for f in self.budgets):
-            raise ValueError(f"budgets are fractions of the video tokens in (0, 1], got {self.budgets}")
+        check_fractions(self.budgets, "fractions of the video tokens")
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if bad or not self.protocols:
             raise ValueError(f"unknown protocol(s) {bad or self.protocols}; "
@@ -449,7 +449,7 @@ def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[t
     :func:`evaluate_sample`'s (``seconds`` = the shared part + the run's own). Runs of
     a probe's name (:data:`~namm_transfer.pipelines.joint_probe.PROBES`) keep, at the same cap, the
     top of that probe's joint ranking (``probes[name]``,
-    :func:`~namm_transfer.pipelines.joint_probe.prefill_joint_scores`).
+    :func:`~namm_transfer.pipelines.joint_probe.cache_joint_scores`).
 
     Raises:
         VideoReadError: the video is missing or cannot be decoded.
@@ -482,7 +482,7 @@ def one_shot_sample(video_model: VideoModel, sample: VideoQASample, runs: list[t
     with attach(model, namm) as handle:
         prefill = prefill_context(model, handle, SimpleNamespace(prompt_ids=ids), tokenizer, recorded,
                                   context_len=end, inputs={"pixel_values_videos": pixels})
-        joint = {name: prefill_joint_scores(prefill, namm, probe, names.index(NAMM_NAME))
+        joint = {name: cache_joint_scores(prefill.cache, namm, probe, names.index(NAMM_NAME))
                  for name, probe in (probes or {}).items() if any(run[1] == name for run in runs)}
         shared = time.perf_counter() - start
         for label, name, fraction in runs:

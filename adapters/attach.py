@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from namm_transfer.adapters.attention import register
-from namm_transfer.adapters.cache import EvictingCache
+from namm_transfer.adapters.cache import KV_LAYOUTS, EvictingCache
 from namm_transfer.adapters.detect import plan_attachment
 from namm_transfer.adapters.families import DECODERS
 from namm_transfer.policies import MemoryPolicy
@@ -52,6 +52,7 @@ class AttachedPolicy:
         policy: MemoryPolicy,
         prefill_chunk: int | None = None,
         exact_output: bool = False,
+        kv_layout: str = "packed",
     ):
         if getattr(model, "_namm_attached", None) is not None:
             raise RuntimeError(
@@ -61,6 +62,9 @@ class AttachedPolicy:
         self.plan = plan_attachment(model)
         self.model_type = self.plan.model_type
         self.exact_output = exact_output
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+        self.kv_layout = kv_layout
         self.model, self.policy = model, policy
         self.num_layers = self.plan.num_layers
         self.n_groups = self.plan.n_groups
@@ -105,6 +109,7 @@ class AttachedPolicy:
             self.num_layers,
             self.n_groups,
             self.sliding_windows,
+            self.kv_layout,
         )
         return self.cache
 
@@ -213,6 +218,7 @@ def attach(
     policy: MemoryPolicy,
     prefill_chunk: int | None = None,
     exact_output: bool = False,
+    kv_layout: str = "packed",
 ) -> AttachedPolicy:
     """Make ``model`` run with ``policy`` managing its KV cache.
 
@@ -240,6 +246,10 @@ def attach(
             SDPA kernel as an unattached model (and the attention rows for the policy separately), so a
             policy that evicts nothing reproduces the model bit for bit. Costs one more attention
             product per layer; the default reuses the rows for the output (equal up to float rounding).
+        kv_layout: ``"packed"`` (default) stores what an eviction kept without padding the heads that
+            kept fewer tokens to the fullest one (heads of a NAMM in threshold mode keep different
+            numbers): stored bytes match kept bytes, for one copy of the cache per forward (about what
+            a growing cache's concatenation costs). ``"padded"`` stores the padded view.
 
     Returns:
         A handle: ``handle.stats()``, ``handle.detach()``; usable as ``with attach(...) as handle:``.
@@ -249,4 +259,4 @@ def attach(
     points of each sample's own tokens, so a padded sample's decisions may differ from a solo run.
     Beam search and assisted decoding are not supported (the cache cannot be reordered or cropped).
     """
-    return AttachedPolicy(model, policy, prefill_chunk, exact_output)
+    return AttachedPolicy(model, policy, prefill_chunk, exact_output, kv_layout)

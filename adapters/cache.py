@@ -1,8 +1,13 @@
 """An evicting KV cache that is a native member of the transformers ``cache_utils`` family.
 
-:class:`EvictingLayer` stores keys/values ``[B, H_kv, K, D]`` where K is the largest number of tokens
-kept by any (sample, head); which slots are real is tracked by a core
-:class:`~namm_transfer.memory.LayerMemory`. Like ``DynamicSlidingWindowLayer``, it reports the number
+:class:`EvictingLayer` presents keys/values ``[B, H_kv, S, D]`` to the attention, where the first K slots
+hold what survived the latest eviction (K: the largest number of tokens kept by any (sample, head)) and
+the rest the tokens added since; which slots are real is tracked by a core
+:class:`~namm_transfer.memory.LayerMemory`. Heads keep different numbers of tokens (a NAMM's threshold,
+left padding), so in the default ``"packed"`` layout the survivors are *stored* without the padding
+(:class:`PackedSlots`: the valid rows only, plus where they go) and the padded view is rebuilt for each
+forward, a copy of the size of the one ``torch.cat`` a growing cache makes anyway; ``"padded"`` stores
+the view itself. Like ``DynamicSlidingWindowLayer``, it reports the number
 of tokens *seen* from ``get_seq_length()`` and ``(stored + q, seen - stored)`` from
 ``get_mask_sizes()``, so default position ids, ``generate()`` and chunked prefill keep working after
 tokens were removed.
@@ -56,6 +61,53 @@ def _select_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return states.reshape(batch * heads * slots, dim).index_select(0, rows).view(batch, heads, -1, dim)
 
 
+KV_LAYOUTS = ("packed", "padded")
+
+
+@dataclass
+class PackedSlots:
+    """The first ``width`` slots of a layer's ``[B, H, width + tail, D]`` view, stored without padding.
+
+    Attributes:
+        keys, values: ``[N, D]``: the N valid slots' rows, in slot order.
+        rows: ``[N]`` each row's index in the flattened ``[B * H * width]`` slot table (int32 when it
+            fits: 4 bytes against a row's ``2 * D * element_size``).
+        width: slots per (sample, head) of the padded view (the largest kept count).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    rows: torch.Tensor
+    width: int
+
+    @classmethod
+    def pack(cls, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> PackedSlots:
+        """Keep the rows of ``keys``/``values`` ``[B, H, S, D]`` where ``valid`` ``[B, H, S]``."""
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        flat_k = keys.reshape(-1, keys.shape[-1])
+        flat_v = values.reshape(-1, values.shape[-1])
+        narrow = torch.int32 if valid.numel() < 2**31 else torch.int64  # the index is part of the storage
+        packed_k, packed_v = flat_k.index_select(0, rows), flat_v.index_select(0, rows)
+        return cls(packed_k, packed_v, rows.to(narrow), keys.shape[-2])
+
+    def unpack(self, packed: torch.Tensor, shape: tuple[int, int], tail: torch.Tensor | None) -> torch.Tensor:
+        """``[B, H, width + T, D]``: the stored rows at their slots (zeros in the padding; the attention
+        masks those slots), followed by ``tail`` ``[B, H, T, D]`` (the slots added since the packing)."""
+        batch, heads = shape
+        n_tail = 0 if tail is None or tail.dim() < 4 else tail.shape[-2]
+        out = packed.new_zeros(batch, heads, self.width + n_tail, packed.shape[-1])
+        rows = self.rows.long()
+        if n_tail:  # row r of a (sample, head) starting at h * width starts at h * (width + T)
+            rows = rows + (rows // self.width) * n_tail
+        out.view(-1, packed.shape[-1]).index_copy_(0, rows, packed)
+        if n_tail:
+            out[:, :, self.width :] = tail
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.rows))
+
+
 class EvictingLayer(DynamicLayer):
     """One layer's cache, whose slots a memory policy may evict after each forward.
 
@@ -64,18 +116,50 @@ class EvictingLayer(DynamicLayer):
         sliding_window: the layer's own attention window (None: full attention). The attention function
             also learns it from the model (the ``sliding_window`` its attention module passes) when a
             cache is built without it; the smaller of the two applies.
+        kv_layout: ``"packed"`` stores what an eviction kept without the padding of shorter heads
+            (:class:`PackedSlots`), ``"padded"`` stores the padded view (a copy less per forward).
+
+    ``keys`` / ``values`` read the padded view ``[B, H_kv, S, D]`` (rebuilt from the packed rows when
+    stored packed); assigning them stores a dense view.
     """
 
     is_croppable = False
 
     def __init__(
-        self, memory: LayerMemory, sliding_window: int | None = None, rows: RowsBuffer | None = None
+        self,
+        memory: LayerMemory,
+        sliding_window: int | None = None,
+        rows: RowsBuffer | None = None,
+        kv_layout: str = "packed",
     ):
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+        self.kv_layout = kv_layout
+        self._packed: PackedSlots | None = None  # the survivors of the latest eviction, when packed
+        self._dense: list[torch.Tensor | None] = [None, None]  # keys, values: the view, or after _packed
+        self._view: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's padded view
         super().__init__()
         self.memory = memory
         self.sliding_window = sliding_window
         self._awaiting_attention = False
         self._rows = rows if rows is not None else RowsBuffer()
+
+    def _read(self, which: int) -> torch.Tensor | None:
+        if self._view is not None:
+            return self._view[which]
+        dense = self._dense[which]
+        if self._packed is None:
+            return dense
+        packed = self._packed.keys if which == 0 else self._packed.values
+        return self._packed.unpack(packed, self.memory.valid.shape[:2], dense)
+
+    def _write(self, which: int, value: torch.Tensor | None) -> None:
+        self._view = None
+        self._packed = None
+        self._dense[which] = value
+
+    keys = property(lambda self: self._read(0), lambda self, v: self._write(0, v))
+    values = property(lambda self: self._read(1), lambda self, v: self._write(1, v))
 
     def rows_buffer(self, numel: int) -> torch.Tensor:
         """Scratch float32 memory of at least ``numel`` elements for this forward's attention rows (the
@@ -101,11 +185,19 @@ class EvictingLayer(DynamicLayer):
                 "computes attention outside transformers' AttentionInterface, which an evicting cache "
                 "cannot manage"
             )
-        keys, values = super().update(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        tail_k = torch.cat([self._dense[0], key_states], dim=-2)
+        tail_v = torch.cat([self._dense[1], value_states], dim=-2)
+        self._dense = [tail_k, tail_v]
         batch, heads, n_new, _ = key_states.shape
         self.memory.append(batch, heads, n_new, key_states.device)
+        if self._packed is not None:  # rebuilt once per forward; dropped after the eviction step
+            shape = (batch, heads)
+            self._view = (self._packed.unpack(self._packed.keys, shape, tail_k),
+                          self._packed.unpack(self._packed.values, shape, tail_v))
         self._awaiting_attention = True
-        return keys, values
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.memory.tokens_seen
@@ -120,27 +212,43 @@ class EvictingLayer(DynamicLayer):
             self.sliding_window = int(module_window)
         return self.sliding_window
 
-    def _gather(self, index: torch.Tensor) -> None:
-        """Keep slots ``index`` ``[B, H, K]`` of keys and values: whole rows of the flattened
-        ``[B * H * S, D]`` tensors picked by one ``index_select`` each (a row copy, far cheaper than an
-        element-wise gather with the index expanded over D)."""
-        self.keys = _select_slots(self.keys, index)
-        self.values = _select_slots(self.values, index)
+    def _gather(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
+        """Slots ``index`` ``[B, H, K]`` of keys and values: whole rows of the flattened ``[B * H * S, D]``
+        tensors picked by one ``index_select`` each (a row copy, far cheaper than an element-wise gather
+        with the index expanded over D)."""
+        return _select_slots(keys, index), _select_slots(values, index)
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the view left by an eviction: packed when some (sample, head) holds fewer slots than the
+        view is wide (and the layout is packed), else as it is."""
+        valid = self.memory.valid
+        if self.kv_layout == "packed" and not bool(valid.all()):
+            packed = PackedSlots.pack(keys, values, valid)
+            empty_k, empty_v = keys[..., :0, :], values[..., :0, :]
+            self._packed, self._dense, self._view = packed, [empty_k, empty_v], None
+        else:
+            self._packed, self._dense, self._view = None, [keys, values], None
 
     def apply_eviction(self, force: bool = False) -> None:
         """After a forward: drop what left the sliding window, then ask the policy (if due, or at once with
         ``force``) which tokens to keep and drop the others."""
         self._awaiting_attention = False
+        keys, values = self.keys, self.values
+        self._view = None  # the stored form (packed + tail) is current; the view was only this forward's
+        changed = False
         if self.sliding_window is not None:
             index = self.memory.expire(self.sliding_window)
             if index is not None:
-                self._gather(index)
+                keys, values = self._gather(keys, values, index)
+                changed = True
         needs_keys = getattr(self.memory.policy, "needs_keys", False)
-        index = self.memory.maybe_evict(self.keys if needs_keys else None, force=force)
-        if index is None:
-            return
+        index = self.memory.maybe_evict(keys if needs_keys else None, force=force)
         t0 = time.perf_counter()
-        self._gather(index)
+        if index is not None:
+            keys, values = self._gather(keys, values, index)
+            changed = True
+        if changed:
+            self._store(keys, values)
         self.memory.stats.timing["eviction_s"] += time.perf_counter() - t0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -152,30 +260,42 @@ class EvictingLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("an evicting cache does not support beam search; use greedy or sampling")
 
-    def stored_bytes(self) -> int:
-        if self.keys is None or self.keys.numel() == 0:
+    def stored_slots(self) -> int:
+        """Slots per (sample, KV head) of the padded view (what the attention reads)."""
+        dense = self._dense[0]
+        n_dense = 0 if dense is None or dense.dim() < 4 else dense.shape[-2]
+        return n_dense + (0 if self._packed is None else self._packed.width)
+
+    def slot_bytes(self) -> int:
+        """Key + value bytes of one token of one KV head (0 before the first token)."""
+        keys, values = self._dense
+        if keys is None or keys.dim() < 4:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
+
+    def stored_bytes(self) -> int:
+        """Bytes this layer holds between forwards: the packed rows and their slot indices (packed
+        layout) plus the dense slots."""
+        total = 0 if self._packed is None else self._packed.nbytes()
+        return total + sum(0 if t is None else t.numel() * t.element_size() for t in self._dense)
 
     def kept_bytes(self) -> int:
         """Key + value bytes of the tokens actually kept (every valid slot of every sample and KV head):
-        what :meth:`stored_bytes` would be without the padding of shorter heads to the longest."""
-        if self.keys is None or self.keys.numel() == 0 or self.memory.valid is None:
+        what :meth:`stored_bytes` would be with no padding of shorter heads to the longest."""
+        if self.memory.valid is None:
             return 0
-        slot = self.keys.shape[-1] * self.keys.element_size()
-        slot += self.values.shape[-1] * self.values.element_size()
-        return int(self.memory.valid.sum()) * slot
+        return int(self.memory.valid.sum()) * self.slot_bytes()
 
     def full_bytes(self) -> int:
         """Bytes a full (never evicting) transformers cache would hold for the same tokens: every token
         seen, or the last ``sliding_window - 1`` on a sliding-window layer."""
-        if self.keys is None or self.keys.numel() == 0:
+        if self.memory.valid is None:
             return 0
-        batch, heads, _, dim = self.keys.shape
+        batch, heads = self.memory.valid.shape[:2]
         tokens = self.memory.tokens_seen
         if self.sliding_window is not None:
             tokens = min(tokens, self.sliding_window - 1)
-        return 2 * batch * heads * tokens * dim * self.keys.element_size()
+        return batch * heads * tokens * self.slot_bytes()
 
 
 @dataclass
@@ -223,6 +343,7 @@ class EvictingCache(DynamicCache):
         n_groups: query heads per KV head.
         sliding_windows: each layer's own attention window (None entries: full attention); None: learnt
             from the model at the first forward.
+        kv_layout: how layers store what an eviction kept (see :class:`EvictingLayer`).
     """
 
     def __init__(
@@ -231,6 +352,7 @@ class EvictingCache(DynamicCache):
         num_layers: int,
         n_groups: int = 1,
         sliding_windows: Sequence[int | None] | None = None,
+        kv_layout: str = "packed",
     ):
         self.policy = policy
         windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers
@@ -238,7 +360,8 @@ class EvictingCache(DynamicCache):
             raise ValueError(f"{len(windows)} sliding windows given for {num_layers} layers")
         rows = RowsBuffer()
         layers = [
-            EvictingLayer(LayerMemory(policy, i, n_groups), windows[i], rows) for i in range(num_layers)
+            EvictingLayer(LayerMemory(policy, i, n_groups), windows[i], rows, kv_layout)
+            for i in range(num_layers)
         ]
         super(DynamicCache, self).__init__(layers=layers)
 
@@ -255,6 +378,5 @@ class EvictingCache(DynamicCache):
             valid.append(m.valid)
             positions.append(m.positions)
             since.append(m.real_seen - m.last_update)
-            keys = layer.keys
-            slot_bytes.append(0 if keys is None else 2 * keys.shape[-1] * keys.element_size())
+            slot_bytes.append(layer.slot_bytes())
         return MemoryReport(valid, positions, since, slot_bytes)

@@ -174,7 +174,11 @@ class CachedDTRollout(_DTRollout):
         """Token slots physically stored per layer (the largest count over samples and heads)."""
         if self.cache is None:
             return []
-        return [0 if layer.keys is None else int(layer.keys.shape[-2]) for layer in self.cache.layers]
+        return [
+            layer.stored_slots() if hasattr(layer, "stored_slots")
+            else 0 if layer.keys is None else int(layer.keys.shape[-2])
+            for layer in self.cache.layers
+        ]
 
 
 class WindowedDTRollout(_DTRollout):

@@ -102,11 +102,14 @@ def test_eviction_equals_physical_removal(model, policy):
 
 
 @torch.no_grad()
-def test_per_head_variable_lengths_equal_masked_full_cache(model):
-    """A NAMM keeps different numbers of tokens per head; storage holds the largest count and the
-    per-head validity mask must equal attending only to each head's kept tokens of a full-cache run."""
+@pytest.mark.parametrize("kv_layout", ["packed", "padded"])
+def test_per_head_variable_lengths_equal_masked_full_cache(model, kv_layout):
+    """A NAMM keeps different numbers of tokens per head; the attention sees a view as wide as the
+    largest count, and the per-head validity mask must equal attending only to each head's kept tokens
+    of a full-cache run. Padded storage holds that view; packed storage only the kept rows (+ their
+    int32 slot indices) and the token added since."""
     ids, next_id = prompt(64, seed=2), torch.tensor([[7]])
-    with attach(model, evicting_namm(model, update_every=64)) as handle:
+    with attach(model, evicting_namm(model, update_every=64), kv_layout=kv_layout) as handle:
         cache = handle.new_cache()
         model(ids, past_key_values=cache, use_cache=True)
         ours = model(next_id, past_key_values=cache, use_cache=True).logits
@@ -114,8 +117,13 @@ def test_per_head_variable_lengths_equal_masked_full_cache(model):
         counts = torch.stack([m.kept_tokens() for m in memories])  # [L, B, H]
         assert counts.unique().numel() > 1, "expected head-dependent kept counts"
         for i, layer in enumerate(cache.layers):  # physically shrunk to the largest kept count (+1 new token)
-            assert layer.keys.shape[2] == int(counts[i].max())
-            assert layer.stored_bytes() == 2 * layer.keys.numel() * 4
+            assert layer.keys.shape[2] == int(counts[i].max()) == layer.stored_slots()
+            padded = 2 * layer.keys.numel() * 4
+            if kv_layout == "padded":
+                assert layer.stored_bytes() == padded
+            elif counts[i].unique().numel() > 1:
+                packed_rows = int(memories[i].valid.sum()) - counts.shape[2]  # all but the new token
+                assert layer.stored_bytes() == layer.kept_bytes() + 4 * packed_rows
         kept = [(m.positions, m.valid) for m in memories]
     # reference: a full cache + 4-D per-head mask of the kept positions (positions < 64) plus the new token
     full = DynamicCache(config=model.config)

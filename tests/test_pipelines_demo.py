@@ -49,10 +49,18 @@ def test_bench_overhead_small(tmp_path):
                  "--warmup", "0", "--threads", "1", "--output", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert [(r["tokens"], r["setting"]) for r in data["rows"]] == [
-        (n, s) for n in (256, 512) for s in ("keep-all", "half", "half one-shot")
+        (n, s)
+        for n in (256, 512)
+        for s in ("keep-all", "half", "half one-shot", "threshold", "threshold padded")
     ]
-    one_shot = data["rows"][-1]
+    one_shot = data["rows"][-3]
     assert one_shot["chunk"] == one_shot["update_every"] == 512 and one_shot["compression_ratio"] == 0.5
     assert all(r["kv_bytes_kept"] <= r["kv_bytes_namm"] for r in data["rows"])
+    # the shipped NAMM's own threshold: heads keep different counts; packed storage stays within the
+    # kept rows' 4-byte indices of the kept bytes (slot: 2 x 64 dims x 4 bytes), padded does not
+    packed, padded = data["rows"][-2], data["rows"][-1]
+    assert packed["kv_layout"] == "packed" and padded["kv_layout"] == "padded"
+    assert packed["kv_bytes_kept"] == padded["kv_bytes_kept"]
+    assert packed["stored_to_kept"] <= 1 + 4 / 512 + 1e-9 < padded["stored_to_kept"]
     assert data["meta"]["command"].startswith("namm-transfer bench overhead")
     assert "| tokens |" in out.read_text() and "stored / kept" in out.read_text()

@@ -54,6 +54,9 @@ class OverheadConfig:
         operating_ratio: compression ratio (fraction of the tokens seen removed at each update) of the
             ``half`` and ``half one-shot`` rows; None skips them.
         one_shot: also time the one-shot protocol (whole context in one chunk, one eviction at its end).
+        threshold_namm: a trained NAMM (shipped name, path or hub id) timed in its own threshold mode, the
+            NAMM's operating point where heads keep different numbers of tokens, once with the default
+            packed KV layout (``threshold``) and once padded (``threshold padded``); None skips it.
         note: free text for the table's header, e.g. what else was running on the machine.
         output: markdown result path; the JSON goes beside it with a ``.json`` suffix.
         threads: torch intra-op threads (None leaves torch's default).
@@ -71,6 +74,7 @@ class OverheadConfig:
     namm_budget: int | None = None
     operating_ratio: float | None = 0.5
     one_shot: bool = True
+    threshold_namm: str | None = "smollm2-text"
     note: str = ""
     output: str = "benchmarks/results/overhead.md"
     threads: int | None = None
@@ -110,18 +114,22 @@ def benchmark_prompt(tokenizer, tokens: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-def settings_for(namm, tokens: int, cfg: OverheadConfig) -> list[tuple[str, Any, int]]:
-    """``(name, policy, chunk)`` of every timed NAMM setting at one prompt length."""
-    settings = [("keep-all", namm, cfg.chunk)]
+def settings_for(namm, tokens: int, cfg: OverheadConfig, trained=None) -> list[tuple[str, Any, int, str]]:
+    """``(name, policy, chunk, kv_layout)`` of every timed NAMM setting at one prompt length
+    (``trained``: the NAMM of the threshold rows)."""
+    settings = [("keep-all", namm, cfg.chunk, "packed")]
     if cfg.operating_ratio is not None:
         half = namm.with_compression_ratio(cfg.operating_ratio)
-        settings.append(("half", half, cfg.chunk))
+        settings.append(("half", half, cfg.chunk, "packed"))
         if cfg.one_shot:
-            settings.append(("half one-shot", half.replace(update_every=tokens), tokens))
+            settings.append(("half one-shot", half.replace(update_every=tokens), tokens, "packed"))
+    if trained is not None:
+        settings.append(("threshold", trained, cfg.chunk, "packed"))
+        settings.append(("threshold padded", trained, cfg.chunk, "padded"))
     return settings
 
 
-def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig) -> list[dict[str, Any]]:
+def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig, trained=None) -> list[dict[str, Any]]:
     """The rows of the overhead table for the prompt ``ids``: one per NAMM setting, each against the bare
     prefill with the same chunks, repetitions interleaved."""
     from transformers import DynamicCache
@@ -129,8 +137,8 @@ def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig) -> list[
     from namm_transfer.adapters import attach
 
     tokens = int(ids.shape[1])
-    settings = settings_for(namm, tokens, cfg)
-    chunks = sorted({chunk for _, _, chunk in settings})
+    settings = settings_for(namm, tokens, cfg, trained)
+    chunks = sorted({chunk for _, _, chunk, _ in settings})
 
     def bare(chunk: int) -> int:
         cache = DynamicCache(config=model.config)
@@ -139,21 +147,21 @@ def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig) -> list[
 
     bare_times: dict[int, list[float]] = {c: [] for c in chunks}
     bare_bytes: dict[int, int] = {}
-    runs: dict[str, list[tuple[float, dict]]] = {name: [] for name, _, _ in settings}
+    runs: dict[str, list[tuple[float, dict]]] = {name: [] for name, *_ in settings}
     for _ in range(max(1, cfg.reps)):
         for chunk in chunks:
             seconds, bare_bytes[chunk] = _timed(lambda c=chunk: bare(c), cfg.device)
             bare_times[chunk].append(seconds)
-            for name, policy, setting_chunk in settings:
+            for name, policy, setting_chunk, layout in settings:
                 if setting_chunk != chunk:
                     continue
-                with attach(model, policy) as handle:
+                with attach(model, policy, kv_layout=layout) as handle:
                     cache = handle.new_cache()
                     run = lambda c=cache, k=chunk: chunked_prefill(model, ids, k, c)  # noqa: E731
                     seconds, _ = _timed(run, cfg.device)
                     runs[name].append((seconds, handle.stats()))
     rows = []
-    for name, policy, chunk in settings:
+    for name, policy, chunk, layout in settings:
         times = [t for t, _ in runs[name]]
         stats = runs[name][-1][1]
         bookkeeping = statistics.median(sum(st["timing"].values()) for _, st in runs[name])
@@ -161,6 +169,7 @@ def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig) -> list[
         rows.append({
             "tokens": tokens,
             "setting": name,
+            "kv_layout": layout,
             "chunk": chunk,
             "update_every": policy.update_every,
             "compression_ratio": policy.compression_ratio,
@@ -219,19 +228,20 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
     log("loading SmolLM2-135M-Instruct ...")
     model, tokenizer = load_smollm2(device=cfg.device, dtype=parse_dtype(cfg.dtype), cache_dir=cfg.cache_dir)
     namm = load_namm(cfg.namm, cfg.namm_seed, cfg.namm_budget)
+    trained = None if cfg.threshold_namm is None else load_namm(cfg.threshold_namm, 0, None)
     lengths = sorted(int(n) for n in cfg.lengths)
     prompts = {n: benchmark_prompt(tokenizer, n).to(cfg.device) for n in lengths}
     load_before = _load()
     if cfg.warmup:
         log("warming up ...")
         warm = OverheadConfig(**{**asdict(cfg), "reps": cfg.warmup})
-        measure_length(model, prompts[lengths[0]], namm, warm)
+        measure_length(model, prompts[lengths[0]], namm, warm, trained)
     meta = run_metadata(argv)
     md_path = Path(cfg.output)
     rows: list[dict[str, Any]] = []
     for n in lengths:
         log(f"timing {prompts[n].shape[1]} tokens x {cfg.reps} reps ...")
-        new_rows = measure_length(model, prompts[n], namm, cfg)
+        new_rows = measure_length(model, prompts[n], namm, cfg, trained)
         rows.extend(new_rows)
         for r in new_rows:
             log(f"{n} {r['setting']}: bare {r['bare_s']:.2f} s, NAMM {r['namm_s']:.2f} s, "
@@ -258,12 +268,14 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
         "`half` = the NAMM at its operating point (compression ratio: about half of the tokens seen kept "
         "at every update), chunked prefill evicting every `update_every` tokens; `half one-shot` = the "
         "whole context in one chunk with one eviction at its end (update_every = context length), "
-        "against the bare model's one-chunk prefill.\n"
+        "against the bare model's one-chunk prefill; `threshold` = the trained NAMM "
+        f"`{cfg.threshold_namm}` in its own threshold mode (its heads keep different numbers of tokens), "
+        "chunked prefill, with the packed KV layout (the default) and with the padded one.\n"
         "`NAMM / bare` = NAMM seconds / bare seconds, both measured in the same run, interleaved; "
         "`bookkeeping / bare` = the NAMM's own time (capture + features + scoring + eviction, from "
-        "`stats()['timing']`) over the bare forward. `KV MiB stored` is what the cache holds (each "
-        "layer's heads padded to its fullest head), `KV MiB kept` the bytes of the tokens kept; "
-        "`stored / kept` their ratio.\n\n"
+        "`stats()['timing']`) over the bare forward. `KV MiB stored` is what the cache holds between "
+        "forwards (packed: the kept rows plus a 4-byte slot index each; padded: each layer's heads padded "
+        "to its fullest head), `KV MiB kept` the bytes of the tokens kept; `stored / kept` their ratio.\n\n"
         f"{table}\n"
     )
     log(f"wrote {md_path} and {json_path}")

@@ -106,6 +106,9 @@ class EvolveConfig:
             with the log attention share) or "evidence" (cross-entropy towards every fact token of the
             prompt and the first 4 tokens: question-agnostic); see :mod:`.evolve_shared`.
         ema_decay: per-query decay of the NAMM's spectrogram EMA (the reference's 0.99).
+        sink_tokens: each member always keeps every sample's first ``sink_tokens`` tokens (attention
+            sinks; saved in the NAMM's config). 0 (the reference) lets evolution evict the sink, which
+            it learns to exploit on text (see benchmarks/README.md) and which wrecks transfer to video.
     """
 
     # Three stages as in the reference (retrieval, + a QA-like task, + a natural-text task). vartrack is
@@ -144,11 +147,12 @@ class EvolveConfig:
     em_weight: float = 0.5
     warm_loss: str = "topk"
     ema_decay: float = 0.99
+    sink_tokens: int = 0
 
     def namm_config(self) -> NAMMConfig:
         return NAMMConfig(
             update_every=self.update_every, scorer=self.scorer, init_keep_bias=self.init_keep_bias,
-            ema_decay=self.ema_decay,
+            ema_decay=self.ema_decay, sink_tokens=self.sink_tokens,
         )
 
     def __post_init__(self) -> None:

@@ -1,0 +1,91 @@
+"""The packed KV layout: what an eviction kept is stored without per-head padding, and the model sees
+exactly what the padded layout gives it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from namm_transfer import NAMM, NAMMConfig
+from namm_transfer.adapters import attach
+from namm_transfer.adapters.cache import PackedSlots
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, head_dim=32,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def threshold_namm(model) -> NAMM:
+    """An untrained NAMM in threshold mode whose heads keep clearly different numbers of tokens."""
+    namm = NAMM.init_random(seed=3, sigma=0.4, config=NAMMConfig(update_every=16))
+    with namm.collecting_statistics(), attach(model, namm):
+        model(torch.randint(0, 97, (1, 96), generator=torch.Generator().manual_seed(99)))
+    return namm
+
+
+def test_pack_unpack_round_trip_with_tail():
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 3, 5, 4, generator=gen), torch.randn(2, 3, 5, 6, generator=gen)
+    valid = torch.rand(2, 3, 5, generator=gen) > 0.4
+    packed = PackedSlots.pack(keys, values, valid)
+    assert packed.keys.shape == (int(valid.sum()), 4) and packed.rows.dtype == torch.int32
+    tail = torch.randn(2, 3, 2, 4, generator=gen)
+    view = packed.unpack(packed.keys, (2, 3), tail)
+    assert view.shape == (2, 3, 7, 4)
+    torch.testing.assert_close(view[:, :, :5][valid], keys[valid], rtol=0, atol=0)
+    assert bool((view[:, :, :5][~valid] == 0).all())  # padding is zeros (masked, never NaN)
+    torch.testing.assert_close(view[:, :, 5:], tail, rtol=0, atol=0)
+    unpacked_values = packed.unpack(packed.values, (2, 3), None)
+    torch.testing.assert_close(unpacked_values[valid], values[valid], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_packed_equals_padded_through_evictions_and_generation(model):
+    """Left-padded batch, chunked prefill, several evictions and greedy decoding: same tokens, same
+    logits, same slot tables; the packed cache stores the kept rows (+ a 4-byte index each)."""
+    namm = threshold_namm(model)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 97, (2, 120), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding: invalid slots besides the evicted ones
+    results = {}
+    for layout in ("padded", "packed"):
+        with attach(model, namm, prefill_chunk=32, kv_layout=layout) as handle:
+            out = model.generate(
+                ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                output_scores=True, return_dict_in_generate=True,
+            )
+            stats = handle.stats()
+            cache = handle.cache
+            valid = [layer.memory.valid.clone() for layer in cache.layers]
+            views = [layer.keys[layer.memory.valid] for layer in cache.layers]
+        results[layout] = out, stats, valid, views
+    out_a, stats_a, valid_a, views_a = results["padded"]
+    out_b, stats_b, valid_b, views_b = results["packed"]
+    assert stats_a["evictions"] > 0 and stats_a["evictions"] == stats_b["evictions"]
+    assert torch.equal(out_a.sequences, out_b.sequences)
+    for a, b in zip(out_a.scores, out_b.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b, ka, kb in zip(valid_a, valid_b, views_a, views_b, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(ka, kb, rtol=0, atol=0)
+    assert stats_a["kept_kv_bytes"] == stats_b["kept_kv_bytes"]
+    assert stats_a["stored_to_kept"] > 1.05  # the heads differ: padding is real here
+    assert stats_b["stored_kv_bytes"] < stats_a["stored_kv_bytes"]
+    # packed: kept bytes + one int32 index per packed row, nothing else
+    slot = 2 * 32 * 4
+    index_bytes = stats_b["stored_kv_bytes"] - stats_b["kept_kv_bytes"]
+    assert 0 <= index_bytes and index_bytes % 4 == 0 and index_bytes < stats_b["kept_kv_bytes"] * 4 / slot + 1
+
+
+def test_unknown_layout_is_refused(model):
+    with pytest.raises(ValueError, match="kv_layout must be one of"):
+        attach(model, NAMM(NAMMConfig()), kv_layout="ragged")

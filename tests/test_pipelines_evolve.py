@@ -115,6 +115,23 @@ def test_memory_weight_adds_the_evicted_fraction_and_init_bias_sets_the_start(tm
         EvolveConfig(memory_weight=-1.0)
 
 
+def test_sink_tokens_reach_every_member_and_the_saved_namm(tmp_path, model):
+    cfg = config(tmp_path, sink_tokens=3, generations=1)
+    run_evolve(cfg, TASKS, model, CharTokenizer())
+    saved = NAMM.from_pretrained(tmp_path / "namm")
+    assert saved.config.sink_tokens == cfg.namm_config().sink_tokens == 3
+    # a member that would evict everything old still keeps the first 3 tokens of every layer and head
+    from namm_transfer.adapters import attach
+
+    harsh = saved.with_budget(5, keep_threshold=False)
+    with torch.no_grad(), attach(model, harsh, prefill_chunk=8) as handle:
+        model.generate(torch.arange(1, 41)[None] % 20 + 1, max_new_tokens=2, do_sample=False)
+        for i in range(len(handle.cache.layers)):
+            memory = handle.cache.memory(i)
+            kept = memory.positions[memory.valid].reshape(-1).tolist()
+            assert {0, 1, 2} <= set(kept)
+
+
 def test_resume_after_a_kill_follows_the_uninterrupted_trajectory(tmp_path, model):
     straight = run_evolve(config(tmp_path / "straight"), TASKS, model, CharTokenizer())
     killed_dir = tmp_path / "killed"

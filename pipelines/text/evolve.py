@@ -108,7 +108,8 @@ class EvolveConfig:
         ema_decay: per-query decay of the NAMM's spectrogram EMA (the reference's 0.99).
         sink_tokens: each member always keeps every sample's first ``sink_tokens`` tokens (attention
             sinks; saved in the NAMM's config). 0 (the reference) lets evolution evict the sink, which
-            it learns to exploit on text (see benchmarks/README.md) and which wrecks transfer to video.
+            it learns to exploit on passkey and which wrecks transfer to video (see
+            benchmarks/results/eval_text_smollm2-text_sinks4/README.md).
     """
 
     # Three stages as in the reference (retrieval, + a QA-like task, + a natural-text task). vartrack is

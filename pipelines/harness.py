@@ -57,10 +57,13 @@ class RowStore:
 
     def refresh(self) -> None:
         """Read every file again: rows other processes (shards) appended since are seen, e.g. before a
-        summary. The files hold every row this store added, so nothing of its own is lost."""
+        summary. The files hold every row this store added, so nothing of its own is lost: its own file
+        is read last, so where another file holds the same key (an older run's row, say one of another
+        NAMM copied in to reuse the rest) the row this store wrote wins, whatever the files' names."""
         self.latest = {}
         found = sorted(self.path.parent.glob(self.shards)) if self.shards else []
-        for file in dict.fromkeys([*self.read, *found, self.path]):
+        others = [f for f in dict.fromkeys([*self.read, *found]) if f.resolve() != self.path.resolve()]
+        for file in [*others, self.path]:
             if file.is_file():
                 for line in file.read_text().splitlines():
                     if line.strip():

@@ -55,6 +55,22 @@ def test_refresh_sees_rows_other_shards_appended_since_even_from_a_file_that_did
     assert mine.done(("A", 1)) and mine.done(("A", 0)) and len(mine.rows()) == 2
 
 
+def test_own_rows_win_over_another_files_row_of_the_same_key(tmp_path):
+    """Rows of an older run copied beside a new one (to reuse what does not change) must not shadow
+    what the new run wrote for the same key, whichever file name sorts last."""
+    key = lambda r: (r["policy"], r["id"])  # noqa: E731
+    old = {"policy": "NAMM", "id": 0, "namm": "old"}
+    (tmp_path / "rows.shard1of2.jsonl").write_text(json.dumps(old) + "\n")
+    store = RowStore(tmp_path / "rows.jsonl", key=key, shards="rows*.jsonl")
+    assert store.latest[("NAMM", 0)]["namm"] == "old"
+    store.forget(lambda r: r["namm"] == "old")
+    store.add({"policy": "NAMM", "id": 0, "namm": "new"})
+    store.refresh()
+    assert store.latest[("NAMM", 0)]["namm"] == "new"
+    reopened = RowStore(tmp_path / "rows.jsonl", key=key, shards="rows*.jsonl")
+    assert reopened.latest[("NAMM", 0)]["namm"] == "new"
+
+
 def test_settings_guard_names_what_differs(tmp_path):
     check_setting(tmp_path, {"a": 1, "b": "x"})
     check_setting(tmp_path, {"a": 1, "b": "x"})  # same setting: resumes

@@ -43,13 +43,19 @@ class RowStore:
         shards: a glob pattern in ``path``'s folder (e.g. ``rows*.jsonl``) for the rows files of
             parallel processes, looked up again at every :meth:`refresh`, so a shard that starts later
             is found too.
+        valid: rows for which it returns False are ignored when read, as if absent (e.g. rows of
+            another NAMM beside ones that do not depend on it), so they never shadow a valid row of the
+            same key in another file; ``ignored`` counts them.
     """
 
     def __init__(self, path: str | Path, key: Callable[[dict[str, Any]], Hashable],
-                 read: Iterable[str | Path] = (), shards: str | None = None):
+                 read: Iterable[str | Path] = (), shards: str | None = None,
+                 valid: Callable[[dict[str, Any]], bool] | None = None):
         self.path = Path(path)
         self.key = key
         self.read, self.shards = [Path(f) for f in read], shards
+        self.valid = valid
+        self.ignored = 0
         self.latest: dict[Hashable, dict[str, Any]] = {}
         self.refresh()
         if self.latest:
@@ -60,7 +66,7 @@ class RowStore:
         summary. The files hold every row this store added, so nothing of its own is lost: its own file
         is read last, so where another file holds the same key (an older run's row, say one of another
         NAMM copied in to reuse the rest) the row this store wrote wins, whatever the files' names."""
-        self.latest = {}
+        self.latest, self.ignored = {}, 0
         found = sorted(self.path.parent.glob(self.shards)) if self.shards else []
         others = [f for f in dict.fromkeys([*self.read, *found]) if f.resolve() != self.path.resolve()]
         for file in [*others, self.path]:
@@ -68,6 +74,9 @@ class RowStore:
                 for line in file.read_text().splitlines():
                     if line.strip():
                         row = upgrade_row(json.loads(line))
+                        if self.valid is not None and not self.valid(row):
+                            self.ignored += 1
+                            continue
                         self.latest[self.key(row)] = row
 
     def done(self, key: Hashable) -> bool:

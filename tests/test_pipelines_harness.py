@@ -71,6 +71,17 @@ def test_own_rows_win_over_another_files_row_of_the_same_key(tmp_path):
     assert reopened.latest[("NAMM", 0)]["namm"] == "new"
 
 
+def test_invalid_rows_never_shadow_valid_ones_whichever_file_is_read_last(tmp_path):
+    """A shard process whose own file still holds an older NAMM's row must see the new row another
+    file holds for that key (and count the old one as ignored)."""
+    key = lambda r: (r["policy"], r["id"])  # noqa: E731
+    for name, namm in (("rows.jsonl", "new"), ("rows.shard0of2.jsonl", "old")):
+        (tmp_path / name).write_text(json.dumps({"policy": "NAMM", "id": 0, "namm": namm}) + "\n")
+    shard = RowStore(tmp_path / "rows.shard0of2.jsonl", key=key, shards="rows*.jsonl",
+                     valid=lambda r: r["namm"] == "new")
+    assert shard.done(("NAMM", 0)) and shard.latest[("NAMM", 0)]["namm"] == "new" and shard.ignored == 1
+
+
 def test_settings_guard_names_what_differs(tmp_path):
     check_setting(tmp_path, {"a": 1, "b": "x"})
     check_setting(tmp_path, {"a": 1, "b": "x"})  # same setting: resumes

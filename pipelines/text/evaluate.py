@@ -371,13 +371,13 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
     _check_same_setting(out_dir, cfg, every)
     shard, n_shards = parse_shard(cfg.shard)
     rows_path = out_dir / shard_rows_name(shard, n_shards, ROWS_NAME)
-    store = RowStore(rows_path, _key, shards="rows*.jsonl")  # every shard's rows
     def is_stale(r):
         return depends_on_namm(r) and r.get("namm") != str(cfg.namm)
 
-    stale = store.forget(is_stale)
-    if stale:
-        log(f"{stale} rows of another NAMM are ignored and redone")
+    # every shard's rows; those of another NAMM are ignored (and redone) wherever they lie
+    store = RowStore(rows_path, _key, shards="rows*.jsonl", valid=lambda r: not is_stale(r))
+    if store.ignored:
+        log(f"{store.ignored} rows of another NAMM are ignored and redone")
     model, tokenizer = load_named_model(cfg.model, device=cfg.device, dtype=parse_dtype(cfg.dtype))
     examples = [
         (t, ex) for t in cfg.tasks for ex in make_split(t, tokenizer, cfg.split, cfg.n, cfg.prompt_tokens)
@@ -417,7 +417,6 @@ def run_eval_text(cfg: EvalTextConfig, argv: list[str] | None = None) -> dict[st
                 max_new = cfg.max_new_tokens or TASKS[t].max_new_tokens
                 write(_progressive_prompt(model, tokenizer, namm, ex, TASKS[t], cfg, todo, max_new, every))
     store.refresh()  # the other shards' rows written meanwhile
-    store.forget(is_stale)
     return write_text_summary(out_dir, cfg, store.rows(), argv)
 
 

@@ -47,6 +47,14 @@ def test_the_previous_namm_stays_loadable_under_a_versioned_name():
     assert not torch.equal(old.params, namm_transfer.pretrained("smollm2-text").params)
 
 
+def test_the_sink_keeping_namm_ships_with_its_sinks_and_its_record():
+    namm = namm_transfer.pretrained("smollm2-text-sinks4")
+    assert namm.config.sink_tokens == 4 and namm.norm_mean is not None
+    record = training_record("smollm2-text-sinks4")
+    assert "--sink-tokens 4" in record["command"] and record["config"]["sink_tokens"] == 4
+    assert not torch.equal(namm.params, namm_transfer.pretrained("smollm2-text").params)
+
+
 def test_one_resolver_for_every_kind_of_shipped_artefact(tmp_path):
     from namm_transfer.shipped import KINDS, available, pretrained_dir, resolve
 

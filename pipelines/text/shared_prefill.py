@@ -170,8 +170,7 @@ class ContextPrefill:
         policy = one_shot(policy if policy is not None else self.children[child])
         num_layers = len(self.cache.layers)
         windows = [layer.sliding_window for layer in self.cache.layers]
-        # padded: the members' rows are concatenated into one batch later
-        fork = EvictingCache(policy, num_layers, self.cache.layers[0].memory.n_groups, windows, "padded")
+        fork = EvictingCache(policy, num_layers, self.cache.layers[0].memory.n_groups, windows)
         for src, dst in zip(self.cache.layers, fork.layers, strict=True):
             mem_src, mem_dst = src.memory, dst.memory
             dst.lazy_initialization(src.keys, src.values)

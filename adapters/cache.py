@@ -54,7 +54,9 @@ class RowsBuffer:
 
 
 def _select_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``states[b, h, index[b, h, k]]``: ``[B, H, K, D]`` from ``states`` ``[B, H, S, D]``."""
+    """``states[b, h, index[b, h, k]]``: ``[B, H, K, D]`` from ``states`` ``[B, H, S, D]``: whole rows of
+    the flattened ``[B * H * S, D]`` tensor picked by one ``index_select`` (a row copy, far cheaper than
+    an element-wise gather with the index expanded over D)."""
     batch, heads, slots, dim = states.shape
     offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1) * slots
     rows = (index + offsets).reshape(-1)
@@ -212,12 +214,6 @@ class EvictingLayer(DynamicLayer):
             self.sliding_window = int(module_window)
         return self.sliding_window
 
-    def _gather(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
-        """Slots ``index`` ``[B, H, K]`` of keys and values: whole rows of the flattened ``[B * H * S, D]``
-        tensors picked by one ``index_select`` each (a row copy, far cheaper than an element-wise gather
-        with the index expanded over D)."""
-        return _select_slots(keys, index), _select_slots(values, index)
-
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store the view left by an eviction: packed when some (sample, head) holds fewer slots than the
         view is wide (and the layout is packed), else as it is."""
@@ -239,13 +235,13 @@ class EvictingLayer(DynamicLayer):
         if self.sliding_window is not None:
             index = self.memory.expire(self.sliding_window)
             if index is not None:
-                keys, values = self._gather(keys, values, index)
+                keys, values = _select_slots(keys, index), _select_slots(values, index)
                 changed = True
         needs_keys = getattr(self.memory.policy, "needs_keys", False)
         index = self.memory.maybe_evict(keys if needs_keys else None, force=force)
         t0 = time.perf_counter()
         if index is not None:
-            keys, values = self._gather(keys, values, index)
+            keys, values = _select_slots(keys, index), _select_slots(values, index)
             changed = True
         if changed:
             self._store(keys, values)

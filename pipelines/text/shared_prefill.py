@@ -152,7 +152,7 @@ class ContextPrefill:
         """Bytes held: keys, values and every recorded policy state."""
         total = 0
         for layer in self.cache.layers:
-            total += layer.keys.numel() * layer.keys.element_size() * 2
+            total += layer.stored_bytes()
             for child, state in zip(self.children, layer.memory.state, strict=True):
                 total += child.state_nbytes(state)
         return total

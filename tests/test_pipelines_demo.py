@@ -46,7 +46,7 @@ def test_demo_small(tmp_path, capsys):
 def test_bench_overhead_small(tmp_path):
     out = tmp_path / "results" / "overhead.md"
     assert main(["bench", "overhead", "--lengths", "256", "512", "--chunk", "256", "--reps", "1",
-                 "--warmup", "0", "--threads", "1", "--output", str(out)]) == 0
+                 "--warmup", "0", "--threads", "1", "--decode-tokens", "2", "--output", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert [(r["tokens"], r["setting"]) for r in data["rows"]] == [
         (n, s)
@@ -62,5 +62,8 @@ def test_bench_overhead_small(tmp_path):
     assert packed["kv_layout"] == "packed" and padded["kv_layout"] == "padded"
     assert packed["kv_bytes_kept"] == padded["kv_bytes_kept"]
     assert packed["stored_to_kept"] <= 1 + 4 / 512 + 1e-9 < padded["stored_to_kept"]
+    for r in data["rows"]:
+        assert r["decode_tokens"] == 2 and r["bare_decode_s"] > 0 and r["namm_decode_s"] > 0
+    assert "decode NAMM / bare" in out.read_text()
     assert data["meta"]["command"].startswith("namm-transfer bench overhead")
     assert "| tokens |" in out.read_text() and "stored / kept" in out.read_text()

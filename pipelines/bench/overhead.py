@@ -54,6 +54,8 @@ class OverheadConfig:
         operating_ratio: compression ratio (fraction of the tokens seen removed at each update) of the
             ``half`` and ``half one-shot`` rows; None skips them.
         one_shot: also time the one-shot protocol (whole context in one chunk, one eviction at its end).
+        decode_tokens: after each prefill, time this many greedy single-token forwards too (bare and
+            NAMM, same cache as the prefill left it; 0: prefill only).
         threshold_namm: a trained NAMM (shipped name, path or hub id) timed in its own threshold mode, the
             NAMM's operating point where heads keep different numbers of tokens, once with the default
             packed KV layout (``threshold``) and once padded (``threshold padded``); None skips it.
@@ -75,6 +77,7 @@ class OverheadConfig:
     operating_ratio: float | None = 0.5
     one_shot: bool = True
     threshold_namm: str | None = "smollm2-text"
+    decode_tokens: int = 0
     note: str = ""
     output: str = "benchmarks/results/overhead.md"
     threads: int | None = None
@@ -92,6 +95,14 @@ def chunked_prefill(model, ids: torch.Tensor, chunk: int, cache) -> None:
         for start in range(0, ids.shape[1], chunk):
             part = ids[:, start : start + chunk]
             model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def decode_steps(model, cache, n: int, token: int = 13) -> None:
+    """``n`` single-token forwards on ``cache`` (the decode loop of greedy generation, one fixed token)."""
+    ids = torch.full((1, 1), token, dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        for _ in range(n):
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
 def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
@@ -140,18 +151,24 @@ def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig, trained=
     settings = settings_for(namm, tokens, cfg, trained)
     chunks = sorted({chunk for _, _, chunk, _ in settings})
 
-    def bare(chunk: int) -> int:
+    def bare(chunk: int) -> DynamicCache:
         cache = DynamicCache(config=model.config)
         chunked_prefill(model, ids, chunk, cache)
-        return _dynamic_cache_bytes(cache)
+        return cache
+
+    def decode(cache) -> float:
+        return _timed(lambda: decode_steps(model, cache, cfg.decode_tokens), cfg.device)[0]
 
     bare_times: dict[int, list[float]] = {c: [] for c in chunks}
+    bare_decode: dict[int, list[float]] = {c: [] for c in chunks}
     bare_bytes: dict[int, int] = {}
-    runs: dict[str, list[tuple[float, dict]]] = {name: [] for name, *_ in settings}
+    runs: dict[str, list[tuple[float, dict, float]]] = {name: [] for name, *_ in settings}
     for _ in range(max(1, cfg.reps)):
         for chunk in chunks:
-            seconds, bare_bytes[chunk] = _timed(lambda c=chunk: bare(c), cfg.device)
+            seconds, cache = _timed(lambda c=chunk: bare(c), cfg.device)
+            bare_bytes[chunk] = _dynamic_cache_bytes(cache)
             bare_times[chunk].append(seconds)
+            bare_decode[chunk].append(decode(cache) if cfg.decode_tokens else 0.0)
             for name, policy, setting_chunk, layout in settings:
                 if setting_chunk != chunk:
                     continue
@@ -159,12 +176,13 @@ def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig, trained=
                     cache = handle.new_cache()
                     run = lambda c=cache, k=chunk: chunked_prefill(model, ids, k, c)  # noqa: E731
                     seconds, _ = _timed(run, cfg.device)
-                    runs[name].append((seconds, handle.stats()))
+                    stats = handle.stats()  # as the prefill left the cache
+                    runs[name].append((seconds, stats, decode(cache) if cfg.decode_tokens else 0.0))
     rows = []
     for name, policy, chunk, layout in settings:
-        times = [t for t, _ in runs[name]]
+        times = [t for t, _, _ in runs[name]]
         stats = runs[name][-1][1]
-        bookkeeping = statistics.median(sum(st["timing"].values()) for _, st in runs[name])
+        bookkeeping = statistics.median(sum(st["timing"].values()) for _, st, _ in runs[name])
         bare_s, namm_s = statistics.median(bare_times[chunk]), statistics.median(times)
         rows.append({
             "tokens": tokens,
@@ -191,6 +209,11 @@ def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig, trained=
             "bookkeeping_bytes": stats["bookkeeping_bytes"],
             "max_rows_buffered": stats["max_rows_buffered"],
         })
+        if cfg.decode_tokens:
+            bare_d = statistics.median(bare_decode[chunk])
+            namm_d = statistics.median(d for _, _, d in runs[name])
+            rows[-1].update(decode_tokens=cfg.decode_tokens, bare_decode_s=bare_d, namm_decode_s=namm_d,
+                            decode_ratio=namm_d / bare_d)
     return rows
 
 
@@ -212,6 +235,12 @@ def format_overhead(rows: list[dict[str, Any]]) -> str:
          f"{r['kept_fraction']:.1%}", f"{r['bookkeeping_bytes'] / mib:.2f}", r["max_rows_buffered"]]
         for r in rows
     ]
+    if any("decode_ratio" in r for r in rows):
+        headers += ["decode s bare / NAMM", "decode NAMM / bare"]
+        for line, r in zip(body, rows, strict=True):
+            has = "decode_ratio" in r
+            line += [f"{r['bare_decode_s']:.2f} / {r['namm_decode_s']:.2f}" if has else "-",
+                     f"{r['decode_ratio']:.2f}" if has else "-"]
     return markdown_table(headers, body)
 
 

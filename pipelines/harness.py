@@ -63,9 +63,9 @@ class RowStore:
 
     def refresh(self) -> None:
         """Read every file again: rows other processes (shards) appended since are seen, e.g. before a
-        summary. The files hold every row this store added, so nothing of its own is lost: its own file
-        is read last, so where another file holds the same key (an older run's row, say one of another
-        NAMM copied in to reuse the rest) the row this store wrote wins, whatever the files' names."""
+        summary. The files hold every row this store added, so nothing of its own is lost. Rows that fail
+        ``valid`` are skipped; of two valid rows of one key in different files, the one in this store's
+        own file wins (it is read last), whatever the files' names."""
         self.latest, self.ignored = {}, 0
         found = sorted(self.path.parent.glob(self.shards)) if self.shards else []
         others = [f for f in dict.fromkeys([*self.read, *found]) if f.resolve() != self.path.resolve()]

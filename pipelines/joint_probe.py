@@ -216,6 +216,5 @@ def progressive_joint_answer(model, tokenizer, handle, prompt_ids: list[int], na
             layer.apply_eviction(force=True)
     tail = SimpleNamespace(suffix_ids=ids[body:])
     text = generate_answer(model, tokenizer, tail, cache, max_new_tokens)
-    seen = cache.get_seq_length()
-    kept = torch.stack([layer.memory.valid[0].sum(-1).float() for layer in cache.layers]).mean()
-    return text, float(kept) / seen
+    kept = cache.memory_report().sample(0)["kept_per_layer"]
+    return text, sum(kept) / len(kept) / cache.get_seq_length()

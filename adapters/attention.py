@@ -297,7 +297,10 @@ def namm_attention_forward(
         if softcap is None:
             out = _sdpa(query, key, value, allowed, scaling)
         if needs_rows or out is None:
+            t0 = time.perf_counter()
             probs = _softmax_rows(query, key, allowed, scaling, softcap)  # [B, H_kv, G, q, S]
+            if out is not None:  # computed for the policy alone: its share of the work
+                memory.stats.timing["capture_s"] += time.perf_counter() - t0
             if out is None:
                 out = _weighted_values(probs, value)
             if needs_rows:

@@ -61,6 +61,17 @@ FRAME_BLOCK_BYTES = 2 << 20
 
 _SCRATCH = threading.local()
 
+# Spare key slots the feature state allocates when it grows by fewer than this many (decoding, rollout
+# steps): one reallocation per GROW_SLACK tokens instead of one per token.
+GROW_SLACK = 64
+
+
+def _widened(x: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``x`` ``[..., n]`` copied into fresh zeroed storage of ``capacity >= n`` columns."""
+    out = x.new_zeros(*x.shape[:-1], capacity)
+    out[..., : x.shape[-1]] = x
+    return out
+
 
 def _scratch(name: str, numel: int, device: torch.device) -> torch.Tensor:
     """float32 scratch memory of at least ``numel`` elements, reused from call to call (per thread and
@@ -132,16 +143,52 @@ class StreamingSpectrogram:
             raise ValueError(f"need an even n_fft >= hop > 0, got n_fft={n_fft}, hop={hop}")
         self.n_fft, self.hop, self.decay = n_fft, hop, decay
         self.n_bins = n_fft // 2 + 1
-        self.window: torch.Tensor | None = None
-        self.spectrum: torch.Tensor | None = None  # [B, H, n_bins, S]
+        # Storage: both buffers have ``capacity >= n_keys`` key columns, zero beyond ``n_keys``, so a new
+        # key costs nothing until the capacity runs out. ``_ring`` holds the last n_fft rows with the
+        # oldest at row ``_ring_start`` (a ring: a chunk of a few queries overwrites its rows in place).
+        self._ring: torch.Tensor | None = None  # [B, H, n_fft, capacity]
+        self._ring_start = 0
+        self._spec: torch.Tensor | None = None  # [B, H, n_bins, capacity]
+        self.n_keys = 0
+        # id() of the object each buffer belongs to: a shallow copy (a forked state) shares or expands
+        # them, and copies one before it first writes into it (:meth:`_own`)
+        self._ring_owner = self._spec_owner = 0
         self.rows_seen: torch.Tensor | None = None
         self._basis: torch.Tensor | None = None
         self._paired: torch.Tensor | None = None
 
     @property
+    def window(self) -> torch.Tensor | None:
+        """``[B, H, n_fft, S]`` the last ``n_fft`` attention rows, oldest first."""
+        if self._ring is None:
+            return None
+        ring = self._ring[..., : self.n_keys]
+        return ring if self._ring_start == 0 else ring.roll(-self._ring_start, dims=-2)
+
+    @window.setter
+    def window(self, value: torch.Tensor) -> None:
+        self._ring, self._ring_start, self._ring_owner = value, 0, id(self)
+        self.n_keys = value.shape[-1]
+
+    @property
+    def spectrum(self) -> torch.Tensor | None:
+        """``[B, H, n_bins, S]`` reduced spectrogram of every key slot (a view of the storage)."""
+        return None if self._spec is None else self._spec[..., : self.n_keys]
+
+    @spectrum.setter
+    def spectrum(self, value: torch.Tensor) -> None:
+        if self._ring is None:  # features set directly (a test, a restored state): no rows seen yet
+            self._init(value.shape[0], value.shape[1], value.device)
+        if value.shape[-1] > self.n_keys:
+            self.grow(value.shape[-1])
+        if value.shape[-1] != self.n_keys:
+            raise ValueError(f"spectrum has {value.shape[-1]} key slots, the window {self.n_keys}")
+        self._spec, self._spec_owner = value, id(self)
+
+    @property
     def ema(self) -> torch.Tensor | None:
         """``[B, H, S, n_bins]`` reduced spectrogram of every key slot (a view)."""
-        return None if self.spectrum is None else self.spectrum.transpose(-1, -2)
+        return None if self._spec is None else self.spectrum.transpose(-1, -2)
 
     @ema.setter
     def ema(self, value: torch.Tensor) -> None:
@@ -152,18 +199,32 @@ class StreamingSpectrogram:
         return self.decay**self.hop
 
     def _init(self, batch: int, heads: int, device: torch.device) -> None:
-        self.window = torch.zeros(batch, heads, self.n_fft, 0, device=device)
-        self.spectrum = torch.zeros(batch, heads, self.n_bins, 0, device=device)
+        self._ring = torch.zeros(batch, heads, self.n_fft, 0, device=device)
+        self._spec = torch.zeros(batch, heads, self.n_bins, 0, device=device)
+        self._ring_start, self.n_keys = 0, 0
+        self._ring_owner = self._spec_owner = id(self)
         self.rows_seen = torch.zeros(batch, dtype=torch.long, device=device)
         self._basis = dft_basis(self.n_fft, device)
         self._paired = paired_dft_basis(self.n_fft, device)
 
     def grow(self, n_keys: int) -> None:
-        """Extend the key axis to ``n_keys`` slots (new keys: no attention so far)."""
-        extra = n_keys - self.spectrum.shape[-1]
-        if extra > 0:
-            self.window = F.pad(self.window, (0, extra))
-            self.spectrum = F.pad(self.spectrum, (0, extra))
+        """Extend the key axis to ``n_keys`` slots (new keys: no attention so far). The storage grows by
+        :data:`GROW_SLACK` slots more than asked, so token-by-token decoding reallocates rarely."""
+        if n_keys <= self.n_keys:
+            return
+        if n_keys > min(self._ring.shape[-1], self._spec.shape[-1]):
+            capacity = n_keys + GROW_SLACK if n_keys - self.n_keys < GROW_SLACK else n_keys
+            self._ring = _widened(self._ring[..., : self.n_keys], capacity)
+            self._spec = _widened(self._spec[..., : self.n_keys], capacity)
+            self._ring_owner = self._spec_owner = id(self)
+        self.n_keys = n_keys
+
+    def _own(self) -> None:
+        """Copy the buffers this object does not own before writing into them in place."""
+        if self._ring_owner != id(self):
+            self._ring, self._ring_owner = self._ring.clone(), id(self)
+        if self._spec_owner != id(self):
+            self._spec, self._spec_owner = self._spec.clone(), id(self)
 
     def observe(self, rows: torch.Tensor, row_valid: torch.Tensor | None = None, causal: bool = False) -> int:
         """Consume the attention rows of a chunk of queries.
@@ -179,7 +240,7 @@ class StreamingSpectrogram:
             The largest number of frames emitted for a sample.
         """
         batch, heads, n_q, n_keys = rows.shape
-        if self.spectrum is None:
+        if self._spec is None:
             self._init(batch, heads, rows.device)
         self.grow(n_keys)
         rows = rows.float()
@@ -188,7 +249,9 @@ class StreamingSpectrogram:
         if row_valid is not None:
             rows = rows * row_valid[:, None, :, None]
         aligned = row_valid is None and bool((self.rows_seen == self.rows_seen[0]).all())
-        if aligned and n_q >= self.n_fft and rows.is_contiguous():
+        if aligned and n_q < self.n_fft:
+            return self._observe_ring(rows)
+        if aligned and rows.is_contiguous():
             return self._observe_aligned(rows, causal=causal)
         combined = torch.cat([self.window, rows], dim=-2).contiguous()  # [B, H, n_fft + q, S]
         # A copy, not a view: a view would keep the whole chunk's rows alive between forwards.
@@ -196,6 +259,34 @@ class StreamingSpectrogram:
         if aligned:
             return self._observe_aligned(combined, with_window=True)
         return self._observe_per_sample(combined, row_valid)
+
+    def _observe_ring(self, rows: torch.Tensor) -> int:
+        """A chunk of fewer than ``n_fft`` queries, every sample in the same frame phase (decoding, a
+        rollout's step): its rows overwrite the oldest rows of the ring, and each frame it completes is
+        one basis product over the ring (the basis columns rotated to the ring's order), so nothing is
+        concatenated or copied per query."""
+        self._own()
+        n_q, seen = rows.shape[-2], int(self.rows_seen[0])
+        self.rows_seen += n_q
+        n_frames, done = 0, 0
+        while done < n_q:
+            stop = min(n_q, done + self.hop - (seen + done) % self.hop)  # one past the next frame's end
+            for r in range(done, stop):  # usually one or two rows
+                self._ring[..., self._ring_start, : self.n_keys] = rows[..., r, :]
+                self._ring_start = (self._ring_start + 1) % self.n_fft
+            done = stop
+            if (seen + done) % self.hop == 0:
+                self._ring_frame()
+                n_frames += 1
+        return n_frames
+
+    def _ring_frame(self) -> None:
+        """Emit the frame of the ring's rows: ``spectrum = fd * spectrum + (1 - fd) * |STFT|``."""
+        paired = self._paired.roll(self._ring_start, dims=1)  # column j reads ring row j
+        spec = torch.matmul(paired, self._ring[..., : self.n_keys]).square_()
+        mag = spec[..., : self.n_bins, :].add_(spec[..., self.n_bins :, :]).sqrt_()
+        fd = self.frame_decay
+        self.spectrum.mul_(fd).add_(mag, alpha=1 - fd)
 
     def _observe_aligned(self, rows: torch.Tensor, with_window: bool = False, causal: bool = False) -> int:
         """All samples share a frame phase: frames are evenly spaced windows of the series.
@@ -367,15 +458,17 @@ class StreamingSpectrogram:
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only key slots ``index`` ``[B, H, K]`` (after an eviction)."""
-        if self.spectrum is None:
+        if self._spec is None:
             return
+        spectrum = self.spectrum.gather(-1, index[:, :, None, :].expand(-1, -1, self.n_bins, -1))
         self.window = self.window.gather(-1, index[:, :, None, :].expand(-1, -1, self.n_fft, -1))
-        self.spectrum = self.spectrum.gather(-1, index[:, :, None, :].expand(-1, -1, self.n_bins, -1))
+        self.spectrum = spectrum
 
     def nbytes(self) -> int:
-        if self.spectrum is None:
+        """Bytes held, spare capacity included."""
+        if self._spec is None:
             return 0
-        return (self.window.numel() + self.spectrum.numel()) * self.window.element_size()
+        return (self._ring.numel() + self._spec.numel()) * self._ring.element_size()
 
 
 def age_embedding(age: torch.Tensor, dim: int = 8, base: float = 50_000.0) -> torch.Tensor:

@@ -22,6 +22,7 @@ from namm_transfer.policies.base import (
     check_budget,
     resolve_budget,
     sink_slots,
+    within_cap,
 )
 from namm_transfer.scorers import ScorerShapes, keep_all_params, score_tokens
 from namm_transfer.selection import select_tokens
@@ -208,11 +209,13 @@ class NAMM(MemoryPolicy):
                 f"NAMM holds {params.shape[0]} parameter vectors but the batch has "
                 f"{view.positions.shape[0]} samples; use one vector or one per sample"
             )
+        cap = resolve_budget(self.config.budget, self.config.compression_ratio, view)
+        if self.config.threshold is None and cap is not None and within_cap(view.valid, cap):
+            return view.valid.clone()  # a pure ranking under its cap keeps everything: no scoring
         feats = self.features(state, view)
         scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
         if self.config.sink_tokens:
             scores = scores.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
-        cap = resolve_budget(self.config.budget, self.config.compression_ratio, view)
         return select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
 
     def token_cap(self, view: CacheView) -> int | torch.Tensor | None:

@@ -24,6 +24,7 @@ from namm_transfer.pipelines.bench.population import (
     PopulationConfig,
     run_population,
 )
+from namm_transfer.pipelines.bench.rollout import RolloutSpeedConfig, run_rollout_speed
 from namm_transfer.pipelines.cli_config import Command, config_from_args
 from namm_transfer.pipelines.cli_config import build_parser as _build_parser
 from namm_transfer.pipelines.demo import DemoConfig, run_demo
@@ -315,6 +316,14 @@ COMMANDS: tuple[Command, ...] = (
         "forward and once all members in one batched forward (per-row NAMM parameters); checks the scores "
         "agree and reports the speed-up. Writes OUTPUT (.md) and its .json twin.",
         DTYPE,
+    ),
+    Command(
+        "bench rollout", RolloutSpeedConfig, run_rollout_speed,
+        "env steps per second of DT rollouts: the full cache vs the zero-shot NAMM",
+        "Roll out each DT's seeded batch of episodes under the full cache, the NAMM uncapped and the NAMM at "
+        "each budget (interleaved, --reps times), as eval-rollout does; report the median env steps/s, its "
+        "ratio to the full cache's and where the NAMM's own time goes. Writes OUTPUT (.md) and its .json "
+        "twin.",
     ),
     Command(
         "bench ablation", AblationConfig, run_ablation,

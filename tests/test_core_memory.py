@@ -226,6 +226,31 @@ def test_namm_sink_tokens_are_kept_within_the_budget_and_change_nothing_else():
         NAMMConfig(sink_tokens=-1)
 
 
+def test_namm_ranking_under_its_cap_keeps_everything_without_scoring(monkeypatch):
+    """A pure ranking (threshold None) whose cap no head exceeds keeps every valid slot, as selection
+    would, and skips the scorer; with a threshold, or over the cap, the scorer runs."""
+    import namm_transfer.namm as namm_module
+
+    calls = []
+    real = namm_module.score_tokens
+    monkeypatch.setattr(namm_module, "score_tokens", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = torch.softmax(torch.randn(2, 1, 10, 10), -1)
+    view = CacheView(0, torch.arange(10).expand(2, 1, 10), torch.ones(2, 1, 10, dtype=torch.bool))
+    state = NAMM().new_state(0)
+    state.observe(rows)
+    ranked = NAMM.init_random(4, config=NAMMConfig(threshold=None))
+    for budget, scored in ((10, False), (12, False), (9, True)):
+        keep = ranked.with_budget(budget, keep_threshold=False).keep(state, view)
+        assert len(calls) == int(scored) and int(keep.sum(-1).max()) == min(budget, 10)
+        calls.clear()
+    ratio = ranked.with_compression_ratio(0.0, keep_threshold=False)  # cap = seen = 10 per sample
+    view.seen = torch.tensor([10, 10])
+    assert bool(ratio.keep(state, view).all()) and not calls
+    thresholded = NAMM.init_random(4, config=NAMMConfig(budget=12))
+    thresholded.keep(state, view)
+    assert calls
+
+
 def test_h2o_keeps_recent_window_and_heavy_hitters():
     policy = H2O(budget=6, recent=2, update_every=10)
     mem = LayerMemory(policy, 0)

@@ -153,6 +153,15 @@ def per_sample(cap: int | torch.Tensor, like: torch.Tensor) -> int | torch.Tenso
     return cap
 
 
+def within_cap(valid: torch.Tensor, cap: int | torch.Tensor) -> bool:
+    """True when no (sample, KV head) of ``valid`` ``[B, H, S]`` holds more than ``cap`` tokens (an int
+    or a ``[B]`` tensor): a capped ranking then keeps every valid slot, so it need not be computed."""
+    held = valid.sum(-1)  # [B, H]
+    if isinstance(cap, torch.Tensor):
+        cap = cap.to(held.device).reshape(-1, 1)
+    return bool((held <= cap).all())
+
+
 def sink_slots(view: CacheView, sink: int) -> torch.Tensor:
     """``[B, H, S]`` bool: the valid slots holding each sample's first ``sink`` tokens (StreamingLLM's
     attention sinks; positions count from the sample's first real token, padding aside)."""

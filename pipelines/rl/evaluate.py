@@ -391,6 +391,7 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
             "batch_env_steps": env_steps,
             "batch_seconds": seconds,
             "nonfinite": int(stats.get("nonfinite", 0)),
+            "policy_timing": stats.get("timing", {}),  # the batch's policy seconds (bench rollout)
             **{k: int(v) for k, v in envs.reset_infos[b].items() if k == "cue_step"},  # memory tasks
         })
     return PolicyRun(rows, meter.memory_map, tokens_per_step, np.stack(executed))

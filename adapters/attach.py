@@ -198,6 +198,8 @@ class AttachedPolicy:
             "nonfinite": sum(m.stats.nonfinite for m in memories),
             "updates": sum(m.stats.updates for m in memories),
             "stored_kv_bytes": stored,
+            # allocated past the stored slots: the room decoding steps append into
+            "spare_kv_bytes": sum(layer.spare_bytes() for layer in self.cache.layers),
             "kept_kv_bytes": kept_bytes,
             # stored / kept: 1.0 when every head of a layer keeps as many tokens as the fullest one
             "stored_to_kept": stored / kept_bytes if kept_bytes else 1.0,

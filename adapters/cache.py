@@ -64,6 +64,10 @@ def _select_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 KV_LAYOUTS = ("packed", "padded")
+# Least spare slots (per sample and KV head) the dense storage takes when it grows by a few tokens at a
+# time; it takes an eighth of its size when that is more, so appends copy each slot a bounded number of
+# times (a decode step or a rollout step never copies the whole cache).
+APPEND_SLACK = 16
 
 
 @dataclass
@@ -138,7 +142,10 @@ class EvictingLayer(DynamicLayer):
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
         self.kv_layout = kv_layout
         self._packed: PackedSlots | None = None  # the survivors of the latest eviction, when packed
-        self._dense: list[torch.Tensor | None] = [None, None]  # keys, values: the view, or after _packed
+        # keys, values: the view, or the slots after _packed; stored with spare capacity along the slot
+        # axis (the first _n_dense slots are real) so that a decoding step appends in place
+        self._dense: list[torch.Tensor | None] = [None, None]
+        self._n_dense = 0
         self._view: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's padded view
         super().__init__()
         self.memory = memory
@@ -146,10 +153,14 @@ class EvictingLayer(DynamicLayer):
         self._awaiting_attention = False
         self._rows = rows if rows is not None else RowsBuffer()
 
+    def _dense_view(self, which: int) -> torch.Tensor | None:
+        dense = self._dense[which]
+        return dense if dense is None or dense.dim() < 4 else dense[..., : self._n_dense, :]
+
     def _read(self, which: int) -> torch.Tensor | None:
         if self._view is not None:
             return self._view[which]
-        dense = self._dense[which]
+        dense = self._dense_view(which)
         if self._packed is None:
             return dense
         packed = self._packed.keys if which == 0 else self._packed.values
@@ -159,6 +170,7 @@ class EvictingLayer(DynamicLayer):
         self._view = None
         self._packed = None
         self._dense[which] = value
+        self._n_dense = 0 if value is None or value.dim() < 4 else value.shape[-2]
 
     keys = property(lambda self: self._read(0), lambda self, v: self._write(0, v))
     values = property(lambda self: self._read(1), lambda self, v: self._write(1, v))
@@ -189,9 +201,7 @@ class EvictingLayer(DynamicLayer):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        tail_k = torch.cat([self._dense[0], key_states], dim=-2)
-        tail_v = torch.cat([self._dense[1], value_states], dim=-2)
-        self._dense = [tail_k, tail_v]
+        tail_k, tail_v = self._append(key_states, value_states)
         batch, heads, n_new, _ = key_states.shape
         self.memory.append(batch, heads, n_new, key_states.device)
         if self._packed is not None:  # rebuilt once per forward; dropped after the eviction step
@@ -200,6 +210,30 @@ class EvictingLayer(DynamicLayer):
                           self._packed.unpack(self._packed.values, shape, tail_v))
         self._awaiting_attention = True
         return self.keys, self.values
+
+    def _append(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new slots to the dense storage, in place while its spare capacity lasts (a decoding
+        step then copies only its own tokens, where ``torch.cat`` would copy the whole cache); returns the
+        dense views."""
+        n_old, n_new = self._n_dense, key_states.shape[-2]
+        buffers = []
+        for which, new in enumerate((key_states, value_states)):
+            buf = self._dense[which]
+            fits = (buf is not None and buf.dim() == 4 and buf.shape[-2] >= n_old + n_new
+                    and buf.shape[:2] == new.shape[:2] and buf.is_contiguous())
+            if not fits:  # a new buffer; spare slots only when the cache grows by small steps
+                slack = max(APPEND_SLACK, (n_old + n_new) // 8)
+                capacity = n_old + n_new + (slack if n_new < slack else 0)
+                grown = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
+                if n_old:
+                    grown[..., :n_old, :] = buf[..., :n_old, :]
+                buf = grown
+            buf[..., n_old : n_old + n_new, :] = new
+            buffers.append(buf)
+        self._dense, self._n_dense = buffers, n_old + n_new
+        return self._dense_view(0), self._dense_view(1)
 
     def get_seq_length(self) -> int:
         return self.memory.tokens_seen
@@ -222,8 +256,10 @@ class EvictingLayer(DynamicLayer):
             packed = PackedSlots.pack(keys, values, valid)
             empty_k, empty_v = keys[..., :0, :], values[..., :0, :]
             self._packed, self._dense, self._view = packed, [empty_k, empty_v], None
+            self._n_dense = 0
         else:
             self._packed, self._dense, self._view = None, [keys, values], None
+            self._n_dense = keys.shape[-2]
 
     def apply_eviction(self, force: bool = False) -> None:
         """After a forward: drop what left the sliding window, then ask the policy (if due, or at once with
@@ -258,9 +294,7 @@ class EvictingLayer(DynamicLayer):
 
     def stored_slots(self) -> int:
         """Slots per (sample, KV head) of the padded view (what the attention reads)."""
-        dense = self._dense[0]
-        n_dense = 0 if dense is None or dense.dim() < 4 else dense.shape[-2]
-        return n_dense + (0 if self._packed is None else self._packed.width)
+        return self._n_dense + (0 if self._packed is None else self._packed.width)
 
     def slot_bytes(self) -> int:
         """Key + value bytes of one token of one KV head (0 before the first token)."""
@@ -270,10 +304,18 @@ class EvictingLayer(DynamicLayer):
         return keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
 
     def stored_bytes(self) -> int:
-        """Bytes this layer holds between forwards: the packed rows and their slot indices (packed
-        layout) plus the dense slots."""
+        """Bytes of the slots this layer holds between forwards: the packed rows and their slot indices
+        (packed layout) plus the dense slots (:meth:`spare_bytes` not included)."""
         total = 0 if self._packed is None else self._packed.nbytes()
-        return total + sum(0 if t is None else t.numel() * t.element_size() for t in self._dense)
+        dense = self._dense_view(0), self._dense_view(1)
+        return total + sum(0 if t is None else t.numel() * t.element_size() for t in dense)
+
+    def spare_bytes(self) -> int:
+        """Bytes allocated beyond the dense slots: the room decoding appends into (at most an eighth of
+        the dense slots, or :data:`APPEND_SLACK` per sample and head)."""
+        allocated = sum(0 if t is None else t.numel() * t.element_size() for t in self._dense)
+        return allocated - sum(0 if t is None else t.numel() * t.element_size()
+                               for t in (self._dense_view(0), self._dense_view(1)))
 
     def kept_bytes(self) -> int:
         """Key + value bytes of the tokens actually kept (every valid slot of every sample and KV head):

@@ -89,3 +89,36 @@ def test_packed_equals_padded_through_evictions_and_generation(model):
 def test_unknown_layout_is_refused(model):
     with pytest.raises(ValueError, match="kv_layout must be one of"):
         attach(model, NAMM(NAMMConfig()), kv_layout="ragged")
+
+
+@torch.no_grad()
+def test_decoding_appends_in_place_into_bounded_spare_room(model):
+    """A decoding step writes its token into the dense storage's spare slots (no copy of the cache) and
+    the model sees exactly the stored tokens: the greedy continuation and the keys equal a plain
+    transformers cache's; the spare room stays within max(APPEND_SLACK, an eighth of the slots)."""
+    from transformers import DynamicCache
+
+    from namm_transfer import FullCache
+    from namm_transfer.adapters.cache import APPEND_SLACK
+
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(8))
+    plain = DynamicCache(config=model.config)
+    expected = model.generate(ids, past_key_values=plain, max_new_tokens=12, do_sample=False)
+    with attach(model, FullCache()) as handle:
+        out = model(ids, use_cache=True)
+        layer = handle.cache.layers[0]
+        token = out.logits[:, -1:].argmax(-1)
+        model(token, past_key_values=out.past_key_values, use_cache=True)
+        buffer = layer._dense[0]
+        assert buffer.shape[-2] > layer.stored_slots()  # room was taken when the cache started growing
+        model(token, past_key_values=out.past_key_values, use_cache=True)
+        assert layer._dense[0] is buffer and layer.stored_slots() == 42  # appended in place
+        stats = handle.stats()
+        assert stats["stored_kv_bytes"] == stats["kept_kv_bytes"]
+        spare_slots = max(APPEND_SLACK, 42 // 8)
+        assert 0 < stats["spare_kv_bytes"] <= 8 * spare_slots * layer.slot_bytes()  # layers x samples x heads
+    with attach(model, FullCache()) as handle:
+        got = model.generate(ids, max_new_tokens=12, do_sample=False)
+        assert torch.equal(got, expected)
+        for mine, theirs in zip(handle.cache.layers, plain.layers, strict=True):
+            torch.testing.assert_close(mine.keys, theirs.keys[..., : mine.keys.shape[-2], :], rtol=0, atol=0)

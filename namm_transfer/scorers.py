@@ -92,9 +92,15 @@ def score_tokens(
     all_valid = bool(valid.all())
     # garbage in empty slots must not leak
     x = features if all_valid else features.masked_fill(~valid[..., None], 0.0)
-    flipped = False
+    flipped, order = False, None
     if shapes.kind == "bam":
-        if all_valid and bool((positions[..., 1:] > positions[..., :-1]).all()):
+        if not all_valid and _valid_in_order(positions, valid):
+            # Heads keep different counts (a threshold, left padding): gather each row's valid slots,
+            # oldest first, to the right end of a row as wide as the fullest one (padding to the left),
+            # so the reversed rows below are valid-first and the fused causal kernel applies as well.
+            order = _right_aligned(positions, valid)
+            x = x.gather(-2, order[..., None].expand(-1, -1, -1, x.shape[-1]))
+        if order is not None or (all_valid and bool((positions[..., 1:] > positions[..., :-1]).all())):
             # Slots are stored oldest first, so "itself and newer" is causal attention on the reversed
             # sequence: SDPA's fused causal kernel, no S x S mask. The features are reversed once and
             # every per-token step runs in that order; only the scores are put back.
@@ -116,7 +122,28 @@ def score_tokens(
     else:  # the same arithmetic, in place on the product's own output
         hidden = multiplier.add_(1).mul_(x).add_(residual)
     scores = _linear(hidden, p["final_weight"], p["final_bias"]).squeeze(-1)
-    return scores.flip(-1) if flipped else scores
+    scores = scores.flip(-1) if flipped else scores
+    if order is None:
+        return scores
+    # back to the slots (``order`` holds distinct slots); invalid slots, never kept, score -inf
+    return scores.new_full(valid.shape, float("-inf")).scatter_(-1, order, scores).masked_fill_(
+        ~valid, float("-inf")
+    )
+
+
+def _valid_in_order(positions: torch.Tensor, valid: torch.Tensor) -> bool:
+    """True when each row's valid slots are in arrival order (slots are stored oldest first)."""
+    masked = positions.masked_fill(~valid, -1)
+    running = masked.cummax(-1).values
+    return bool(((masked >= running) | ~valid).all())
+
+
+def _right_aligned(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W]`` slot indices: each row's valid slots in arrival order at the right end of a row of
+    W = the largest valid count, invalid slots before them."""
+    width = int(valid.sum(-1).max())
+    key = positions.masked_fill(~valid, -1)
+    return torch.argsort(key, dim=-1, stable=True)[..., -width:]
 
 
 def keep_all_params(shapes: ScorerShapes, bias: float = 1.0) -> torch.Tensor:

@@ -65,6 +65,24 @@ def test_bam_matches_independent_reference(case):
     torch.testing.assert_close(got[valid].double(), expected[valid], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_sample_params", [False, True])
+def test_right_aligned_path_equals_the_masked_path(monkeypatch, per_sample_params):
+    """Slots in arrival order with holes (heads keeping different counts, left padding) take the fused
+    causal kernel over each row's valid slots gathered to its right end; the scores equal the general
+    masked attention's, and invalid slots score -inf."""
+    import namm_transfer.scorers as scorers
+
+    x, valid, positions = make_inputs(batch=3, heads=2, slots=11, seed=21, shuffle=False)
+    valid[0, 0, 5:] = False  # a head holding fewer slots
+    valid[1, :, :4] = False  # left padding
+    params = random_params(n=3 if per_sample_params else 1, seed=22)
+    fused = score_tokens(params, x, valid, positions, BAM)
+    monkeypatch.setattr(scorers, "_valid_in_order", lambda *a: False)
+    masked = score_tokens(params, x, valid, positions, BAM)
+    torch.testing.assert_close(fused[valid], masked[valid], atol=1e-5, rtol=1e-5)
+    assert bool((fused[~valid] == float("-inf")).all())
+
+
 def test_bam_scores_follow_a_permutation_of_slots():
     """Only positions matter, not slot order (ordered and shuffled slots take different code paths)."""
     x, valid, positions = make_inputs(batch=2, heads=2, slots=9, seed=13, shuffle=False)

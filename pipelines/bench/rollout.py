@@ -31,6 +31,9 @@ class RolloutSpeedConfig:
         episodes: episodes per rollout batch (seeds 0..episodes-1, all stepping together).
         reps: repetitions; each runs every policy once, in turn.
         update_every: NAMM cadence in tokens (3 tokens per env step).
+        exact_output: attach every policy with ``exact_output=True`` as ``eval-rollout`` does (the
+            output from the fused kernel, the NAMM's rows computed beside it); False: ``attach``'s
+            default, where the NAMM's output comes from the same rows (one pass over the keys).
         output: markdown result path (JSON beside it).
         threads: torch intra-op threads.
     """
@@ -41,6 +44,7 @@ class RolloutSpeedConfig:
     episodes: int = 50
     reps: int = 5
     update_every: int = 30
+    exact_output: bool = True
     output: str = "benchmarks/results/rollout_speed.md"
     threads: int | None = 1
 
@@ -82,11 +86,11 @@ def run_rollout_speed(cfg: RolloutSpeedConfig, argv: list[str] | None = None) ->
         runs: dict[str, list[dict[str, Any]]] = {label: [] for label in policies}
         for label, policy in policies.items():  # warm-up, not timed
             rollout_batch(dt, label, policy, dt.env_id, seeds[:2], dt.target_return, None, False,
-                          progress=False)
+                          progress=False, exact_output=cfg.exact_output)
         for rep in range(cfg.reps):
             for label, policy in policies.items():
                 run = rollout_batch(dt, label, policy, dt.env_id, seeds, dt.target_return, None, False,
-                                    progress=False)
+                                    progress=False, exact_output=cfg.exact_output)
                 row = run.rows[0]
                 runs[label].append({"seconds": row["batch_seconds"], "env_steps": row["batch_env_steps"],
                                     "timing": row.get("policy_timing", {}),
@@ -136,8 +140,8 @@ def run_rollout_speed(cfg: RolloutSpeedConfig, argv: list[str] | None = None) ->
         f"# Decision Transformer rollout speed: full cache vs zero-shot NAMM\n\n"
         f"- command: `{meta['command']}`\n- date: {meta['date']}, git {meta['git_revision']}\n"
         f"- torch {meta['torch']}, threads {meta['torch_threads']}; NAMM {cfg.namm}, update every "
-        f"{cfg.update_every} tokens; {cfg.episodes} episodes per batch (seeds 0..{cfg.episodes - 1}), "
-        f"{cfg.reps} repetitions, policies interleaved\n\n"
+        f"{cfg.update_every} tokens, exact_output={cfg.exact_output}; {cfg.episodes} episodes per batch "
+        f"(seeds 0..{cfg.episodes - 1}), {cfg.reps} repetitions, policies interleaved\n\n"
         "env steps/s: the batch's env steps over its rollout wall time (measurement excluded), median "
         "over repetitions; `vs full cache`: that median over the full cache's median. NAMM time: the "
         "policy's own seconds in the median repetition (attention rows it needs beside the fused "

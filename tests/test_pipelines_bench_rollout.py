@@ -1,0 +1,37 @@
+"""bench rollout on the shipped cue-corridor DT (121-step episodes, two of them, one repetition)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from namm_transfer.pipelines.bench.rollout import RolloutSpeedConfig, run_rollout_speed
+
+pytest.importorskip("gymnasium")
+
+
+def test_bench_rollout_reports_ratios_to_the_full_cache(tmp_path):
+    before = torch.get_num_threads()
+    out = tmp_path / "speed.md"
+    try:
+        record = run_rollout_speed(RolloutSpeedConfig(dts=["cuecorridor-expert"], budgets=[0.15], episodes=2,
+                                                      reps=1, output=str(out)))
+    finally:
+        torch.set_num_threads(before)
+    policies = record["results"]["cuecorridor-expert"]["policies"]
+    assert list(policies) == ["FullCache", "NAMM", "NAMM @ 15%"]
+    assert policies["FullCache"]["vs_full"] == 1.0
+    for s in policies.values():
+        assert s["steps_per_second_min"] <= s["steps_per_second_median"] <= s["steps_per_second_max"]
+        assert s["vs_full"] == pytest.approx(s["steps_per_second_median"]
+                                             / policies["FullCache"]["steps_per_second_median"])
+    # the cap (15% of 3 x 121 tokens = 54 per layer and head) holds up to one cadence of new tokens
+    assert policies["NAMM @ 15%"]["tokens_mean"] <= 54 + 30
+    assert policies["FullCache"]["tokens_mean"] > policies["NAMM @ 15%"]["tokens_mean"]
+    timing = policies["NAMM @ 15%"]["timing_median_rep"]
+    assert timing["scoring_s"] > 0 and timing["features_s"] > 0  # the NAMM's own time is measured
+    full_timing = policies["FullCache"]["timing_median_rep"]
+    assert full_timing.get("features_s", 0.0) == full_timing.get("scoring_s", 0.0) == 0.0
+    assert "vs full cache" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["results"]

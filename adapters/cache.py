@@ -64,6 +64,9 @@ def _select_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 KV_LAYOUTS = ("packed", "padded")
+# Most (sample, KV head) pairs a packed layer unpacks by slice copies (one per pair); more take one
+# indexed copy of all rows, cheaper than that many small copies.
+MAX_SEGMENTS = 32
 # Least spare slots (per sample and KV head) the dense storage takes when it grows by a few tokens at a
 # time; it takes an eighth of its size when that is more, so appends copy each slot a bounded number of
 # times (a decode step or a rollout step never copies the whole cache).
@@ -85,6 +88,10 @@ class PackedSlots:
     values: torch.Tensor
     rows: torch.Tensor
     width: int
+    # Rows per (sample, head) when each one's valid slots are its first ones (what an eviction's
+    # compaction leaves) and there are few (sample, head) pairs: unpacking is then one slice copy per
+    # pair instead of an indexed copy of every row. None otherwise.
+    segments: tuple[int, ...] | None = None
 
     @classmethod
     def pack(cls, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> PackedSlots:
@@ -94,13 +101,30 @@ class PackedSlots:
         flat_v = values.reshape(-1, values.shape[-1])
         narrow = torch.int32 if valid.numel() < 2**31 else torch.int64  # the index is part of the storage
         packed_k, packed_v = flat_k.index_select(0, rows), flat_v.index_select(0, rows)
-        return cls(packed_k, packed_v, rows.to(narrow), keys.shape[-2])
+        segments = None
+        if valid.shape[0] * valid.shape[1] <= MAX_SEGMENTS:
+            counts = valid.sum(-1)
+            first = torch.arange(valid.shape[-1], device=valid.device) < counts[..., None]
+            if bool((valid == first).all()):
+                segments = tuple(counts.reshape(-1).tolist())
+        return cls(packed_k, packed_v, rows.to(narrow), keys.shape[-2], segments)
 
     def unpack(self, packed: torch.Tensor, shape: tuple[int, int], tail: torch.Tensor | None) -> torch.Tensor:
         """``[B, H, width + T, D]``: the stored rows at their slots (zeros in the padding; the attention
         masks those slots), followed by ``tail`` ``[B, H, T, D]`` (the slots added since the packing)."""
         batch, heads = shape
         n_tail = 0 if tail is None or tail.dim() < 4 else tail.shape[-2]
+        if self.segments is not None:
+            out = packed.new_empty(batch, heads, self.width + n_tail, packed.shape[-1])
+            per_pair = out.view(batch * heads, self.width + n_tail, packed.shape[-1])
+            start = 0
+            for pair, count in enumerate(self.segments):
+                per_pair[pair, :count] = packed[start : start + count]
+                per_pair[pair, count : self.width] = 0.0
+                start += count
+            if n_tail:
+                out[:, :, self.width :] = tail
+            return out
         out = packed.new_zeros(batch, heads, self.width + n_tail, packed.shape[-1])
         rows = self.rows.long()
         if n_tail:  # row r of a (sample, head) starting at h * width starts at h * (width + T)

@@ -47,6 +47,26 @@ def test_pack_unpack_round_trip_with_tail():
     torch.testing.assert_close(unpacked_values[valid], values[valid], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("with_tail", [False, True])
+def test_unpack_by_segments_equals_the_indexed_copy(with_tail):
+    """Valid slots first in each (sample, head), as an eviction leaves them: unpacking copies one slice
+    per pair, with the same result as the indexed copy of every row."""
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 3, 6, 4, generator=gen), torch.randn(2, 3, 6, 4, generator=gen)
+    counts = torch.tensor([[6, 0, 2], [3, 5, 1]])
+    valid = torch.arange(6) < counts[..., None]
+    packed = PackedSlots.pack(keys, values, valid)
+    assert packed.segments == (6, 0, 2, 3, 5, 1)
+    tail = torch.randn(2, 3, 2, 4, generator=gen) if with_tail else None
+    indexed = PackedSlots(packed.keys, packed.values, packed.rows, packed.width)  # no segments
+    for stored in (packed.keys, packed.values):
+        torch.testing.assert_close(packed.unpack(stored, (2, 3), tail), indexed.unpack(stored, (2, 3), tail),
+                                   rtol=0, atol=0)
+    holes = valid.clone()
+    holes[0, 0, 2] = False  # a hole before a valid slot: the indexed copy
+    assert PackedSlots.pack(keys, values, holes).segments is None
+
+
 @torch.no_grad()
 def test_packed_equals_padded_through_evictions_and_generation(model):
     """Left-padded batch, chunked prefill, several evictions and greedy decoding: same tokens, same

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from namm_transfer.capacity import grown_capacity, widened
 from namm_transfer.memory import LayerMemory
 from namm_transfer.policies import MemoryPolicy
 
@@ -67,10 +68,6 @@ KV_LAYOUTS = ("packed", "padded")
 # Most (sample, KV head) pairs a packed layer unpacks by slice copies (one per pair); more take one
 # indexed copy of all rows, cheaper than that many small copies.
 MAX_SEGMENTS = 32
-# Least spare slots (per sample and KV head) the dense storage takes when it grows by a few tokens at a
-# time; it takes an eighth of its size when that is more, so appends copy each slot a bounded number of
-# times (a decode step or a rollout step never copies the whole cache).
-APPEND_SLACK = 16
 
 
 @dataclass
@@ -244,16 +241,12 @@ class EvictingLayer(DynamicLayer):
         n_old, n_new = self._n_dense, key_states.shape[-2]
         buffers = []
         for which, new in enumerate((key_states, value_states)):
+            # only buffers grown here are wider than their slots: an assigned tensor (a fork's expanded
+            # view, a restored cache) is exactly as wide, so it is copied before anything is written
             buf = self._dense[which]
-            fits = (buf is not None and buf.dim() == 4 and buf.shape[-2] >= n_old + n_new
-                    and buf.shape[:2] == new.shape[:2] and buf.is_contiguous())
-            if not fits:  # a new buffer; spare slots only when the cache grows by small steps
-                slack = max(APPEND_SLACK, (n_old + n_new) // 8)
-                capacity = n_old + n_new + (slack if n_new < slack else 0)
-                grown = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
-                if n_old:
-                    grown[..., :n_old, :] = buf[..., :n_old, :]
-                buf = grown
+            if buf is None or buf.dim() < 4 or buf.shape[-2] < n_old + n_new:
+                old = new[..., :0, :] if n_old == 0 else buf[..., :n_old, :]
+                buf = widened(old, grown_capacity(n_old + n_new, n_new), dim=-2)
             buf[..., n_old : n_old + n_new, :] = new
             buffers.append(buf)
         self._dense, self._n_dense = buffers, n_old + n_new
@@ -335,8 +328,8 @@ class EvictingLayer(DynamicLayer):
         return total + sum(0 if t is None else t.numel() * t.element_size() for t in dense)
 
     def spare_bytes(self) -> int:
-        """Bytes allocated beyond the dense slots: the room decoding appends into (at most an eighth of
-        the dense slots, or :data:`APPEND_SLACK` per sample and head)."""
+        """Bytes allocated beyond the dense slots: the room decoding appends into
+        (:func:`~namm_transfer.capacity.grown_capacity`)."""
         allocated = sum(0 if t is None else t.numel() * t.element_size() for t in self._dense)
         return allocated - sum(0 if t is None else t.numel() * t.element_size()
                                for t in (self._dense_view(0), self._dense_view(1)))

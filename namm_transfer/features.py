@@ -19,6 +19,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from namm_transfer.capacity import grown_capacity, widened
+
 
 def hann_window(n_fft: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Periodic Hann window, as ``torch.hann_window(n_fft, periodic=True)``."""
@@ -60,17 +62,6 @@ def paired_dft_basis(n_fft: int, device: torch.device | str | None = None) -> to
 FRAME_BLOCK_BYTES = 2 << 20
 
 _SCRATCH = threading.local()
-
-# Spare key slots the feature state allocates when it grows by fewer than this many (decoding, rollout
-# steps): one reallocation per GROW_SLACK tokens instead of one per token.
-GROW_SLACK = 64
-
-
-def _widened(x: torch.Tensor, capacity: int) -> torch.Tensor:
-    """``x`` ``[..., n]`` copied into fresh zeroed storage of ``capacity >= n`` columns."""
-    out = x.new_zeros(*x.shape[:-1], capacity)
-    out[..., : x.shape[-1]] = x
-    return out
 
 
 def _scratch(name: str, numel: int, device: torch.device) -> torch.Tensor:
@@ -208,14 +199,15 @@ class StreamingSpectrogram:
         self._paired = paired_dft_basis(self.n_fft, device)
 
     def grow(self, n_keys: int) -> None:
-        """Extend the key axis to ``n_keys`` slots (new keys: no attention so far). The storage grows by
-        :data:`GROW_SLACK` slots more than asked, so token-by-token decoding reallocates rarely."""
+        """Extend the key axis to ``n_keys`` slots (new keys: no attention so far). Growing by a few keys
+        takes spare columns (:func:`~namm_transfer.capacity.grown_capacity`), so token-by-token decoding
+        reallocates rarely."""
         if n_keys <= self.n_keys:
             return
         if n_keys > min(self._ring.shape[-1], self._spec.shape[-1]):
-            capacity = n_keys + GROW_SLACK if n_keys - self.n_keys < GROW_SLACK else n_keys
-            self._ring = _widened(self._ring[..., : self.n_keys], capacity)
-            self._spec = _widened(self._spec[..., : self.n_keys], capacity)
+            capacity = grown_capacity(n_keys, n_keys - self.n_keys)
+            self._ring = widened(self._ring[..., : self.n_keys], capacity)
+            self._spec = widened(self._spec[..., : self.n_keys], capacity)
             self._ring_owner = self._spec_owner = id(self)
         self.n_keys = n_keys
 

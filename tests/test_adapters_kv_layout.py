@@ -115,11 +115,11 @@ def test_unknown_layout_is_refused(model):
 def test_decoding_appends_in_place_into_bounded_spare_room(model):
     """A decoding step writes its token into the dense storage's spare slots (no copy of the cache) and
     the model sees exactly the stored tokens: the greedy continuation and the keys equal a plain
-    transformers cache's; the spare room stays within max(APPEND_SLACK, an eighth of the slots)."""
+    transformers cache's; the spare room stays within max(MIN_SPARE, an eighth of the slots)."""
     from transformers import DynamicCache
 
     from namm_transfer import FullCache
-    from namm_transfer.adapters.cache import APPEND_SLACK
+    from namm_transfer.capacity import max_spare
 
     ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(8))
     plain = DynamicCache(config=model.config)
@@ -135,7 +135,7 @@ def test_decoding_appends_in_place_into_bounded_spare_room(model):
         assert layer._dense[0] is buffer and layer.stored_slots() == 42  # appended in place
         stats = handle.stats()
         assert stats["stored_kv_bytes"] == stats["kept_kv_bytes"]
-        spare_slots = max(APPEND_SLACK, 42 // 8)
+        spare_slots = max_spare(42)
         assert 0 < stats["spare_kv_bytes"] <= 8 * spare_slots * layer.slot_bytes()  # layers x samples x heads
     with attach(model, FullCache()) as handle:
         got = model.generate(ids, max_new_tokens=12, do_sample=False)

@@ -8,7 +8,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.adapters import EvictingCache, attach
-from namm_transfer.features import GROW_SLACK
+from namm_transfer.capacity import max_spare
 from namm_transfer.policies import L2Norm, MemoryPolicy, RandomEviction, Recency
 from namm_transfer.selection import newest_slot
 
@@ -242,11 +242,11 @@ def test_bookkeeping_holds_one_stft_window_of_rows(model):
     stored = [m.n_slots for m in memories]
     expected = sum(m.bookkeeping_nbytes() for m in memories)
     assert stats["bookkeeping_bytes"] == expected
-    # window (32 rows) + spectrum (17 bins) per stored slot (and at most GROW_SLACK spare slots while
-    # decoding), float32, plus the slot tables
+    # window (32 rows) + spectrum (17 bins) per stored slot (and their spare room while decoding),
+    # float32, plus the slot tables
     tables = sum(2 * s * 9 for s in stored)
     per_slot = 2 * 1 * (32 + 17) * 4
-    spare = sum(per_slot * (s + GROW_SLACK) for s in stored)
+    spare = sum(per_slot * (s + max_spare(s)) for s in stored)
     assert sum(per_slot * s for s in stored) <= expected - tables <= spare
 
 

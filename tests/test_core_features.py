@@ -11,8 +11,8 @@ import torch
 from _reference_bam import age_embedding_ref
 
 from namm_transfer import features
+from namm_transfer.capacity import max_spare
 from namm_transfer.features import (
-    GROW_SLACK,
     StreamingSpectrogram,
     age_embedding,
     batch_spectrogram_ema,
@@ -221,9 +221,9 @@ def test_window_never_exceeds_n_fft_rows(size):
     for step in range(3):
         st.observe(torch.rand(2, 2, size, 5 + step))
         assert st.window.shape == (2, 2, N_FFT, 5 + step)
-    # n_fft rows and the spectrum per key slot, for 7 slots plus at most GROW_SLACK spare ones
+    # n_fft rows and the spectrum per key slot, for 7 slots plus their spare room
     per_slot = (2 * 2 * N_FFT + 2 * 2 * 17) * 4
-    assert 7 * per_slot <= st.nbytes() <= (7 + GROW_SLACK) * per_slot
+    assert 7 * per_slot <= st.nbytes() <= (7 + max_spare(7)) * per_slot
 
 
 def test_window_holds_last_rows_zero_padded():

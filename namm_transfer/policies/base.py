@@ -156,10 +156,7 @@ def per_sample(cap: int | torch.Tensor, like: torch.Tensor) -> int | torch.Tenso
 def within_cap(valid: torch.Tensor, cap: int | torch.Tensor) -> bool:
     """True when no (sample, KV head) of ``valid`` ``[B, H, S]`` holds more than ``cap`` tokens (an int
     or a ``[B]`` tensor): a capped ranking then keeps every valid slot, so it need not be computed."""
-    held = valid.sum(-1)  # [B, H]
-    if isinstance(cap, torch.Tensor):
-        cap = cap.to(held.device).reshape(-1, 1)
-    return bool((held <= cap).all())
+    return bool((valid.sum(-1, keepdim=True) <= per_sample(cap, valid)).all())
 
 
 def sink_slots(view: CacheView, sink: int) -> torch.Tensor:

@@ -119,14 +119,12 @@ class PackedSlots:
                 per_pair[pair, :count] = packed[start : start + count]
                 per_pair[pair, count : self.width] = 0.0
                 start += count
-            if n_tail:
-                out[:, :, self.width :] = tail
-            return out
-        out = packed.new_zeros(batch, heads, self.width + n_tail, packed.shape[-1])
-        rows = self.rows.long()
-        if n_tail:  # row r of a (sample, head) starting at h * width starts at h * (width + T)
-            rows = rows + (rows // self.width) * n_tail
-        out.view(-1, packed.shape[-1]).index_copy_(0, rows, packed)
+        else:
+            out = packed.new_zeros(batch, heads, self.width + n_tail, packed.shape[-1])
+            rows = self.rows.long()
+            if n_tail:  # row r of a (sample, head) starting at h * width starts at h * (width + T)
+                rows = rows + (rows // self.width) * n_tail
+            out.view(-1, packed.shape[-1]).index_copy_(0, rows, packed)
         if n_tail:
             out[:, :, self.width :] = tail
         return out

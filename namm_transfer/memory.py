@@ -27,6 +27,10 @@ import torch
 from namm_transfer.policies.base import CacheView, MemoryPolicy
 from namm_transfer.selection import compact_index
 
+# where a policy's own time goes, in LayerStats.timing (and handle.stats()["timing"]): the attention rows
+# it reads, its features, its scoring, the eviction
+TIMING_KEYS = ("capture_s", "features_s", "scoring_s", "eviction_s")
+
 
 @dataclass
 class LayerStats:
@@ -35,7 +39,7 @@ class LayerStats:
     nonfinite: int = 0
     updates: int = 0
     timing: dict[str, float] = field(
-        default_factory=lambda: {"capture_s": 0.0, "features_s": 0.0, "scoring_s": 0.0, "eviction_s": 0.0}
+        default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0)
     )
 
 

@@ -94,13 +94,14 @@ def score_tokens(
     x = features if all_valid else features.masked_fill(~valid[..., None], 0.0)
     flipped, order = False, None
     if shapes.kind == "bam":
-        if not all_valid and _valid_in_order(positions, valid):
+        in_order = _valid_in_order(positions, valid)
+        if in_order and not all_valid:
             # Heads keep different counts (a threshold, left padding): gather each row's valid slots,
             # oldest first, to the right end of a row as wide as the fullest one (padding to the left),
             # so the reversed rows below are valid-first and the fused causal kernel applies as well.
             order = _right_aligned(positions, valid)
             x = x.gather(-2, order[..., None].expand(-1, -1, -1, x.shape[-1]))
-        if order is not None or (all_valid and bool((positions[..., 1:] > positions[..., :-1]).all())):
+        if in_order:
             # Slots are stored oldest first, so "itself and newer" is causal attention on the reversed
             # sequence: SDPA's fused causal kernel, no S x S mask. The features are reversed once and
             # every per-token step runs in that order; only the scores are put back.

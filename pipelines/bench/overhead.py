@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from namm_transfer.memory import TIMING_KEYS
 from namm_transfer.pipelines.common import (
     log,
     markdown_table,
@@ -217,7 +218,6 @@ def measure_length(model, ids: torch.Tensor, namm, cfg: OverheadConfig, trained=
     return rows
 
 
-TIMING_KEYS = ("capture_s", "features_s", "scoring_s", "eviction_s")
 
 
 def format_overhead(rows: list[dict[str, Any]]) -> str:

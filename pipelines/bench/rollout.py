@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from namm_transfer.memory import TIMING_KEYS
 from namm_transfer.pipelines.common import log, markdown_table, run_metadata, set_threads, write_json
-
-TIMING_KEYS = ("capture_s", "features_s", "scoring_s", "eviction_s")
 
 
 @dataclass
@@ -56,17 +55,15 @@ class RolloutSpeedConfig:
 
 
 def _policies(dt, namm, cfg: RolloutSpeedConfig) -> dict[str, Any]:
-    from namm_transfer.envs import make_env
-    from namm_transfer.pipelines.rl.evaluate import budget_label, episode_horizon
+    """The full cache, the NAMM and the NAMM at each budget, capped as ``eval-rollout --budgets`` caps."""
+    from namm_transfer.pipelines.rl.evaluate import budget_label, capped_policy, episode_tokens, fraction_cap
     from namm_transfer.policies.registry import FULL_CACHE, NAMM_NAME, build_policy
 
-    probe = make_env(dt.env_id)
-    horizon = episode_horizon(dt, probe, None)
-    probe.close()
+    tokens = episode_tokens(dt, dt.env_id, None)
     policies = {FULL_CACHE: build_policy(FULL_CACHE, None, None, cfg.update_every, 0), NAMM_NAME: namm}
     for fraction in cfg.budgets:
-        cap = max(1, round(fraction * 3 * horizon))
-        policies[budget_label(NAMM_NAME, fraction)] = namm.with_budget(cap, keep_threshold=False)
+        cap = fraction_cap(fraction, tokens)
+        policies[budget_label(NAMM_NAME, fraction)] = capped_policy(NAMM_NAME, namm, cap, cfg.update_every, 0)
     return policies
 
 

@@ -292,6 +292,30 @@ def episode_horizon(dt, env, max_steps: int | None) -> int:
     return min(x for x in (max_steps, limit, dt.model.config.max_ep_len) if x is not None)
 
 
+def episode_tokens(dt, env_id: str, max_steps: int | None) -> int:
+    """Tokens of the longest episode ``dt`` can play on ``env_id``: 3 per step of its horizon."""
+    from namm_transfer.envs import make_env
+
+    probe = make_env(env_id)
+    try:
+        return 3 * episode_horizon(dt, probe, max_steps)
+    finally:
+        probe.close()
+
+
+def fraction_cap(fraction: float, tokens: int) -> int:
+    """The per-layer, per-KV-head token cap at ``fraction`` of an episode's ``tokens``."""
+    return max(1, round(fraction * tokens))
+
+
+def capped_policy(name: str, namm, cap: int, update_every: int, seed: int):
+    """Policy ``name`` capped at ``cap`` tokens: the NAMM keeping the top ``cap`` of its scores (no
+    threshold), a baseline at that budget."""
+    if name == NAMM_NAME:
+        return namm.with_budget(cap, keep_threshold=False)
+    return build_policy(name, None, cap, update_every, seed)
+
+
 def budget_label(name: str, fraction: float) -> str:
     """The row label of ``name`` capped at ``fraction`` of an episode's tokens, e.g. ``NAMM @ 30%``."""
     return f"{name} @ {100 * fraction:g}%"
@@ -609,20 +633,12 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
         run(name, None if name == WINDOWED else build_policy(name, namm, budget, cfg.update_every, cfg.seed))
 
     capped = [p for p in order if p not in (WINDOWED, FULL_CACHE)]
-    horizon = 0
-    if cfg.budgets:
-        from namm_transfer.envs import make_env
-
-        probe = make_env(env_id)
-        horizon = episode_horizon(dt, probe, cfg.max_steps)
-        probe.close()
+    tokens = episode_tokens(dt, env_id, cfg.max_steps) if cfg.budgets else 0
     for fraction in cfg.budgets:  # fixed budgets: every policy capped at the same token count
-        cap = max(1, round(fraction * 3 * horizon))
-        log(f"{100 * fraction:g}% of an episode's {3 * horizon} tokens: {cap} per layer and KV head")
+        cap = fraction_cap(fraction, tokens)
+        log(f"{100 * fraction:g}% of an episode's {tokens} tokens: {cap} per layer and KV head")
         for name in capped:
-            policy = (namm.with_budget(cap, keep_threshold=False) if name == NAMM_NAME
-                      else build_policy(name, None, cap, cfg.update_every, cfg.seed))
-            run(budget_label(name, fraction), policy)
+            run(budget_label(name, fraction), capped_policy(name, namm, cap, cfg.update_every, cfg.seed))
 
     rows = store.rows()
     labels = [*order, *(budget_label(n, f) for f in cfg.budgets for n in capped)]
@@ -651,7 +667,7 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
         f"- episodes per policy: {cfg.episodes} (seeds {seeds[0]}..{seeds[-1]}), max steps {cfg.max_steps}\n"
         f"- baselines' per-layer budget: {budget}\n"
         + (f"- fixed budgets: {', '.join(f'{100 * f:g}%' for f in cfg.budgets)} of an episode's "
-           f"{3 * horizon} tokens, per layer and KV head (`<policy> @ <percent>%` rows)\n"
+           f"{tokens} tokens, per layer and KV head (`<policy> @ <percent>%` rows)\n"
            if cfg.budgets else "")
         + (f"- windowed: the last {cfg.window} steps\n" if cfg.window else "")
         +

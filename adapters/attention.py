@@ -307,6 +307,8 @@ def namm_attention_forward(
                 memory.observe(probs.view(query.shape[0], query.shape[1], n_q, key.shape[2]), new_valid)
 
     layer.apply_eviction()
+    if layer.after_eviction is not None and (joint_eviction := layer.after_eviction()) is not None:
+        joint_eviction()
     return out.transpose(1, 2).contiguous(), None
 
 

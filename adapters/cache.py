@@ -20,6 +20,7 @@ own window: after each forward the tokens no later query can see are dropped, as
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from namm_transfer.capacity import grown_capacity, widened
 from namm_transfer.memory import LayerMemory
 from namm_transfer.policies import MemoryPolicy
+from namm_transfer.policies.base import CacheView
 
 
 class RowsBuffer:
@@ -171,6 +173,9 @@ class EvictingLayer(DynamicLayer):
         self.sliding_window = sliding_window
         self._awaiting_attention = False
         self._rows = rows if rows is not None else RowsBuffer()
+        # called after this layer's own eviction at the end of its attention (a weak reference to the
+        # cache's joint eviction)
+        self.after_eviction: weakref.WeakMethod | None = None
 
     def _dense_view(self, which: int) -> torch.Tensor | None:
         dense = self._dense[which]
@@ -276,9 +281,9 @@ class EvictingLayer(DynamicLayer):
             self._packed, self._dense, self._view = None, [keys, values], None
             self._n_dense = keys.shape[-2]
 
-    def apply_eviction(self, force: bool = False) -> None:
-        """After a forward: drop what left the sliding window, then ask the policy (if due, or at once with
-        ``force``) which tokens to keep and drop the others."""
+    def apply_eviction(self, force: bool = False, due: torch.Tensor | None = None) -> None:
+        """After a forward: drop what left the sliding window, then ask the policy (if due, at once with
+        ``force``, or for the samples of ``due``) which tokens to keep and drop the others."""
         self._awaiting_attention = False
         keys, values = self.keys, self.values
         self._view = None  # the stored form (packed + tail) is current; the view was only this forward's
@@ -289,7 +294,7 @@ class EvictingLayer(DynamicLayer):
                 keys, values = _select_slots(keys, index), _select_slots(values, index)
                 changed = True
         needs_keys = getattr(self.memory.policy, "needs_keys", False)
-        index = self.memory.maybe_evict(keys if needs_keys else None, force=force)
+        index = self.memory.maybe_evict(keys if needs_keys else None, force=force, due=due)
         t0 = time.perf_counter()
         if index is not None:
             keys, values = _select_slots(keys, index), _select_slots(values, index)
@@ -417,6 +422,31 @@ class EvictingCache(DynamicCache):
             for i in range(num_layers)
         ]
         super(DynamicCache, self).__init__(layers=layers)
+        if getattr(policy, "joint", False):  # all layers evict together, after the last one's attention
+            # weakly: a layer holding its cache would make a cycle that only the garbage collector frees,
+            # keeping every discarded cache's keys and values alive until it runs
+            layers[-1].after_eviction = weakref.WeakMethod(self.evict_jointly)
+
+    def evict_jointly(self, force: bool = False) -> None:
+        """Evict every layer at once with a policy whose update reads every layer (``policy.joint``, a
+        joint NAMM): where the last layer is due (all layers see the same tokens), or at once with
+        ``force``. Called at the end of the last layer's attention, and by a one-shot fork."""
+        memories = [layer.memory for layer in self.layers]
+        last = memories[-1]
+        if last.positions is None:
+            return
+        due = torch.ones_like(last.real_seen, dtype=torch.bool) if force else last.due()
+        if not bool(due.any()):
+            return
+        t0 = time.perf_counter()
+        views = [CacheView(m.layer_idx, m.positions, m.valid, None, m.protect, m.real_seen) for m in memories]
+        self.policy.prepare_joint([m.state for m in memories], views)
+        last.stats.timing["scoring_s"] += time.perf_counter() - t0
+        try:
+            for layer in self.layers:
+                layer.apply_eviction(due=due)
+        finally:
+            self.policy.release_joint()
 
     def memory(self, layer_idx: int) -> LayerMemory:
         return self.layers[layer_idx].memory

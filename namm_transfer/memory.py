@@ -184,12 +184,19 @@ class LayerMemory:
                 due = due | (never_updated & (held > cap))
         return due
 
-    def maybe_evict(self, keys: torch.Tensor | None = None, force: bool = False) -> torch.Tensor | None:
-        """Run the policy where due (every sample with ``force``, as a one-shot compression does);
-        return a ``[B, H, K]`` gather index if slots changed, else None."""
+    def maybe_evict(
+        self, keys: torch.Tensor | None = None, force: bool = False, due: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Run the policy where due (every sample with ``force``, as a one-shot compression does; the
+        samples of ``due`` ``[B]`` when the caller decided); return a ``[B, H, K]`` gather index if
+        slots changed, else None. A policy that reads every layer (``joint``) runs only when the
+        caller decides (the cache's :meth:`evict_jointly`)."""
         if self.positions is None:
             return None
-        due = torch.ones_like(self.real_seen, dtype=torch.bool) if force else self.due()
+        if due is None:
+            if getattr(self.policy, "joint", False) and not force:
+                return None
+            due = torch.ones_like(self.real_seen, dtype=torch.bool) if force else self.due()
         if not bool(due.any()):
             return None
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from namm_transfer.features import StreamingSpectrogram, age_embedding
+from namm_transfer.joint import joint_n_params, joint_scores
 from namm_transfer.policies.base import (
     Budget,
     CacheView,
@@ -54,8 +55,12 @@ class NAMMConfig:
     # their score: a hand-written prior on top of the learned policy, 0 (off) as evolved. Within a budget
     # they take part of it.
     sink_tokens: int = 0
+    # scorer="joint" only: the layers x KV heads of the model it reads (namm_transfer/joint.py)
+    joint_rows: int = 0
 
     def __post_init__(self) -> None:
+        if self.scorer == "joint" and self.joint_rows < 1:
+            raise ValueError("a joint NAMM needs joint_rows = the model's layers x KV heads (>= 1)")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         check_budget(self.budget, self.compression_ratio, owner="NAMMConfig.budget")
@@ -75,6 +80,8 @@ class NAMMConfig:
 
     @property
     def n_params(self) -> int:
+        if self.scorer == "joint":
+            return joint_n_params(self.joint_rows, self.n_bins, self.age_dim)
         return self.shapes.n_params
 
     @classmethod
@@ -110,7 +117,7 @@ class NAMM(MemoryPolicy):
         self.config = config or NAMMConfig()
         super().__init__(update_every=self.config.update_every)
         if params is None:
-            params = keep_all_params(self.config.shapes, self.config.init_keep_bias)
+            params = self.keep_all_params(self.config)
         params = torch.as_tensor(params, dtype=torch.float32)
         if params.ndim == 0 or params.shape[-1] != self.config.n_params or params.ndim > 2:
             raise ValueError(
@@ -128,13 +135,29 @@ class NAMM(MemoryPolicy):
         self.norm_mean = None if norm_mean is None else torch.as_tensor(norm_mean).float().reshape(-1)
         self.norm_var = None if norm_var is None else torch.as_tensor(norm_var).float().reshape(-1)
         self._collect: list[torch.Tensor] | None = None  # [count, sum, sum of squares] while collecting
+        self._pending: torch.Tensor | None = None  # joint scorer: [B, T] token scores of this update
+
+    @staticmethod
+    def keep_all_params(config: NAMMConfig) -> torch.Tensor:
+        """Zero weights and the final bias ``init_keep_bias``: every token scores above the threshold."""
+        if config.scorer == "joint":
+            params = torch.zeros(config.n_params)
+            params[-1] = config.init_keep_bias
+            return params
+        return keep_all_params(config.shapes, config.init_keep_bias)
+
+    @property
+    def joint(self) -> bool:
+        """True for the joint scorer: an update reads every layer, so the cache evicts all layers
+        together (:meth:`prepare_joint`, then each layer's :meth:`keep`)."""
+        return self.config.scorer == "joint"
 
     # construction helpers ------------------------------------------------------------------------
     @classmethod
     def init_random(cls, seed: int = 0, sigma: float = 0.065, config: NAMMConfig | None = None) -> NAMM:
         """An untrained NAMM: the keep-all initialisation plus ``sigma`` Gaussian noise (a CMA-ES member)."""
         config = config or NAMMConfig()
-        base = keep_all_params(config.shapes, config.init_keep_bias)
+        base = cls.keep_all_params(config)
         noise = torch.randn(base.shape, generator=torch.Generator().manual_seed(seed))
         return cls(config, base + sigma * noise)
 
@@ -212,11 +235,42 @@ class NAMM(MemoryPolicy):
         cap = resolve_budget(self.config.budget, self.config.compression_ratio, view)
         if self.config.threshold is None and cap is not None and within_cap(view.valid, cap):
             return view.valid.clone()  # a pure ranking under its cap keeps everything: no scoring
-        feats = self.features(state, view)
-        scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
+        if self.joint:
+            scores = self._joint_slot_scores(view)
+        else:
+            feats = self.features(state, view)
+            scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
         if self.config.sink_tokens:
             scores = scores.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
         return select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
+
+    def prepare_joint(self, states: list[StreamingSpectrogram], views: list[CacheView]) -> None:
+        """Score every token from all layers' ``states`` and ``views`` (one per layer, in order) for the
+        layers' :meth:`keep` calls of this update (joint scorer only; :meth:`release_joint` after)."""
+        feats = [self.features(s, v) for s, v in zip(states, views, strict=True)]
+        rows = len(feats) * feats[0].shape[1]
+        if rows != self.config.joint_rows:
+            raise ValueError(
+                f"this joint NAMM reads {self.config.joint_rows} layer-heads, the model has {len(feats)} "
+                f"layers x {feats[0].shape[1]} KV heads = {rows}: it is tied to the model it was trained on"
+            )
+        params = self.params.to(feats[0].device)
+        self._pending = joint_scores(params, feats, [v.positions for v in views], [v.valid for v in views],
+                                     self.config.age_dim, self.config.age_base)
+
+    def release_joint(self) -> None:
+        self._pending = None
+
+    def _joint_slot_scores(self, view: CacheView) -> torch.Tensor:
+        if self._pending is None:
+            raise RuntimeError(
+                "a joint NAMM scores all layers at once: use it through an EvictingCache (attach, "
+                "ContextPrefill.fork), which calls prepare_joint before the layers' keep()"
+            )
+        pending = self._pending.to(view.positions.device)
+        pending = pending.expand(view.positions.shape[0], -1)
+        index = view.positions.clamp(0, pending.shape[-1] - 1).flatten(1)
+        return pending.gather(1, index).view_as(view.positions).masked_fill(~view.valid, float("-inf"))
 
     def token_cap(self, view: CacheView) -> int | torch.Tensor | None:
         """The hard cap (``budget`` or ``compression_ratio``), if any; None while collecting statistics

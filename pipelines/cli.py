@@ -149,7 +149,7 @@ COMMANDS: tuple[Command, ...] = (
         "solution (OUT_DIR/namm). Writes OUT_DIR/results.jsonl, TensorBoard logs and a checkpoint after "
         "every generation; --resume continues a killed run.",
         {**DTYPE, "stages": {"type": _stages, "metavar": "'T1;T1,T2'"},
-         "budgets": {"type": _fractions, "metavar": "F1,F2"}, "scorer": {"choices": ("bam", "mlp")},
+         "budgets": {"type": _fractions, "metavar": "F1,F2"}, "scorer": {"choices": ("bam", "mlp", "joint")},
          "backend": {"choices": ("local", "ray")}, "engine": {"choices": ("shared-prefill", "generate")},
          "warm_loss": {"choices": ("topk", "rank", "evidence")}},
     ),

@@ -49,10 +49,13 @@ class DemoConfig:
         dtype: model dtype name (float32 is fastest on CPU).
         update_every: the NAMM's cadence on the passkey prompt, in tokens, and the chunks the prompt is fed
             in (every policy then evicts at the same points, during the prompt too); None: the NAMM's own.
-        namm: a shipped NAMM's short name, a checkpoint directory or a Hub id; the default is the
-            text-evolved ``smollm2-text``. ``"random"`` uses an untrained ``NAMM.init_random(namm_seed)``
-            with feature statistics collected on a calibration prompt (it keeps almost everything unless
-            given ``namm_budget``).
+        namm: the NAMM on the passkey prompt: a shipped NAMM's short name, a checkpoint directory or a
+            Hub id; the default is ``smollm2-text-joint`` (trained on SmolLM2, reading every layer-head
+            at once). ``"random"`` uses an untrained ``NAMM.init_random(namm_seed)`` with feature
+            statistics collected on a calibration prompt (it keeps almost everything unless given
+            ``namm_budget``).
+        transfer_namm: the NAMM applied zero-shot to the Decision Transformer and the video model: a
+            per-layer-head NAMM (a joint one is tied to the layer-heads of the model it was trained on).
         namm_seed: seed of that random NAMM.
         namm_budget: optional hard cap on the tokens the NAMM keeps per layer and KV head (top-k by
             score; None or 0: the NAMM's own threshold decides).
@@ -77,7 +80,8 @@ class DemoConfig:
     device: str = "cpu"
     dtype: str = "float32"
     update_every: int | None = None
-    namm: str = "smollm2-text"
+    namm: str = "smollm2-text-joint"
+    transfer_namm: str = "smollm2-text"
     namm_seed: int = 0
     namm_budget: int | None = None
     output_dir: str = "runs/demo"
@@ -233,8 +237,7 @@ def run_rollouts(cfg: DemoConfig) -> dict[str, Any] | None:
     env_id = dt.env_id
     seeds = list(range(cfg.seed, cfg.seed + cfg.rollout_episodes))
     normalise = er.reference_normaliser(dt, env_id, None)
-    source = cfg.namm if cfg.namm != "random" else "smollm2-text"
-    namm = NAMM.from_pretrained(source).replace(update_every=cfg.rollout_update_every)
+    namm = NAMM.from_pretrained(cfg.transfer_namm).replace(update_every=cfg.rollout_update_every)
     log(f"rollouts: {cfg.rollout_dt} on {env_id}, {len(seeds)} episodes per policy ...")
     rows = []
     for name in (FULL_CACHE, NAMM_NAME):
@@ -279,7 +282,7 @@ def run_video(cfg: DemoConfig) -> dict[str, Any] | None:
     log(f"video QA: {cfg.video_samples} test videos of {cfg.video_model}'s task ...")
     make_video_qa(VideoQAConfig(out_dir=str(data_dir), train=0, val=0, test=cfg.video_samples,
                                 **meta["data"]["settings"]))
-    namm = cfg.namm if cfg.namm != "random" else "smollm2-text"
+    namm = cfg.transfer_namm
     eval_cfg = EvalVideoConfig(
         annotations=str(data_dir / "test.jsonl"), model=cfg.video_model, namm=namm,
         namm_budget=cfg.video_namm_budget or None, update_every=cfg.video_update_every,

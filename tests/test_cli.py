@@ -236,7 +236,8 @@ def test_every_field_has_a_documented_flag(command, capsys):
 def test_the_commands_users_run_parse_as_before():
     _, cfg = parse("eval-text --namm smollm2-text --n 32 --budgets 0.5 0.25 own --threads 1 --output-dir o"
                    .split())
-    assert cfg == EvalTextConfig(n=32, budgets=["0.5", "0.25", "own"], threads=1, output_dir="o")
+    assert cfg == EvalTextConfig(namm="smollm2-text", n=32, budgets=["0.5", "0.25", "own"], threads=1,
+                                 output_dir="o")
     _, cfg = parse(["evolve", "--engine", "shared-prefill", "--stages", "passkey; passkey,kv", "--budgets",
                     "0.25,0.5", "--resume", "--threads", "1"])
     assert cfg == EvolveConfig(engine="shared-prefill", stages=[["passkey"], ["passkey", "kv"]],

@@ -110,9 +110,12 @@ def test_verdict_compares_with_the_combined_standard_error():
 
 
 @pytest.mark.slow
-def test_eval_text_small_run_and_resume(tmp_path):
+@pytest.mark.parametrize("scorer", ["bam", "joint"])
+def test_eval_text_small_run_and_resume(tmp_path, scorer):
     namm_dir = tmp_path / "namm"
-    NAMM.init_random(seed=0, config=NAMMConfig(update_every=128)).save_pretrained(namm_dir)
+    # joint: SmolLM2-135M's 30 layers x 3 KV heads, evicted all together by the cache
+    config = NAMMConfig(update_every=128, scorer=scorer, joint_rows=90 if scorer == "joint" else 0)
+    NAMM.init_random(seed=0, config=config).save_pretrained(namm_dir)
     argv = ["eval-text", "--namm", str(namm_dir), "--tasks", "passkey", "--n", "1",
             "--prompt-tokens", "300", "--budgets", "0.5", "own", "--baselines", "Recency", "SnapKV",
             "--threads", "1", "--output-dir", str(tmp_path / "out")]

@@ -13,10 +13,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.adapters import attach
 from namm_transfer.pipelines.text.evolve_shared import (
+    JointGains,
     PoolEntry,
     calibrate_bias,
+    calibrate_joint_bias,
     entry_features,
     evidence_target,
+    joint_inputs_of,
+    joint_label,
+    joint_warm_start,
     listwise_loss,
     topk_loss,
     warm_start,
@@ -257,6 +262,33 @@ def test_warm_start_lowers_its_loss_and_calibration_hits_the_keep_target():
         scores = score_tokens(probe.params, feats[None], valid[None], positions[None], namm.config.shapes)
         kept.append(float((scores >= 0).float().mean()))
     assert np.mean(kept) == pytest.approx(0.4, abs=0.02)
+
+
+def test_joint_warm_start_ranks_its_labels_first_and_calibration_hits_the_keep_target():
+    entries, namm = _synthetic_entries(n=4, tokens=60)
+    params, losses = joint_warm_start(entries, namm, steps=150, lr=3e-2, seed=0, progress=False)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert params.shape == (2 * namm.config.n_bins + namm.config.age_dim + 1,)  # 1 layer x 2 KV heads
+    hits = []
+    for entry in entries:  # the labelled tokens (the top 10% by attention) land in the scores' top 20%
+        x, age = joint_inputs_of(entry, namm)
+        scores = torch.cat([x, age], -1) @ params[:-1] + params[-1]
+        label = joint_label(entry, torch.arange(60), "topk")
+        top = scores[4:].topk(12).indices + 4
+        hits.append(float(label[top].sum() / label.sum()))
+    assert np.mean(hits) > 0.6  # chance: 0.21
+    calibrated = calibrate_joint_bias(params, entries, namm, keep=0.4)
+    kept = [float((torch.cat(joint_inputs_of(e, namm), -1)[4:] @ calibrated[:-1] + calibrated[-1] >= 0)
+                  .float().mean()) for e in entries]
+    assert np.mean(kept) == pytest.approx(0.4, abs=0.02)
+
+
+def test_joint_gains_scale_each_layer_heads_weights_and_start_at_the_warm_start():
+    base = np.arange(2 * 3 + 2 + 1, dtype=float)  # 2 layer-heads x 3 bins, 2 age dims, bias
+    gains = JointGains(base, rows=2, n_bins=3, age_dim=2)
+    assert np.array_equal(gains.decode(gains.start())[0], base)
+    out = gains.decode(np.array([[2.0, 0.0, 10.0, 20.0]]))[0]
+    assert out.tolist() == [0, 2, 4, 0, 0, 0, 10, 20, 8]
 
 
 def test_topk_loss_prefers_scores_that_rank_the_top_tokens_first():

@@ -55,6 +55,14 @@ def test_the_sink_keeping_namm_ships_with_its_sinks_and_its_record():
     assert not torch.equal(namm.params, namm_transfer.pretrained("smollm2-text").params)
 
 
+def test_the_joint_namm_ships_tied_to_smollm2_with_its_record():
+    namm = namm_transfer.pretrained("smollm2-text-joint")
+    assert namm.joint and namm.config.joint_rows == 30 * 3 and namm.config.sink_tokens == 4
+    assert namm.params.shape == (1, 30 * 3 * 17 + 8 + 1) and namm.norm_mean is not None
+    record = training_record("smollm2-text-joint")
+    assert "--scorer joint" in record["command"] and record["config"]["scorer"] == "joint"
+
+
 def test_one_resolver_for_every_kind_of_shipped_artefact(tmp_path):
     from namm_transfer.shipped import KINDS, available, pretrained_dir, resolve
 

@@ -63,7 +63,8 @@ class EvalTextConfig:
         model: the language model evaluated, by short name: ``smollm2`` (SmolLM2-135M-Instruct) or
             ``gemma3-270m`` (Gemma-3-270M, the ``gemma`` extra); the NAMM is applied to it zero-shot.
         namm: a shipped NAMM's short name, a directory (e.g. an ``evolve`` job's ``OUT_DIR/namm``) or a
-            Hub id (default: the shipped text-evolved NAMM).
+            Hub id (default: ``smollm2-text-joint``, trained on SmolLM2 reading every layer-head; a joint
+            NAMM runs only on the model it was trained on).
         tasks: task names (keys of ``text_tasks.TASKS``).
         n: prompts per task.
         split: ``test`` (reported results) or ``val`` (the held-out prompts evolution validates on).
@@ -83,7 +84,7 @@ class EvalTextConfig:
     """
 
     model: str = "smollm2"
-    namm: str = "smollm2-text"
+    namm: str = "smollm2-text-joint"
     tasks: list[str] = field(default_factory=lambda: ["passkey", "kv", "docs"])
     n: int = 32
     split: str = "test"

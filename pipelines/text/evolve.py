@@ -81,7 +81,9 @@ class EvolveConfig:
         device: torch device, e.g. ``cpu`` or ``cuda``.
         dtype: model dtype (float32 is fastest on CPU).
         threads: torch intra-op threads (None: torch's choice; 1 is best beside a busy process).
-        scorer: "bam" or "mlp" (the ablation).
+        scorer: "bam", "mlp" (the ablation) or "joint" (one score per token from every layer-head,
+            ``namm_transfer/joint.py``; shared-prefill engine only: a warm start, then CMA-ES over one
+            gain per layer-head and the age weights).
         init_keep_bias: final bias of the starting mean (all other parameters zero); the reference's
             keep-everything start is any positive value (1.0 here). Smaller values put the population's
             scores nearer the threshold, so members evict more.
@@ -150,10 +152,14 @@ class EvolveConfig:
     ema_decay: float = 0.99
     sink_tokens: int = 0
 
-    def namm_config(self) -> NAMMConfig:
+    def namm_config(self, joint_rows: int = 0) -> NAMMConfig:
+        """The members' NAMM config. A joint scorer's needs the model's layers x KV heads
+        (``joint_rows``); without them: the per-head config whose features it reads."""
+        scorer = "bam" if self.scorer == "joint" and not joint_rows else self.scorer
         return NAMMConfig(
-            update_every=self.update_every, scorer=self.scorer, init_keep_bias=self.init_keep_bias,
+            update_every=self.update_every, scorer=scorer, init_keep_bias=self.init_keep_bias,
             ema_decay=self.ema_decay, sink_tokens=self.sink_tokens,
+            joint_rows=joint_rows if scorer == "joint" else 0,
         )
 
     def __post_init__(self) -> None:
@@ -161,6 +167,8 @@ class EvolveConfig:
             raise ValueError("need population >= 2, generations >= 1 and prompts_per_task >= 1")
         if self.memory_weight < 0:
             raise ValueError(f"memory_weight must be >= 0, got {self.memory_weight}")
+        if self.scorer == "joint" and self.engine != "shared-prefill":
+            raise ValueError("scorer='joint' needs engine='shared-prefill'")
         if self.engine not in ("generate", "shared-prefill"):
             raise ValueError(f"unknown engine {self.engine!r}; use 'shared-prefill' or 'generate'")
         if not self.budgets or not all(0 < b <= 1 for b in self.budgets):

@@ -266,6 +266,109 @@ def calibrate_bias(params: torch.Tensor, entries: list[PoolEntry], namm: NAMM, k
     return out
 
 
+def joint_inputs_of(entry: PoolEntry, namm: NAMM) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [S, rows * n_bins], age [S, age_dim])``: a pool prompt's context tokens as a joint NAMM reads
+    them at the one-shot eviction point (every layer-head side by side, layer-major)."""
+    feats, _, _ = entry_features(entry, namm)
+    age_dim = namm.config.age_dim
+    return feats[..., age_dim:].permute(1, 0, 2).flatten(1), feats[0, :, :age_dim]
+
+
+def joint_label(entry: PoolEntry, positions: torch.Tensor, loss: str, top: float = 0.1) -> torch.Tensor:
+    """``[S]`` bool: the tokens a joint warm start ranks first. ``"topk"``: the ``top`` share of the
+    context by the attention the question and answer paid it (each layer-head's share, averaged over
+    layer-heads); ``"evidence"``: every fact token of the prompt (question-agnostic). The first
+    :data:`SINKS` tokens are left out (a joint NAMM keeps them whatever its scores)."""
+    sinks = positions < SINKS
+    if loss == "evidence":
+        if entry.evidence is None:
+            raise ValueError(f"task {entry.task!r} has no evidence tokens: use another warm_loss")
+        return evidence_target(entry.evidence, positions[None])[0] & ~sinks
+    share = entry.target / entry.target.sum(-1, keepdim=True).clamp_min(1e-12)
+    share = share.mean(0).masked_fill(sinks, -1.0)
+    k = max(1, int(top * int((~sinks).sum())))
+    return torch.zeros_like(sinks).scatter(0, share.topk(k).indices, True)
+
+
+def joint_warm_start(
+    entries: list[PoolEntry], namm: NAMM, steps: int, lr: float, seed: int, loss: str = "topk",
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[float]]:
+    """A joint NAMM's parameters fitted by Adam so that, per prompt, ``softmax(scores)`` over the context
+    puts its mass on :func:`joint_label`'s tokens (listwise cross-entropy), the inputs z-scored per
+    dimension over the pool; the z-scoring is then folded into the weights and bias, so the result
+    reads the NAMM's own features. Returns ``[n_params]`` and the loss curve."""
+    from tqdm.auto import tqdm
+
+    data = []
+    for entry in entries:
+        x, age = joint_inputs_of(entry, namm)
+        positions = torch.arange(x.shape[0])
+        data.append((torch.cat([x, age], -1), joint_label(entry, positions, loss), positions >= SINKS))
+    allx = torch.cat([d[0] for d in data])
+    mean, std = allx.mean(0), allx.std(0) + 1e-6
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(allx.shape[1], 1)
+    torch.nn.init.zeros_(linear.weight)
+    opt = torch.optim.Adam(linear.parameters(), lr=lr)
+    order = np.random.default_rng(seed)
+    losses = []
+    bar = tqdm(range(steps), desc="joint warm start", unit="step", disable=not progress)
+    for _ in bar:
+        x, label, allowed = data[int(order.integers(len(data)))]
+        with torch.enable_grad():
+            scores = linear((x - mean) / std)[:, 0]
+            value = listwise_loss(scores[None], label[None], allowed[None])
+            opt.zero_grad()
+            value.backward()
+        opt.step()
+        losses.append(float(value.detach()))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    w = linear.weight.detach()[0] / std
+    bias = linear.bias.detach()[0] - (w * mean).sum()
+    return torch.cat([w, bias[None]]), losses
+
+
+@dataclass
+class JointGains:
+    """The search space CMA-ES refines a warm-started joint NAMM in: one gain per layer-head (scaling
+    that layer-head's warm-started weights) and the age weights, ``rows + age_dim`` numbers instead of
+    the ``rows * n_bins + age_dim + 1`` parameters. Rankings ignore the bias, which calibration sets."""
+
+    base: np.ndarray  # [n_params] the warm-started parameters
+    rows: int
+    n_bins: int
+    age_dim: int
+
+    def start(self) -> np.ndarray:
+        return np.concatenate([np.ones(self.rows), self.base[self.rows * self.n_bins : -1]])
+
+    def decode(self, theta: np.ndarray) -> np.ndarray:
+        """``[P, n_params]`` NAMM parameters of ``[P, rows + age_dim]`` search points."""
+        theta = np.atleast_2d(theta)
+        spectral = self.base[: self.rows * self.n_bins].reshape(self.rows, self.n_bins)
+        w = (theta[:, : self.rows, None] * spectral[None]).reshape(theta.shape[0], -1)
+        bias = np.full((theta.shape[0], 1), self.base[-1])
+        return np.concatenate([w, theta[:, self.rows :], bias], axis=1)
+
+
+@torch.no_grad()
+def calibrate_joint_bias(
+    params: torch.Tensor, entries: list[PoolEntry], namm: NAMM, keep: float
+) -> torch.Tensor:
+    """:func:`calibrate_bias` for a joint NAMM: the bias set so that ``score >= 0`` for a ``keep`` share
+    of the training contexts' tokens (the first :data:`SINKS` aside: always kept)."""
+    scores = []
+    for entry in entries:
+        x, age = joint_inputs_of(entry, namm)
+        s = torch.cat([x, age], -1) @ params[:-1] + params[-1]
+        scores.append(s[SINKS:])
+    cut = torch.quantile(torch.cat(scores)[:1_000_000], 1 - keep)
+    out = params.clone()
+    out[-1] -= cut
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # member evaluation
 
@@ -348,6 +451,7 @@ class SharedState:
     best_mean: np.ndarray | None = None
     best_generation: int = -1
     elapsed_s: float = 0.0
+    joint_base: np.ndarray | None = None  # scorer="joint": the warm start CMA-ES searches gains around
 
 
 def pool_seeds(cfg, task: str, split: str, n: int) -> list[int]:
@@ -377,6 +481,9 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
     with open(out_dir / "runs.jsonl", "a") as f:
         f.write(json.dumps({**run_metadata(argv), "resume": cfg.resume}) + "\n")
     state = load_state(out_dir) if cfg.resume else SharedState()
+    joint = cfg.scorer == "joint"
+    # a joint member reads a per-head NAMM's features (the pool records them); its own config needs the
+    # model's layer-heads, known once the pool is built
     namm_cfg = cfg.namm_config()
     started = time.perf_counter() - state.elapsed_s
     writer = open_tensorboard(out_dir)
@@ -393,6 +500,13 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
             state.norm_mean, state.norm_var = collect_statistics(train_entries, namm_cfg)
         norm = (state.norm_mean, state.norm_var)
         probe = NAMM(namm_cfg, None, torch.as_tensor(norm[0]), torch.as_tensor(norm[1]))
+        if joint:
+            rows = sum(layer.keys.shape[1] for layer in train_entries[0].prefill.cache.layers)
+            namm_cfg = cfg.namm_config(joint_rows=rows)
+        gains: JointGains | None = None
+
+        def decode(theta: np.ndarray) -> np.ndarray:  # search points -> NAMM parameters
+            return gains.decode(theta) if gains is not None else np.atleast_2d(theta)
         val_fractions = [f for _ in val_entries for f in cfg.budgets]
         val_rows = [e for e in val_entries for _ in cfg.budgets]
 
@@ -402,13 +516,24 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
                 val_rows,
                 val_fractions,
                 namm_cfg,
-                mean[None],
+                decode(mean),
                 norm,
                 cfg.members_per_batch,
                 cfg.em_weight,
             )
             return {k: float(v[0]) for k, v in res.items()}
 
+        if state.joint_base is not None:
+            gains = JointGains(state.joint_base, namm_cfg.joint_rows, namm_cfg.n_bins, namm_cfg.age_dim)
+        if state.mean is None and joint:
+            base, state.warm_losses = joint_warm_start(
+                train_entries, probe, max(1, cfg.warm_start_steps), cfg.warm_start_lr, cfg.seed,
+                loss=cfg.warm_loss,
+            )
+            base = calibrate_joint_bias(base, train_entries, probe, cfg.keep_target)
+            state.joint_base = base.numpy().astype(np.float64)
+            gains = JointGains(state.joint_base, namm_cfg.joint_rows, namm_cfg.n_bins, namm_cfg.age_dim)
+            state.mean = gains.start()
         if state.mean is None:
             start = probe.params[0].clone()
             if cfg.warm_start_steps > 0:
@@ -422,6 +547,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
                 )
                 start = calibrate_bias(start, train_entries, probe, cfg.keep_target)
             state.mean = start.numpy().astype(np.float64)
+        if state.optimizer is None and state.best_mean is None:
             v = validate(state.mean)
             _record(
                 out_dir,
@@ -435,7 +561,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
                 },
             )
             state.best_val, state.best_mean, state.best_generation = v["fitness"], state.mean.copy(), 0
-            _save_namm(out_dir / "namm", namm_cfg, state.best_mean, norm)
+            _save_namm(out_dir / "namm", namm_cfg, decode(state.best_mean)[0], norm)
             save_state(state, out_dir)
         if state.optimizer is None:
             bounds = None
@@ -454,7 +580,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
             entries = [pool.get(t, s) for t, s in picks]
             fractions = [rng.choice(cfg.budgets) for _ in entries]
             members = [opt.ask() for _ in range(cfg.population)]
-            params = np.stack(members + [opt.mean])  # last row: the CMA mean
+            params = decode(np.stack(members + [opt.mean]))  # last row: the CMA mean
             res = population_fitness(
                 model, entries, fractions, namm_cfg, params, norm, cfg.members_per_batch, cfg.em_weight
             )
@@ -488,16 +614,19 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
                 if v["fitness"] > state.best_val:
                     state.best_val, state.best_mean = v["fitness"], state.mean.copy()
                     state.best_generation = state.generation
-                    _save_namm(out_dir / "namm", namm_cfg, state.best_mean, norm)
-            _save_namm(out_dir / "namm_last", namm_cfg, state.mean, norm)
+                    _save_namm(out_dir / "namm", namm_cfg, decode(state.best_mean)[0], norm)
+            _save_namm(out_dir / "namm_last", namm_cfg, decode(state.mean)[0], norm)
             state.elapsed_s = time.perf_counter() - started
             save_state(state, out_dir)
             bar.update(1)
             bar.set_postfix(fitness=f"{record['mean_fitness']:.3f}", best_val=f"{state.best_val:.3f}")
         bar.close()
         # the shipped mean's own threshold: recalibrated on the training pool (rankings ignore the bias)
-        best = torch.as_tensor(state.best_mean, dtype=torch.float32)
-        best = calibrate_bias(best, train_entries, probe, cfg.keep_target)
+        best = torch.as_tensor(decode(state.best_mean)[0], dtype=torch.float32)
+        if joint:
+            best = calibrate_joint_bias(best, train_entries, probe, cfg.keep_target)
+        else:
+            best = calibrate_bias(best, train_entries, probe, cfg.keep_target)
         _save_namm(out_dir / "namm", namm_cfg, best.numpy(), norm)
     if writer is not None:
         writer.close()

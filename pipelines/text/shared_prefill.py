@@ -171,6 +171,7 @@ class ContextPrefill:
         num_layers = len(self.cache.layers)
         windows = [layer.sliding_window for layer in self.cache.layers]
         fork = EvictingCache(policy, num_layers, self.cache.layers[0].memory.n_groups, windows)
+        joint = getattr(policy, "joint", False)
         for src, dst in zip(self.cache.layers, fork.layers, strict=True):
             mem_src, mem_dst = src.memory, dst.memory
             dst.lazy_initialization(src.keys, src.values)
@@ -182,7 +183,11 @@ class ContextPrefill:
             mem_dst.real_seen = mem_src.real_seen.expand(batch).clone()
             mem_dst.last_update = mem_src.last_update.expand(batch).clone()
             mem_dst.state = _expand_state(mem_src.state[child], batch)
-            dst.apply_eviction(force=True)
+            if not joint:
+                dst.apply_eviction(force=True)
+        if joint:  # its update reads every layer's state: all layers evict together
+            fork.evict_jointly(force=True)
+        for dst in fork.layers:
             if dst.keys.shape[0] != batch:  # nothing evicted: materialise the rows for later concatenation
                 dst.keys, dst.values = dst.keys.contiguous(), dst.values.contiguous()
         return fork

@@ -1,0 +1,160 @@
+"""The joint NAMM scorer (``scorer="joint"``): one score per token from every layer-head, the same tokens
+kept in every layer and KV head, all layers evicted together by the cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from namm_transfer import NAMM, NAMMConfig
+from namm_transfer.adapters import attach
+from namm_transfer.adapters.cache import EvictingCache
+from namm_transfer.features import age_embedding
+from namm_transfer.joint import joint_scores
+from namm_transfer.pipelines.joint_probe import JointProbe, ScoredKeep, cache_joint_scores
+from namm_transfer.pipelines.text.shared_prefill import prefill_context
+
+LAYERS, KV_HEADS, BINS, AGE = 2, 2, 17, 8
+ROWS = LAYERS * KV_HEADS
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=KV_HEADS, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+@dataclass
+class _Example:
+    prompt_ids: list[int]
+
+
+def _joint(params: torch.Tensor | None = None, **changes) -> NAMM:
+    config = NAMMConfig(scorer="joint", joint_rows=ROWS, update_every=16, threshold=None, **changes)
+    if params is None:
+        params = torch.randn(config.n_params, generator=torch.Generator().manual_seed(5))
+    return NAMM(config, params)
+
+
+def _prompt(n: int = 50) -> list[int]:
+    return torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def test_scores_are_a_linear_read_out_of_every_layer_heads_features_and_the_age():
+    gen = torch.Generator().manual_seed(0)
+    params = torch.randn(2, ROWS * BINS + AGE + 1, generator=gen)
+    for batch in (1, 2):  # distinct samples, and one sample scored by two members
+        feats = [torch.randn(batch, KV_HEADS, 6, AGE + BINS, generator=gen) for _ in range(LAYERS)]
+        positions = [torch.arange(6).expand(batch, KV_HEADS, 6).clone() for _ in range(LAYERS)]
+        valid = [torch.ones(batch, KV_HEADS, 6, dtype=torch.bool) for _ in range(LAYERS)]
+        valid[1][:, 1, 2] = False  # layer 1, head 1 does not hold token 2: it reads 0 there
+        expand = [x.expand(2, *x.shape[1:]) for x in (*feats, *positions, *valid)]
+        out = joint_scores(params, expand[:LAYERS], expand[LAYERS : 2 * LAYERS], expand[2 * LAYERS :], AGE,
+                           50_000.0)
+        age = age_embedding(5 - torch.arange(6), AGE)
+        for member in range(2):
+            b = member if batch == 2 else 0
+            for t in range(6):
+                spectral = torch.cat([feats[layer][b, h, t, AGE:] * valid[layer][b, h, t]
+                                      for layer in range(LAYERS) for h in range(KV_HEADS)])
+                w = params[member]
+                expected = spectral @ w[: ROWS * BINS] + age[t] @ w[ROWS * BINS : -1] + w[-1]
+                assert torch.allclose(out[member, t], expected, atol=1e-5)
+
+
+def test_progressive_eviction_matches_the_joint_probe_path_in_every_layer_head(model):
+    """Fed in chunks of the cadence, the cache evicts all layers after each chunk and keeps the same
+    tokens as the probe path (features of every layer, one ranking, ScoredKeep) with equal weights."""
+    feature_namm = NAMM(NAMMConfig(update_every=16))
+    probe = JointProbe(torch.randn(ROWS * BINS + AGE, generator=torch.Generator().manual_seed(2)), 0.0,
+                       torch.zeros(ROWS * BINS + AGE), torch.ones(ROWS * BINS + AGE), AGE)
+    joint = _joint(torch.cat([probe.weight, torch.zeros(1)]), budget=20, sink_tokens=4)
+    ids = torch.tensor([_prompt(64)])
+    with attach(model, joint) as handle:
+        cache = EvictingCache(joint, handle.num_layers, handle.n_groups)
+        reference_policy = ScoredKeep(feature_namm, 20)
+        reference = EvictingCache(reference_policy, handle.num_layers, handle.n_groups)
+        for start in range(0, 64, 16):
+            model(input_ids=ids[:, start : start + 16], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, start : start + 16], past_key_values=reference, use_cache=True)
+            reference_policy.scores = cache_joint_scores(reference, feature_namm, probe)
+            for layer in reference.layers:
+                layer.apply_eviction(force=True)
+    first = cache.layers[0].memory.positions[0, 0].sort().values
+    assert first.shape[0] == 20 and first[:4].tolist() == [0, 1, 2, 3]
+    for ours, theirs in zip(cache.layers, reference.layers, strict=True):
+        for h in range(KV_HEADS):
+            assert torch.equal(ours.memory.positions[0, h].sort().values, first)
+            assert torch.equal(theirs.memory.positions[0, h].sort().values, first)
+
+
+def test_one_shot_fork_keeps_each_members_top_k(model):
+    params = torch.randn(3, _joint().config.n_params, generator=torch.Generator().manual_seed(7))
+    joint = _joint(params, budget=10)
+    with attach(model, joint) as handle:
+        prefill = prefill_context(model, handle, _Example(_prompt()), None, [joint], context_len=40)
+        fork = prefill.fork(0, joint, batch=3)
+        layers = prefill.cache.layers
+        from namm_transfer.policies.base import CacheView
+
+        views = [CacheView(x.memory.layer_idx, x.memory.positions, x.memory.valid) for x in layers]
+        feats = [joint.features(x.memory.state[0], v) for x, v in zip(layers, views, strict=True)]
+        scores = joint_scores(params, feats, [v.positions for v in views], [v.valid for v in views], AGE,
+                              joint.config.age_base)
+    for member in range(3):
+        others = scores[member].clone()
+        others[39] = -torch.inf  # the newest token is always kept, the budget's other 9 by score
+        expected = others.topk(9).indices.tolist() + [39]
+        for layer in fork.layers:
+            for h in range(KV_HEADS):
+                assert sorted(layer.memory.positions[member, h].tolist()) == sorted(set(expected))
+
+
+def test_a_joint_namm_is_tied_to_its_models_layer_heads(model):
+    wrong = NAMM(NAMMConfig(scorer="joint", joint_rows=ROWS + 1, update_every=16, budget=8, threshold=None))
+    with pytest.raises(ValueError, match="tied to the model"):
+        with attach(model, wrong):
+            model(input_ids=torch.tensor([_prompt(40)]))
+    with pytest.raises(ValueError, match="joint_rows"):
+        NAMMConfig(scorer="joint")
+
+
+def test_keep_without_the_caches_joint_update_says_how_to_use_it():
+    joint = _joint(budget=2)
+    from namm_transfer.policies.base import CacheView
+
+    view = CacheView(0, torch.arange(5).expand(1, KV_HEADS, 5), torch.ones(1, KV_HEADS, 5, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="EvictingCache"):
+        joint.keep(joint.new_state(0), view)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    joint = _joint(budget=12)
+    joint.save_pretrained(tmp_path / "j")
+    loaded = NAMM.from_pretrained(tmp_path / "j")
+    assert loaded.joint and loaded.config == joint.config and torch.equal(loaded.params, joint.params)
+
+
+def test_a_discarded_cache_is_freed_without_the_garbage_collector(model):
+    """The last layer reaches its cache's joint eviction through a weak reference: no cycle keeps a
+    fork's keys and values alive after it is dropped (an evolution scores thousands of forks)."""
+    import gc
+    import weakref
+
+    joint = _joint(budget=8)
+    with attach(model, joint) as handle:
+        cache = EvictingCache(joint, handle.num_layers, handle.n_groups)
+        model(input_ids=torch.tensor([_prompt(40)]), past_key_values=cache, use_cache=True)
+    assert cache.layers[0].memory.valid.sum(-1).max() == 8  # the joint eviction ran
+    alive = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -58,6 +58,7 @@ def test_the_sink_keeping_namm_ships_with_its_sinks_and_its_record():
 def test_the_joint_namm_ships_tied_to_smollm2_with_its_record():
     namm = namm_transfer.pretrained("smollm2-text-joint")
     assert namm.joint and namm.config.joint_rows == 30 * 3 and namm.config.sink_tokens == 4
+    assert namm.config.threshold == -3.0  # the progressive operating point (joint_progressive_threshold.md)
     assert namm.params.shape == (1, 30 * 3 * 17 + 8 + 1) and namm.norm_mean is not None
     record = training_record("smollm2-text-joint")
     assert "--scorer joint" in record["command"] and record["config"]["scorer"] == "joint"

@@ -422,7 +422,7 @@ class EvictingCache(DynamicCache):
             for i in range(num_layers)
         ]
         super(DynamicCache, self).__init__(layers=layers)
-        if getattr(policy, "joint", False):  # all layers evict together, after the last one's attention
+        if policy.joint:  # all layers evict together, after the last one's attention
             # weakly: a layer holding its cache would make a cycle that only the garbage collector frees,
             # keeping every discarded cache's keys and values alive until it runs
             layers[-1].after_eviction = weakref.WeakMethod(self.evict_jointly)

@@ -194,7 +194,7 @@ class LayerMemory:
         if self.positions is None:
             return None
         if due is None:
-            if getattr(self.policy, "joint", False) and not force:
+            if self.policy.joint and not force:
                 return None
             due = torch.ones_like(self.real_seen, dtype=torch.bool) if force else self.due()
         if not bool(due.any()):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import _tiny_decoders
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.adapters import attach
@@ -22,11 +22,8 @@ ROWS = LAYERS * KV_HEADS
 
 
 @pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=KV_HEADS, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval()
+def model() -> torch.nn.Module:
+    return _tiny_decoders.build("llama", num_hidden_layers=LAYERS, num_key_value_heads=KV_HEADS)
 
 
 @dataclass
@@ -42,7 +39,7 @@ def _joint(params: torch.Tensor | None = None, **changes) -> NAMM:
 
 
 def _prompt(n: int = 50) -> list[int]:
-    return torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    return torch.randint(1, _tiny_decoders.VOCAB, (n,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
 def test_scores_are_a_linear_read_out_of_every_layer_heads_features_and_the_age():

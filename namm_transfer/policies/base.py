@@ -63,6 +63,9 @@ class MemoryPolicy:
 
     needs_attention: bool = False
     needs_keys: bool = False
+    # True when an update reads every layer's state (a joint NAMM): the cache then evicts all layers
+    # together after the last layer's attention, never one layer on its own cadence
+    joint: bool = False
     # True when observe() keeps no reference to the attention tensor it is given (only copies or
     # reductions of it): the adapter may then write the next layer's rows into the same memory.
     rows_transient: bool = False

@@ -171,7 +171,7 @@ class ContextPrefill:
         num_layers = len(self.cache.layers)
         windows = [layer.sliding_window for layer in self.cache.layers]
         fork = EvictingCache(policy, num_layers, self.cache.layers[0].memory.n_groups, windows)
-        joint = getattr(policy, "joint", False)
+        joint = policy.joint
         for src, dst in zip(self.cache.layers, fork.layers, strict=True):
             mem_src, mem_dst = src.memory, dst.memory
             dst.lazy_initialization(src.keys, src.values)

@@ -248,12 +248,6 @@ class NAMM(MemoryPolicy):
         """Score every token from all layers' ``states`` and ``views`` (one per layer, in order) for the
         layers' :meth:`keep` calls of this update (joint scorer only; :meth:`release_joint` after)."""
         feats = [self.features(s, v) for s, v in zip(states, views, strict=True)]
-        rows = len(feats) * feats[0].shape[1]
-        if rows != self.config.joint_rows:
-            raise ValueError(
-                f"this joint NAMM reads {self.config.joint_rows} layer-heads, the model has {len(feats)} "
-                f"layers x {feats[0].shape[1]} KV heads = {rows}: it is tied to the model it was trained on"
-            )
         params = self.params.to(feats[0].device)
         self._pending = joint_scores(params, feats, [v.positions for v in views], [v.valid for v in views],
                                      self.config.age_dim, self.config.age_base)

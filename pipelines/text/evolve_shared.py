@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from namm_transfer import NAMM, NAMMConfig
+from namm_transfer.joint import joint_inputs, joint_scores
 from namm_transfer.pipelines.common import log, open_tensorboard, run_metadata, set_threads
 from namm_transfer.pipelines.text.evolve import load_state, save_state, task_fitness
 from namm_transfer.pipelines.text.shared_prefill import (
@@ -260,6 +261,11 @@ def calibrate_bias(params: torch.Tensor, entries: list[PoolEntry], namm: NAMM, k
         feats, valid, positions = entry_features(entry, probe)
         s = score_tokens(probe.params, feats[None], valid[None], positions[None], namm.config.shapes)[0]
         scores.append(s[valid])
+    return _bias_keeping(params, scores, keep)
+
+
+def _bias_keeping(params: torch.Tensor, scores: list[torch.Tensor], keep: float) -> torch.Tensor:
+    """``params`` with the final bias shifted so that ``score >= 0`` for a ``keep`` share of ``scores``."""
     cut = torch.quantile(torch.cat(scores)[:1_000_000], 1 - keep)
     out = params.clone()
     out[-1] -= cut
@@ -269,9 +275,10 @@ def calibrate_bias(params: torch.Tensor, entries: list[PoolEntry], namm: NAMM, k
 def joint_inputs_of(entry: PoolEntry, namm: NAMM) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x [S, rows * n_bins], age [S, age_dim])``: a pool prompt's context tokens as a joint NAMM reads
     them at the one-shot eviction point (every layer-head side by side, layer-major)."""
-    feats, _, _ = entry_features(entry, namm)
+    feats, valid, positions = entry_features(entry, namm)
     age_dim = namm.config.age_dim
-    return feats[..., age_dim:].permute(1, 0, 2).flatten(1), feats[0, :, :age_dim]
+    # the pool's rows are the layer-heads in layer-major order: one "layer" of them all
+    return joint_inputs([feats[None]], [positions[None]], [valid[None]], age_dim)[0], feats[0, :, :age_dim]
 
 
 def joint_label(entry: PoolEntry, positions: torch.Tensor, loss: str, top: float = 0.1) -> torch.Tensor:
@@ -360,13 +367,11 @@ def calibrate_joint_bias(
     of the training contexts' tokens (the first :data:`SINKS` aside: always kept)."""
     scores = []
     for entry in entries:
-        x, age = joint_inputs_of(entry, namm)
-        s = torch.cat([x, age], -1) @ params[:-1] + params[-1]
+        feats, valid, positions = entry_features(entry, namm)
+        s = joint_scores(params[None], [feats[None]], [positions[None]], [valid[None]], namm.config.age_dim,
+                         namm.config.age_base)[0]
         scores.append(s[SINKS:])
-    cut = torch.quantile(torch.cat(scores)[:1_000_000], 1 - keep)
-    out = params.clone()
-    out[-1] -= cut
-    return out
+    return _bias_keeping(params, scores, keep)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -623,10 +628,8 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
         bar.close()
         # the shipped mean's own threshold: recalibrated on the training pool (rankings ignore the bias)
         best = torch.as_tensor(decode(state.best_mean)[0], dtype=torch.float32)
-        if joint:
-            best = calibrate_joint_bias(best, train_entries, probe, cfg.keep_target)
-        else:
-            best = calibrate_bias(best, train_entries, probe, cfg.keep_target)
+        calibrate = calibrate_joint_bias if joint else calibrate_bias
+        best = calibrate(best, train_entries, probe, cfg.keep_target)
         _save_namm(out_dir / "namm", namm_cfg, best.numpy(), norm)
     if writer is not None:
         writer.close()

@@ -30,7 +30,6 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from namm_transfer.capacity import grown_capacity, widened
 from namm_transfer.memory import LayerMemory
 from namm_transfer.policies import MemoryPolicy
-from namm_transfer.policies.base import CacheView
 
 
 class RowsBuffer:
@@ -439,7 +438,7 @@ class EvictingCache(DynamicCache):
         if not bool(due.any()):
             return
         t0 = time.perf_counter()
-        views = [CacheView(m.layer_idx, m.positions, m.valid, None, m.protect, m.real_seen) for m in memories]
+        views = [m.view() for m in memories]
         self.policy.prepare_joint([m.state for m in memories], views)
         last.stats.timing["scoring_s"] += time.perf_counter() - t0
         try:

@@ -103,3 +103,40 @@ def joint_scores(
         return out.T.expand(batch, -1) if params.shape[0] == 1 else out.T
     return torch.einsum("btf,bf->bt", x, w_spec.expand(batch, -1)) + torch.einsum(
         "btf,bf->bt", age, w_age.expand(batch, -1)) + bias[:, None]
+
+
+REFERENCES = ("absolute", "fresh-median")
+
+
+def held_and_fresh(positions: torch.Tensor, valid: torch.Tensor, fresh_from: torch.Tensor | None,
+                   tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, tokens], [B, tokens])`` bool: the tokens a layer holds (``positions``, ``valid``
+    ``[B, H, S]``), and those of them that arrived since the policy's last update (index >=
+    ``fresh_from`` ``[B]``; None: every held token)."""
+    held = torch.zeros(positions.shape[0], tokens + 1, dtype=torch.bool, device=positions.device)
+    held.scatter_(1, positions.masked_fill(~valid, tokens).flatten(1).clamp(0, tokens), True)
+    held = held[:, :tokens]
+    if fresh_from is None:
+        return held, held
+    index = torch.arange(tokens, device=positions.device)
+    return held, held & (index[None] >= fresh_from.to(positions.device)[:, None])
+
+
+def relative_to_fresh(
+    scores: torch.Tensor, held: torch.Tensor, fresh: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``scores`` ``[B, T]`` (bias included) measured from the median score of the ``fresh`` ``[B, T]``
+    tokens, plus the ``bias`` ``[P]`` (``P`` 1 or B): ``joint_reference="fresh-median"``.
+
+    Why: the read-out's scale drifts with the context. On SmolLM2 the median score of a keep-all cache
+    rises from -8 at 256 tokens to -0.4 at 1,024, and after an eviction the same tokens score 2-6 lower
+    than in a keep-all cache (the survivors' attention is renormalised). So one absolute threshold keeps
+    40% of a context compressed once but 12% of one compressed every 256 tokens. The tokens fed since
+    the last update have not been filtered by the policy yet (one-shot: the whole context; progressive:
+    the latest chunk), so their median follows that drift and not the policy's own earlier choices.
+    A row without fresh tokens (a forced update right after another) is measured from every token it
+    holds (``held``).
+    """
+    fresh = torch.where(fresh.any(-1, keepdim=True), fresh, held)
+    reference = scores.masked_fill(~fresh, float("nan")).nanmedian(dim=-1, keepdim=True).values
+    return scores - reference.nan_to_num(0.0) + bias.to(scores)[:, None]

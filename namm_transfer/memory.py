@@ -169,6 +169,13 @@ class LayerMemory:
         self.policy.observe(self.state, rows, row_valid)
         self.stats.timing["features_s"] += time.perf_counter() - t1
 
+    def view(self, keys: torch.Tensor | None = None) -> CacheView:
+        """What the policy sees of this layer now (``keys`` where it reads them)."""
+        # left padding only: the tokens fed since the last update are the newest arrival indices
+        fresh_from = self.tokens_seen - (self.real_seen - self.last_update)
+        return CacheView(self.layer_idx, self.positions, self.valid, keys, self.protect, self.real_seen,
+                         fresh_from)
+
     def due(self) -> torch.Tensor:
         """``[B]`` bool: samples whose token count crossed a multiple of ``update_every`` (cadence), or
         that the policy has not updated yet and that hold more tokens than its cap (first fill)."""
@@ -176,7 +183,7 @@ class LayerMemory:
         due = (self.real_seen // every) > (self.last_update // every)
         never_updated = self.last_update == 0
         if bool(never_updated.any()):
-            view = CacheView(self.layer_idx, self.positions, self.valid, None, self.protect, self.real_seen)
+            view = self.view()
             cap = self.policy.token_cap(view)
             if cap is not None:
                 cap = torch.as_tensor(cap, device=self.valid.device).reshape(-1)  # [] or [B]
@@ -200,7 +207,7 @@ class LayerMemory:
         if not bool(due.any()):
             return None
         t0 = time.perf_counter()
-        view = CacheView(self.layer_idx, self.positions, self.valid, keys, self.protect, self.real_seen)
+        view = self.view(keys)
         keep = self.policy.keep(self.state, view)
         if self.protect is not None:
             keep = keep | self.protect

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from namm_transfer.features import StreamingSpectrogram, age_embedding
-from namm_transfer.joint import joint_n_params, joint_scores
+from namm_transfer.joint import REFERENCES, held_and_fresh, joint_n_params, joint_scores, relative_to_fresh
 from namm_transfer.policies.base import (
     Budget,
     CacheView,
@@ -55,12 +55,17 @@ class NAMMConfig:
     # their score: a hand-written prior on top of the learned policy, 0 (off) as evolved. Within a budget
     # they take part of it.
     sink_tokens: int = 0
-    # scorer="joint" only: the layers x KV heads of the model it reads (namm_transfer/joint.py)
+    # scorer="joint" only: the layers x KV heads of the model it reads (namm_transfer/joint.py), and what
+    # its threshold is measured from: "absolute" (the score itself) or "fresh-median" (the score less the
+    # median score of the tokens fed since the last update, plus the bias: joint.relative_to_fresh)
     joint_rows: int = 0
+    joint_reference: str = "absolute"
 
     def __post_init__(self) -> None:
         if self.scorer == "joint" and self.joint_rows < 1:
             raise ValueError("a joint NAMM needs joint_rows = the model's layers x KV heads (>= 1)")
+        if self.joint_reference not in REFERENCES:
+            raise ValueError(f"joint_reference must be one of {REFERENCES}, got {self.joint_reference!r}")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         check_budget(self.budget, self.compression_ratio, owner="NAMMConfig.budget")
@@ -249,8 +254,13 @@ class NAMM(MemoryPolicy):
         layers' :meth:`keep` calls of this update (joint scorer only; :meth:`release_joint` after)."""
         feats = [self.features(s, v) for s, v in zip(states, views, strict=True)]
         params = self.params.to(feats[0].device)
-        self._pending = joint_scores(params, feats, [v.positions for v in views], [v.valid for v in views],
-                                     self.config.age_dim, self.config.age_base)
+        scores = joint_scores(params, feats, [v.positions for v in views], [v.valid for v in views],
+                              self.config.age_dim, self.config.age_base)
+        if self.config.joint_reference == "fresh-median":
+            last = views[-1]  # every layer holds the tokens that arrived since the last update
+            held, fresh = held_and_fresh(last.positions, last.valid, last.fresh_from, scores.shape[-1])
+            scores = relative_to_fresh(scores, held, fresh, params[:, -1])
+        self._pending = scores
 
     def release_joint(self) -> None:
         self._pending = None

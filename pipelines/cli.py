@@ -32,6 +32,7 @@ from namm_transfer.pipelines.models import MODELS
 from namm_transfer.pipelines.rl.datasets import ENV_NAMES, LEVEL_NAMES, RLDatasetsConfig, run_make_rl_datasets
 from namm_transfer.pipelines.rl.evaluate import EvalRolloutConfig, run_eval_rollout
 from namm_transfer.pipelines.rl.train import TrainDTConfig, train_dt
+from namm_transfer.pipelines.text.calibrate import CalibrateConfig, run_calibrate
 from namm_transfer.pipelines.text.evaluate import EvalTextConfig, run_eval_text
 from namm_transfer.pipelines.text.evolve import EvolveConfig, run_evolve
 from namm_transfer.pipelines.text.export import export_namm
@@ -151,7 +152,19 @@ COMMANDS: tuple[Command, ...] = (
         {**DTYPE, "stages": {"type": _stages, "metavar": "'T1;T1,T2'"},
          "budgets": {"type": _fractions, "metavar": "F1,F2"}, "scorer": {"choices": ("bam", "mlp", "joint")},
          "backend": {"choices": ("local", "ray")}, "engine": {"choices": ("shared-prefill", "generate")},
-         "warm_loss": {"choices": ("topk", "rank", "evidence")}},
+         "warm_loss": {"choices": ("topk", "rank", "evidence")},
+         "joint_reference": {"choices": ("absolute", "fresh-median")}},
+    ),
+    Command(
+        "calibrate", CalibrateConfig, lambda cfg, argv: run_calibrate(cfg, TASKS, argv=argv),
+        "set a trained NAMM's threshold-mode operating point (its final bias) on training prompts",
+        "Prefill POOL_PER_TASK training prompts per task (those an evolve run with SEED trains on), then set "
+        "the NAMM's final bias so that, compressing each context once, it keeps KEEP of it in its own "
+        "threshold mode (the evolve job's last step). --joint-reference first switches a joint NAMM to "
+        "another reference: fresh-median measures scores from the median score of the tokens fed since the "
+        "last update, so that one threshold serves both the one-shot and the progressive protocol. Writes "
+        "OUT_DIR (config.json, model.safetensors, calibration.json).",
+        {"joint_reference": {"choices": ("absolute", "fresh-median")}},
     ),
     Command(
         "eval-text", EvalTextConfig, run_eval_text,

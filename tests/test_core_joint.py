@@ -13,7 +13,7 @@ from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.adapters import attach
 from namm_transfer.adapters.cache import EvictingCache
 from namm_transfer.features import age_embedding
-from namm_transfer.joint import joint_scores
+from namm_transfer.joint import held_and_fresh, joint_scores, relative_to_fresh
 from namm_transfer.pipelines.joint_probe import JointProbe, ScoredKeep, cache_joint_scores
 from namm_transfer.pipelines.text.shared_prefill import prefill_context
 
@@ -32,7 +32,8 @@ class _Example:
 
 
 def _joint(params: torch.Tensor | None = None, **changes) -> NAMM:
-    config = NAMMConfig(scorer="joint", joint_rows=ROWS, update_every=16, threshold=None, **changes)
+    config = NAMMConfig(**{"scorer": "joint", "joint_rows": ROWS, "update_every": 16, "threshold": None,
+                           **changes})
     if params is None:
         params = torch.randn(config.n_params, generator=torch.Generator().manual_seed(5))
     return NAMM(config, params)
@@ -155,3 +156,66 @@ def test_a_discarded_cache_is_freed_without_the_garbage_collector(model):
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_relative_to_fresh_measures_each_row_from_its_fresh_tokens_median():
+    scores = torch.tensor([[5.0, -1.0, 2.0, 7.0, 3.0, 0.5], [1.0, 4.0, -2.0, 6.0, 9.0, 8.0]])
+    held = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    fresh = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    bias = torch.tensor([0.25, -1.0])
+    out = relative_to_fresh(scores, held, fresh, bias)
+    # row 0: median of its fresh scores 2, 7, 3 is 3; row 1 has none fresh: median of 1, 4, -2, 9, 8 is 4
+    assert torch.allclose(out[0], scores[0] - 3.0 + 0.25)
+    assert torch.allclose(out[1], scores[1] - 4.0 - 1.0)
+    positions = torch.tensor([[[0, 2, 3], [0, 1, 3]]])
+    valid = torch.tensor([[[1, 1, 1], [1, 0, 1]]], dtype=torch.bool)  # token 1 is not held: slot invalid
+    held_, fresh_ = held_and_fresh(positions, valid, torch.tensor([2]), 5)
+    assert held_.tolist() == [[True, False, True, True, False]]
+    assert fresh_.tolist() == [[False, False, True, True, False]]
+
+
+def test_the_fresh_median_reference_in_progressive_and_one_shot_eviction(model, monkeypatch):
+    """Every chunk of the cadence is one update: the tokens kept are those whose score, less the median
+    score of that chunk's tokens plus the bias, is >= the threshold (and the newest); compressed once,
+    the whole context is fresh."""
+    import namm_transfer.namm as namm_module
+
+    raw = []
+    monkeypatch.setattr(namm_module, "joint_scores", lambda *a: raw.append(joint_scores(*a)) or raw[-1])
+    joint = _joint(threshold=0.0, joint_reference="fresh-median")
+    bias = float(joint.params[0, -1])
+    ids = torch.tensor([_prompt(64)])
+    with attach(model, joint) as handle:
+        cache = EvictingCache(joint, handle.num_layers, handle.n_groups)
+        held = set()
+        for start in range(0, 64, 16):
+            model(input_ids=ids[:, start : start + 16], past_key_values=cache, use_cache=True)
+            s = raw[-1][0]
+            chunk = set(range(start, start + 16))
+            reference = s[sorted(chunk)].median()  # torch's median: the lower middle value, as nanmedian
+            held = {t for t in held | chunk if float(s[t] - reference + bias) >= 0} | {start + 15}
+            for layer in cache.layers:
+                for h in range(KV_HEADS):
+                    assert set(layer.memory.positions[0, h].tolist()) == held
+        assert len(held) < 64  # it evicted
+        raw.clear()
+        prefill = prefill_context(model, handle, _Example(_prompt()), None, [joint], context_len=40)
+        fork = prefill.fork(0, joint)
+    s = raw[-1][0]
+    kept = {t for t in range(40) if float(s[t] - s[:40].median() + bias) >= 0} | {39}
+    assert set(fork.layers[0].memory.positions[0, 0].tolist()) == kept
+
+
+def test_under_a_budget_the_reference_changes_nothing(model):
+    """Ranking-only (a budget, no threshold): a per-update shift of every score keeps the same top-k, so
+    the fixed-budget tables hold for either reference."""
+    ids = torch.tensor([_prompt(64)])
+    kept = []
+    for reference in ("absolute", "fresh-median"):
+        joint = _joint(budget=12, joint_reference=reference)
+        with attach(model, joint) as handle:
+            cache = EvictingCache(joint, handle.num_layers, handle.n_groups)
+            for start in range(0, 64, 16):
+                model(input_ids=ids[:, start : start + 16], past_key_values=cache, use_cache=True)
+        kept.append([layer.memory.positions.sort(-1).values for layer in cache.layers])
+    assert all(torch.equal(a, b) for a, b in zip(*kept, strict=True))

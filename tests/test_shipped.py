@@ -58,10 +58,19 @@ def test_the_sink_keeping_namm_ships_with_its_sinks_and_its_record():
 def test_the_joint_namm_ships_tied_to_smollm2_with_its_record():
     namm = namm_transfer.pretrained("smollm2-text-joint")
     assert namm.joint and namm.config.joint_rows == 30 * 3 and namm.config.sink_tokens == 4
-    assert namm.config.threshold == -3.0  # the progressive operating point (joint_progressive_threshold.md)
+    # one threshold for both protocols: scores measured from the fresh tokens' median (calibrate)
+    assert namm.config.threshold == 0.0 and namm.config.joint_reference == "fresh-median"
     assert namm.params.shape == (1, 30 * 3 * 17 + 8 + 1) and namm.norm_mean is not None
     record = training_record("smollm2-text-joint")
     assert "--scorer joint" in record["command"] and record["config"]["scorer"] == "joint"
+    calibration = json.loads((pretrained_dir("smollm2-text-joint") / "calibration.json").read_text())
+    assert calibration["command"].startswith("namm-transfer calibrate --namm smollm2-text-joint-v1")
+    assert calibration["bias_after"] == pytest.approx(float(namm.params[0, -1]))
+    # the same weights as the previous version; only the final bias and the reference differ
+    old = namm_transfer.pretrained("smollm2-text-joint-v1")
+    assert old.config.joint_reference == "absolute" and old.config.threshold == -3.0
+    assert torch.equal(old.params[0, :-1], namm.params[0, :-1])
+    assert torch.equal(old.norm_mean, namm.norm_mean) and torch.equal(old.norm_var, namm.norm_var)
 
 
 def test_one_resolver_for_every_kind_of_shipped_artefact(tmp_path):

@@ -37,6 +37,8 @@ class CacheView:
         protect: ``[B, H, S]`` bool slots that must be kept (non-finite attention), or None.
         seen: ``[B]`` long real (non-padding) tokens each sample has fed so far, or None; what a
             ``compression_ratio`` is a fraction of.
+        fresh_from: ``[B]`` long arrival index of the first token fed since the policy's last update of
+            that sample (0 before its first update), or None (every token is fresh).
     """
 
     layer_idx: int
@@ -45,6 +47,7 @@ class CacheView:
     keys: torch.Tensor | None = None
     protect: torch.Tensor | None = None
     seen: torch.Tensor | None = None
+    fresh_from: torch.Tensor | None = None
 
     @property
     def age(self) -> torch.Tensor:

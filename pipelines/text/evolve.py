@@ -112,6 +112,10 @@ class EvolveConfig:
             sinks; saved in the NAMM's config). 0 (the reference) lets evolution evict the sink, which
             it learns to exploit on passkey and which wrecks transfer to video (see
             benchmarks/results/eval_text_smollm2-text_sinks4/README.md).
+        joint_reference: what a joint NAMM's threshold is measured from (``NAMMConfig.joint_reference``):
+            "absolute" or "fresh-median" (the median score of the tokens fed since the last update, so
+            that one threshold keeps about as much of a context compressed once as of one compressed
+            every ``update_every`` tokens). The final bias is calibrated with it.
     """
 
     # Three stages as in the reference (retrieval, + a QA-like task, + a natural-text task). vartrack is
@@ -151,6 +155,7 @@ class EvolveConfig:
     warm_loss: str = "topk"
     ema_decay: float = 0.99
     sink_tokens: int = 0
+    joint_reference: str = "absolute"
 
     def namm_config(self, joint_rows: int = 0) -> NAMMConfig:
         """The members' NAMM config. A joint scorer's needs the model's layers x KV heads
@@ -160,6 +165,7 @@ class EvolveConfig:
             update_every=self.update_every, scorer=scorer, init_keep_bias=self.init_keep_bias,
             ema_decay=self.ema_decay, sink_tokens=self.sink_tokens,
             joint_rows=joint_rows if scorer == "joint" else 0,
+            joint_reference=self.joint_reference if scorer == "joint" else "absolute",
         )
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from namm_transfer import NAMM, NAMMConfig
-from namm_transfer.joint import joint_inputs, joint_scores
+from namm_transfer.joint import joint_inputs, joint_scores, relative_to_fresh
 from namm_transfer.pipelines.common import log, open_tensorboard, run_metadata, set_threads
 from namm_transfer.pipelines.text.evolve import load_state, save_state, task_fitness
 from namm_transfer.pipelines.text.shared_prefill import (
@@ -361,16 +361,20 @@ class JointGains:
 
 @torch.no_grad()
 def calibrate_joint_bias(
-    params: torch.Tensor, entries: list[PoolEntry], namm: NAMM, keep: float
+    params: torch.Tensor, entries: list[PoolEntry], namm: NAMM, keep: float, reference: str = "absolute"
 ) -> torch.Tensor:
     """:func:`calibrate_bias` for a joint NAMM: the bias set so that ``score >= 0`` for a ``keep`` share
-    of the training contexts' tokens (the first :data:`SINKS` aside: always kept)."""
+    of the training contexts' tokens (the first :data:`SINKS` aside: always kept), compressed once, with
+    the joint NAMM's ``reference`` (``NAMMConfig.joint_reference``: there every context token is fresh)."""
     scores = []
     for entry in entries:
         feats, valid, positions = entry_features(entry, namm)
         s = joint_scores(params[None], [feats[None]], [positions[None]], [valid[None]], namm.config.age_dim,
-                         namm.config.age_base)[0]
-        scores.append(s[SINKS:])
+                         namm.config.age_base)
+        if reference == "fresh-median":
+            every = torch.ones_like(s, dtype=torch.bool)
+            s = relative_to_fresh(s, every, every, params[None, -1])
+        scores.append(s[0, SINKS:])
     return _bias_keeping(params, scores, keep)
 
 
@@ -535,7 +539,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
                 train_entries, probe, max(1, cfg.warm_start_steps), cfg.warm_start_lr, cfg.seed,
                 loss=cfg.warm_loss,
             )
-            base = calibrate_joint_bias(base, train_entries, probe, cfg.keep_target)
+            base = calibrate_joint_bias(base, train_entries, probe, cfg.keep_target, cfg.joint_reference)
             state.joint_base = base.numpy().astype(np.float64)
             gains = JointGains(state.joint_base, namm_cfg.joint_rows, namm_cfg.n_bins, namm_cfg.age_dim)
             state.mean = gains.start()
@@ -628,8 +632,10 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
         bar.close()
         # the shipped mean's own threshold: recalibrated on the training pool (rankings ignore the bias)
         best = torch.as_tensor(decode(state.best_mean)[0], dtype=torch.float32)
-        calibrate = calibrate_joint_bias if joint else calibrate_bias
-        best = calibrate(best, train_entries, probe, cfg.keep_target)
+        if joint:
+            best = calibrate_joint_bias(best, train_entries, probe, cfg.keep_target, cfg.joint_reference)
+        else:
+            best = calibrate_bias(best, train_entries, probe, cfg.keep_target)
         _save_namm(out_dir / "namm", namm_cfg, best.numpy(), norm)
     if writer is not None:
         writer.close()

@@ -281,6 +281,13 @@ def test_joint_warm_start_ranks_its_labels_first_and_calibration_hits_the_keep_t
     kept = [float((torch.cat(joint_inputs_of(e, namm), -1)[4:] @ calibrated[:-1] + calibrated[-1] >= 0)
                   .float().mean()) for e in entries]
     assert np.mean(kept) == pytest.approx(0.4, abs=0.02)
+    # measured from the median of the fresh tokens (one-shot: all of them), as NAMM.prepare_joint does
+    relative = calibrate_joint_bias(params, entries, namm, keep=0.4, reference="fresh-median")
+    kept = []
+    for e in entries:
+        raw = torch.cat(joint_inputs_of(e, namm), -1) @ relative[:-1]
+        kept.append(float((raw[4:] - raw.median() + relative[-1] >= 0).float().mean()))
+    assert np.mean(kept) == pytest.approx(0.4, abs=0.02)
 
 
 def test_joint_gains_scale_each_layer_heads_weights_and_start_at_the_warm_start():

@@ -257,8 +257,10 @@ class NAMM(MemoryPolicy):
         scores = joint_scores(params, feats, [v.positions for v in views], [v.valid for v in views],
                               self.config.age_dim, self.config.age_base)
         if self.config.joint_reference == "fresh-median":
-            last = views[-1]  # every layer holds the tokens that arrived since the last update
-            held, fresh = held_and_fresh(last.positions, last.valid, last.fresh_from, scores.shape[-1])
+            # a token any layer holds (sliding-window layers hold fewer)
+            masks = [held_and_fresh(v.positions, v.valid, v.fresh_from, scores.shape[-1]) for v in views]
+            held = torch.stack([h for h, _ in masks]).any(0)
+            fresh = torch.stack([f for _, f in masks]).any(0)
             scores = relative_to_fresh(scores, held, fresh, params[:, -1])
         self._pending = scores
 

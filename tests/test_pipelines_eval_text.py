@@ -151,3 +151,20 @@ def test_ablation_table_reads_each_runs_validation(tmp_path):
     assert out.with_suffix(".png").is_file() and "| A " in out.read_text()
     with pytest.raises(ValueError, match="LABEL=DIR"):
         run_ablation(AblationConfig(runs=["nolabel"], output=str(out)))
+
+
+def test_a_progressive_run_of_the_namms_own_threshold_alone_also_runs_the_full_cache(monkeypatch):
+    """The full cache normalises every score: a run with ``--budgets own`` only must run it too."""
+    from types import SimpleNamespace
+
+    from namm_transfer.pipelines.text import evaluate
+
+    ran = []
+    monkeypatch.setattr(evaluate, "evaluate_prompt", lambda model, tok, policy, *a: ran.append(policy) or {})
+    cfg = EvalTextConfig(budgets=["own"], protocols=["progressive"])
+    example, task = SimpleNamespace(prompt_ids=list(range(40)), seed=3), SimpleNamespace(name="kv")
+    todo = {(p, b, name, "kv", 3) for p, b, name in evaluate._expected(cfg)}
+    namm = NAMM(NAMMConfig(update_every=16))
+    rows = evaluate._progressive_prompt(None, None, namm, example, task, cfg, todo, 4, 16)
+    assert sorted(r["policy"] for r in rows) == ["FullCache", "NAMM"]
+    assert ran[1] is namm  # the NAMM in its own threshold mode

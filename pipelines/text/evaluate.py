@@ -301,7 +301,8 @@ def _progressive_prompt(model, tokenizer, namm, example, task, cfg, todo, max_ne
     rows = []
     n = len(example.prompt_ids)
     for label in cfg.budgets:
-        names = [FULL_CACHE, NAMM_NAME, *cfg.baselines] if label != OWN else [NAMM_NAME]
+        # own: the NAMM alone (and the full cache when no fixed budget runs it; ``todo`` says which)
+        names = [FULL_CACHE, NAMM_NAME, *cfg.baselines] if label != OWN else [FULL_CACHE, NAMM_NAME]
         for name in names:
             if ("progressive", label, name, task.name, example.seed) not in todo:
                 continue

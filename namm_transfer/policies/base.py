@@ -38,7 +38,7 @@ class CacheView:
         seen: ``[B]`` long real (non-padding) tokens each sample has fed so far, or None; what a
             ``compression_ratio`` is a fraction of.
         fresh_from: ``[B]`` long arrival index of the first token fed since the policy's last update of
-            that sample (0 before its first update), or None (every token is fresh).
+            that sample (before its first update: its first real token), or None (every token is fresh).
     """
 
     layer_idx: int

@@ -426,3 +426,14 @@ def test_first_fill_runs_once_then_the_cadence():
     assert len(policy.calls) == 1 and int(_held(mem).max()) == 12
     feed(mem, 1, batch=1, heads=1)  # 16 crosses the cadence
     assert len(policy.calls) == 2 and int(_held(mem).max()) == 1
+
+
+def test_the_view_says_where_each_samples_fresh_tokens_start():
+    """``fresh_from``: the first token fed since the sample's last update; left padding is not counted."""
+    mem = LayerMemory(Recency(budget=100, update_every=4), layer_idx=0)
+    mem.append(2, 1, 5, torch.device("cpu"))
+    mem.mark_padding(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool))
+    assert mem.view().fresh_from.tolist() == [2, 0]  # before any update: each sample's first real token
+    mem.maybe_evict(force=True)
+    mem.append(2, 1, 3, torch.device("cpu"))
+    assert mem.view().fresh_from.tolist() == [5, 5]  # the three tokens fed since

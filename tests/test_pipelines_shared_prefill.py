@@ -344,3 +344,24 @@ def test_received_attention_follows_compacted_slots():
     index = torch.tensor([[[2, 3, 4], [1, 3, 4]]])
     policy.on_select(state, index)
     assert torch.equal(state["received"], before.gather(-1, index))
+
+
+def test_a_pool_of_several_lengths_draws_each_prompts_length_by_its_seed(monkeypatch):
+    from types import SimpleNamespace
+
+    from namm_transfer.pipelines.text import evolve_shared
+
+    asked = []
+    def make(tokenizer, seed, n):
+        asked.append((seed, n))
+        return SimpleNamespace(prompt_ids=[])
+
+    task = SimpleNamespace(make=make)
+    monkeypatch.setattr(evolve_shared, "prefill_context", lambda *a, **k: SimpleNamespace(context_len=1))
+    monkeypatch.setattr(evolve_shared, "answer_token_ids", lambda *a: None)
+    monkeypatch.setattr(evolve_shared, "answer_attention", lambda *a: (None, None))
+    monkeypatch.setattr(evolve_shared, "evidence_mask", lambda *a: [])
+    pool = evolve_shared.PrefillPool(None, None, None, {"t": task}, NAMMConfig(), [1024, 1536])
+    for seed in (10, 11, 12, 11):
+        pool.get("t", seed)
+    assert asked == [(10, 1024), (11, 1536), (12, 1024)]  # the same seed, the same prompt (built once)

@@ -71,6 +71,8 @@ class EvolveConfig:
         sigma: initial step size (reference 0.065).
         prompts_per_task: training prompts per task per generation, shared by all members.
         prompt_tokens: approximate prompt length.
+        prompt_lengths: shared-prefill engine: several prompt lengths, one drawn per pool prompt by its
+            seed (so that the ranking holds beyond one length); None: ``prompt_tokens`` only.
         max_new_tokens: greedy generation length when scoring; None uses each task's own
             ``max_new_tokens`` (8 when a task has none).
         members_per_batch: members evaluated in one forward (1 = one at a time).
@@ -128,6 +130,7 @@ class EvolveConfig:
     sigma: float = 0.065
     prompts_per_task: int = 2
     prompt_tokens: int = 1024
+    prompt_lengths: list[int] | None = None
     max_new_tokens: int | None = None
     members_per_batch: int = 8
     update_every: int = 256

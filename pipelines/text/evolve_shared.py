@@ -73,9 +73,12 @@ class PoolEntry:
 class PrefillPool:
     """Context prefills of training / validation prompts, computed once and reused every generation."""
 
-    def __init__(self, model, tokenizer, handle, tasks: dict, namm_cfg: NAMMConfig, prompt_tokens: int):
+    def __init__(self, model, tokenizer, handle, tasks: dict, namm_cfg: NAMMConfig,
+                 prompt_tokens: int | list[int]):
         self.model, self.tokenizer, self.handle, self.tasks = model, tokenizer, handle, tasks
-        self.namm_cfg, self.prompt_tokens = namm_cfg, prompt_tokens
+        # several lengths: each prompt's is drawn by its seed, so a pool mixes them reproducibly
+        self.lengths = [prompt_tokens] if isinstance(prompt_tokens, int) else list(prompt_tokens)
+        self.namm_cfg = namm_cfg
         self.entries: dict[tuple[str, int], PoolEntry] = {}
 
     def get(self, task: str, seed: int) -> PoolEntry:
@@ -86,7 +89,7 @@ class PrefillPool:
 
     @torch.no_grad()
     def _build(self, task: str, seed: int) -> PoolEntry:
-        example = self.tasks[task].make(self.tokenizer, seed, self.prompt_tokens)
+        example = self.tasks[task].make(self.tokenizer, seed, self.lengths[seed % len(self.lengths)])
         prefill = prefill_context(self.model, self.handle, example, self.tokenizer, [NAMM(self.namm_cfg)])
         answer = answer_token_ids(self.tokenizer, example)
         full, target = answer_attention(self.model, prefill, answer)
@@ -498,7 +501,7 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
     writer = open_tensorboard(out_dir)
 
     with attach(model, NAMM(namm_cfg)) as handle:
-        pool = PrefillPool(model, tokenizer, handle, tasks, namm_cfg, cfg.prompt_tokens)
+        pool = PrefillPool(model, tokenizer, handle, tasks, namm_cfg, cfg.prompt_lengths or cfg.prompt_tokens)
         train = [(t, s) for t in names for s in pool_seeds(cfg, t, "train", cfg.pool_per_task)]
         val = [(t, s) for t in names for s in pool_seeds(cfg, t, "val", cfg.val_per_task)]
         log(f"prefilling {len(train)} training and {len(val)} validation prompts (once; kept in memory)")

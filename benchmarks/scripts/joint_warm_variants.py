@@ -44,8 +44,8 @@ def main() -> None:
             open("benchmarks/results/joint_warm_variants.jsonl", "a") as out:
         pool = PrefillPool(model, tokenizer, handle, TASKS, feature_cfg, 1024)
         names = ["passkey", "kv", "docs"]
-        train = [pool.get(t, s) for t in names for s in pool_seeds(cfg, t, "train", 8)]
-        val = [pool.get(t, s) for t in names for s in pool_seeds(cfg, t, "val", 4)]
+        train = [pool.get(t, s) for t in names for s in pool_seeds(cfg.seed, "train", 8)]
+        val = [pool.get(t, s) for t in names for s in pool_seeds(cfg.seed, "val", 4)]
         mean, var = collect_statistics(train, feature_cfg)
         probe = NAMM(feature_cfg, None, torch.as_tensor(mean), torch.as_tensor(var))
         joint_cfg = cfg.namm_config(joint_rows=sum(x.keys.shape[1] for x in train[0].prefill.cache.layers))

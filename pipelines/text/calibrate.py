@@ -60,7 +60,6 @@ def run_calibrate(cfg: CalibrateConfig, tasks: dict, argv=None) -> NAMM:
 
     from namm_transfer.adapters import attach
     from namm_transfer.pipelines.models import load_named_model
-    from namm_transfer.pipelines.text.evolve import EvolveConfig
     from namm_transfer.pipelines.text.evolve_shared import (
         PrefillPool,
         calibrate_bias,
@@ -84,10 +83,9 @@ def run_calibrate(cfg: CalibrateConfig, tasks: dict, argv=None) -> NAMM:
     per_head = replace(config, scorer="bam", joint_rows=0, joint_reference="absolute")
     probe = NAMM(per_head, None, namm.norm_mean, namm.norm_var)
     model, tokenizer = load_named_model("smollm2")
-    evolve_like = EvolveConfig(seed=cfg.seed)  # whose training prompts: pool_seeds reads its seed
     with attach(model, NAMM(per_head)) as handle:
         pool = PrefillPool(model, tokenizer, handle, tasks, per_head, cfg.prompt_tokens)
-        prompts = [(t, s) for t in cfg.tasks for s in pool_seeds(evolve_like, t, "train", cfg.pool_per_task)]
+        prompts = [(t, s) for t in cfg.tasks for s in pool_seeds(cfg.seed, "train", cfg.pool_per_task)]
         entries = [pool.get(t, s) for t, s in tqdm(prompts, desc="prefill", unit="prompt")]
         params = namm.params[0]
         if namm.joint:

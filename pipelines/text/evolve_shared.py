@@ -466,11 +466,11 @@ class SharedState:
     joint_base: np.ndarray | None = None  # scorer="joint": the warm start CMA-ES searches gains around
 
 
-def pool_seeds(cfg, task: str, split: str, n: int) -> list[int]:
-    """The pool's prompt seeds: the first ``n`` of the split (training: offset by the run's seed)."""
+def pool_seeds(seed: int, split: str, n: int) -> list[int]:
+    """The pool's prompt seeds: the first ``n`` of the split (training: offset by the run's ``seed``)."""
     from namm_transfer.pipelines.text.tasks import split_seeds
 
-    first = (cfg.seed * 10_007) % 1_000_000 if split == "train" else 0
+    first = (seed * 10_007) % 1_000_000 if split == "train" else 0
     return split_seeds(split, n, first)
 
 
@@ -502,8 +502,8 @@ def run_evolve_shared(cfg, tasks: dict, model, tokenizer, argv=None) -> SharedSt
 
     with attach(model, NAMM(namm_cfg)) as handle:
         pool = PrefillPool(model, tokenizer, handle, tasks, namm_cfg, cfg.prompt_lengths or cfg.prompt_tokens)
-        train = [(t, s) for t in names for s in pool_seeds(cfg, t, "train", cfg.pool_per_task)]
-        val = [(t, s) for t in names for s in pool_seeds(cfg, t, "val", cfg.val_per_task)]
+        train = [(t, s) for t in names for s in pool_seeds(cfg.seed, "train", cfg.pool_per_task)]
+        val = [(t, s) for t in names for s in pool_seeds(cfg.seed, "val", cfg.val_per_task)]
         log(f"prefilling {len(train)} training and {len(val)} validation prompts (once; kept in memory)")
         train_entries = [pool.get(t, s) for t, s in tqdm(train, desc="prefill", unit="prompt")]
         val_entries = [pool.get(t, s) for t, s in tqdm(val, desc="prefill val", unit="prompt")]

@@ -80,7 +80,9 @@ def run_calibrate(cfg: CalibrateConfig, tasks: dict, argv=None) -> NAMM:
             raise ValueError("--joint-reference applies to a joint NAMM (scorer='joint') only")
         config = replace(config, joint_reference=cfg.joint_reference)
     # the features a joint NAMM reads are a per-head NAMM's with the same spectrogram settings
-    per_head = replace(config, scorer="bam", joint_rows=0, joint_reference="absolute")
+    per_head = config
+    if namm.joint:
+        per_head = replace(config, scorer="bam", joint_rows=0, joint_reference="absolute")
     probe = NAMM(per_head, None, namm.norm_mean, namm.norm_var)
     model, tokenizer = load_named_model("smollm2")
     with attach(model, NAMM(per_head)) as handle:
@@ -91,8 +93,7 @@ def run_calibrate(cfg: CalibrateConfig, tasks: dict, argv=None) -> NAMM:
         if namm.joint:
             params = calibrate_joint_bias(params, entries, probe, cfg.keep, config.joint_reference)
         else:
-            params = calibrate_bias(params, entries, NAMM(config, None, namm.norm_mean, namm.norm_var),
-                                    cfg.keep)
+            params = calibrate_bias(params, entries, probe, cfg.keep)
     # the bias is set for the threshold 0: that is the operating point saved
     calibrated = NAMM(replace(config, threshold=0.0), params, namm.norm_mean, namm.norm_var)
     out = Path(cfg.out_dir)

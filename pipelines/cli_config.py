@@ -105,16 +105,17 @@ def _scalar(kind: Any) -> dict[str, Any] | None:
     return {"type": kind} if kind in (int, float, str) else None
 
 
-def annotation_kwargs(annotation: Any) -> dict[str, Any]:
+def annotation_kwargs(annotation: Any, default: Any = None) -> dict[str, Any]:
     """argparse settings for a field's type: a scalar, ``X | None``, ``bool`` (``--x/--no-x``),
-    ``Literal[...]`` (choices) or a list, tuple or sequence of scalars (``nargs="+"``)."""
+    ``Literal[...]`` (choices) or a list, tuple or sequence of scalars (``nargs="+"``). An optional
+    number, or an optional string whose ``default`` is not None, reads the word ``none`` as None."""
     args = typing.get_args(annotation)
     optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
     kind = next(a for a in args if a is not type(None)) if optional and len(args) == 2 else annotation
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
     if (scalar := _scalar(kind)) is not None:
-        if optional and kind in (int, float):
+        if optional and (kind in (int, float) or (kind is str and default is not None)):
             scalar["type"] = _or_none(kind)
         return scalar
     origin, items = typing.get_origin(kind), typing.get_args(kind)
@@ -139,9 +140,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
             raise ValueError(f"{cls.__name__}.{f.name} is not documented in its docstring's Attributes:")
         extra = dict(overrides.get(f.name, {}))
         positional, flags = extra.pop("positional", False), extra.pop("flags", None)
-        kwargs = {} if "type" in extra or "action" in extra else annotation_kwargs(hints[f.name])
-        kwargs.update(help=docs[f.name], **extra)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kwargs = {} if "type" in extra or "action" in extra else annotation_kwargs(hints[f.name], default)
+        kwargs.update(help=docs[f.name], **extra)
         if positional:
             if default is not dataclasses.MISSING:
                 kwargs.update(nargs=kwargs.get("nargs", "?"), default=default)

@@ -72,6 +72,17 @@ class Export:
     size: int = 3
 
 
+@dataclass
+class Named:
+    """Settings that name an optional extra.
+
+    Attributes:
+        source: the extra, or none.
+    """
+
+    source: str | None = "shipped"
+
+
 def _parser(cls: type = Toy, **overrides) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toy", formatter_class=HelpFormatter)
     add_config_arguments(parser, cls, overrides)
@@ -133,7 +144,14 @@ def test_bools_have_both_switches():
 def test_optional_numbers_accept_none_and_strings_stay_strings():
     assert _config(["--limit", "none"]).limit is None
     assert _config(["--limit", "4"]).limit == 4
-    assert _config(["--label", "none"]).label == "none"
+    assert _config(["--label", "none"]).label == "none"  # its default is None: nothing to switch off
+
+
+def test_an_optional_string_with_a_default_can_be_switched_off():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Named)
+    assert config_from_args(parser, Named, parser.parse_args(["--source", "none"])).source is None
+    assert config_from_args(parser, Named, parser.parse_args([])).source == "shipped"
 
 
 def test_wrong_types_and_choices_are_usage_errors(capsys):

@@ -55,6 +55,10 @@ class NAMMConfig:
     # their score: a hand-written prior on top of the learned policy, 0 (off) as evolved. Within a budget
     # they take part of it.
     sink_tokens: int = 0
+    # Threshold mode only: never keep fewer than the ``min_tokens`` best-scoring tokens per sample and KV
+    # head (within a budget: at most the budget). An early update judges tokens that few queries have read
+    # yet; a floor keeps it from evicting a short context's tokens on that evidence. 0: off (the reference).
+    min_tokens: int = 0
     # scorer="joint" only: the layers x KV heads of the model it reads (namm_transfer/joint.py), and what
     # its threshold is measured from: "absolute" (the score itself) or "fresh-median" (the score less the
     # median score of the tokens fed since the last update, plus the bias: joint.relative_to_fresh)
@@ -68,6 +72,8 @@ class NAMMConfig:
             raise ValueError(f"joint_reference must be one of {REFERENCES}, got {self.joint_reference!r}")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         check_budget(self.budget, self.compression_ratio, owner="NAMMConfig.budget")
         if self.update_every < 1 or self.hop < 1 or self.n_fft < self.hop:
             raise ValueError(
@@ -247,7 +253,13 @@ class NAMM(MemoryPolicy):
             scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
         if self.config.sink_tokens:
             scores = scores.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
-        return select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
+        keep = select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
+        if self.config.min_tokens and self.config.threshold is not None:
+            floor = self.config.min_tokens
+            if cap is not None:
+                floor = cap.clamp(max=floor) if isinstance(cap, torch.Tensor) else min(cap, floor)
+            keep |= select_tokens(scores, view.valid, view.positions, None, floor, view.protect)
+        return keep
 
     def prepare_joint(self, states: list[StreamingSpectrogram], views: list[CacheView]) -> None:
         """Score every token from all layers' ``states`` and ``views`` (one per layer, in order) for the

@@ -226,6 +226,30 @@ def test_namm_sink_tokens_are_kept_within_the_budget_and_change_nothing_else():
         NAMMConfig(sink_tokens=-1)
 
 
+def _kept_after_one_update(namm: NAMM) -> list[list[int]]:
+    mem = LayerMemory(namm, 0)
+    mem.append(2, 1, 32, torch.device("cpu"))
+    mem.observe(softmax_rows(mem, 32))
+    mem.maybe_evict()
+    return [sorted(mem.positions[b, 0][mem.valid[b, 0]].tolist()) for b in range(2)]
+
+
+def test_namm_min_tokens_is_a_floor_on_its_threshold_mode():
+    """min_tokens=5: a threshold that keeps (almost) nothing keeps the 5 best instead, the same tokens as
+    the same NAMM ranking under a budget of 5; a threshold that keeps more than 5 is unchanged; under a
+    cap of 3 the floor is the cap."""
+    namm = NAMM.init_random(3, config=NAMMConfig(update_every=32))
+    top5 = _kept_after_one_update(namm.replace(threshold=None, budget=5))
+    harsh = namm.replace(threshold=1e9)
+    assert [len(k) for k in _kept_after_one_update(harsh)] == [1, 1]  # only the newest token, forced
+    assert _kept_after_one_update(harsh.replace(min_tokens=5)) == top5
+    lenient = namm.replace(threshold=-1e9)
+    assert _kept_after_one_update(lenient.replace(min_tokens=5)) == _kept_after_one_update(lenient)
+    assert [len(k) for k in _kept_after_one_update(harsh.replace(min_tokens=5, budget=3))] == [3, 3]
+    with pytest.raises(ValueError, match="min_tokens"):
+        NAMMConfig(min_tokens=-1)
+
+
 def test_namm_ranking_under_its_cap_keeps_everything_without_scoring(monkeypatch):
     """A pure ranking (threshold None) whose cap no head exceeds keeps every valid slot, as selection
     would, and skips the scorer; with a threshold, or over the cap, the scorer runs."""

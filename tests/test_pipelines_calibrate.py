@@ -14,6 +14,8 @@ def test_the_command_line_builds_its_config():
                     "--keep", "0.3", "--out-dir", "x"])
     assert cfg == CalibrateConfig(namm="smollm2-text-joint-v1", joint_reference="fresh-median", keep=0.3,
                                   out_dir="x")
+    _, cfg = parse(["calibrate", "--prompt-lengths", "1024", "1536", "--min-tokens", "256"])
+    assert cfg.prompt_lengths == [1024, 1536] and cfg.min_tokens == 256
     with pytest.raises(SystemExit):
         parse(["calibrate", "--joint-reference", "relative"])
 
@@ -21,6 +23,8 @@ def test_the_command_line_builds_its_config():
 def test_bad_settings_are_clear_errors_before_any_model_loads():
     with pytest.raises(ValueError, match="keep must be a fraction"):
         CalibrateConfig(keep=1.0)
+    with pytest.raises(ValueError, match="min_tokens"):
+        CalibrateConfig(min_tokens=-1)
     with pytest.raises(ValueError, match="joint NAMM"):
         run_calibrate(CalibrateConfig(namm="smollm2-text", joint_reference="fresh-median"), TASKS)
     with pytest.raises(ValueError, match="unknown task"):

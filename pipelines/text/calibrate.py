@@ -34,6 +34,10 @@ class CalibrateConfig:
         tasks: the text tasks whose training prompts calibrate it.
         pool_per_task: training prompts per task.
         prompt_tokens: prompt length in tokens.
+        prompt_lengths: several prompt lengths, one per prompt by its seed (the evolve run's
+            ``--prompt-lengths``, to calibrate on its very prompts); None: ``prompt_tokens``.
+        min_tokens: the calibrated NAMM's floor in threshold mode (``NAMMConfig.min_tokens``: it never
+            keeps fewer than that many best-scoring tokens); None keeps the NAMM's own.
         seed: the evolve run's seed (its training prompts are the split's, offset by it).
         threads: torch intra-op threads.
     """
@@ -45,6 +49,8 @@ class CalibrateConfig:
     tasks: list[str] = field(default_factory=lambda: ["passkey", "kv", "docs"])
     pool_per_task: int = 16
     prompt_tokens: int = 1024
+    prompt_lengths: list[int] | None = None
+    min_tokens: int | None = None
     seed: int = 0
     threads: int | None = 1
 
@@ -53,6 +59,8 @@ class CalibrateConfig:
             raise ValueError(f"keep must be a fraction in (0, 1), got {self.keep}")
         if self.pool_per_task < 1:
             raise ValueError(f"pool_per_task must be >= 1, got {self.pool_per_task}")
+        if self.min_tokens is not None and self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
 
 def run_calibrate(cfg: CalibrateConfig, tasks: dict, argv=None) -> NAMM:
@@ -86,7 +94,7 @@ def run_calibrate(cfg: CalibrateConfig, tasks: dict, argv=None) -> NAMM:
     probe = NAMM(per_head, None, namm.norm_mean, namm.norm_var)
     model, tokenizer = load_named_model("smollm2")
     with attach(model, NAMM(per_head)) as handle:
-        pool = PrefillPool(model, tokenizer, handle, tasks, per_head, cfg.prompt_tokens)
+        pool = PrefillPool(model, tokenizer, handle, tasks, per_head, cfg.prompt_lengths or cfg.prompt_tokens)
         prompts = [(t, s) for t in cfg.tasks for s in pool_seeds(cfg.seed, "train", cfg.pool_per_task)]
         entries = [pool.get(t, s) for t, s in tqdm(prompts, desc="prefill", unit="prompt")]
         params = namm.params[0]
@@ -95,6 +103,8 @@ def run_calibrate(cfg: CalibrateConfig, tasks: dict, argv=None) -> NAMM:
         else:
             params = calibrate_bias(params, entries, probe, cfg.keep)
     # the bias is set for the threshold 0: that is the operating point saved
+    if cfg.min_tokens is not None:
+        config = replace(config, min_tokens=cfg.min_tokens)
     calibrated = NAMM(replace(config, threshold=0.0), params, namm.norm_mean, namm.norm_var)
     out = Path(cfg.out_dir)
     calibrated.save_pretrained(out)

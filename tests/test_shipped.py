@@ -58,19 +58,38 @@ def test_the_sink_keeping_namm_ships_with_its_sinks_and_its_record():
 def test_the_joint_namm_ships_tied_to_smollm2_with_its_record():
     namm = namm_transfer.pretrained("smollm2-text-joint")
     assert namm.joint and namm.config.joint_rows == 30 * 3 and namm.config.sink_tokens == 4
-    # one threshold for both protocols: scores measured from the fresh tokens' median (calibrate)
+    # one threshold for both protocols: scores measured from the fresh tokens' median (calibrate), a floor
     assert namm.config.threshold == 0.0 and namm.config.joint_reference == "fresh-median"
+    assert namm.config.min_tokens == 256
     assert namm.params.shape == (1, 30 * 3 * 17 + 8 + 1) and namm.norm_mean is not None
     record = training_record("smollm2-text-joint")
     assert "--scorer joint" in record["command"] and record["config"]["scorer"] == "joint"
-    calibration = json.loads((pretrained_dir("smollm2-text-joint") / "calibration.json").read_text())
-    assert calibration["command"].startswith("namm-transfer calibrate --namm smollm2-text-joint-v1")
+    assert record["config"]["prompt_lengths"] == [1024, 1536]  # trained on both lengths it is evaluated at
+    folder = pretrained_dir("smollm2-text-joint")
+    validation = [json.loads(line) for line in (folder / "validation.jsonl").read_text().splitlines()]
+    best = max(validation, key=lambda v: v["val_fitness"])
+    assert best["generation"] == record["best_generation"]
+    assert best["val_fitness"] > validation[0]["val_fitness"]  # CMA-ES improved on the warm start
+    calibration = json.loads((folder / "calibration.json").read_text())
+    assert calibration["command"].startswith(
+        "namm-transfer calibrate --namm runs/evolve-joint-mixed-hard/namm")
+    assert calibration["config"]["min_tokens"] == 256
     assert calibration["bias_after"] == pytest.approx(float(namm.params[0, -1]))
-    # the same weights as the previous version; only the final bias and the reference differ
-    old = namm_transfer.pretrained("smollm2-text-joint-v1")
-    assert old.config.joint_reference == "absolute" and old.config.threshold == -3.0
-    assert torch.equal(old.params[0, :-1], namm.params[0, :-1])
-    assert torch.equal(old.norm_mean, namm.norm_mean) and torch.equal(old.norm_var, namm.norm_var)
+
+
+def test_the_previous_joint_namms_stay_loadable_under_versioned_names():
+    v2 = namm_transfer.pretrained("smollm2-text-joint-v2")
+    assert v2.config.threshold == 0.0 and v2.config.joint_reference == "fresh-median"
+    assert v2.config.min_tokens == 0
+    calibration = json.loads((pretrained_dir("smollm2-text-joint-v2") / "calibration.json").read_text())
+    assert calibration["command"].startswith("namm-transfer calibrate --namm smollm2-text-joint-v1")
+    assert calibration["bias_after"] == pytest.approx(float(v2.params[0, -1]))
+    # v2 is v1 with a recalibrated final bias and reference
+    v1 = namm_transfer.pretrained("smollm2-text-joint-v1")
+    assert v1.config.joint_reference == "absolute" and v1.config.threshold == -3.0
+    assert torch.equal(v1.params[0, :-1], v2.params[0, :-1])
+    assert torch.equal(v1.norm_mean, v2.norm_mean) and torch.equal(v1.norm_var, v2.norm_var)
+    assert not torch.equal(v2.params, namm_transfer.pretrained("smollm2-text-joint").params)
 
 
 def test_one_resolver_for_every_kind_of_shipped_artefact(tmp_path):

@@ -9,7 +9,9 @@ statistics, cadence) is kept. Writes the NAMM to ``out_dir`` with ``calibration.
 revision, the bias before and after, the prompts).
 
     namm-transfer calibrate --namm smollm2-text-joint-v1 --joint-reference fresh-median \
-        --out-dir runs/smollm2-text-joint-fresh   # the shipped smollm2-text-joint
+        --out-dir runs/smollm2-text-joint-fresh   # smollm2-text-joint-v2
+    namm-transfer calibrate --namm runs/evolve-joint-mixed-hard/namm --prompt-lengths 1024 1536 \
+        --min-tokens 256 --out-dir runs/smollm2-text-joint-v3   # the shipped smollm2-text-joint
 """
 
 from __future__ import annotations

@@ -140,7 +140,10 @@ def test_ablation_table_reads_each_runs_validation(tmp_path):
     for name, fits in (("a", [0.4, 0.6, 0.5]), ("b", [0.3, 0.35])):
         run = tmp_path / name
         run.mkdir()
-        (run / "config.json").write_text(json.dumps({"warm_start_steps": 0 if name == "a" else 400}))
+        config = {"warm_start_steps": 0} if name == "a" else {
+            "warm_start_steps": 400, "budgets": [0.15, 0.25], "prompt_tokens": 1024,
+            "prompt_lengths": [1024, 1536]}
+        (run / "config.json").write_text(json.dumps(config))
         (run / "validation.jsonl").write_text("\n".join(json.dumps(
             {"generation": 3 * i, "val_fitness": f, "val_exact_normalised": f / 2, "seconds": 60.0 * (i + 1)})
             for i, f in enumerate(fits)))
@@ -149,6 +152,10 @@ def test_ablation_table_reads_each_runs_validation(tmp_path):
     assert [(r["best_val_fitness"], r["best_generation"], r["start_val_fitness"]) for r in rows] == [
         (0.6, 3, 0.4), (0.35, 3, 0.3)]
     assert out.with_suffix(".png").is_file() and "| A " in out.read_text()
+    # each run's validation setting is in its row (a run without the fields had the defaults)
+    assert [(r["budgets"], r["prompt_tokens"]) for r in rows] == [
+        ([0.25, 0.5, 0.75], [1024]), ([0.15, 0.25], [1024, 1536])]
+    assert "| 15% / 25% " in out.read_text() and "| 1024 / 1536 " in out.read_text()
     with pytest.raises(ValueError, match="LABEL=DIR"):
         run_ablation(AblationConfig(runs=["nolabel"], output=str(out)))
 

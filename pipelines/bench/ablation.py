@@ -57,6 +57,11 @@ def run_ablation(cfg: AblationConfig, argv: list[str] | None = None) -> list[dic
                 "label": label,
                 "warm_start_steps": config.get("warm_start_steps", 0),
                 "ema_decay": config.get("ema_decay", 0.99),
+                "warm_start_lr": config.get("warm_start_lr"),
+                "sigma": config.get("sigma"),
+                # validation reuses the training budgets and prompt lengths
+                "budgets": config.get("budgets", [0.25, 0.5, 0.75]),
+                "prompt_tokens": config.get("prompt_lengths") or [config.get("prompt_tokens", 1024)],
                 "start_val_fitness": start["val_fitness"],
                 "start_val_exact": start["val_exact_normalised"],
                 "best_val_fitness": best["val_fitness"],
@@ -85,6 +90,10 @@ def run_ablation(cfg: AblationConfig, argv: list[str] | None = None) -> list[dic
             "run",
             "warm start steps",
             "EMA decay",
+            "warm lr",
+            "sigma",
+            "val budgets",
+            "prompt tokens",
             "start: val fitness / exact",
             "best: val fitness / exact",
             "at generation",
@@ -96,6 +105,10 @@ def run_ablation(cfg: AblationConfig, argv: list[str] | None = None) -> list[dic
                 r["label"],
                 r["warm_start_steps"],
                 r["ema_decay"],
+                "-" if r["warm_start_lr"] is None or not r["warm_start_steps"] else r["warm_start_lr"],
+                "-" if r["sigma"] is None else r["sigma"],
+                " / ".join(f"{b:.0%}" for b in r["budgets"]),
+                " / ".join(str(t) for t in r["prompt_tokens"]),
                 f"{r['start_val_fitness']:.3f} / {r['start_val_exact']:.3f}",
                 f"{r['best_val_fitness']:.3f} / {r['best_val_exact']:.3f}",
                 r["best_generation"],
@@ -107,8 +120,9 @@ def run_ablation(cfg: AblationConfig, argv: list[str] | None = None) -> list[dic
     )
     out.write_text(
         f"# Evolution ablation: validation fitness vs wall time\n\n- command: `{meta['command']}`\n"
-        f"- date: {meta['date']}\n\nValidation: the CMA mean on the same held-out prompts (8 per task), "
-        "one-shot compression at 25%, 50% and 75% of the context; fitness = 0.5 exact match + 0.5 "
+        f"- date: {meta['date']}\n\nValidation: the CMA mean on held-out prompts (8 per task) of the run's "
+        "prompt lengths, one-shot compression at each of the run's budgets (its training budgets; both are "
+        "columns, and rows compare directly only where they match); fitness = 0.5 exact match + 0.5 "
         "likelihood ratio, normalised by the full cache; exact = normalised exact match alone. Generation 0 "
         "is the start (keep-all, or the warm start).\n\n"
         + table

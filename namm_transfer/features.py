@@ -57,6 +57,18 @@ def paired_dft_basis(n_fft: int, device: torch.device | str | None = None) -> to
     return (torch.cat([torch.cos(angle), sine]) * window).to(dtype=torch.float32, device=device)
 
 
+# The magnitude is taken as sqrt(power + POWER_FLOOR) - sqrt(POWER_FLOOR): zero stays exactly zero, any
+# other value moves by less than 1e-15, and exact zeros and subnormal powers (the square of a tiny
+# attention weight; slots not attended yet) stay off the slow path of the CPU's vectorised sqrt, which
+# costs 5-30x more on them (docs/design.md, "Features").
+POWER_FLOOR = 1e-30
+_ROOT_FLOOR = float(torch.tensor(POWER_FLOOR).sqrt())  # float32 arithmetic, as the tensors'
+
+
+def _root_(power: torch.Tensor) -> torch.Tensor:
+    """In place: ``power`` (>= 0) -> its square root, through the fast path (see POWER_FLOOR)."""
+    return power.add_(POWER_FLOOR).sqrt_().sub_(_ROOT_FLOOR)
+
 # Bytes of basis output one block of frames may take: small enough to stay in the last-level cache
 # while it is squared, summed, square-rooted and reduced.
 FRAME_BLOCK_BYTES = 2 << 20
@@ -276,7 +288,7 @@ class StreamingSpectrogram:
         """Emit the frame of the ring's rows: ``spectrum = fd * spectrum + (1 - fd) * |STFT|``."""
         paired = self._paired.roll(self._ring_start, dims=1)  # column j reads ring row j
         spec = torch.matmul(paired, self._ring[..., : self.n_keys]).square_()
-        mag = spec[..., : self.n_bins, :].add_(spec[..., self.n_bins :, :]).sqrt_()
+        mag = _root_(spec[..., : self.n_bins, :].add_(spec[..., self.n_bins :, :]))
         fd = self.frame_decay
         self.spectrum.mul_(fd).add_(mag, alpha=1 - fd)
 
@@ -328,7 +340,7 @@ class StreamingSpectrogram:
             spec = torch.matmul(self._paired[:, :early], self.window[..., self.n_fft - early :, :width])
             spec += torch.matmul(self._paired[:, early:], rows[..., : self.n_fft - early, :width])
             spec.square_()
-            mag = spec[..., :n_bins, :].add_(spec[..., n_bins:, :]).sqrt_()
+            mag = _root_(spec[..., :n_bins, :].add_(spec[..., n_bins:, :]))
             total[..., :width].add_(mag, alpha=float(weights[f]))
         return total
 
@@ -401,7 +413,7 @@ class StreamingSpectrogram:
             torch.matmul(paired, windows, out=spec)
             spec.square_()
             mag = mag_memory[: n * n_bins * width].view(n, n_bins, width)
-            torch.add(spec[:, :n_bins], spec[:, n_bins:], out=mag).sqrt_()
+            _root_(torch.add(spec[:, :n_bins], spec[:, n_bins:], out=mag))
             for sid in range(j0 // per_series, (j1 - 1) // per_series + 1):
                 first = sid * per_series  # window of the series' frame 0
                 a, b = max(j0, first), min(j1, first + n_frames)
@@ -446,7 +458,7 @@ class StreamingSpectrogram:
         of bins 1 .. n_bins - 2; the sine rows of DC and Nyquist are identically zero)."""
         power = spec[..., : self.n_bins, :].square()
         power[..., 1 : self.n_bins - 1, :] += spec[..., self.n_bins :, :].square()
-        return power.sqrt()
+        return _root_(power)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only key slots ``index`` ``[B, H, K]`` (after an eviction)."""

@@ -290,3 +290,15 @@ def test_shallow_copy_never_writes_the_original_state(batch):
     torch.testing.assert_close(original.ema, before[1], atol=0, rtol=0)
     expected = batch_spectrogram_ema(rows, N_FFT, HOP, DECAY).expand(batch, -1, -1, -1)
     torch.testing.assert_close(fork.ema, expected, atol=1e-5, rtol=0)
+
+
+def test_magnitude_root_keeps_zero_exact_and_moves_nothing_else_by_more_than_1e_15():
+    """The fast-path square root (features.POWER_FLOOR): 0 and subnormal powers give exactly 0, every other
+    power its float32 square root to within 1e-15 (plus one rounding)."""
+    from namm_transfer.features import _root_
+
+    power = torch.tensor([0.0, 1e-44, 1e-39, 1e-30, 1e-20, 1e-8, 0.25, 7.0])
+    root = _root_(power.clone())
+    assert root[:3].eq(0).all()
+    torch.testing.assert_close(root, power.sqrt(), atol=1e-15, rtol=2**-23)
+    assert not torch.equal(root[3], power[3].sqrt())  # the floor is really there

@@ -72,12 +72,20 @@ def test_the_joint_namm_ships_tied_to_smollm2_with_its_record():
     assert best["val_fitness"] > validation[0]["val_fitness"]  # CMA-ES improved on the warm start
     calibration = json.loads((folder / "calibration.json").read_text())
     assert calibration["command"].startswith(
-        "namm-transfer calibrate --namm runs/evolve-joint-mixed-hard/namm")
+        "namm-transfer calibrate --namm runs/evolve-joint-mixed-hard-ema999/namm")
     assert calibration["config"]["min_tokens"] == 256
     assert calibration["bias_after"] == pytest.approx(float(namm.params[0, -1]))
+    # the features' EMA decay it was evolved with (chosen by validation over 0.99 and 0.9999)
+    assert namm.config.ema_decay == 0.999 and record["config"]["ema_decay"] == 0.999
 
 
 def test_the_previous_joint_namms_stay_loadable_under_versioned_names():
+    v3 = namm_transfer.pretrained("smollm2-text-joint-v3")  # the same recipe with the features' EMA at 0.99
+    assert v3.config.ema_decay == 0.99 and v3.config.min_tokens == 256
+    calibration = json.loads((pretrained_dir("smollm2-text-joint-v3") / "calibration.json").read_text())
+    assert calibration["command"].startswith(
+        "namm-transfer calibrate --namm runs/evolve-joint-mixed-hard/namm ")
+    assert not torch.equal(v3.params, namm_transfer.pretrained("smollm2-text-joint").params)
     v2 = namm_transfer.pretrained("smollm2-text-joint-v2")
     assert v2.config.threshold == 0.0 and v2.config.joint_reference == "fresh-median"
     assert v2.config.min_tokens == 0

@@ -229,12 +229,18 @@ def run_rollouts(cfg: DemoConfig) -> dict[str, Any] | None:
         log("rollout comparison skipped: gymnasium is not installed (pip install 'namm-transfer[rl]')")
         return None
     from namm_transfer import NAMM
+    from namm_transfer.envs import make_env
     from namm_transfer.pipelines.rl import evaluate as er
     from namm_transfer.pipelines.rl.models import load_dt
     from namm_transfer.policies import FULL_CACHE, NAMM_NAME, build_policy
 
     dt = load_dt(cfg.rollout_dt, device=cfg.device)
     env_id = dt.env_id
+    try:  # gymnasium alone is not enough: box2d / mujoco environments need their own packages
+        make_env(env_id).close()
+    except ImportError as error:
+        log(f"rollout comparison skipped: {error}")
+        return None
     seeds = list(range(cfg.seed, cfg.seed + cfg.rollout_episodes))
     normalise = er.reference_normaliser(dt, env_id, None)
     namm = NAMM.from_pretrained(cfg.transfer_namm).replace(update_every=cfg.rollout_update_every)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA path, checked in one call (`make gpu-check`): the tests that take a device on cuda, the demo
 # with a bf16 model on cuda, and `bench overhead --device cuda`; everything is written under $OUT.
-# On a machine without a CUDA device it prints "no CUDA device: skipped" and exits 0.
+# On a machine without a CUDA device it prints "no CUDA device: skipped" and exits 0. Every step runs
+# even when an earlier one fails (GPU time is rare: get all the results of the call), and the script exits
+# non-zero if any step failed, naming it.
 #
 #   PY      python of the environment (default .venv/bin/python)
 #   OUT     result folder (default benchmarks/results/gpu)
@@ -24,15 +26,22 @@ print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))
 PYEOF
 (command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt") || true
 
+failed=()
 echo "gpu-check: tests on cuda ..."
-"$PY" -m pytest -q -p no:cacheprovider --device cuda tests/test_device.py 2>&1 | tee "$OUT/tests.txt"
+"$PY" -m pytest -q -p no:cacheprovider --device cuda tests/test_device.py 2>&1 | tee "$OUT/tests.txt" \
+    || failed+=(tests)
 
 echo "gpu-check: demo on cuda, bf16 model ..."
 "$PY" -m namm_transfer.pipelines.cli demo --device cuda --dtype bfloat16 --output-dir "$OUT/demo" \
-    2>&1 | tee "$OUT/demo.txt"
+    2>&1 | tee "$OUT/demo.txt" || failed+=(demo)
 
 echo "gpu-check: bench overhead on cuda ..."
 # shellcheck disable=SC2086  # LENGTHS is a list of numbers
 "$PY" -m namm_transfer.pipelines.cli bench overhead --device cuda --lengths $LENGTHS \
-    --output "$OUT/overhead.md" 2>&1 | tee "$OUT/bench.txt"
+    --output "$OUT/overhead.md" 2>&1 | tee "$OUT/bench.txt" || failed+=(bench)
+
+if (( ${#failed[@]} )); then
+    echo "gpu-check: FAILED: ${failed[*]} (logs in $OUT)"
+    exit 1
+fi
 echo "gpu-check: done, results in $OUT"

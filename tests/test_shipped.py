@@ -60,7 +60,7 @@ def test_the_joint_namm_ships_tied_to_smollm2_with_its_record():
     assert namm.joint and namm.config.joint_rows == 30 * 3 and namm.config.sink_tokens == 4
     # one threshold for both protocols: scores measured from the fresh tokens' median (calibrate), a floor
     assert namm.config.threshold == 0.0 and namm.config.joint_reference == "fresh-median"
-    assert namm.config.min_tokens == 256
+    assert namm.config.min_tokens == 384
     assert namm.params.shape == (1, 30 * 3 * 17 + 8 + 1) and namm.norm_mean is not None
     record = training_record("smollm2-text-joint")
     assert "--scorer joint" in record["command"] and record["config"]["scorer"] == "joint"
@@ -71,15 +71,24 @@ def test_the_joint_namm_ships_tied_to_smollm2_with_its_record():
     assert best["generation"] == record["best_generation"]
     assert best["val_fitness"] > validation[0]["val_fitness"]  # CMA-ES improved on the warm start
     calibration = json.loads((folder / "calibration.json").read_text())
-    assert calibration["command"].startswith(
-        "namm-transfer calibrate --namm runs/evolve-joint-mixed-hard-ema999/namm")
-    assert calibration["config"]["min_tokens"] == 256
+    # its operating point, chosen on the validation split: 35% of a training context, >= 384 per KV head
+    assert calibration["command"].startswith("namm-transfer calibrate --namm smollm2-text-joint --keep 0.35")
+    assert calibration["config"]["min_tokens"] == 384 and calibration["config"]["keep"] == 0.35
     assert calibration["bias_after"] == pytest.approx(float(namm.params[0, -1]))
     # the features' EMA decay it was evolved with (chosen by validation over 0.99 and 0.9999)
     assert namm.config.ema_decay == 0.999 and record["config"]["ema_decay"] == 0.999
 
 
 def test_the_previous_joint_namms_stay_loadable_under_versioned_names():
+    shipped = namm_transfer.pretrained("smollm2-text-joint")
+    v4 = namm_transfer.pretrained("smollm2-text-joint-v4")  # the same weights at the first operating point
+    assert v4.config.min_tokens == 256 and v4.config.ema_decay == 0.999
+    assert torch.equal(v4.params[0, :-1], shipped.params[0, :-1]) and v4.params[0, -1] > shipped.params[0, -1]
+    calibration = json.loads((pretrained_dir("smollm2-text-joint-v4") / "calibration.json").read_text())
+    assert calibration["command"].startswith(
+        "namm-transfer calibrate --namm runs/evolve-joint-mixed-hard-ema999/namm")
+    assert calibration["config"]["keep"] == 0.4
+    assert calibration["bias_after"] == pytest.approx(float(v4.params[0, -1]))
     v3 = namm_transfer.pretrained("smollm2-text-joint-v3")  # the same recipe with the features' EMA at 0.99
     assert v3.config.ema_decay == 0.99 and v3.config.min_tokens == 256
     calibration = json.loads((pretrained_dir("smollm2-text-joint-v3") / "calibration.json").read_text())

@@ -11,7 +11,9 @@ revision, the bias before and after, the prompts).
     namm-transfer calibrate --namm smollm2-text-joint-v1 --joint-reference fresh-median \
         --out-dir runs/smollm2-text-joint-fresh   # smollm2-text-joint-v2
     namm-transfer calibrate --namm runs/evolve-joint-mixed-hard/namm --prompt-lengths 1024 1536 \
-        --min-tokens 256 --out-dir runs/smollm2-text-joint-v3   # the shipped smollm2-text-joint
+        --min-tokens 256 --out-dir runs/smollm2-text-joint-v3   # smollm2-text-joint-v3
+    namm-transfer calibrate --namm smollm2-text-joint-v4 --keep 0.35 --prompt-lengths 1024 1536 \
+        --min-tokens 384 --out-dir runs/cal35_f384   # the shipped smollm2-text-joint
 """
 
 from __future__ import annotations

@@ -27,21 +27,23 @@ PYEOF
 (command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt") || true
 
 failed=()
-echo "gpu-check: tests on cuda ..."
-"$PY" -m pytest -q -p no:cacheprovider --device cuda tests/test_device.py 2>&1 | tee "$OUT/tests.txt" \
-    || failed+=(tests)
+step() {  # step NAME LOG COMMAND...: run COMMAND, its output to the screen and $OUT/LOG; note a failure
+    local name=$1 log=$2
+    shift 2
+    echo "gpu-check: $name ..."
+    "$@" 2>&1 | tee "$OUT/$log" || failed+=("$name")
+}
 
-echo "gpu-check: demo on cuda, bf16 model ..."
-"$PY" -m namm_transfer.pipelines.cli demo --device cuda --dtype bfloat16 --output-dir "$OUT/demo" \
-    2>&1 | tee "$OUT/demo.txt" || failed+=(demo)
-
-echo "gpu-check: bench overhead on cuda ..."
+step "tests on cuda" tests.txt "$PY" -m pytest -q -p no:cacheprovider --device cuda tests/test_device.py
+step "bf16 demo on cuda" demo.txt \
+    "$PY" -m namm_transfer.pipelines.cli demo --device cuda --dtype bfloat16 --output-dir "$OUT/demo"
 # shellcheck disable=SC2086  # LENGTHS is a list of numbers
-"$PY" -m namm_transfer.pipelines.cli bench overhead --device cuda --lengths $LENGTHS \
-    --output "$OUT/overhead.md" 2>&1 | tee "$OUT/bench.txt" || failed+=(bench)
+step "bench overhead on cuda" bench.txt \
+    "$PY" -m namm_transfer.pipelines.cli bench overhead --device cuda --lengths $LENGTHS --output "$OUT/overhead.md"
 
 if (( ${#failed[@]} )); then
-    echo "gpu-check: FAILED: ${failed[*]} (logs in $OUT)"
+    printf -v list '%s; ' "${failed[@]}"
+    echo "gpu-check: FAILED: ${list%; } (logs in $OUT)"
     exit 1
 fi
 echo "gpu-check: done, results in $OUT"

@@ -377,12 +377,15 @@ class StreamingSpectrogram:
         The series of all (sample, head) pairs are laid end to end (``[B*H*T, S]``, a view): then
         (b, h)'s frame f is window ``(b*H + h) * T/hop + f`` of one evenly strided sequence of windows,
         which one batched matmul reads in place (windows that straddle two series are not real frames
-        and are left out of the sums). The windows go through in blocks whose basis output stays in
-        cache: the matmul writes into reused scratch memory (fresh pages cost more than the arithmetic
-        on them), the squared cosine and sine halves are summed into a second scratch block whose
-        square root is taken in place, and each series' frames of the block are reduced by one
-        vector-matrix product with their weights. With ``arrival``, a block reads only the slots that
-        exist by the end of its latest frame.
+        and are left out of the sums). The basis is the square one (:func:`dft_basis`: the 17 cosine
+        rows, then the 15 sine rows that are not identically zero): 32 rows instead of 34 keep the
+        matrix product on whole register blocks (~12% faster here). The windows go through in blocks
+        whose basis output stays in cache: the matmul writes into reused scratch memory (fresh pages
+        cost more than the arithmetic on them), the squared cosine rows are written into a second
+        scratch block and the squared sine rows added onto bins 1 .. 15 in one pass, its square root
+        is taken in place, and each series' frames of the block are reduced by one vector-matrix
+        product with their weights. With ``arrival``, a block reads only the slots that exist by the
+        end of its latest frame.
         """
         batch, heads, total, n_keys = series.shape
         n_frames = weights.shape[0]
@@ -390,11 +393,12 @@ class StreamingSpectrogram:
         n_windows = (n_series - 1) * per_series + n_frames
         device = series.device
         flat = series.view(n_series * total, n_keys)
-        paired, n_bins = self._paired, self.n_bins
+        basis, n_bins = self._basis, self.n_bins
+        n_rows = basis.shape[0]
         update = torch.zeros(n_series, n_bins, n_keys, device=device)
-        block = max(1, FRAME_BLOCK_BYTES // (paired.shape[0] * n_keys * 4))
+        block = max(1, FRAME_BLOCK_BYTES // (n_rows * n_keys * 4))
         block = min(block, n_windows)
-        spec_memory = _scratch("spec", block * paired.shape[0] * n_keys, device)
+        spec_memory = _scratch("spec", block * n_rows * n_keys, device)
         mag_memory = _scratch("mag", block * n_bins * n_keys, device)
         row = n_keys  # flat's row stride
         for j0 in range(0, n_windows, block):
@@ -409,11 +413,12 @@ class StreamingSpectrogram:
                 (self.hop * row, row, 1),
                 flat.storage_offset() + (start + self.hop * j0) * row,
             )
-            spec = spec_memory[: n * paired.shape[0] * width].view(n, paired.shape[0], width)
-            torch.matmul(paired, windows, out=spec)
-            spec.square_()
+            spec = spec_memory[: n * n_rows * width].view(n, n_rows, width)
+            torch.matmul(basis, windows, out=spec)
             mag = mag_memory[: n * n_bins * width].view(n, n_bins, width)
-            _root_(torch.add(spec[:, :n_bins], spec[:, n_bins:], out=mag))
+            cosine, sine = spec[:, :n_bins], spec[:, n_bins:]
+            torch.mul(cosine, cosine, out=mag)[:, 1 : n_bins - 1].addcmul_(sine, sine)
+            _root_(mag)
             for sid in range(j0 // per_series, (j1 - 1) // per_series + 1):
                 first = sid * per_series  # window of the series' frame 0
                 a, b = max(j0, first), min(j1, first + n_frames)

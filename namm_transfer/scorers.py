@@ -117,12 +117,12 @@ def score_tokens(
         mixed = torch.relu(_linear(x, p["proj_weight"], p["proj_bias"]))
     else:
         raise ValueError(f"unknown scorer kind {shapes.kind!r}; expected 'bam' or 'mlp'")
-    residual, multiplier = _linear(mixed, p["out_weight"], p["out_bias"]).split(shapes.in_dim, dim=-1)
     if torch.is_grad_enabled() and (features.requires_grad or params.requires_grad):
+        residual, multiplier = _linear(mixed, p["out_weight"], p["out_bias"]).split(shapes.in_dim, dim=-1)
         hidden = x * (1 + multiplier) + residual
-    else:  # the same arithmetic, in place on the product's own output
-        hidden = multiplier.add_(1).mul_(x).add_(residual)
-    scores = _linear(hidden, p["final_weight"], p["final_bias"]).squeeze(-1)
+        scores = _linear(hidden, p["final_weight"], p["final_bias"]).squeeze(-1)
+    else:
+        scores = _readout_inplace(mixed, x, p, shapes.in_dim)
     scores = scores.flip(-1) if flipped else scores
     if order is None:
         return scores
@@ -130,6 +130,25 @@ def score_tokens(
     return scores.new_full(valid.shape, float("-inf")).scatter_(-1, order, scores).masked_fill_(
         ~valid, float("-inf")
     )
+
+
+def _readout_inplace(
+    mixed: torch.Tensor, x: torch.Tensor, p: dict[str, torch.Tensor], dim: int
+) -> torch.Tensor:
+    """``((1 + m) * x + r) @ final_weight + final_bias`` with ``[r, m] = mixed @ out_weight + out_bias``,
+    the same arithmetic in place on the product's own output: the out bias is not broadcast into the
+    product (a copy as large as it) but added with the ``1 +`` (multiplicative half) or folded into the
+    final bias (residual half: ``(r + b) @ w = r @ w + b @ w``)."""
+    out_bias, final_weight = p["out_bias"], p["final_weight"]  # [P, 2 * dim], [P, dim, 1]
+    batch, heads, slots, width = mixed.shape
+    flat = mixed.reshape(batch, heads * slots, width)
+    product = torch.matmul(flat, p["out_weight"])  # [B, H * S, 2 * dim]; P = 1 broadcasts
+    residual, multiplier = product.view(batch, heads, slots, -1).split(dim, dim=-1)
+    scale = out_bias[:, None, None, dim:] + 1  # [P, 1, 1, dim]
+    hidden = multiplier.add_(scale).mul_(x).add_(residual)
+    final_bias = p["final_bias"] + (out_bias[:, :dim, None] * final_weight).sum(1)  # [P, 1]
+    scores = torch.matmul(hidden, final_weight[:, None])  # [B, H, S, 1]
+    return scores.squeeze(-1).add_(final_bias[:, :, None])
 
 
 def _valid_in_order(positions: torch.Tensor, valid: torch.Tensor) -> bool:

@@ -211,8 +211,9 @@ def test_unknown_kind_raises():
 @pytest.mark.parametrize("shapes", [BAM, MLP], ids=["bam", "mlp"])
 @pytest.mark.parametrize("ordered", [True, False], ids=["fused-causal", "masked"])
 def test_in_place_path_equals_autograd_path(shapes, ordered):
-    """Without gradients the output product is finished in place; with them out of place: same scores,
-    and the in-place path never writes into the caller's features."""
+    """Without gradients the output product is finished in place, its bias folded into the in-place steps
+    and the final bias; with them out of place: the same scores up to float32 rounding of the reordered
+    sums, and the in-place path never writes into the caller's features."""
     x, valid, positions = make_inputs(shuffle=not ordered, slots=9, seed=4)
     if ordered:
         valid[:] = True
@@ -221,5 +222,5 @@ def test_in_place_path_equals_autograd_path(shapes, ordered):
     with torch.no_grad():
         fast = score_tokens(params, x, valid, positions, shapes)
     tracked = score_tokens(params.clone().requires_grad_(True), x, valid, positions, shapes)
-    torch.testing.assert_close(fast, tracked.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast, tracked.detach(), atol=1e-6, rtol=1e-6)
     assert torch.equal(x, before)

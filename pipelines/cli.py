@@ -48,6 +48,7 @@ from namm_transfer.pipelines.text.tasks import (
 from namm_transfer.pipelines.video.evaluate import FORMATS, EvalVideoConfig, run_eval_video
 from namm_transfer.pipelines.video.models import export_video_model
 from namm_transfer.pipelines.video.qa_data import TASK_TYPES, VideoQAConfig, make_video_qa
+from namm_transfer.pipelines.video.stats import VideoStatsConfig, run_video_stats
 from namm_transfer.pipelines.video.train import TrainVideoModelConfig, train_video_model
 
 
@@ -258,6 +259,18 @@ COMMANDS: tuple[Command, ...] = (
         "heatmaps (layer x frame) in OUTPUT_DIR/heatmaps and TensorBoard logs in OUTPUT_DIR/tensorboard.",
         {**DTYPE, "annotations": {"required": True}, "format": {"choices": FORMATS},
          "protocols": {"choices": ("progressive", "one-shot")}},
+    ),
+    Command(
+        "video-stats", VideoStatsConfig, run_video_stats,
+        "re-collect a NAMM's feature statistics on a video model's attention (unlabelled videos, no "
+        "training)",
+        "Run the video model over the first LIMIT videos of ANNOTATIONS (any eval-video format; their "
+        "answers are not read: take a split you do not evaluate) with the NAMM keeping every token and "
+        "collecting its per-bin feature statistics, as its first keep-everything evaluation on text did, "
+        "and write the NAMM with those statistics to OUT_DIR (config.json, model.safetensors, "
+        "video_stats.json with the statistics before and after). Weights, threshold, floor and cadence are "
+        "unchanged, so the NAMM stays zero-shot on the task; pass OUT_DIR to eval-video --namm.",
+        {**DTYPE, "annotations": {"required": True}, "format": {"choices": FORMATS}},
     ),
     Command(
         "make-video-qa", VideoQAConfig, make_video_qa,

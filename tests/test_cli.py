@@ -225,6 +225,7 @@ def test_positional_required_and_other_flags(capsys):
 # Values for the fields without a usable default, per subcommand: (command line, config fields).
 REQUIRED = {
     "eval-video": (["--annotations", "a.jsonl"], {"annotations": "a.jsonl"}),
+    "video-stats": (["--annotations", "a.jsonl"], {"annotations": "a.jsonl"}),
     "export-namm": (["runs/r", "--name", "n"], {"run_dir": "runs/r", "name": "n"}),
     "export-video-model": (["runs/v", "--name", "n"], {"model_dir": "runs/v", "name": "n"}),
     "show-text-task": (["kv"], {"task": "kv"}),

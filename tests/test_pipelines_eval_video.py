@@ -549,3 +549,80 @@ def test_joint_probe_rows_keep_the_cap_with_one_ranking_for_every_layer_head(tmp
                        loader=tiny_loader, namm=NAMM.init_random(0))
     with pytest.raises(ValueError, match="joint_probe runs one-shot"):
         EvalVideoConfig(annotations="a.json", joint_probe=["p.pt"], budgets=[0.5])
+
+
+# --- video-stats: feature statistics re-collected on the video model ------------------------------
+
+
+def _text_namm(tmp_path) -> Path:
+    """A random NAMM with made-up 'text' statistics, saved as a directory."""
+    base = NAMM.init_random(3, config=NAMMConfig(update_every=512))
+    bins = base.config.n_bins
+    namm = NAMM(base.config, base.params, torch.full((bins,), 0.5), torch.full((bins,), 2.0))
+    folder = tmp_path / "text_namm"
+    namm.save_pretrained(folder)
+    return folder
+
+
+def test_video_stats_are_the_mean_and_variance_of_the_features_the_namm_reads(tmp_path, data, monkeypatch):
+    from namm_transfer.pipelines.video.evaluate import evaluate_sample
+    from namm_transfer.pipelines.video.stats import VideoStatsConfig, run_video_stats
+
+    source = _text_namm(tmp_path)
+    cfg = VideoStatsConfig(namm=str(source), model="llava_next_video", annotations=str(data["jsonl"]),
+                           num_frames=6, update_every=16, out_dir=str(tmp_path / "adapted"))
+    adapted = run_video_stats(cfg, loader=tiny_loader)
+
+    # reference: every valid slot's spectral features at every update of the same prompts, recorded
+    # by hand from a keep-everything NAMM with the same cadence
+    seen = []
+    original_keep = NAMM.keep
+
+    def spy(self, state, view):
+        if state.ema is not None:
+            state.grow(view.positions.shape[-1])
+            seen.append(state.ema[view.valid].double())
+        return view.valid.clone()
+
+    monkeypatch.setattr(NAMM, "keep", spy)
+    probe = NAMM.from_pretrained(source).replace(update_every=16)
+    model = tiny_loader("llava_next_video")
+    from namm_transfer.pipelines.video.loading import as_video_model
+
+    video_model = as_video_model(model)
+    for sample in load_annotations(data["jsonl"]):
+        evaluate_sample(video_model, sample, probe, 6, 16, max_new_tokens=1)
+    monkeypatch.setattr(NAMM, "keep", original_keep)
+    features = torch.cat(seen)
+    assert features.shape[0] > 100
+    torch.testing.assert_close(adapted.norm_mean, features.mean(0).float(), rtol=1e-4, atol=1e-7)
+    variance = features.var(0, unbiased=False).float()
+    torch.testing.assert_close(adapted.norm_var, variance, rtol=1e-3, atol=1e-9)
+
+    # weights and settings unchanged; the source keeps its text statistics; the record says what was read
+    loaded, text = NAMM.from_pretrained(tmp_path / "adapted"), NAMM.from_pretrained(source)
+    assert torch.equal(loaded.params, text.params) and loaded.config == text.config
+    assert loaded.config.update_every == 512
+    assert torch.equal(text.norm_mean, torch.full_like(text.norm_mean, 0.5))
+    torch.testing.assert_close(loaded.norm_mean, adapted.norm_mean)
+    record = json.loads((tmp_path / "adapted" / "video_stats.json").read_text())
+    assert len(record["videos_read"]) == 3 and record["videos_skipped"] == []
+    assert record["norm_var_before"] == [2.0] * text.config.n_bins
+
+
+def test_video_stats_skip_unreadable_videos_and_refuse_when_none_read(tmp_path, broken):
+    from namm_transfer.pipelines.video.stats import VideoStatsConfig, run_video_stats
+
+    source = _text_namm(tmp_path)
+    cfg = VideoStatsConfig(namm=str(source), model="llava_next_video", annotations=str(broken),
+                           num_frames=6, update_every=16, out_dir=str(tmp_path / "adapted"))
+    run_video_stats(cfg, loader=tiny_loader)
+    record = json.loads((tmp_path / "adapted" / "video_stats.json").read_text())
+    assert len(record["videos_read"]) == 2
+    skipped = record["videos_skipped"]
+    assert len(skipped) == 2 and "garbage.mp4" in skipped[0]["error"] and "missing.mp4" in skipped[1]["error"]
+    bad = broken.parent / "only_bad.jsonl"
+    bad.write_text("".join(line + "\n" for line in broken.read_text().splitlines()[1:3]))
+    with pytest.raises(ValueError, match="none of the 2 videos could be read"):
+        run_video_stats(dataclasses.replace(cfg, annotations=str(bad), out_dir=str(tmp_path / "x")),
+                        loader=tiny_loader)

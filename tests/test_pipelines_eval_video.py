@@ -626,3 +626,42 @@ def test_video_stats_skip_unreadable_videos_and_refuse_when_none_read(tmp_path, 
     with pytest.raises(ValueError, match="none of the 2 videos could be read"):
         run_video_stats(dataclasses.replace(cfg, annotations=str(bad), out_dir=str(tmp_path / "x")),
                         loader=tiny_loader)
+
+
+def test_video_keep_calibration_finds_the_largest_bias_within_the_share():
+    """Bisection on the final bias against a monotone kept share (a logistic curve standing in for the
+    video runs): the result keeps at most ``keep`` and a bias one bisection step larger keeps more."""
+    import math
+
+    from namm_transfer.pipelines.video.stats import calibrate_video_keep
+
+    namm = NAMM.init_random(0)
+    share = lambda n: 1 / (1 + math.exp(-2 * float(n.params[0, -1])))  # noqa: E731
+    for keep in (0.1, 0.45, 0.9):
+        calibrated, tried = calibrate_video_keep(namm, share, keep, steps=10)
+        bias = float(calibrated.params[0, -1])
+        assert share(calibrated) <= keep
+        target = math.log(keep / (1 - keep)) / 2  # where the share equals keep
+        assert target - 0.01 <= bias <= target
+        assert {"bias": bias, "kept": share(calibrated)} in tried
+        assert torch.equal(calibrated.params[0, :-1], namm.params[0, :-1])
+    with pytest.raises(ValueError, match="keeps more than 50%"):
+        calibrate_video_keep(namm, lambda n: 0.9, 0.5, steps=2)
+
+
+def test_video_stats_with_keep_sets_a_threshold_that_keeps_at_most_that_share(tmp_path, data):
+    from namm_transfer.pipelines.video.stats import VideoStatsConfig, kept_video_share, run_video_stats
+
+    source = _text_namm(tmp_path)
+    cfg = VideoStatsConfig(namm=str(source), model="llava_next_video", annotations=str(data["jsonl"]),
+                           num_frames=6, update_every=16, keep=0.5, bisection_steps=3,
+                           out_dir=str(tmp_path / "adapted"))
+    adapted = run_video_stats(cfg, loader=tiny_loader)
+    record = json.loads((tmp_path / "adapted" / "video_stats.json").read_text())["threshold_calibration"]
+    assert record["bias_after"] == pytest.approx(float(adapted.params[0, -1]))
+    from namm_transfer.pipelines.video.loading import as_video_model
+
+    video_model = as_video_model(tiny_loader("llava_next_video"))
+    kept = kept_video_share(adapted, video_model, load_annotations(data["jsonl"]), 6, 16)
+    assert kept == pytest.approx(record["kept_after"]) and kept <= 0.5
+    assert any(t["kept"] > 0.5 for t in record["tried"])  # the bracket's other end keeps more

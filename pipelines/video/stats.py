@@ -43,6 +43,11 @@ class VideoStatsConfig:
         num_frames: frames sampled uniformly from each video (None: the model's own count, else 32).
         update_every: the NAMM's cadence and the prefill chunk while collecting (``eval-video``'s).
         limit: read at most this many videos (None: all).
+        keep: also set the NAMM's threshold operating point for this model: its final bias is bisected so
+            that, uncapped (its own threshold and floor, evicting every ``update_every`` tokens as
+            ``eval-video`` runs it), it keeps at most this share of the video tokens on the same videos.
+            Only the kept share is measured, no answer. None: the bias stays as evolved.
+        bisection_steps: bias bisection steps for ``keep`` (each answers every video once).
         out_dir: where the NAMM is written (``config.json``, ``model.safetensors``, ``video_stats.json``).
         device: torch device.
         dtype: model dtype (the features stay float32).
@@ -58,6 +63,8 @@ class VideoStatsConfig:
     num_frames: int | None = None
     update_every: int = 256
     limit: int | None = 24
+    keep: float | None = None
+    bisection_steps: int = 6
     out_dir: str = "runs/namm_video_stats"
     device: str = "cpu"
     dtype: str = "float32"
@@ -68,6 +75,10 @@ class VideoStatsConfig:
             raise ValueError(f"unknown annotation format {self.format!r}; choose from {FORMATS}")
         if self.update_every < 1 or (self.num_frames or 1) < 1 or (self.limit or 1) < 1:
             raise ValueError("update_every, num_frames and limit must be >= 1")
+        if self.keep is not None and not 0 < self.keep < 1:
+            raise ValueError(f"keep must be a share of the video tokens in (0, 1), got {self.keep}")
+        if self.bisection_steps < 1:
+            raise ValueError(f"bisection_steps must be >= 1, got {self.bisection_steps}")
 
 
 def collect_video_statistics(namm: NAMM, video_model, samples, num_frames: int, update_every: int,
@@ -94,6 +105,72 @@ def collect_video_statistics(namm: NAMM, video_model, samples, num_frames: int, 
     return adapted, {"videos_read": read, "videos_skipped": skipped, "tokens_counted": count}
 
 
+def kept_video_share(namm: NAMM, video_model, samples, num_frames: int, update_every: int) -> float:
+    """Mean share of the video tokens ``namm`` keeps, uncapped, over ``samples`` (prompts fed in chunks of
+    ``update_every``, one answer token; unreadable videos are left out)."""
+    from namm_transfer.pipelines.video.evaluate import evaluate_sample
+    from namm_transfer.pipelines.video.io import VideoReadError
+
+    namm = namm.replace(update_every=update_every)
+    shares = []
+    for sample in samples:
+        try:
+            row, _ = evaluate_sample(video_model, sample, namm, num_frames, update_every, max_new_tokens=1)
+        except VideoReadError:
+            continue
+        shares.append(row["kept_video_fraction"])
+    if not shares:
+        raise ValueError("none of the videos could be read")
+    return sum(shares) / len(shares)
+
+
+def with_bias(namm: NAMM, bias: float) -> NAMM:
+    """``namm`` with its final bias (the read-out's, the last parameter) set to ``bias``."""
+    params = namm.params.clone()
+    params[..., -1] = bias
+    return NAMM(namm.config, params, namm.norm_mean, namm.norm_var)
+
+
+def calibrate_video_keep(namm: NAMM, share: Callable[[NAMM], float], keep: float, steps: int,
+                         log_step: Callable[[float, float], None] = lambda bias, kept: None
+                         ) -> tuple[NAMM, list[dict[str, float]]]:
+    """The largest final bias, to bisection precision, at which ``share(namm)`` (the kept share, which
+    grows with the bias) is at most ``keep``; returns that NAMM and every ``{bias, kept}`` tried."""
+    tried: list[dict[str, float]] = []
+
+    def measure(bias: float) -> float:
+        kept = share(with_bias(namm, bias))
+        tried.append({"bias": bias, "kept": kept})
+        log_step(bias, kept)
+        return kept
+
+    start = float(namm.params[..., -1].flatten()[0])
+    low, high, step = start, start, 1.0
+    if measure(start) > keep:  # bracket [low: keeps <= keep, high: keeps more]
+        while True:
+            low = start - step
+            if measure(low) <= keep:
+                break
+            high, step = low, step * 2
+            if step > 64:
+                raise ValueError(f"even a bias of {low:.2f} keeps more than {keep:.0%} of the video tokens")
+    else:
+        while True:
+            high = start + step
+            if measure(high) > keep:
+                break
+            low, step = high, step * 2
+            if step > 64:
+                return with_bias(namm, low), tried  # keeps less than ``keep`` whatever the bias
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if measure(middle) <= keep:
+            low = middle
+        else:
+            high = middle
+    return with_bias(namm, low), tried
+
+
 def run_video_stats(cfg: VideoStatsConfig, argv: list[str] | None = None,
                     loader: Callable | None = None) -> NAMM:
     from tqdm.auto import tqdm
@@ -107,6 +184,8 @@ def run_video_stats(cfg: VideoStatsConfig, argv: list[str] | None = None,
     if not samples:
         raise ValueError(f"{cfg.annotations}: no samples")
     namm = NAMM.from_pretrained(cfg.namm)
+    if cfg.keep is not None and namm.config.threshold is None:
+        raise ValueError(f"{cfg.namm} ranks only (threshold None): --keep sets a threshold's operating point")
     video_model = load_video_model(cfg.model or "", loader if loader is not None else cfg.loader,
                                    cfg.device, parse_dtype(cfg.dtype))
     num_frames = cfg.num_frames or video_model.num_frames or 32
@@ -114,6 +193,19 @@ def run_video_stats(cfg: VideoStatsConfig, argv: list[str] | None = None,
         namm, video_model, samples, num_frames, cfg.update_every,
         progress=lambda s: tqdm(s, desc="video-stats", unit="video"),
     )
+    calibration = None
+    if cfg.keep is not None:
+        read = set(record["videos_read"])
+        readable = [s for s in samples if s.sample_id in read]
+        adapted, tried = calibrate_video_keep(
+            adapted, lambda n: kept_video_share(n, video_model, readable, num_frames, cfg.update_every),
+            cfg.keep, cfg.bisection_steps,
+            lambda b, k: log(f"bias {b:+.4f}: keeps {k:.1%} of the video tokens"),
+        )
+        final = float(adapted.params[..., -1].flatten()[0])
+        calibration = {"keep": cfg.keep, "bias_before": float(namm.params[..., -1].flatten()[0]),
+                       "bias_after": final, "tried": tried,
+                       "kept_after": next((t["kept"] for t in tried if t["bias"] == final), None)}
     out = Path(cfg.out_dir)
     adapted.save_pretrained(out)
     record = {
@@ -125,6 +217,7 @@ def run_video_stats(cfg: VideoStatsConfig, argv: list[str] | None = None,
         "norm_var_before": _listed(namm.norm_var),
         "norm_mean_after": _listed(adapted.norm_mean),
         "norm_var_after": _listed(adapted.norm_var),
+        "threshold_calibration": calibration,
     }
     (out / "video_stats.json").write_text(json.dumps(record, indent=2))
     ratio = (namm.norm_var / adapted.norm_var).tolist() if namm.norm_var is not None else None

@@ -665,3 +665,12 @@ def test_video_stats_with_keep_sets_a_threshold_that_keeps_at_most_that_share(tm
     kept = kept_video_share(adapted, video_model, load_annotations(data["jsonl"]), 6, 16)
     assert kept == pytest.approx(record["kept_after"]) and kept <= 0.5
     assert any(t["kept"] > 0.5 for t in record["tried"])  # the bracket's other end keeps more
+
+
+@pytest.mark.parametrize("bad", [{"limit": 0}, {"num_frames": 0}, {"update_every": 0}, {"keep": 1.0},
+                                 {"bisection_steps": 0}, {"format": "csv"}])
+def test_video_stats_config_names_bad_settings(bad):
+    from namm_transfer.pipelines.video.stats import VideoStatsConfig
+
+    with pytest.raises(ValueError, match="must be|unknown annotation format|keep must be"):
+        VideoStatsConfig(annotations="a.jsonl", **bad)

@@ -73,7 +73,7 @@ class VideoStatsConfig:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"unknown annotation format {self.format!r}; choose from {FORMATS}")
-        if self.update_every < 1 or (self.num_frames or 1) < 1 or (self.limit or 1) < 1:
+        if self.update_every < 1 or any(v is not None and v < 1 for v in (self.num_frames, self.limit)):
             raise ValueError("update_every, num_frames and limit must be >= 1")
         if self.keep is not None and not 0 < self.keep < 1:
             raise ValueError(f"keep must be a share of the video tokens in (0, 1), got {self.keep}")

@@ -415,10 +415,7 @@ class StreamingSpectrogram:
             )
             spec = spec_memory[: n * n_rows * width].view(n, n_rows, width)
             torch.matmul(basis, windows, out=spec)
-            mag = mag_memory[: n * n_bins * width].view(n, n_bins, width)
-            cosine, sine = spec[:, :n_bins], spec[:, n_bins:]
-            torch.mul(cosine, cosine, out=mag)[:, 1 : n_bins - 1].addcmul_(sine, sine)
-            _root_(mag)
+            mag = self._magnitude(spec, out=mag_memory[: n * n_bins * width].view(n, n_bins, width))
             for sid in range(j0 // per_series, (j1 - 1) // per_series + 1):
                 first = sid * per_series  # window of the series' frame 0
                 a, b = max(j0, first), min(j1, first + n_frames)
@@ -458,11 +455,13 @@ class StreamingSpectrogram:
         self.spectrum = self.spectrum + torch.einsum("bf,bhfks->bhks", w, mag)
         return max_frames
 
-    def _magnitude(self, spec: torch.Tensor) -> torch.Tensor:
+    def _magnitude(self, spec: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``|STFT|`` ``[..., n_bins, S]`` from the basis outputs ``[..., n_fft, S]`` (cos rows, then sin rows
-        of bins 1 .. n_bins - 2; the sine rows of DC and Nyquist are identically zero)."""
-        power = spec[..., : self.n_bins, :].square()
-        power[..., 1 : self.n_bins - 1, :] += spec[..., self.n_bins :, :].square()
+        of bins 1 .. n_bins - 2; the sine rows of DC and Nyquist are identically zero), written into
+        ``out`` when given: the squared cosines, then the squared sines added in the same pass."""
+        cosine, sine = spec[..., : self.n_bins, :], spec[..., self.n_bins :, :]
+        power = torch.mul(cosine, cosine, out=out)
+        power[..., 1 : self.n_bins - 1, :].addcmul_(sine, sine)
         return _root_(power)
 
     def select(self, index: torch.Tensor) -> None:

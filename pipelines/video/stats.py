@@ -16,9 +16,10 @@ trained, so the NAMM stays zero-shot on the task. Use videos of a split that is 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,23 +82,36 @@ class VideoStatsConfig:
             raise ValueError(f"bisection_steps must be >= 1, got {self.bisection_steps}")
 
 
+def _prompt_each(namm: NAMM, video_model, samples, num_frames: int, update_every: int,
+                 progress: Callable = iter) -> Iterator[tuple[Any, dict | None, str | None]]:
+    """``(sample, row, error)`` per sample: ``namm`` (at ``update_every``, also the prefill chunk, as
+    ``eval-video`` runs it) over the sample's prompt and one answer token; an unreadable video gives
+    ``row`` None and its error."""
+    from namm_transfer.pipelines.video.evaluate import evaluate_sample
+    from namm_transfer.pipelines.video.io import VideoReadError
+
+    for sample in progress(samples):
+        try:
+            row, _ = evaluate_sample(video_model, sample, namm, num_frames, update_every, max_new_tokens=1)
+        except VideoReadError as error:
+            yield sample, None, str(error)
+            continue
+        yield sample, row, None
+
+
 def collect_video_statistics(namm: NAMM, video_model, samples, num_frames: int, update_every: int,
                              progress: Callable = iter) -> tuple[NAMM, dict]:
     """``namm`` with per-bin feature statistics collected over ``samples``' prompts (video and question,
     as ``eval-video`` feeds them) and its other settings unchanged, and what was read."""
-    from namm_transfer.pipelines.video.evaluate import evaluate_sample
-    from namm_transfer.pipelines.video.io import VideoReadError
-
     probe = namm.replace(update_every=update_every)  # a copy: ``namm`` keeps its statistics
     read, skipped = [], []
     with probe.collecting_statistics():
-        for sample in progress(samples):
-            try:  # one answer token: the statistics come from the prompt's updates
-                evaluate_sample(video_model, sample, probe, num_frames, update_every, max_new_tokens=1)
-            except VideoReadError as error:
-                skipped.append({"sample_id": sample.sample_id, "error": str(error)})
-                continue
-            read.append(sample.sample_id)
+        runs = _prompt_each(probe, video_model, samples, num_frames, update_every, progress)
+        for sample, row, error in runs:
+            if row is None:
+                skipped.append({"sample_id": sample.sample_id, "error": error})
+            else:
+                read.append(sample.sample_id)
         count = int(probe._collect[0])
     if not read:
         raise ValueError(f"none of the {len(samples)} videos could be read: {skipped[:3]}")
@@ -108,20 +122,17 @@ def collect_video_statistics(namm: NAMM, video_model, samples, num_frames: int, 
 def kept_video_share(namm: NAMM, video_model, samples, num_frames: int, update_every: int) -> float:
     """Mean share of the video tokens ``namm`` keeps, uncapped, over ``samples`` (prompts fed in chunks of
     ``update_every``, one answer token; unreadable videos are left out)."""
-    from namm_transfer.pipelines.video.evaluate import evaluate_sample
-    from namm_transfer.pipelines.video.io import VideoReadError
-
     namm = namm.replace(update_every=update_every)
-    shares = []
-    for sample in samples:
-        try:
-            row, _ = evaluate_sample(video_model, sample, namm, num_frames, update_every, max_new_tokens=1)
-        except VideoReadError:
-            continue
-        shares.append(row["kept_video_fraction"])
+    shares = [row["kept_video_fraction"]
+              for _, row, _ in _prompt_each(namm, video_model, samples, num_frames, update_every) if row]
     if not shares:
         raise ValueError("none of the videos could be read")
     return sum(shares) / len(shares)
+
+
+def final_bias(namm: NAMM) -> float:
+    """The read-out's bias (the last parameter; that of the first vector when there are several)."""
+    return float(namm.params[..., -1].flatten()[0])
 
 
 def with_bias(namm: NAMM, bias: float) -> NAMM:
@@ -144,7 +155,7 @@ def calibrate_video_keep(namm: NAMM, share: Callable[[NAMM], float], keep: float
         log_step(bias, kept)
         return kept
 
-    start = float(namm.params[..., -1].flatten()[0])
+    start = final_bias(namm)
     low, high, step = start, start, 1.0
     if measure(start) > keep:  # bracket [low: keeps <= keep, high: keeps more]
         while True:
@@ -195,15 +206,13 @@ def run_video_stats(cfg: VideoStatsConfig, argv: list[str] | None = None,
     )
     calibration = None
     if cfg.keep is not None:
-        read = set(record["videos_read"])
-        readable = [s for s in samples if s.sample_id in read]
         adapted, tried = calibrate_video_keep(
-            adapted, lambda n: kept_video_share(n, video_model, readable, num_frames, cfg.update_every),
+            adapted, lambda n: kept_video_share(n, video_model, samples, num_frames, cfg.update_every),
             cfg.keep, cfg.bisection_steps,
             lambda b, k: log(f"bias {b:+.4f}: keeps {k:.1%} of the video tokens"),
         )
-        final = float(adapted.params[..., -1].flatten()[0])
-        calibration = {"keep": cfg.keep, "bias_before": float(namm.params[..., -1].flatten()[0]),
+        final = final_bias(adapted)
+        calibration = {"keep": cfg.keep, "bias_before": final_bias(namm),
                        "bias_after": final, "tried": tried,
                        "kept_after": next((t["kept"] for t in tried if t["bias"] == final), None)}
     out = Path(cfg.out_dir)

@@ -52,7 +52,7 @@ class AttachedPolicy:
         policy: MemoryPolicy,
         prefill_chunk: int | None = None,
         exact_output: bool = False,
-        kv_layout: str = "packed",
+        kv_layout: str = "auto",
     ):
         if getattr(model, "_namm_attached", None) is not None:
             raise RuntimeError(
@@ -220,7 +220,7 @@ def attach(
     policy: MemoryPolicy,
     prefill_chunk: int | None = None,
     exact_output: bool = False,
-    kv_layout: str = "packed",
+    kv_layout: str = "auto",
 ) -> AttachedPolicy:
     """Make ``model`` run with ``policy`` managing its KV cache.
 
@@ -248,10 +248,12 @@ def attach(
             SDPA kernel as an unattached model (and the attention rows for the policy separately), so a
             policy that evicts nothing reproduces the model bit for bit. Costs one more attention
             product per layer; the default reuses the rows for the output (equal up to float rounding).
-        kv_layout: ``"packed"`` (default) stores what an eviction kept without padding the heads that
-            kept fewer tokens to the fullest one (heads of a NAMM in threshold mode keep different
-            numbers): stored bytes match kept bytes, for one copy of the cache per forward (about what
-            a growing cache's concatenation costs). ``"padded"`` stores the padded view.
+        kv_layout: ``"packed"`` stores what an eviction kept without padding the heads that kept
+            fewer tokens to the fullest one (heads of a NAMM in threshold mode keep different numbers):
+            stored bytes match kept bytes, for one copy of the cache per forward. ``"padded"`` stores the
+            padded view. ``"auto"`` (default) packs a layer only when its padding would exceed 10% of
+            the kept tokens (``AUTO_PACK_PADDING``), so stored bytes stay within 10% of kept bytes and a
+            per-token workload whose heads keep similar counts (a rollout) skips the rebuild.
 
     Returns:
         A handle: ``handle.stats()``, ``handle.detach()``; usable as ``with attach(...) as handle:``.

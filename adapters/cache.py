@@ -4,13 +4,13 @@
 hold what survived the latest eviction (K: the largest number of tokens kept by any (sample, head)) and
 the rest the tokens added since; which slots are real is tracked by a core
 :class:`~namm_transfer.memory.LayerMemory`. Heads keep different numbers of tokens (a NAMM's threshold,
-left padding), so in the default ``"packed"`` layout the survivors are *stored* without the padding
+left padding), so in the ``"packed"`` layout the survivors are *stored* without the padding
 (:class:`PackedSlots`: the valid rows only, plus where they go) and the padded view is rebuilt for each
-forward, a copy of the size of the one ``torch.cat`` a growing cache makes anyway; ``"padded"`` stores
-the view itself. Like ``DynamicSlidingWindowLayer``, it reports the number
-of tokens *seen* from ``get_seq_length()`` and ``(stored + q, seen - stored)`` from
-``get_mask_sizes()``, so default position ids, ``generate()`` and chunked prefill keep working after
-tokens were removed.
+forward, a copy of the whole cache; ``"padded"`` stores the view itself; the default ``"auto"`` packs
+only when the padding exceeds a tenth of the kept slots (:data:`AUTO_PACK_PADDING`). Like
+``DynamicSlidingWindowLayer``, it reports the number of tokens *seen* from ``get_seq_length()`` and
+``(stored + q, seen - stored)`` from ``get_mask_sizes()``, so default position ids, ``generate()`` and
+chunked prefill keep working after tokens were removed.
 
 A layer of a sliding-window attention type (Mistral, Gemma2/3's local layers, ...) keeps applying its
 own window: after each forward the tokens no later query can see are dropped, as transformers'
@@ -65,7 +65,12 @@ def _select_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return states.reshape(batch * heads * slots, dim).index_select(0, rows).view(batch, heads, -1, dim)
 
 
-KV_LAYOUTS = ("packed", "padded")
+KV_LAYOUTS = ("auto", "packed", "padded")
+# ``"auto"`` packs what an eviction kept only when the padded view would store more than this share
+# beyond the kept tokens: the storage then stays within 10% of what is kept either way, and per-token
+# workloads whose heads keep similar counts (a rollout's evictions every few steps) skip the per-forward
+# rebuild of the view, a copy of the whole cache for every token.
+AUTO_PACK_PADDING = 0.10
 # Most (sample, KV head) pairs a packed layer unpacks by slice copies (one per pair); more take one
 # indexed copy of all rows, cheaper than that many small copies.
 MAX_SEGMENTS = 32
@@ -143,7 +148,8 @@ class EvictingLayer(DynamicLayer):
             also learns it from the model (the ``sliding_window`` its attention module passes) when a
             cache is built without it; the smaller of the two applies.
         kv_layout: ``"packed"`` stores what an eviction kept without the padding of shorter heads
-            (:class:`PackedSlots`), ``"padded"`` stores the padded view (a copy less per forward).
+            (:class:`PackedSlots`), ``"padded"`` stores the padded view (a copy less per forward),
+            ``"auto"`` packs only when the padding exceeds :data:`AUTO_PACK_PADDING` of the kept slots.
 
     ``keys`` / ``values`` read the padded view ``[B, H_kv, S, D]`` (rebuilt from the packed rows when
     stored packed); assigning them stores a dense view.
@@ -156,7 +162,7 @@ class EvictingLayer(DynamicLayer):
         memory: LayerMemory,
         sliding_window: int | None = None,
         rows: RowsBuffer | None = None,
-        kv_layout: str = "packed",
+        kv_layout: str = "auto",
     ):
         if kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
@@ -269,9 +275,10 @@ class EvictingLayer(DynamicLayer):
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store the view left by an eviction: packed when some (sample, head) holds fewer slots than the
-        view is wide (and the layout is packed), else as it is."""
+        view is wide and the layout packs (``"packed"``; ``"auto"`` when the padding is more than
+        :data:`AUTO_PACK_PADDING` of the kept slots), else as it is."""
         valid = self.memory.valid
-        if self.kv_layout == "packed" and not bool(valid.all()):
+        if self._packs(valid):
             packed = PackedSlots.pack(keys, values, valid)
             empty_k, empty_v = keys[..., :0, :], values[..., :0, :]
             self._packed, self._dense, self._view = packed, [empty_k, empty_v], None
@@ -279,6 +286,14 @@ class EvictingLayer(DynamicLayer):
         else:
             self._packed, self._dense, self._view = None, [keys, values], None
             self._n_dense = keys.shape[-2]
+
+    def _packs(self, valid: torch.Tensor) -> bool:
+        if self.kv_layout == "padded":
+            return False
+        kept = int(valid.sum())
+        if kept == valid.numel():
+            return False
+        return self.kv_layout == "packed" or valid.numel() > (1 + AUTO_PACK_PADDING) * kept
 
     def apply_eviction(self, force: bool = False, due: torch.Tensor | None = None) -> None:
         """After a forward: drop what left the sliding window, then ask the policy (if due, at once with
@@ -409,7 +424,7 @@ class EvictingCache(DynamicCache):
         num_layers: int,
         n_groups: int = 1,
         sliding_windows: Sequence[int | None] | None = None,
-        kv_layout: str = "packed",
+        kv_layout: str = "auto",
     ):
         self.policy = policy
         windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers

@@ -142,3 +142,28 @@ def test_decoding_appends_in_place_into_bounded_spare_room(model):
         assert torch.equal(got, expected)
         for mine, theirs in zip(handle.cache.layers, plain.layers, strict=True):
             torch.testing.assert_close(mine.keys, theirs.keys[..., : mine.keys.shape[-2], :], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("holes", "packs"), [(1, False), (3, True)])
+def test_auto_layout_packs_only_past_a_tenth_of_padding(holes, packs):
+    """``"auto"`` stores an eviction's survivors padded while the padding is at most AUTO_PACK_PADDING of
+    the kept slots (no per-forward rebuild) and packed beyond it; ``"packed"`` always packs, ``"padded"``
+    never; the view the attention reads is the same in all three."""
+    from namm_transfer import FullCache
+    from namm_transfer.adapters.cache import AUTO_PACK_PADDING, EvictingLayer
+    from namm_transfer.memory import LayerMemory
+
+    gen = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(1, 2, 10, 4, generator=gen), torch.randn(1, 2, 10, 4, generator=gen)
+    valid = torch.ones(1, 2, 10, dtype=torch.bool)
+    valid[0, 1, 10 - holes :] = False  # head 1 kept fewer: `holes` padding slots over 20 - holes kept
+    assert (valid.numel() > (1 + AUTO_PACK_PADDING) * int(valid.sum())) == packs
+    views = {}
+    for layout in ("auto", "packed", "padded"):
+        layer = EvictingLayer(LayerMemory(FullCache(), 0), kv_layout=layout)
+        layer.memory.valid = valid
+        layer._store(keys, values)
+        assert (layer._packed is not None) == (layout == "packed" or (layout == "auto" and packs))
+        views[layout] = layer.keys
+    for view in views.values():
+        torch.testing.assert_close(view[valid], keys[valid], rtol=0, atol=0)

@@ -35,3 +35,21 @@ def test_bench_rollout_reports_ratios_to_the_full_cache(tmp_path):
     full_timing = policies["FullCache"]["timing_median_rep"]
     assert full_timing.get("features_s", 0.0) == full_timing.get("scoring_s", 0.0) == 0.0
     assert "vs full cache" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["results"]
+
+
+def test_bench_rollout_times_the_namm_in_each_kv_layout(tmp_path):
+    """One row per layout when several are asked for; the layout changes how the kept slots are stored,
+    never what the NAMM keeps, so the same episodes hold the same tokens."""
+    before = torch.get_num_threads()
+    try:
+        record = run_rollout_speed(RolloutSpeedConfig(
+            dts=["cuecorridor-expert"], budgets=[], episodes=2, reps=1, kv_layouts=["packed", "padded"],
+            output=str(tmp_path / "speed.md")))
+    finally:
+        torch.set_num_threads(before)
+    policies = record["results"]["cuecorridor-expert"]["policies"]
+    assert list(policies) == ["FullCache", "NAMM [packed]", "NAMM [padded]"]
+    assert policies["NAMM [packed]"]["tokens_mean"] == policies["NAMM [padded]"]["tokens_mean"]
+    assert policies["NAMM [packed]"]["tokens_mean"] < policies["FullCache"]["tokens_mean"]
+    with pytest.raises(ValueError, match="kv_layouts must be one or more of"):
+        RolloutSpeedConfig(kv_layouts=["ragged"])

@@ -58,7 +58,7 @@ class OverheadConfig:
         decode_tokens: after each prefill, time this many greedy single-token forwards too (bare and
             NAMM, same cache as the prefill left it; 0: prefill only).
         threshold_namm: a trained NAMM (shipped name, path or hub id) timed in its own threshold mode, the
-            NAMM's operating point where heads keep different numbers of tokens, once with the default
+            NAMM's operating point where heads keep different numbers of tokens, once with the
             packed KV layout (``threshold``) and once padded (``threshold padded``); None skips it.
         note: free text for the table's header, e.g. what else was running on the machine.
         output: markdown result path; the JSON goes beside it with a ``.json`` suffix.
@@ -299,7 +299,8 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
         "whole context in one chunk with one eviction at its end (update_every = context length), "
         "against the bare model's one-chunk prefill; `threshold` = the trained NAMM "
         f"`{cfg.threshold_namm}` in its own threshold mode (its heads keep different numbers of tokens), "
-        "chunked prefill, with the packed KV layout (the default) and with the padded one.\n"
+        "chunked prefill, with the packed KV layout and with the padded one (the default, `auto`, packs a "
+        "layer whose padding exceeds a tenth of its kept slots).\n"
         "`NAMM / bare` = NAMM seconds / bare seconds, both measured in the same run, interleaved; "
         "`bookkeeping / bare` = the NAMM's own time (capture + features + scoring + eviction, from "
         "`stats()['timing']`) over the bare forward. `KV MiB stored` is what the cache holds between "

@@ -33,6 +33,8 @@ class RolloutSpeedConfig:
         exact_output: attach every policy with ``exact_output=True`` as ``eval-rollout`` does (the
             output from the fused kernel, the NAMM's rows computed beside it); False: ``attach``'s
             default, where the NAMM's output comes from the same rows (one pass over the keys).
+        kv_layouts: cache layouts (``attach``'s ``kv_layout``) the NAMM rows are timed with, each a row
+            of its own when several (the full cache never evicts, so its layout does not matter).
         output: markdown result path (JSON beside it).
         threads: torch intra-op threads.
     """
@@ -44,6 +46,7 @@ class RolloutSpeedConfig:
     reps: int = 5
     update_every: int = 30
     exact_output: bool = True
+    kv_layouts: list[str] = field(default_factory=lambda: ["auto"])
     output: str = "benchmarks/results/rollout_speed.md"
     threads: int | None = 1
 
@@ -52,18 +55,27 @@ class RolloutSpeedConfig:
             raise ValueError(f"reps and episodes must be >= 1, got {self.reps}, {self.episodes}")
         if any(not 0.0 < b <= 1.0 for b in self.budgets):
             raise ValueError(f"budgets are fractions of an episode's tokens in (0, 1], got {self.budgets}")
+        from namm_transfer.adapters.cache import KV_LAYOUTS
+
+        if not self.kv_layouts or any(layout not in KV_LAYOUTS for layout in self.kv_layouts):
+            raise ValueError(f"kv_layouts must be one or more of {KV_LAYOUTS}, got {self.kv_layouts}")
 
 
-def _policies(dt, namm, cfg: RolloutSpeedConfig) -> dict[str, Any]:
-    """The full cache, the NAMM and the NAMM at each budget, capped as ``eval-rollout --budgets`` caps."""
+def _policies(dt, namm, cfg: RolloutSpeedConfig) -> dict[str, tuple[Any, str]]:
+    """Row label -> (policy, KV layout): the full cache, and the NAMM uncapped and at each budget (capped
+    as ``eval-rollout --budgets`` caps) in each layout (named in the label when there are several)."""
     from namm_transfer.pipelines.rl.evaluate import budget_label, capped_policy, episode_tokens, fraction_cap
     from namm_transfer.policies.registry import FULL_CACHE, NAMM_NAME, build_policy
 
     tokens = episode_tokens(dt, dt.env_id, None)
-    policies = {FULL_CACHE: build_policy(FULL_CACHE, None, None, cfg.update_every, 0), NAMM_NAME: namm}
+    namms = {NAMM_NAME: namm}
     for fraction in cfg.budgets:
         cap = fraction_cap(fraction, tokens)
-        policies[budget_label(NAMM_NAME, fraction)] = capped_policy(NAMM_NAME, namm, cap, cfg.update_every, 0)
+        namms[budget_label(NAMM_NAME, fraction)] = capped_policy(NAMM_NAME, namm, cap, cfg.update_every, 0)
+    policies = {FULL_CACHE: (build_policy(FULL_CACHE, None, None, cfg.update_every, 0), cfg.kv_layouts[0])}
+    for layout in cfg.kv_layouts:
+        for label, policy in namms.items():
+            policies[label if len(cfg.kv_layouts) == 1 else f"{label} [{layout}]"] = (policy, layout)
     return policies
 
 
@@ -81,13 +93,13 @@ def run_rollout_speed(cfg: RolloutSpeedConfig, argv: list[str] | None = None) ->
         dt = load_dt(name)
         policies = _policies(dt, namm, cfg)
         runs: dict[str, list[dict[str, Any]]] = {label: [] for label in policies}
-        for label, policy in policies.items():  # warm-up, not timed
+        for label, (policy, layout) in policies.items():  # warm-up, not timed
             rollout_batch(dt, label, policy, dt.env_id, seeds[:2], dt.target_return, None, False,
-                          progress=False, exact_output=cfg.exact_output)
+                          progress=False, exact_output=cfg.exact_output, kv_layout=layout)
         for rep in range(cfg.reps):
-            for label, policy in policies.items():
+            for label, (policy, layout) in policies.items():
                 run = rollout_batch(dt, label, policy, dt.env_id, seeds, dt.target_return, None, False,
-                                    progress=False, exact_output=cfg.exact_output)
+                                    progress=False, exact_output=cfg.exact_output, kv_layout=layout)
                 row = run.rows[0]
                 runs[label].append({"seconds": row["batch_seconds"], "env_steps": row["batch_env_steps"],
                                     "timing": row.get("policy_timing", {}),
@@ -137,7 +149,8 @@ def run_rollout_speed(cfg: RolloutSpeedConfig, argv: list[str] | None = None) ->
         f"# Decision Transformer rollout speed: full cache vs zero-shot NAMM\n\n"
         f"- command: `{meta['command']}`\n- date: {meta['date']}, git {meta['git_revision']}\n"
         f"- torch {meta['torch']}, threads {meta['torch_threads']}; NAMM {cfg.namm}, update every "
-        f"{cfg.update_every} tokens, exact_output={cfg.exact_output}; {cfg.episodes} episodes per batch "
+        f"{cfg.update_every} tokens, exact_output={cfg.exact_output}, KV layouts "
+        f"{', '.join(cfg.kv_layouts)}; {cfg.episodes} episodes per batch "
         f"(seeds 0..{cfg.episodes - 1}), {cfg.reps} repetitions, policies interleaved\n\n"
         "env steps/s: the batch's env steps over its rollout wall time (measurement excluded), median "
         "over repetitions; `vs full cache`: that median over the full cache's median. NAMM time: the "

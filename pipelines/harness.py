@@ -134,6 +134,32 @@ def mean_se(values: Iterable[float]) -> tuple[float, float]:
     return float(values.mean()), float(se)
 
 
+def verdict(summary: Mapping[str, Mapping[str, Any]], namm: str, references: Iterable[str],
+            mean_key: str, se_key: str) -> dict[str, Any]:
+    """Does ``summary[namm]`` beat every other policy of one table, and by more than their combined
+    standard error? ``references`` are left out (the full cache); ``mean_key`` / ``se_key`` name each
+    summary's score and its standard error. Empty when the NAMM or anything to beat is missing."""
+    if namm not in summary:
+        return {}
+    skip = {namm, *references}
+    mine = summary[namm]
+    margins = {}
+    for name, s in summary.items():
+        if name in skip:
+            continue
+        combined = float(np.hypot(mine[se_key], s[se_key]))
+        margins[name] = {"margin": float(mine[mean_key] - s[mean_key]), "combined_se": combined}
+    if not margins:
+        return {}
+    best = max(margins, key=lambda name: summary[name][mean_key])
+    return {
+        "above_every_baseline": all(m["margin"] > 0 for m in margins.values()),
+        "above_every_baseline_by_combined_se": all(m["margin"] > m["combined_se"] for m in margins.values()),
+        "best_baseline": best,
+        "margins": margins,
+    }
+
+
 def matched_budget(rows: Sequence[Mapping[str, Any]]) -> list[int]:
     """The baselines' per-layer budget at the NAMM's measured cache size.
 

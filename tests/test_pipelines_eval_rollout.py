@@ -219,6 +219,9 @@ def test_fixed_budgets_cap_every_policy_alike_and_the_window_is_set(tmp_path, dt
         assert summary[budget_label("Recency", fraction)]["tokens_peak"] > cap - EVERY
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| NAMM @ 20% " in md and "fixed budgets: 20%, 50%" in md and "windowed: the last 2 steps" in md
+    verdicts = json.loads((tmp_path / "out" / "summary.json").read_text())["budget_verdicts"]
+    assert list(verdicts) == ["20%", "50%"] and "The NAMM against the best baseline" in md
+    assert verdicts["20%"]["best_baseline"] in ("Recency", "TOVA")
     with pytest.raises(ValueError, match="fractions of the episode's tokens"):
         EvalRolloutConfig(budgets=[1.5])
 
@@ -256,3 +259,32 @@ def test_public_format_dt_on_mujoco_with_given_state_statistics(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"state_mean": [0.0] * 11}))
     with pytest.raises(ValueError, match="lacks \\['state_std'\\]"):
         state_statistics(tmp_path / "bad.json")
+
+
+def test_budget_verdicts_name_the_best_baseline_and_the_combined_standard_error():
+    """Per fixed budget: the NAMM against every baseline capped alike, by the normalised score and the
+    combined standard error; the verdict table reads the same numbers."""
+    from namm_transfer.pipelines.rl.evaluate import budget_verdicts, verdict_table
+
+    def entry(mean: float, se: float) -> dict:
+        return {"normalised_mean": mean, "normalised_se": se}
+
+    summary = {
+        "FullCache": entry(100.0, 0.0),
+        "NAMM @ 10%": entry(100.0, 0.0), "H2O @ 10%": entry(10.0, 9.0), "L2Norm @ 10%": entry(40.0, 8.0),
+        "NAMM @ 30%": entry(100.0, 0.0), "H2O @ 30%": entry(10.0, 9.0), "L2Norm @ 30%": entry(100.0, 0.0),
+        "NAMM @ 50%": entry(90.0, 3.0), "H2O @ 50%": entry(85.0, 4.0), "L2Norm @ 50%": entry(20.0, 9.0),
+    }
+    verdicts = budget_verdicts(summary, [0.1, 0.3, 0.5, 0.7], ["NAMM", "H2O", "L2Norm"])
+    assert list(verdicts) == ["10%", "30%", "50%"]  # nothing was run at 70%
+    ten = verdicts["10%"]
+    assert ten["best_baseline"] == "L2Norm" and ten["margins"]["L2Norm"]["margin"] == pytest.approx(60.0)
+    assert ten["margins"]["L2Norm"]["combined_se"] == pytest.approx(8.0)
+    assert ten["above_every_baseline"] and ten["above_every_baseline_by_combined_se"]
+    assert not verdicts["30%"]["above_every_baseline"]  # a tie at 100
+    fifty = verdicts["50%"]  # ahead of H2O by 5.0, equal to their combined s.e. hypot(3, 4): not more
+    assert fifty["best_baseline"] == "H2O" and fifty["above_every_baseline"]
+    assert fifty["margins"]["H2O"]["combined_se"] == pytest.approx(5.0)
+    assert not fifty["above_every_baseline_by_combined_se"]
+    table = verdict_table(summary, verdicts)
+    assert "| 10%" in table and "L2Norm 40.0 ± 8.0" in table and "+60.0 (8.0)" in table

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ from namm_transfer.pipelines.harness import (
     matched_budget,
     mean_se,
     namm_budget,
+    verdict,
     write_summary,
 )
 from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy, policy_names
@@ -526,6 +528,41 @@ def summary_table(summary: dict[str, dict[str, Any]]) -> str:
     return markdown_table(headers, body)
 
 
+def budget_verdicts(summary: dict[str, dict[str, Any]], budgets: Sequence[float],
+                    capped: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per fixed budget (``"10%"``), whether the NAMM beats every baseline capped alike, and by more than
+    their combined standard error (normalised scores; :func:`~namm_transfer.pipelines.harness.verdict`)."""
+    out = {}
+    for fraction in budgets:
+        table = {name: summary[budget_label(name, fraction)] for name in capped
+                 if budget_label(name, fraction) in summary}
+        found = verdict(table, NAMM_NAME, [], "normalised_mean", "normalised_se")
+        if found:
+            out[f"{100 * fraction:g}%"] = {"fraction": fraction, **found}
+    return out
+
+
+def verdict_table(summary: dict[str, dict[str, Any]], verdicts: dict[str, dict[str, Any]]) -> str:
+    """One row per budget: the NAMM, the best baseline, the NAMM's lead and the verdict."""
+    headers = ["budget", "NAMM", "best baseline", "lead (combined s.e.)", "above every baseline",
+               "by more than the combined s.e."]
+    body = []
+    for budget, v in verdicts.items():
+        namm = summary[budget_label(NAMM_NAME, v["fraction"])]
+        best = v["best_baseline"]
+        other = summary[budget_label(best, v["fraction"])]
+        lead = v["margins"][best]
+        body.append([
+            budget,
+            f"{namm['normalised_mean']:.1f} ± {namm['normalised_se']:.1f}",
+            f"{best} {other['normalised_mean']:.1f} ± {other['normalised_se']:.1f}",
+            f"{lead['margin']:+.1f} ({lead['combined_se']:.1f})",
+            "yes" if v["above_every_baseline"] else "no",
+            "yes" if v["above_every_baseline_by_combined_se"] else "no",
+        ])
+    return markdown_table(headers, body)
+
+
 def plot_memory(memory_map: np.ndarray, title: str, path: Path | None = None, cue_step: int | None = None):
     """The timesteps in memory over one episode as a matplotlib figure (saved to ``path`` if given);
     ``cue_step`` (a memory task's) is drawn as a line across the steps."""
@@ -655,7 +692,13 @@ def run_eval_rollout(cfg: EvalRolloutConfig, argv: list[str] | None = None) -> d
         writer.close()
     meta = run_metadata(argv)
     table = summary_table(summary)
-    data = {"config": asdict(cfg), "setting": setting, "meta": meta, "budget": budget, "summary": summary}
+    verdicts = budget_verdicts(summary, cfg.budgets, capped)
+    if verdicts:
+        table += ("\n\nThe NAMM against the best baseline at each fixed budget (normalised score ± standard "
+                  "error; the lead over that baseline with their combined standard error in brackets):\n\n"
+                  + verdict_table(summary, verdicts))
+    data = {"config": asdict(cfg), "setting": setting, "meta": meta, "budget": budget, "summary": summary,
+            "budget_verdicts": verdicts}
     full = summary.get(FULL_CACHE, {})
     statistics = (f" (feature statistics re-collected on {cfg.calibrate_episodes} episodes)"
                   if cfg.calibrate_episodes else " (its frozen text statistics)")

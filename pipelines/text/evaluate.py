@@ -47,6 +47,7 @@ from namm_transfer.pipelines.harness import (
     shard_rows_name,
     write_summary,
 )
+from namm_transfer.pipelines.harness import verdict as harness_verdict
 from namm_transfer.pipelines.models import MODELS
 from namm_transfer.policies.registry import BASELINES, FULL_CACHE, NAMM_NAME, build_policy
 
@@ -212,22 +213,7 @@ def summarise(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[st
 
 def verdict(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Does the NAMM beat every baseline of one table, and by more than their combined standard error?"""
-    if NAMM_NAME not in summary:
-        return {}
-    namm = summary[NAMM_NAME]
-    margins = {}
-    for name, s in summary.items():
-        if name in (NAMM_NAME, FULL_CACHE):
-            continue
-        combined = float(np.hypot(namm["mean_normalised_se"], s["mean_normalised_se"]))
-        margins[name] = {"margin": namm["mean_normalised"] - s["mean_normalised"], "combined_se": combined}
-    if not margins:
-        return {}
-    return {
-        "above_every_baseline": all(m["margin"] > 0 for m in margins.values()),
-        "above_every_baseline_by_combined_se": all(m["margin"] > m["combined_se"] for m in margins.values()),
-        "margins": margins,
-    }
+    return harness_verdict(summary, NAMM_NAME, [FULL_CACHE], "mean_normalised", "mean_normalised_se")
 
 
 def _one_shot_prompt(model, tokenizer, handle, namm, example, task, cfg, todo, max_new,

@@ -451,6 +451,7 @@ def test_budgets_cap_every_policy_alike_in_both_protocols(tmp_path, data):
     assert "### progressive, 50% of the video tokens" in md and "### one-shot, 50% of the video tokens" in md
     budget_section = md.split("## Matched budgets")[1].split("Accuracy per task type")[0]
     assert budget_section.count(f"| {UNIFORM} @ 50%") == 2  # in both protocols' tables
+    assert budget_section.count("NAMM above every baseline: ") == 2  # a verdict under each table
     with pytest.raises(ValueError, match="fractions of the video tokens"):
         EvalVideoConfig(annotations="a.json", budgets=[1.5])
     with pytest.raises(ValueError, match="unknown protocol"):
@@ -674,3 +675,19 @@ def test_video_stats_config_names_bad_settings(bad):
 
     with pytest.raises(ValueError, match="must be|unknown annotation format|keep must be"):
         VideoStatsConfig(annotations="a.jsonl", **bad)
+
+
+def test_verdict_line_names_the_best_baseline_and_leaves_probes_out():
+    from namm_transfer.pipelines.video.evaluate import verdict_line
+
+    def entry(accuracy: float, se: float) -> dict:
+        return {"accuracy": accuracy, "accuracy_se": se}
+
+    table = {NAMM_NAME: entry(0.9, 0.03), "H2O": entry(0.8, 0.04), UNIFORM: entry(0.5, 0.05),
+             "JointProbe": entry(0.95, 0.02)}
+    line = verdict_line(table)
+    assert "above every baseline: yes; by more than the combined standard error: yes" in line
+    assert "best baseline H2O 0.800; NAMM lead +0.100, combined s.e. 0.050" in line
+    table["H2O"] = entry(0.88, 0.04)  # ahead by 0.02, within hypot(0.03, 0.04)
+    assert "yes; by more than the combined standard error: no" in verdict_line(table)
+    assert verdict_line({"H2O": entry(0.8, 0.04)}) == ""  # no NAMM row

@@ -85,6 +85,7 @@ from namm_transfer.pipelines.harness import (
     namm_budget,
     parse_shard,
     shard_rows_name,
+    verdict,
     write_summary,
 )
 from namm_transfer.pipelines.joint_probe import PROBES, FixedScoreTopK, JointProbe, cache_joint_scores
@@ -610,8 +611,23 @@ def budget_tables(summary: dict[str, dict[str, Any]], full: dict[str, Any] | Non
                                for s in ranked.values())
             head += (f"Full cache: {full['accuracy']:.3f} ± {full['accuracy_se']:.3f}; "
                      f"accuracy / full cache's: {ratios}.\n\n")
-        out.append(head + table)
+        out.append(head + table + verdict_line({s["policy"]: s for s in ranked.values()}))
     return "\n\n".join(out)
+
+
+def verdict_line(table: dict[str, dict[str, Any]]) -> str:
+    """Below a matched-budget table (keyed by policy name): is the NAMM above every baseline (the token
+    baselines and uniform frames; probes are not baselines), and by more than their combined standard
+    error? Empty without a NAMM row or a baseline."""
+    v = verdict(table, NAMM_NAME, PROBES, "accuracy", "accuracy_se")
+    if not v:
+        return ""
+    best = v["best_baseline"]
+    lead = v["margins"][best]
+    return (f"\n\nNAMM above every baseline: {'yes' if v['above_every_baseline'] else 'no'}; by more than "
+            f"the combined standard error: {'yes' if v['above_every_baseline_by_combined_se'] else 'no'} "
+            f"(best baseline {best} {table[best]['accuracy']:.3f}; NAMM lead {lead['margin']:+.3f}, "
+            f"combined s.e. {lead['combined_se']:.3f}).")
 
 
 def summary_tables(summary: dict[str, dict[str, Any]], task_types: list[str]) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from namm_transfer.adapters.attention import register
-from namm_transfer.adapters.cache import KV_LAYOUTS, EvictingCache
+from namm_transfer.adapters.cache import DEFAULT_KV_LAYOUT, KV_LAYOUTS, EvictingCache
 from namm_transfer.adapters.detect import plan_attachment
 from namm_transfer.adapters.families import DECODERS
 from namm_transfer.policies import MemoryPolicy
@@ -52,7 +52,7 @@ class AttachedPolicy:
         policy: MemoryPolicy,
         prefill_chunk: int | None = None,
         exact_output: bool = False,
-        kv_layout: str = "auto",
+        kv_layout: str = DEFAULT_KV_LAYOUT,
     ):
         if getattr(model, "_namm_attached", None) is not None:
             raise RuntimeError(
@@ -220,7 +220,7 @@ def attach(
     policy: MemoryPolicy,
     prefill_chunk: int | None = None,
     exact_output: bool = False,
-    kv_layout: str = "auto",
+    kv_layout: str = DEFAULT_KV_LAYOUT,
 ) -> AttachedPolicy:
     """Make ``model`` run with ``policy`` managing its KV cache.
 

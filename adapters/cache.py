@@ -66,6 +66,7 @@ def _select_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 KV_LAYOUTS = ("auto", "packed", "padded")
+DEFAULT_KV_LAYOUT = "auto"
 # ``"auto"`` packs what an eviction kept only when the padded view would store more than this share
 # beyond the kept tokens: the storage then stays within 10% of what is kept either way, and per-token
 # workloads whose heads keep similar counts (a rollout's evictions every few steps) skip the per-forward
@@ -162,7 +163,7 @@ class EvictingLayer(DynamicLayer):
         memory: LayerMemory,
         sliding_window: int | None = None,
         rows: RowsBuffer | None = None,
-        kv_layout: str = "auto",
+        kv_layout: str = DEFAULT_KV_LAYOUT,
     ):
         if kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
@@ -424,7 +425,7 @@ class EvictingCache(DynamicCache):
         num_layers: int,
         n_groups: int = 1,
         sliding_windows: Sequence[int | None] | None = None,
-        kv_layout: str = "auto",
+        kv_layout: str = DEFAULT_KV_LAYOUT,
     ):
         self.policy = policy
         windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers

@@ -326,12 +326,13 @@ def budget_label(name: str, fraction: float) -> str:
 @torch.no_grad()
 def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_return: float,
                   max_steps: int | None, plot: bool, progress: bool = True,
-                  window: int | None = None, exact_output: bool = True, kv_layout: str = "auto") -> PolicyRun:
+                  window: int | None = None, exact_output: bool = True,
+                  kv_layout: str | None = None) -> PolicyRun:
     """Run ``len(seeds)`` episodes of ``dt`` together under ``policy`` (None: the windowed reference,
     re-encoding the last ``window`` steps, default the DT's context K). ``exact_output``: attach with
     it (the default here, so a policy that evicts nothing reproduces the full cache bit for bit; False
     is ``attach``'s own default, where a policy reading attention computes the output from its rows);
-    ``kv_layout``: the cache's layout (``attach``'s argument).
+    ``kv_layout``: the cache's layout (``attach``'s argument; None: its default).
 
     Raises:
         FloatingPointError: the DT predicted a non-finite action (names the policy, step and seeds).
@@ -350,7 +351,8 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
     if policy is None:
         rollout = WindowedDTRollout(dt.model, window or dt.context)
     else:
-        handle = attach(dt.model, policy, exact_output=exact_output, kv_layout=kv_layout)
+        layout = {} if kv_layout is None else {"kv_layout": kv_layout}
+        handle = attach(dt.model, policy, exact_output=exact_output, **layout)
         rollout = CachedDTRollout(dt.model)
     meter = _Meter(len(seeds), horizon if plot else None)
     ended: dict[int, dict[str, Any]] = {}

@@ -691,3 +691,26 @@ def test_verdict_line_names_the_best_baseline_and_leaves_probes_out():
     table["H2O"] = entry(0.88, 0.04)  # ahead by 0.02, within hypot(0.03, 0.04)
     assert "yes; by more than the combined standard error: no" in verdict_line(table)
     assert verdict_line({"H2O": entry(0.8, 0.04)}) == ""  # no NAMM row
+
+
+def test_prompt_options_a_model_would_ignore_are_refused(tmp_path, data):
+    """A model that builds its own prompts (a train-video-model model) would silently drop an answer
+    prefix or another post-prompt: eval-video refuses them, naming which; the defaults pass."""
+    from namm_transfer.pipelines.video.evaluate import check_prompt_options
+    from namm_transfer.pipelines.video.qa import POST_PROMPT
+
+    model, tokenizer = build("llava_next_video"), CharTokenizer()
+    own = VideoModel(model, tokenizer, prompt_builder=lambda sample: "<video> " + sample.question)
+    check_prompt_options(own, POST_PROMPT, "")  # the defaults: nothing ignored
+    with pytest.raises(ValueError, match="so answer_prefix would be ignored"):
+        check_prompt_options(own, POST_PROMPT, "Best option: (")
+    with pytest.raises(ValueError, match="answer_prefix and post_prompt would be ignored"):
+        check_prompt_options(own, "Answer directly.", "(")
+    check_prompt_options(VideoModel(model, tokenizer), "Answer directly.", "(")  # builds from the options
+
+    def own_loader(source, device="cpu", dtype=torch.float32):
+        return VideoModel(build("llava_next_video"), CharTokenizer(), prompt_builder=lambda sample: "x")
+
+    cfg = _config(tmp_path, data["jsonl"], policies=[FULL], answer_prefix="(")
+    with pytest.raises(ValueError, match="builds its own prompts"):
+        run_eval_video(cfg, loader=own_loader)

@@ -294,6 +294,23 @@ class EvalVideoConfig:
             raise ValueError(f"namm_budget must be >= 1 token per layer and KV head, got {self.namm_budget}")
 
 
+def check_prompt_options(video_model: VideoModel, post_prompt: str, answer_prefix: str) -> None:
+    """Refuse prompt options the model would ignore: a model with its own prompt builder (a
+    ``train-video-model`` model's ``video_model.json``) writes the whole prompt itself.
+
+    Raises:
+        ValueError: ``answer_prefix`` set, or ``post_prompt`` changed, for such a model."""
+    if video_model.prompt_builder is None:
+        return
+    ignored = [name for name, given, default in (("answer_prefix", answer_prefix, ""),
+                                                 ("post_prompt", post_prompt, POST_PROMPT))
+               if given != default]
+    if ignored:
+        raise ValueError(f"this video model builds its own prompts (the prompt builder of its "
+                         f"video_model.json), so {' and '.join(ignored)} would be ignored; leave "
+                         f"{'them' if len(ignored) > 1 else 'it'} at the default")
+
+
 def prompt_ids(video_model: VideoModel, sample: VideoQASample, num_frames: int, post_prompt: str,
                answer_prefix: str) -> list[int]:
     """The sample's prompt with the family's chat format and its run of video tokens."""
@@ -695,6 +712,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
         f"{', '.join(task_types)}")
     video_model = load_video_model(cfg.model or "", loader if loader is not None else cfg.loader,
                                    cfg.device, parse_dtype(cfg.dtype))
+    check_prompt_options(video_model, cfg.post_prompt, cfg.answer_prefix)
     layout = video_layout(video_model.model)
     if cfg.num_frames is None:  # the model's own frame count
         cfg = dataclasses.replace(cfg, num_frames=video_model.num_frames or 32)

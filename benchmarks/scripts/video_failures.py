@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from namm_transfer.pipelines.video.evaluate import key_frame_retention
+
 
 def read_rows(folders: list[str]) -> dict[str, dict[str, dict]]:
     """``{policy: {sample_id: row}}`` from every ``rows*.jsonl[.gz]`` (the first row of a pair wins)."""
@@ -39,8 +41,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", required=True, help="eval-video output folders")
     parser.add_argument("--policies", nargs="+", required=True)
     args = parser.parse_args()
-    with open(args.annotations) as f:
-        answers = {a["id"]: a for a in map(json.loads, f)}
+    with open(args.annotations) as f:  # make-video-qa's records: indices of the answer frames
+        key_frames = {a["id"]: [int(k) for k in a["key_frames"]] for a in map(json.loads, f)}
     rows = read_rows(args.rows)
     print("| policy | accuracy | empty / unparsed answers | answer frames kept: right / wrong answers "
           "| first 8 / middle / last 8 frames kept |")
@@ -49,17 +51,13 @@ def main() -> None:
         samples = list(rows.get(policy, {}).values())
         if not samples:
             raise SystemExit(f"no rows of {policy!r} in {args.rows}")
-        right, wrong, frames = [], [], []
-        for row in samples:
-            retention = np.asarray(row["frame_retention"], dtype=float)
-            retention = retention if retention.ndim == 1 else retention.mean(0)
-            keys = sorted({f for span in answers[row["sample_id"]]["key_video_frames"] for f in span})
-            (right if row["correct"] else wrong).append(retention[keys].mean())
-            frames.append(retention)
-        frames = np.mean(frames, axis=0)
+        right = [r for r in samples if r["correct"]]
+        wrong = [r for r in samples if not r["correct"]]
+        frames = np.mean([np.asarray(r["frame_retention"], dtype=float) for r in samples], axis=0)
         unparsed = sum(row["predicted"] is None for row in samples)
         empty = sum(row["predicted"] is None and not row["output"].strip() for row in samples)
-        kept = " / ".join(f"{np.mean(v):.2f}" if v else "-" for v in (right, wrong))
+        kept = " / ".join(f"{key_frame_retention(rs, key_frames)[0]:.2f}" if rs else "-"
+                          for rs in (right, wrong))
         print(f"| {policy} | {np.mean([r['correct'] for r in samples]):.3f} (n={len(samples)}) | "
               f"{empty} / {unparsed} | {kept} | {frames[:8].mean():.2f} / {frames[8:-8].mean():.3f} / "
               f"{frames[-8:].mean():.2f} |")

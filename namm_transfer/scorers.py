@@ -92,6 +92,8 @@ def score_tokens(
     all_valid = bool(valid.all())
     # garbage in empty slots must not leak
     x = features if all_valid else features.masked_fill(~valid[..., None], 0.0)
+    tracked = torch.is_grad_enabled() and (features.requires_grad or params.requires_grad)
+    folded = params.shape[0] == 1 and not tracked  # the read-out folded into the first projection
     flipped, order = False, None
     if shapes.kind == "bam":
         in_order = _valid_in_order(positions, valid)
@@ -106,10 +108,10 @@ def score_tokens(
             # sequence: SDPA's fused causal kernel, no S x S mask. The features are reversed once and
             # every per-token step runs in that order; only the scores are put back.
             x, flipped = x.flip(-2), True
-            q, k, v = _linear(x, p["qkv_weight"], p["qkv_bias"]).split(shapes.hidden, dim=-1)
+        q, k, v = _linear(x, p["qkv_weight"], p["qkv_bias"]).split(shapes.hidden, dim=-1)
+        if in_order:
             mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            q, k, v = _linear(x, p["qkv_weight"], p["qkv_bias"]).split(shapes.hidden, dim=-1)
             allowed = (positions[..., None, :] >= positions[..., :, None]) & valid[..., None, :]
             allowed = allowed | torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)  # no empty row
             mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
@@ -117,19 +119,49 @@ def score_tokens(
         mixed = torch.relu(_linear(x, p["proj_weight"], p["proj_bias"]))
     else:
         raise ValueError(f"unknown scorer kind {shapes.kind!r}; expected 'bam' or 'mlp'")
-    if torch.is_grad_enabled() and (features.requires_grad or params.requires_grad):
+    if folded:
+        scores = _folded_readout(mixed, x, p, shapes.in_dim)
+    elif tracked:
         residual, multiplier = _linear(mixed, p["out_weight"], p["out_bias"]).split(shapes.in_dim, dim=-1)
         hidden = x * (1 + multiplier) + residual
         scores = _linear(hidden, p["final_weight"], p["final_bias"]).squeeze(-1)
     else:
         scores = _readout_inplace(mixed, x, p, shapes.in_dim)
     scores = scores.flip(-1) if flipped else scores
+    return _to_slots(scores, order, valid)
+
+
+def _to_slots(scores: torch.Tensor, order: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+    """Scores computed in ``order`` (None: in slot order) back to the slots; invalid slots score -inf."""
     if order is None:
         return scores
-    # back to the slots (``order`` holds distinct slots); invalid slots, never kept, score -inf
+    # ``order`` holds distinct slots; invalid slots, never kept, score -inf
     return scores.new_full(valid.shape, float("-inf")).scatter_(-1, order, scores).masked_fill_(
         ~valid, float("-inf")
     )
+
+
+def _folded_readout(
+    mixed: torch.Tensor, x: torch.Tensor, p: dict[str, torch.Tensor], dim: int
+) -> torch.Tensor:
+    """:func:`_readout_inplace`'s function for one shared parameter vector, with the output projection
+    folded into the final one. With ``[r, m] = mixed @ [W_r, W_m] + [b_r, b_m]`` and
+    ``score = ((1 + m) * x + r) @ w + b``,
+
+        score = mixed . y + l,  y = x @ (W_m * w^T)^T + W_r @ w,  l = x @ (w * (1 + b_m)) + b_r . w + b,
+
+    so the ``hidden x 2 dim`` product of every token's ``mixed`` becomes a ``dim x hidden`` one of its
+    features and a dot product: equal up to float rounding, with 40% fewer operations per token. Where
+    the slots are few (a Decision Transformer's capped cache) the read-out was a quarter of a scoring
+    call. (One product of 3 hidden + hidden + 1 columns would be a single call, but an odd width falls
+    off the matrix kernel's fast path: 4x slower here.)
+    """
+    final = p["final_weight"][0, :, 0]  # [dim]
+    out_weight, out_bias = p["out_weight"][0], p["out_bias"][0]  # [hidden, 2 dim], [2 dim]
+    flat = x.reshape(-1, dim)
+    y = torch.addmm(out_weight[:, :dim] @ final, flat, (out_weight[:, dim:] * final).T)
+    lin = torch.mv(flat, final * (1 + out_bias[dim:])).add_(out_bias[:dim] @ final + p["final_bias"][0, 0])
+    return torch.linalg.vecdot(mixed.reshape(-1, y.shape[-1]), y).add_(lin).view(mixed.shape[:-1])
 
 
 def _readout_inplace(

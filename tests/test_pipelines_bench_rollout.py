@@ -27,6 +27,10 @@ def test_bench_rollout_reports_ratios_to_the_full_cache(tmp_path):
         assert s["steps_per_second_min"] <= s["steps_per_second_median"] <= s["steps_per_second_max"]
         assert s["vs_full"] == pytest.approx(s["steps_per_second_median"]
                                              / policies["FullCache"]["steps_per_second_median"])
+        assert s["paired_ratios"] == [r / f for r, f in zip(s["rates"], policies["FullCache"]["rates"],
+                                                             strict=True)]
+        assert s["paired_ratio_median"] == pytest.approx(sorted(s["paired_ratios"])[0])  # one repetition
+    assert policies["FullCache"]["paired_ratios"] == [1.0]
     # the cap (15% of 3 x 121 tokens = 54 per layer and head) holds up to one cadence of new tokens
     assert policies["NAMM @ 15%"]["tokens_mean"] <= 54 + 30
     assert policies["FullCache"]["tokens_mean"] > policies["NAMM @ 15%"]["tokens_mean"]

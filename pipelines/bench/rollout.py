@@ -4,8 +4,10 @@ For each DT, the same seeded batch of episodes is rolled out (as ``eval-rollout`
 attached with ``exact_output=True``) under the full cache, the zero-shot NAMM uncapped and the NAMM
 capped at each budget, the policies interleaved within each repetition so that machine noise hits them
 alike. Reported per policy: the median env steps/s over repetitions, its ratio to the full cache's
-median (measured in the same run), the range, and where the NAMM's own time goes (``stats()['timing']``:
-attention rows, spectrogram features, scoring, eviction) as a share of the rollout.
+median (measured in the same run), the median of each repetition's ratio to the full cache's rollout of
+the same repetition (paired, so drift between repetitions cancels), the range, and where the NAMM's own
+time goes (``stats()['timing']``: attention rows, spectrogram features, scoring, eviction) as a share of
+the rollout.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ class RolloutSpeedConfig:
         dts: shipped DT names or local directories, one table block each.
         namm: the NAMM applied zero-shot (a shipped name or a directory).
         budgets: NAMM caps as fractions of an episode's tokens (as ``eval-rollout --budgets``).
-        episodes: episodes per rollout batch (seeds 0..episodes-1, all stepping together).
+        episodes: episodes per rollout batch (all stepping together).
+        seed: the first episode's seed; the batch runs seeds ``seed .. seed + episodes - 1`` (as
+            ``eval-rollout --seed``, so a memory-task table's own episodes can be timed).
         reps: repetitions; each runs every policy once, in turn.
         update_every: NAMM cadence in tokens (3 tokens per env step).
         exact_output: attach every policy with ``exact_output=True`` as ``eval-rollout`` does (the
@@ -43,6 +47,7 @@ class RolloutSpeedConfig:
     namm: str = "smollm2-text"
     budgets: list[float] = field(default_factory=lambda: [0.3])
     episodes: int = 50
+    seed: int = 0
     reps: int = 5
     update_every: int = 30
     exact_output: bool = True
@@ -87,7 +92,7 @@ def run_rollout_speed(cfg: RolloutSpeedConfig, argv: list[str] | None = None) ->
 
     set_threads(cfg.threads)
     namm = NAMM.from_pretrained(cfg.namm).replace(update_every=cfg.update_every)
-    seeds = list(range(cfg.episodes))
+    seeds = list(range(cfg.seed, cfg.seed + cfg.episodes))
     results: dict[str, Any] = {}
     for name in cfg.dts:
         dt = load_dt(name)
@@ -124,11 +129,17 @@ def run_rollout_speed(cfg: RolloutSpeedConfig, argv: list[str] | None = None) ->
         full = per_policy[FULL_CACHE]["steps_per_second_median"]
         for s in per_policy.values():
             s["vs_full"] = s["steps_per_second_median"] / full
+            # each repetition's ratio to the full cache's rollout of the same repetition (run moments
+            # apart): machine drift between repetitions cancels
+            paired = [r / f for r, f in zip(s["rates"], per_policy[FULL_CACHE]["rates"], strict=True)]
+            s["paired_ratios"] = paired
+            s["paired_ratio_median"] = statistics.median(paired)
         results[name] = {"env": dt.env_id, "policies": per_policy}
 
     meta = run_metadata(argv)
     headers = ["DT", "policy", "mean tokens", "env steps/s (median)", "range", "vs full cache",
-               "NAMM time: rows / features / scoring / eviction s", "NAMM time / rollout"]
+               "paired ratio: median (range)", "NAMM time: rows / features / scoring / eviction s",
+               "NAMM time / rollout"]
     body = []
     for name, block in results.items():
         for label, s in block["policies"].items():
@@ -137,6 +148,8 @@ def run_rollout_speed(cfg: RolloutSpeedConfig, argv: list[str] | None = None) ->
             body.append([
                 name, label, f"{s['tokens_mean']:.0f}", f"{s['steps_per_second_median']:.0f}",
                 f"{s['steps_per_second_min']:.0f}-{s['steps_per_second_max']:.0f}", f"{s['vs_full']:.2f}x",
+                f"{s['paired_ratio_median']:.2f}x "
+                f"({min(s['paired_ratios']):.2f}-{max(s['paired_ratios']):.2f})",
                 " / ".join(f"{timing.get(k, 0.0):.3f}" for k in TIMING_KEYS) if timing else "-",
                 f"{100 * own / s['seconds_median_rep']:.0f}%" if timing else "-",
             ])
@@ -151,9 +164,11 @@ def run_rollout_speed(cfg: RolloutSpeedConfig, argv: list[str] | None = None) ->
         f"- torch {meta['torch']}, threads {meta['torch_threads']}; NAMM {cfg.namm}, update every "
         f"{cfg.update_every} tokens, exact_output={cfg.exact_output}, KV layouts "
         f"{', '.join(cfg.kv_layouts)}; {cfg.episodes} episodes per batch "
-        f"(seeds 0..{cfg.episodes - 1}), {cfg.reps} repetitions, policies interleaved\n\n"
+        f"(seeds {cfg.seed}..{cfg.seed + cfg.episodes - 1}), {cfg.reps} repetitions, policies interleaved\n\n"
         "env steps/s: the batch's env steps over its rollout wall time (measurement excluded), median "
-        "over repetitions; `vs full cache`: that median over the full cache's median. NAMM time: the "
+        "over repetitions; `vs full cache`: that median over the full cache's median; `paired ratio`: "
+        "each repetition's env steps/s over the full cache's in the same repetition, median and range "
+        "over repetitions (drift of the machine between repetitions cancels). NAMM time: the "
         "policy's own seconds in the median repetition (attention rows it needs beside the fused "
         "attention, streaming spectrogram features, BAM scoring, eviction), and their share of the "
         "rollout.\n\n" + table + "\n"

@@ -128,14 +128,9 @@ def score_tokens(
     else:
         scores = _readout_inplace(mixed, x, p, shapes.in_dim)
     scores = scores.flip(-1) if flipped else scores
-    return _to_slots(scores, order, valid)
-
-
-def _to_slots(scores: torch.Tensor, order: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
-    """Scores computed in ``order`` (None: in slot order) back to the slots; invalid slots score -inf."""
     if order is None:
         return scores
-    # ``order`` holds distinct slots; invalid slots, never kept, score -inf
+    # back to the slots (``order`` holds distinct slots); invalid slots, never kept, score -inf
     return scores.new_full(valid.shape, float("-inf")).scatter_(-1, order, scores).masked_fill_(
         ~valid, float("-inf")
     )
@@ -151,10 +146,11 @@ def _folded_readout(
         score = mixed . y + l,  y = x @ (W_m * w^T)^T + W_r @ w,  l = x @ (w * (1 + b_m)) + b_r . w + b,
 
     so the ``hidden x 2 dim`` product of every token's ``mixed`` becomes a ``dim x hidden`` one of its
-    features and a dot product: equal up to float rounding, with 40% fewer operations per token, and
-    5-11% less time per scoring call where the slots are few (a Decision Transformer's capped cache;
-    ``benchmarks/scripts/scoring_readout.py``). (One product of 3 hidden + hidden + 1 columns would be a
-    single call, but an odd width falls off the matrix kernel's fast path: 4x slower here.)
+    features and a dot product: equal up to float rounding, with about half the multiply-adds per
+    token, and 5-11% less time per scoring call where the slots are few (a Decision Transformer's
+    capped cache; ``benchmarks/scripts/scoring_readout.py``). (One product of 3 hidden + hidden + 1
+    columns would be a single call, but an odd width falls off the matrix kernel's fast path: 4x slower
+    here.)
     """
     final = p["final_weight"][0, :, 0]  # [dim]
     out_weight, out_bias = p["out_weight"][0], p["out_bias"][0]  # [hidden, 2 dim], [2 dim]

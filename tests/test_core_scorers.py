@@ -163,16 +163,23 @@ def test_population_equals_each_sample_alone():
 
 @pytest.mark.parametrize("shapes", [BAM, MLP], ids=["bam", "mlp"])
 @pytest.mark.parametrize("case", ["ordered_all_valid", "ordered_some_invalid", "shuffled_some_invalid"])
-def test_folded_readout_equals_the_plain_one(shapes, case):
+def test_folded_readout_equals_the_plain_one(monkeypatch, shapes, case):
     """One parameter vector without gradient folds the output projection into the final one
     (``_folded_readout``); with gradient the plain read-out runs: the scores agree to float rounding."""
+    import namm_transfer.scorers as scorers
+
+    calls = []
+    original = scorers._folded_readout
+    monkeypatch.setattr(scorers, "_folded_readout", lambda *a: calls.append(1) or original(*a))
     shuffle = case.startswith("shuffled")
     x, valid, positions = make_inputs(batch=3, heads=2, slots=40, seed=31, shuffle=shuffle)
     if case == "ordered_all_valid":
         valid[:] = True
     params = random_params(shapes, seed=32)
     folded = score_tokens(params, x, valid, positions, shapes)
+    assert len(calls) == 1
     plain = score_tokens(params.clone().requires_grad_(), x, valid, positions, shapes).detach()
+    assert len(calls) == 1  # the plain read-out ran
     assert torch.isfinite(folded[valid]).all()
     torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)  # empty slots too (-inf or not)
 

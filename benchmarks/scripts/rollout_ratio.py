@@ -1,11 +1,11 @@
-"""Median paired env-steps/s ratio of the capped NAMM to the full cache on the cue corridor's memory-task
-episodes, in one process: for A/B runs of two versions of a core module, alternated process by process.
+"""``bench rollout``'s median paired ratio (NAMM env steps/s over the full cache's, repetition by
+repetition) for A/B runs of two versions of a core module, alternated process by process.
 
 ``--scorers-from FILE`` loads ``namm_transfer.scorers`` from FILE before anything imports it (for
 example the version before the folded read-out: ``git show ca160cd:namm_transfer/scorers.py >
-/tmp/scorers_plain.py``). Every repetition rolls out each policy once, in turn, on the same episodes;
-the printed figure is the median over repetitions of each policy's env steps/s over the full cache's of
-that repetition. One torch thread, ``attach``'s default ``exact_output=False``.
+/tmp/scorers_plain.py``); then :func:`~namm_transfer.pipelines.bench.rollout.run_rollout_speed` runs
+on the cue corridor's memory-task episodes (100 episodes from seed 1000, ``exact_output=False``) and
+the capped NAMM's paired ratios are printed. Its tables go to a temporary folder.
 
     for i in 1 2 3; do
       python benchmarks/scripts/rollout_ratio.py --scorers-from /tmp/scorers_plain.py
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
+import tempfile
+from pathlib import Path
 
 
 def main() -> None:
@@ -30,7 +31,6 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--update-every", type=int, default=30)
     args = parser.parse_args()
     if args.scorers_from:
         spec = importlib.util.spec_from_file_location("namm_transfer.scorers", args.scorers_from)
@@ -38,38 +38,19 @@ def main() -> None:
         sys.modules["namm_transfer.scorers"] = module  # before exec: its dataclasses look it up
         spec.loader.exec_module(module)
 
-    import torch
+    from namm_transfer.pipelines.bench.rollout import RolloutSpeedConfig, run_rollout_speed
+    from namm_transfer.pipelines.rl.evaluate import budget_label
+    from namm_transfer.policies.registry import NAMM_NAME
 
-    from namm_transfer import NAMM
-    from namm_transfer.pipelines.rl.evaluate import capped_policy, episode_tokens, fraction_cap, rollout_batch
-    from namm_transfer.pipelines.rl.models import load_dt
-    from namm_transfer.policies.registry import FULL_CACHE, build_policy
-
-    torch.set_num_threads(1)
-    namm = NAMM.from_pretrained("smollm2-text").replace(update_every=args.update_every)
-    dt = load_dt(args.dt)
-    tokens = episode_tokens(dt, dt.env_id, None)
-    policies = {FULL_CACHE: build_policy(FULL_CACHE, None, None, args.update_every, 0)}
-    for fraction in args.budgets:
-        policies[f"NAMM @ {fraction:g}"] = capped_policy("NAMM", namm, fraction_cap(fraction, tokens),
-                                                         args.update_every, 0)
-    seeds = list(range(args.seed, args.seed + args.episodes))
-
-    def rate(label: str, batch: list[int]) -> float:
-        row = rollout_batch(dt, label, policies[label], dt.env_id, batch, dt.target_return, None, False,
-                            progress=False, exact_output=False).rows[0]
-        return row["batch_env_steps"] / row["batch_seconds"]
-
-    for label in policies:  # warm-up
-        rate(label, seeds[:2])
-    ratios: dict[str, list[float]] = {label: [] for label in policies if label != FULL_CACHE}
-    for _ in range(args.reps):
-        rates = {label: rate(label, seeds) for label in policies}
-        for label in ratios:
-            ratios[label].append(rates[label] / rates[FULL_CACHE])
+    with tempfile.TemporaryDirectory() as tmp:
+        record = run_rollout_speed(RolloutSpeedConfig(
+            dts=[args.dt], budgets=args.budgets, episodes=args.episodes, seed=args.seed, reps=args.reps,
+            exact_output=False, output=str(Path(tmp) / "speed.md")))
+    policies = record["results"][args.dt]["policies"]
     source = args.scorers_from or sys.modules["namm_transfer.scorers"].__file__
-    print(f"scorers {source}: " + ", ".join(f"{label} {statistics.median(r):.3f}x"
-                                            for label, r in ratios.items()))
+    print(f"scorers {source}: " + ", ".join(
+        f"{label} {policies[label]['paired_ratio_median']:.3f}x"
+        for label in (budget_label(NAMM_NAME, b) for b in args.budgets)))
 
 
 if __name__ == "__main__":

@@ -340,6 +340,7 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
     from tqdm.auto import tqdm
 
     from namm_transfer.adapters import attach
+    from namm_transfer.adapters.cache import DEFAULT_KV_LAYOUT
     from namm_transfer.envs import EnvBatch
     from namm_transfer.envs.dt_rollout import CachedDTRollout, WindowedDTRollout
 
@@ -351,8 +352,7 @@ def rollout_batch(dt, name: str, policy, env_id: str, seeds: list[int], target_r
     if policy is None:
         rollout = WindowedDTRollout(dt.model, window or dt.context)
     else:
-        layout = {} if kv_layout is None else {"kv_layout": kv_layout}
-        handle = attach(dt.model, policy, exact_output=exact_output, **layout)
+        handle = attach(dt.model, policy, exact_output=exact_output, kv_layout=kv_layout or DEFAULT_KV_LAYOUT)
         rollout = CachedDTRollout(dt.model)
     meter = _Meter(len(seeds), horizon if plot else None)
     ended: dict[int, dict[str, Any]] = {}

@@ -19,6 +19,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from namm_transfer import native
 from namm_transfer.capacity import grown_capacity, widened
 
 
@@ -286,10 +287,21 @@ class StreamingSpectrogram:
 
     def _ring_frame(self) -> None:
         """Emit the frame of the ring's rows: ``spectrum = fd * spectrum + (1 - fd) * |STFT|``."""
-        paired = self._paired.roll(self._ring_start, dims=1)  # column j reads ring row j
-        spec = torch.matmul(paired, self._ring[..., : self.n_keys]).square_()
-        mag = _root_(spec[..., : self.n_bins, :].add_(spec[..., self.n_bins :, :]))
         fd = self.frame_decay
+        ring = self._ring[..., : self.n_keys]
+        if native.applicable(ring, n_fft=self.n_fft):
+            # the frame's oldest rows (ring rows start ..) are the kernel's window, the rest its chunk
+            start = self._ring_start
+            weight = torch.tensor([1 - fd], dtype=torch.float32)
+            mag = native.spectrogram_ema(
+                ring, ring[..., start:, :], start - self.n_fft, self.hop, self.n_fft, weight, None,
+                POWER_FLOOR, _ROOT_FLOOR,
+            )
+            self.spectrum.mul_(fd).add_(mag)
+            return
+        paired = self._paired.roll(self._ring_start, dims=1)  # column j reads ring row j
+        spec = torch.matmul(paired, ring).square_()
+        mag = _root_(spec[..., : self.n_bins, :].add_(spec[..., self.n_bins :, :]))
         self.spectrum.mul_(fd).add_(mag, alpha=1 - fd)
 
     def _observe_aligned(self, rows: torch.Tensor, with_window: bool = False, causal: bool = False) -> int:
@@ -310,7 +322,21 @@ class StreamingSpectrogram:
         fd = self.frame_decay
         decay = (1 - fd) * fd ** torch.arange(n_frames - 1, -1, -1, device=rows.device, dtype=torch.float32)
         first_start = first_end + 1 - self.n_fft  # chunk row where frame 0 starts (< 0: in the window)
-        if with_window:
+        if native.applicable(rows, n_fft=self.n_fft):
+            # one fused pass over every frame (:mod:`namm_transfer.native`); the window is read in place
+            if with_window:
+                update = native.spectrogram_ema(
+                    rows, None, first_start + lead, self.hop, self.n_fft, decay, None,
+                    POWER_FLOOR, _ROOT_FLOOR,
+                )
+            else:
+                arrival = rows.shape[-1] - n_q if causal else None
+                window = self.window if first_start < 0 else None
+                update = native.spectrogram_ema(
+                    rows, window, first_start, self.hop, self.n_fft, decay, arrival, POWER_FLOOR, _ROOT_FLOOR
+                )
+                self.window = rows[..., -self.n_fft :, :].clone()
+        elif with_window:
             update = self._weighted_frames(rows, first_start + lead, decay)
         else:
             # frames starting before the chunk take their first rows from the window

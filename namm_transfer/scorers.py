@@ -14,6 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from namm_transfer import native
+
+LOG2E = 1.0 / math.log(2.0)
+
 
 @dataclass(frozen=True)
 class ScorerShapes:
@@ -103,18 +107,21 @@ def score_tokens(
             # so the reversed rows below are valid-first and the fused causal kernel applies as well.
             order = _right_aligned(positions, valid)
             x = x.gather(-2, order[..., None].expand(-1, -1, -1, x.shape[-1]))
-        if in_order:
-            # Slots are stored oldest first, so "itself and newer" is causal attention on the reversed
-            # sequence: SDPA's fused causal kernel, no S x S mask. The features are reversed once and
-            # every per-token step runs in that order; only the scores are put back.
-            x, flipped = x.flip(-2), True
-        q, k, v = _linear(x, p["qkv_weight"], p["qkv_bias"]).split(shapes.hidden, dim=-1)
-        if in_order:
-            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if in_order and not tracked and native.bam_applicable(x):
+            mixed = _native_bam(x, p, shapes.hidden)
         else:
-            allowed = (positions[..., None, :] >= positions[..., :, None]) & valid[..., None, :]
-            allowed = allowed | torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)  # no empty row
-            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            if in_order:
+                # Slots are stored oldest first, so "itself and newer" is causal attention on the reversed
+                # sequence: SDPA's fused causal kernel, no S x S mask. The features are reversed once and
+                # every per-token step runs in that order; only the scores are put back.
+                x, flipped = x.flip(-2), True
+            q, k, v = _linear(x, p["qkv_weight"], p["qkv_bias"]).split(shapes.hidden, dim=-1)
+            if in_order:
+                mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                allowed = (positions[..., None, :] >= positions[..., :, None]) & valid[..., None, :]
+                allowed = allowed | torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)  # no empty row
+                mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     elif shapes.kind == "mlp":
         mixed = torch.relu(_linear(x, p["proj_weight"], p["proj_bias"]))
     else:
@@ -134,6 +141,24 @@ def score_tokens(
     return scores.new_full(valid.shape, float("-inf")).scatter_(-1, order, scores).masked_fill_(
         ~valid, float("-inf")
     )
+
+
+def _native_bam(x: torch.Tensor, p: dict[str, torch.Tensor], hidden: int) -> torch.Tensor:
+    """The BAM head through the compiled kernel (:mod:`namm_transfer.native`), on the features themselves.
+
+    With ``q = x W_q + b_q``, ``k = x W_k + b_k``, ``v = x W_v + b_v`` (``x`` of width d), the logit
+    ``q_i . k_j = (q_i W_k^T) . x_j + q_i . b_k``; the second term is the same for every key of query i,
+    so the softmax drops it. And the weights sum to one, so ``sum_j a_ij v_j = (sum_j a_ij x_j) W_v + b_v``.
+    The kernel thus attends with ``q_i W_k^T`` over the d-wide features as keys and values (d = 25
+    instead of the head's 32 columns, and no key or value projection of the slots), and ``W_v`` is
+    applied once to its output. Slots in arrival order; each attends to itself and the later ones."""
+    w_q, w_k, w_v = p["qkv_weight"].split(hidden, dim=-1)  # [P, d, hidden] each
+    b_q, _, b_v = p["qkv_bias"].split(hidden, dim=-1)  # [P, hidden]
+    scale = LOG2E / math.sqrt(hidden)  # SDPA's 1 / sqrt(head width), in base 2 for the kernel's exp2
+    fold = torch.matmul(w_q, w_k.transpose(-1, -2)).mul_(scale)  # [P, d, d]
+    fold_bias = torch.matmul(b_q[:, None, :], w_k.transpose(-1, -2))[:, 0].mul_(scale)  # [P, d]
+    query = _linear(x, fold, fold_bias)
+    return _linear(native.bam_attention(query, x), w_v, b_v)
 
 
 def _folded_readout(

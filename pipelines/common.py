@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from namm_transfer import native
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -82,6 +84,7 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "native_kernels": native.describe(),
     }
 
 

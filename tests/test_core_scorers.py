@@ -6,6 +6,7 @@ import pytest
 import torch
 from _reference_bam import bam_scores
 
+from namm_transfer import native
 from namm_transfer.scorers import ScorerShapes, keep_all_params, score_tokens, unflatten
 
 BAM = ScorerShapes()
@@ -88,9 +89,10 @@ def test_bam_scores_follow_a_permutation_of_slots():
     x, valid, positions = make_inputs(batch=2, heads=2, slots=9, seed=13, shuffle=False)
     valid[:] = True
     params = random_params(seed=14)
-    ordered = score_tokens(params, x, valid, positions, BAM)
-    perm = torch.randperm(9, generator=torch.Generator().manual_seed(15))
-    shuffled = score_tokens(params, x[..., perm, :], valid[..., perm], positions[..., perm], BAM)
+    with native.use(False):  # both through SDPA (the compiled kernel takes only the ordered slots)
+        ordered = score_tokens(params, x, valid, positions, BAM)
+        perm = torch.randperm(9, generator=torch.Generator().manual_seed(15))
+        shuffled = score_tokens(params, x[..., perm, :], valid[..., perm], positions[..., perm], BAM)
     torch.testing.assert_close(shuffled, ordered[..., perm], atol=1e-6, rtol=1e-6)
 
 
@@ -243,7 +245,7 @@ def test_in_place_path_equals_autograd_path(shapes, ordered):
         valid[:] = True
     params = random_params(shapes, n=2, seed=5)
     before = x.clone()
-    with torch.no_grad():
+    with torch.no_grad(), native.use(False):  # the PyTorch paths (tests/test_core_native.py: the kernel)
         fast = score_tokens(params, x, valid, positions, shapes)
     tracked = score_tokens(params.clone().requires_grad_(True), x, valid, positions, shapes)
     torch.testing.assert_close(fast, tracked.detach(), atol=1e-6, rtol=1e-6)

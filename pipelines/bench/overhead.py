@@ -289,6 +289,7 @@ def run_overhead(cfg: OverheadConfig, argv: list[str] | None = None) -> list[dic
         f"- torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}\n"
         f"- device: {cfg.device}, dtype: {cfg.dtype}, torch threads: {meta['torch_threads']}, "
         f"chunk: {cfg.chunk}, median of {cfg.reps} reps\n"
+        f"- compiled kernels (namm_transfer/native): {meta['native_kernels']}\n"
         f"- NAMM: {cfg.namm or f'NAMM.init_random(seed={cfg.namm_seed})'}, budget: {cfg.namm_budget}, "
         f"operating point: compression ratio {cfg.operating_ratio}\n"
         f"- machine load average (1 / 5 / 15 min) at start: {load_before}, at end: {_load()}"

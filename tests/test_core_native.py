@@ -83,6 +83,20 @@ def test_kernel_equals_independent_reference():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dim", [1, 8, 24, 25, 32])
+def test_bam_kernel_shapes(dim):
+    """Every remainder of the kernel's blocking: 3 queries, 16 keys, 48-query and 128-key blocks, value
+    dims in registers (24) and past them."""
+    g = torch.Generator().manual_seed(dim)
+    for slots in (1, 2, 3, 4, 15, 16, 17, 47, 48, 49, 127, 128, 129, 200):
+        query, x = torch.randn(2, slots, dim, generator=g), torch.randn(2, slots, dim, generator=g)
+        logits = (query.double() @ x.double().transpose(-1, -2)) * np.log(2.0)
+        later = torch.ones(slots, slots, dtype=torch.bool).triu()
+        expected = torch.softmax(logits.masked_fill(~later, float("-inf")), -1) @ x.double()
+        torch.testing.assert_close(native.bam_attention(query, x).double(), expected, rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
 def test_kernel_checks_its_bounds():
     chunk = torch.rand(1, 1, 40, 20)
     weights = torch.ones(2)

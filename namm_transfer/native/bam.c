@@ -95,7 +95,8 @@ static inline __attribute__((always_inline)) void key_block(
     }
     for (int r = 0; r < nr; r++) {
         float *row = rows[r];
-        const int64_t first = i0 + r > kb ? i0 + r - kb : 0; /* keys before the query are not seen */
+        int64_t first = i0 + r > kb ? i0 + r - kb : 0; /* keys before the query are not seen */
+        first = first < width ? first : width;
         for (int64_t t = t0; t < first; t++) row[t] = -FLT_MAX;
         for (int64_t t = real; t < width; t++) row[t] = -FLT_MAX;
         __m256 mv = _mm256_set1_ps(-FLT_MAX);

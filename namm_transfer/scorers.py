@@ -106,7 +106,7 @@ def score_tokens(
             # oldest first, to the right end of a row as wide as the fullest one (padding to the left),
             # so the reversed rows below are valid-first and the fused causal kernel applies as well.
             order = _right_aligned(positions, valid)
-            x = x.gather(-2, order[..., None].expand(-1, -1, -1, x.shape[-1]))
+            x = _gather_slots(x, order)
         if in_order and not tracked and native.bam_applicable(x):
             mixed = _native_bam(x, p, shapes.hidden)
         else:
@@ -202,6 +202,15 @@ def _readout_inplace(
     final_bias = p["final_bias"] + (out_bias[:, :dim, None] * final_weight).sum(1)  # [P, 1]
     scores = torch.matmul(hidden, final_weight[:, None])  # [B, H, S, 1]
     return scores.squeeze(-1).add_(final_bias[:, :, None])
+
+
+def _gather_slots(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, H, S, d]`` at slots ``order`` ``[B, H, W]`` of each row: whole feature rows picked by
+    ``index_select`` on the flattened slots (an element-wise ``gather`` is ~10x slower here)."""
+    batch, heads, slots, dim = x.shape
+    base = torch.arange(batch * heads, device=x.device).view(batch, heads, 1) * slots
+    flat = x.reshape(-1, dim).index_select(0, (order + base).reshape(-1))
+    return flat.view(batch, heads, order.shape[-1], dim)
 
 
 def _valid_in_order(positions: torch.Tensor, valid: torch.Tensor) -> bool:

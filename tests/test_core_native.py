@@ -97,6 +97,26 @@ def test_bam_kernel_shapes(dim):
 
 
 @needs_kernel
+def test_kernels_give_the_same_values_on_several_threads():
+    """Blocks of keys (features) and sequences (BAM) spread over torch's threads: each is computed as
+    on one thread, so the results are identical."""
+    g = torch.Generator().manual_seed(9)
+    rows = torch.rand(2, 3, 96, 150, generator=g)
+    query, x = torch.randn(6, 120, 25, generator=g), torch.randn(6, 120, 25, generator=g)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            state = StreamingSpectrogram()
+            state.observe(rows)
+            out.append((state.spectrum.clone(), native.bam_attention(query, x)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+@needs_kernel
 def test_kernel_checks_its_bounds():
     chunk = torch.rand(1, 1, 40, 20)
     weights = torch.ones(2)

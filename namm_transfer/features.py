@@ -160,6 +160,7 @@ class StreamingSpectrogram:
         self.rows_seen: torch.Tensor | None = None
         self._basis: torch.Tensor | None = None
         self._paired: torch.Tensor | None = None
+        self._frame_weight: torch.Tensor | None = None
 
     @property
     def window(self) -> torch.Tensor | None:
@@ -292,10 +293,11 @@ class StreamingSpectrogram:
         if native.applicable(ring, n_fft=self.n_fft):
             # the frame's oldest rows (ring rows start ..) are the kernel's window, the rest its chunk
             start = self._ring_start
-            weight = torch.tensor([1 - fd], dtype=torch.float32)
+            if self._frame_weight is None:  # one frame's EMA weight, made once (this runs every hop)
+                self._frame_weight = torch.tensor([1 - fd], dtype=torch.float32)
             mag = native.spectrogram_ema(
-                ring, ring[..., start:, :], start - self.n_fft, self.hop, self.n_fft, weight, None,
-                POWER_FLOOR, _ROOT_FLOOR,
+                ring, ring[..., start:, :], start - self.n_fft, self.hop, self.n_fft, self._frame_weight,
+                None, POWER_FLOOR, _ROOT_FLOOR,
             )
             self.spectrum.mul_(fd).add_(mag)
             return

@@ -1,5 +1,5 @@
-"""The compiled spectrogram kernel (namm_transfer/native) gives the PyTorch path's features, and its absence
-falls back cleanly (docs/design.md, "Features")."""
+"""The compiled kernels (namm_transfer/native) give the PyTorch path's features and BAM scores, and their
+absence falls back cleanly (docs/design.md, "Compiled kernels")."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from namm_transfer.features import POWER_FLOOR, StreamingSpectrogram
 from namm_transfer.scorers import ScorerShapes, score_tokens
 
 needs_kernel = pytest.mark.skipif(
-    native.library() is None, reason=f"native kernel unavailable: {native.failure()}"
+    native.library() is None, reason=f"native kernels unavailable: {native.failure()}"
 )
 
 

@@ -17,22 +17,26 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+def count_calls(mp: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Wrap ``native.<name>`` to count its calls; the count is the returned list's one element."""
+    calls, original = [0], getattr(native, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    mp.setattr(native, name, counted)
+    return calls
+
+
 def run(rows: torch.Tensor, chunks: list[int], prefix: int, on: bool, n_fft=32, hop=16, causal=False,
         strided=False) -> tuple[torch.Tensor, int]:
     """The spectrum after feeding ``rows`` chunk by chunk, with the kernel ``on`` or off, and how many
     times the kernel ran."""
-    calls = 0
-    original = native.spectrogram_ema
-
-    def counted(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        return original(*args, **kwargs)
-
     st = StreamingSpectrogram(n_fft, hop, 0.99)
     start = 0
     with native.use(on), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(native, "spectrogram_ema", counted)
+        calls = count_calls(mp, "spectrogram_ema")
         for size in chunks:
             end = start + size
             part = rows[..., start:end, : prefix + end]
@@ -40,7 +44,7 @@ def run(rows: torch.Tensor, chunks: list[int], prefix: int, on: bool, n_fft=32, 
                 part = part.transpose(-1, -2).contiguous().transpose(-1, -2)
             st.observe(part, None, causal=causal)
             start = end
-    return st.spectrum.clone(), calls
+    return st.spectrum.clone(), calls[0]
 
 
 @needs_kernel
@@ -145,20 +149,12 @@ def test_bam_kernel_equals_sdpa_path(population, slots):
     """All slots valid and in arrival order (the fused path), one shared vector or one per sample."""
     x, valid, positions = bam_inputs(slots=slots)
     params = bam_params(n=2 if population else 1)
-    calls = 0
-    original = native.bam_attention
-
-    def counted(*args):
-        nonlocal calls
-        calls += 1
-        return original(*args)
-
     with native.use(False):
         plain = score_tokens(params, x, valid, positions, ScorerShapes())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(native, "bam_attention", counted)
+        calls = count_calls(mp, "bam_attention")
         fused = score_tokens(params, x, valid, positions, ScorerShapes())
-    assert calls == 1
+    assert calls[0] == 1
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=2e-5)
 
 

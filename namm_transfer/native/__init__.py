@@ -171,21 +171,16 @@ def use(on: bool) -> Iterator[None]:
         _override = before
 
 
-def applicable(*tensors: torch.Tensor | None, n_fft: int) -> bool:
-    """Whether the spectrogram kernel may compute features from ``tensors``: on, loadable, CPU float32
-    tensors with a contiguous key axis and no gradient, and a window of at most :data:`MAX_N_FFT` rows."""
+def applicable(rows: torch.Tensor, n_fft: int) -> bool:
+    """Whether the spectrogram kernel may compute features from ``rows``: on, loadable, a CPU float32
+    tensor with a contiguous key axis and no gradient, and a window of at most :data:`MAX_N_FFT` rows."""
     if not enabled() or n_fft > MAX_N_FFT or n_fft % 2 or n_fft < 4:
         return False
-    return _cpu_tensors(*tensors) and library() is not None
+    return _cpu_float32(rows) and library() is not None
 
 
-def _cpu_tensors(*tensors: torch.Tensor | None) -> bool:
-    for t in tensors:
-        if t is None:
-            continue
-        if t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 or t.requires_grad:
-            return False
-    return True
+def _cpu_float32(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 and not t.requires_grad
 
 
 def bam_applicable(features: torch.Tensor) -> bool:
@@ -193,7 +188,7 @@ def bam_applicable(features: torch.Tensor) -> bool:
     without gradient, d <= :data:`MAX_BAM_DIM`."""
     if not enabled() or not 1 <= features.shape[-1] <= MAX_BAM_DIM:
         return False
-    return _cpu_tensors(features) and library() is not None
+    return _cpu_float32(features) and library() is not None
 
 
 def bam_attention(query: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -3,16 +3,17 @@
  * For each sequence: z_i = sum_{j >= i} softmax_j(q_i . x_j) x_j, where the logits are given in base 2
  * (the caller scales q by log2(e)). Keys and values are the same features x (the BAM's key and value
  * projections are folded into q and into the caller's product after this one; see scorers.py).
- * Three queries at a time: their logits against every key they see (keys vectorised, read from a
- * transposed copy of x), a base-2 softmax over each row, then the rows' weighted sums of x (dims
- * vectorised, x padded to 32 columns). */
+ * Queries go in blocks of 48, keys in blocks of 128 (a key block's slices of x stay in L1 while the
+ * query block uses it), three queries at a time: logits vectorised over keys (read from a transposed
+ * copy of x), an online base-2 softmax (running max and sum), then the weighted sum of x, dims 0..23
+ * vectorised over dims (three registers) and any further dims over keys. */
 #include <immintrin.h>
 #include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define DPAD 32 /* value width in registers: d <= 32 */
+#define DPAD 32 /* widest feature vector: d <= 32 */
 #define R 3     /* queries per block */
 
 /* 2^x for x <= 0 (clamped at -126): Cephes exp2f polynomial on the fraction, relative error ~2e-7 */
@@ -193,7 +194,8 @@ int namm_bam_attention(const float *q, const float *x, float *z, int64_t n_seq, 
 #endif
     for (int64_t s = 0; s < n_seq; s++) {
         const unsigned int csr = _mm_getcsr();
-        _mm_setcsr(csr | 0x8040); /* flush subnormals: weights below 2^-126 are zero anyway */
+        /* flush subnormals: attention weights below 2^-126 are zero anyway */
+        _mm_setcsr(csr | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON);
         float *xt = aligned_alloc(32, sizeof(float) * (d * ld + npad * DV));
         if (!xt) {
             failed = 1;
@@ -209,7 +211,8 @@ int namm_bam_attention(const float *q, const float *x, float *z, int64_t n_seq, 
                 if (k < DV) xp[j * DV + k] = xs[j * d + k];
             }
         float *zs = z + s * n * d;
-        for (int64_t q0 = 0; q0 < n; q0 += QBLK) query_block(qs, xt, xp, zs, n, npad, ld, d, q0, q0 + QBLK < n ? q0 + QBLK : n);
+        for (int64_t q0 = 0; q0 < n; q0 += QBLK)
+            query_block(qs, xt, xp, zs, n, npad, ld, d, q0, q0 + QBLK < n ? q0 + QBLK : n);
         free(xt);
         _mm_setcsr(csr);
     }

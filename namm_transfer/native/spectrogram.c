@@ -95,12 +95,13 @@ int namm_spectrogram_ema(
         /* flush subnormals (tiny attention weights): their power is far below POWER_FLOOR, so the
          * features do not change, and subnormal operands cost the vector units a slow path */
         const unsigned int csr = _mm_getcsr();
-        _mm_setcsr(csr | 0x8040);
+        _mm_setcsr(csr | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON);
         const int64_t b = job / (heads * n_blocks), h = (job / n_blocks) % heads, s0 = (job % n_blocks) * KB;
         const int width = (int)(n_keys - s0 < KB ? n_keys - s0 : KB), full = width == KB;
         int32_t m[KB];
         for (int i = 0; i < KB; i++) m[i] = i < width ? -1 : 0;
-        const __m256i mlo = _mm256_loadu_si256((const __m256i *)m), mhi = _mm256_loadu_si256((const __m256i *)(m + 8));
+        const __m256i mlo = _mm256_loadu_si256((const __m256i *)m);
+        const __m256i mhi = _mm256_loadu_si256((const __m256i *)(m + 8));
         float ema[MAX_BINS][KB], re[MAX_BINS][KB], im[MAX_BINS][KB];
         float u[MAX_HALF][KB], v[MAX_HALF][KB], mid[KB];
         memset(ema, 0, sizeof(float) * n_bins * KB);

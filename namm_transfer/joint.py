@@ -11,6 +11,14 @@ spectrogram features in every layer-head plus its age embedding,
 and every layer and KV head keeps the same tokens. Its parameters are tied to one model's layers x KV
 heads (``joint_rows``); it does not transfer to another architecture the way a per-head NAMM does.
 
+With ``NAMMConfig.head_mix = m > 0`` each layer-head ranks by its own score instead (:func:`head_mixed`):
+
+    score_r(t) = z(score)(t) + m * z(sum_k w[r, k] * x_r(t)[k]),
+
+the joint score plus m times that layer-head's own term of it, each z-scored over the tokens held. The
+weights are the same; the heads then keep different tokens, so the model as a whole sees more of the
+context under a tight budget, as it does with a per-head policy such as H2O.
+
 Because an update reads every layer's state, the cache evicts all layers together at the end of the
 last layer's attention (:meth:`adapters.cache.EvictingCache.evict_jointly`), not each layer after its
 own: the same result, since no layer reads another layer's cache within a forward.
@@ -103,6 +111,41 @@ def joint_scores(
         return out.T.expand(batch, -1) if params.shape[0] == 1 else out.T
     return torch.einsum("btf,bf->bt", x, w_spec.expand(batch, -1)) + torch.einsum(
         "btf,bf->bt", age, w_age.expand(batch, -1)) + bias[:, None]
+
+
+def _zscore(x: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """``x`` standardised over the last dim's ``held`` entries (``held`` broadcasts to ``x``)."""
+    held = held.expand_as(x)
+    n = held.sum(-1, keepdim=True).clamp_min(1)
+    mean = torch.where(held, x, 0.0).sum(-1, keepdim=True) / n
+    var = torch.where(held, x - mean, 0.0).square().sum(-1, keepdim=True) / n
+    return (x - mean) / var.sqrt().clamp_min(1e-6)
+
+
+def head_mixed(
+    params: torch.Tensor,
+    scores: torch.Tensor,
+    features: Sequence[torch.Tensor],
+    positions: Sequence[torch.Tensor],
+    valid: Sequence[torch.Tensor],
+    held: torch.Tensor,
+    age_dim: int,
+    mix: float,
+) -> torch.Tensor:
+    """``[B, layers, KV heads, T]`` each layer-head's ranking score: the joint ``scores`` ``[B, T]``
+    (:func:`joint_scores`) plus ``mix`` times the layer-head's own term of them, both z-scored over the
+    ``held`` ``[B, T]`` tokens (module doc). Tokens not held score -inf."""
+    batch, heads = features[0].shape[:2]
+    n_bins = features[0].shape[-1] - age_dim
+    x = joint_inputs(features, positions, valid, age_dim)  # [B, T', rows * n_bins]
+    tokens = scores.shape[-1]
+    x = x[:, :tokens].unflatten(-1, (-1, n_bins))  # [B, T, rows, n_bins]
+    w = params[:, : x.shape[2] * n_bins].unflatten(-1, (-1, n_bins))  # [P, rows, n_bins]
+    w = w.expand(batch, -1, -1)
+    own = torch.einsum("btrk,brk->brt", x, w)  # [B, rows, T]
+    mixed = _zscore(scores, held)[:, None] + mix * _zscore(own, held[:, None])
+    mixed = mixed.masked_fill(~held[:, None], float("-inf"))
+    return mixed.unflatten(1, (len(features), heads))
 
 
 REFERENCES = ("absolute", "fresh-median")

@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 
 from namm_transfer.features import StreamingSpectrogram, age_embedding
-from namm_transfer.joint import REFERENCES, held_and_fresh, joint_n_params, joint_scores, relative_to_fresh
+from namm_transfer.joint import (
+    REFERENCES,
+    head_mixed,
+    held_and_fresh,
+    joint_n_params,
+    joint_scores,
+    relative_to_fresh,
+)
 from namm_transfer.policies.base import (
     Budget,
     CacheView,
@@ -64,6 +71,10 @@ class NAMMConfig:
     # median score of the tokens fed since the last update, plus the bias: joint.relative_to_fresh)
     joint_rows: int = 0
     joint_reference: str = "absolute"
+    # scorer="joint" only: 0 (as evolved) every layer-head keeps the same tokens; m > 0 each layer-head
+    # ranks by the z-scored joint score plus m times its own z-scored term of it (joint.head_mixed), so
+    # the heads keep different tokens. A threshold still decides how many each head keeps.
+    head_mix: float = 0.0
 
     def __post_init__(self) -> None:
         if self.scorer == "joint" and self.joint_rows < 1:
@@ -72,6 +83,10 @@ class NAMMConfig:
             raise ValueError(f"joint_reference must be one of {REFERENCES}, got {self.joint_reference!r}")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if not self.head_mix >= 0:
+            raise ValueError(f"head_mix must be >= 0, got {self.head_mix}")
+        if self.head_mix and self.scorer != "joint":
+            raise ValueError(f"head_mix applies to a joint NAMM only (scorer={self.scorer!r})")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         check_budget(self.budget, self.compression_ratio, owner="NAMMConfig.budget")
@@ -147,6 +162,7 @@ class NAMM(MemoryPolicy):
         self.norm_var = None if norm_var is None else torch.as_tensor(norm_var).float().reshape(-1)
         self._collect: list[torch.Tensor] | None = None  # [count, sum, sum of squares] while collecting
         self._pending: torch.Tensor | None = None  # joint scorer: [B, T] token scores of this update
+        self._pending_heads: torch.Tensor | None = None  # head_mix > 0: [B, layers, KV heads, T]
 
     @staticmethod
     def keep_all_params(config: NAMMConfig) -> torch.Tensor:
@@ -259,25 +275,43 @@ class NAMM(MemoryPolicy):
             if cap is not None:
                 floor = cap.clamp(max=floor) if isinstance(cap, torch.Tensor) else min(cap, floor)
             keep |= select_tokens(scores, view.valid, view.positions, None, floor, view.protect)
+        if self.config.head_mix:  # how many: as above; which: each head's own ranking
+            return self._rerank_per_head(keep, view)
         return keep
+
+    def _rerank_per_head(self, keep: torch.Tensor, view: CacheView) -> torch.Tensor:
+        """``head_mix > 0``: each KV head keeps as many tokens as the joint ``keep`` mask gives it, the
+        best of its own ranking (:func:`~namm_transfer.joint.head_mixed`)."""
+        own = self._pending_heads[:, view.layer_idx].to(view.positions.device)  # [B', H, T]
+        own = own.expand(view.positions.shape[0], -1, -1)
+        own = own.gather(2, view.positions.clamp(0, own.shape[-1] - 1))
+        own = own.masked_fill(~view.valid, float("-inf"))
+        if self.config.sink_tokens:
+            own = own.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
+        return select_tokens(own, view.valid, view.positions, None, keep.sum(-1, keepdim=True), view.protect)
 
     def prepare_joint(self, states: list[StreamingSpectrogram], views: list[CacheView]) -> None:
         """Score every token from all layers' ``states`` and ``views`` (one per layer, in order) for the
         layers' :meth:`keep` calls of this update (joint scorer only; :meth:`release_joint` after)."""
         feats = [self.features(s, v) for s, v in zip(states, views, strict=True)]
         params = self.params.to(feats[0].device)
-        scores = joint_scores(params, feats, [v.positions for v in views], [v.valid for v in views],
-                              self.config.age_dim, self.config.age_base)
-        if self.config.joint_reference == "fresh-median":
-            # a token any layer holds (sliding-window layers hold fewer)
-            masks = [held_and_fresh(v.positions, v.valid, v.fresh_from, scores.shape[-1]) for v in views]
-            held = torch.stack([h for h, _ in masks]).any(0)
-            fresh = torch.stack([f for _, f in masks]).any(0)
-            scores = relative_to_fresh(scores, held, fresh, params[:, -1])
+        positions, valid = [v.positions for v in views], [v.valid for v in views]
+        scores = joint_scores(params, feats, positions, valid, self.config.age_dim, self.config.age_base)
         self._pending = scores
+        if self.config.joint_reference == "absolute" and not self.config.head_mix:
+            return
+        # a token any layer holds (sliding-window layers hold fewer)
+        masks = [held_and_fresh(v.positions, v.valid, v.fresh_from, scores.shape[-1]) for v in views]
+        held = torch.stack([h for h, _ in masks]).any(0)
+        if self.config.joint_reference == "fresh-median":
+            fresh = torch.stack([f for _, f in masks]).any(0)
+            self._pending = scores = relative_to_fresh(scores, held, fresh, params[:, -1])
+        if self.config.head_mix:
+            self._pending_heads = head_mixed(params, scores, feats, positions, valid, held,
+                                             self.config.age_dim, self.config.head_mix)
 
     def release_joint(self) -> None:
-        self._pending = None
+        self._pending = self._pending_heads = None
 
     def _joint_slot_scores(self, view: CacheView) -> torch.Tensor:
         if self._pending is None:

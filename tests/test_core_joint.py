@@ -13,7 +13,7 @@ from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.adapters import attach
 from namm_transfer.adapters.cache import EvictingCache
 from namm_transfer.features import age_embedding
-from namm_transfer.joint import held_and_fresh, joint_scores, relative_to_fresh
+from namm_transfer.joint import head_mixed, held_and_fresh, joint_scores, relative_to_fresh
 from namm_transfer.pipelines.joint_probe import JointProbe, ScoredKeep, cache_joint_scores
 from namm_transfer.pipelines.text.shared_prefill import prefill_context
 
@@ -219,3 +219,72 @@ def test_under_a_budget_the_reference_changes_nothing(model):
                 model(input_ids=ids[:, start : start + 16], past_key_values=cache, use_cache=True)
         kept.append([layer.memory.positions.sort(-1).values for layer in cache.layers])
     assert all(torch.equal(a, b) for a, b in zip(*kept, strict=True))
+
+
+def test_head_mixed_is_the_zscored_joint_score_plus_each_layer_heads_own_term():
+    gen = torch.Generator().manual_seed(3)
+    params = torch.randn(1, ROWS * BINS + AGE + 1, generator=gen)
+    feats = [torch.randn(1, KV_HEADS, 6, AGE + BINS, generator=gen) for _ in range(LAYERS)]
+    positions = [torch.arange(6).expand(1, KV_HEADS, 6).clone() for _ in range(LAYERS)]
+    valid = [torch.ones(1, KV_HEADS, 6, dtype=torch.bool) for _ in range(LAYERS)]
+    held = torch.tensor([[True, True, True, True, False, True]])  # token 4: held by no layer
+    scores = joint_scores(params, feats, positions, valid, AGE, 50_000.0)
+    out = head_mixed(params, scores, feats, positions, valid, held, AGE, 0.5)
+    assert out.shape == (1, LAYERS, KV_HEADS, 6)
+
+    def z(x):
+        kept = x[held[0]]
+        return (x - kept.mean()) / kept.std(unbiased=False)
+
+    w = params[0, : ROWS * BINS].view(ROWS, BINS)
+    for layer in range(LAYERS):
+        for h in range(KV_HEADS):
+            own = feats[layer][0, h, :, AGE:] @ w[layer * KV_HEADS + h]
+            expected = z(scores[0]) + 0.5 * z(own)
+            assert torch.allclose(out[0, layer, h, held[0]], expected[held[0]], atol=1e-5)
+            assert out[0, layer, h, 4] == float("-inf")
+
+
+def test_head_mix_keeps_each_heads_own_top_k_and_as_many_tokens_as_the_threshold_says(model):
+    """One-shot fork under a budget: every layer-head keeps the sinks, the newest token and the best of its
+    own ranking (head_mixed); the heads differ. In threshold mode each head keeps as many tokens as
+    without head_mix."""
+    from namm_transfer.policies.base import CacheView
+
+    params = torch.zeros(ROWS * BINS + AGE + 1)
+    # KV head 0 of each layer reads bin 0 upwards, KV head 1 downwards
+    params[0 : ROWS * BINS : BINS] = torch.tensor([1.0, -1.0] * LAYERS)
+    params[ROWS * BINS : -1] = torch.randn(AGE, generator=torch.Generator().manual_seed(4))
+    joint = _joint(params, budget=12, sink_tokens=2, head_mix=1.0)
+    with attach(model, joint) as handle:
+        prefill = prefill_context(model, handle, _Example(_prompt()), None, [joint], context_len=40)
+        fork = prefill.fork(0, joint)
+        layers = prefill.cache.layers
+        views = [CacheView(x.memory.layer_idx, x.memory.positions, x.memory.valid) for x in layers]
+        feats = [joint.features(x.memory.state[0], v) for x, v in zip(layers, views, strict=True)]
+        pos, ok = [v.positions for v in views], [v.valid for v in views]
+        scores = joint_scores(joint.params, feats, pos, ok, AGE, joint.config.age_base)
+        own = head_mixed(joint.params, scores, feats, pos, ok, torch.ones(1, 40, dtype=torch.bool), AGE, 1.0)
+        counts = {}
+        for mix in (0.0, 1.0):
+            thresholded = joint.replace(budget=None, threshold=float(scores[0].median()), head_mix=mix)
+            kept = prefill.fork(0, thresholded).layers
+            counts[mix] = [layer.memory.valid.sum(-1).tolist() for layer in kept]
+    assert counts[0.0] == counts[1.0] and 2 < counts[0.0][0][0][0] < 40
+    kept_sets = set()
+    for layer_idx, layer in enumerate(fork.layers):
+        for h in range(KV_HEADS):
+            ranked = own[0, layer_idx, h].clone()
+            ranked[[0, 1, 39]] = -torch.inf  # the sinks and the newest token take 3 of the 12
+            expected = set(ranked.topk(9).indices.tolist()) | {0, 1, 39}
+            got = set(layer.memory.positions[0, h].tolist())
+            assert got == expected
+            kept_sets.add(frozenset(got))
+    assert len(kept_sets) > 1  # the heads keep different tokens
+
+
+def test_head_mix_is_checked():
+    with pytest.raises(ValueError, match="head_mix must be >= 0"):
+        _joint(head_mix=-1.0)
+    with pytest.raises(ValueError, match="joint NAMM only"):
+        NAMMConfig(head_mix=0.5)

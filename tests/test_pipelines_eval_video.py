@@ -278,6 +278,14 @@ def test_namm_budget_caps_the_namm_it_loads(tmp_path, data):
         EvalVideoConfig(annotations="a.json", namm_budget=0)
 
 
+def test_namm_head_mix_is_checked_and_applies_to_a_joint_namm_only(tmp_path, data):
+    with pytest.raises(ValueError, match="namm_head_mix"):
+        EvalVideoConfig(annotations="a.json", namm_head_mix=-0.5)
+    cfg = _config(tmp_path, data["jsonl"], policies=[NAMM_NAME], heatmaps=0, namm_head_mix=0.5)
+    with pytest.raises(ValueError, match="joint NAMM only"):
+        run_eval_video(cfg, loader=tiny_loader, namm=NAMM(NAMMConfig()))
+
+
 def test_key_frame_retention_separates_answer_frames_from_redundant_ones():
     rows = [
         {"policy": NAMM_NAME, "sample_id": "a", "task_type": "colour", "correct": True, "failed": False,

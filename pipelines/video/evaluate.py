@@ -198,6 +198,9 @@ class EvalVideoConfig:
             score); None: the NAMM as evolved (no cap).
         namm_sinks: the NAMM always keeps each prompt's first ``namm_sinks`` tokens (attention sinks,
             :attr:`~namm_transfer.NAMMConfig.sink_tokens`); 0: the NAMM as evolved.
+        namm_head_mix: a joint NAMM's :attr:`~namm_transfer.NAMMConfig.head_mix` (each KV head ranks by
+            the joint score plus this much of its own term, so the heads keep different tokens; 0: every
+            head the same tokens); None: the NAMM's own setting.
         update_every: tokens between policy updates (NAMM and baselines) and the prefill chunk.
         num_frames: frames sampled uniformly from each video (None: the frame count the model was
             trained with when it says, else 32).
@@ -246,6 +249,7 @@ class EvalVideoConfig:
     namm: str = "smollm2-text"
     namm_budget: int | None = None
     namm_sinks: int = 0
+    namm_head_mix: float | None = None
     update_every: int = 256
     num_frames: int | None = None
     policies: list[str] = field(default_factory=video_policies)
@@ -285,6 +289,8 @@ class EvalVideoConfig:
                              f"choose from {', '.join(PROTOCOLS)}")
         if self.namm_sinks < 0:
             raise ValueError(f"namm_sinks must be >= 0, got {self.namm_sinks}")
+        if self.namm_head_mix is not None and not self.namm_head_mix >= 0:
+            raise ValueError(f"namm_head_mix must be >= 0 or None, got {self.namm_head_mix}")
         if self.joint_probe and not (
             self.budgets and "one-shot" in self.protocols and self.shared_prefill
         ):
@@ -535,13 +541,14 @@ def uniform_frame_count(rows: list[dict[str, Any]], tokens_per_frame: int, num_f
 
 
 def _setting(cfg: EvalVideoConfig) -> dict[str, Any]:
+    # budgets / protocols label their own rows
     return {"annotations": str(cfg.annotations), "videos": cfg.videos, "format": cfg.format,
             "model": str(cfg.model), "loader": cfg.loader, "namm": str(cfg.namm),
             "update_every": cfg.update_every, "num_frames": cfg.num_frames, "limit": cfg.limit,
             "max_new_tokens": cfg.max_new_tokens, "post_prompt": cfg.post_prompt,
             "answer_prefix": cfg.answer_prefix, "exact_output": cfg.exact_output, "seed": cfg.seed,
             "dtype": cfg.dtype, "namm_budget": cfg.namm_budget,
-            "namm_sinks": cfg.namm_sinks}  # budgets / protocols label their own rows
+            "namm_sinks": cfg.namm_sinks, "namm_head_mix": cfg.namm_head_mix}
 
 
 def key_frame_retention(rows: list[dict[str, Any]], key_frames: dict[str, list[int]]) -> tuple[float, float]:
@@ -720,7 +727,7 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     out_dir.mkdir(parents=True, exist_ok=True)
     setting = _setting(cfg)
     # results written before namm_budget existed were uncapped
-    check_setting(out_dir, setting, assumed={"namm_budget": None, "namm_sinks": 0})
+    check_setting(out_dir, setting, assumed={"namm_budget": None, "namm_sinks": 0, "namm_head_mix": None})
     store = RowStore(out_dir / shard_rows_name(shard, n_shards, ROWS_NAME),
                      key=lambda r: (r["policy"], r["sample_id"]), shards="rows*.jsonl")
     writer = open_tensorboard(out_dir)
@@ -734,6 +741,9 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
         if cfg.namm_sinks:
             namm = namm.replace(sink_tokens=cfg.namm_sinks)
             namm_label += f", its first {cfg.namm_sinks} tokens always kept (attention sinks)"
+        if cfg.namm_head_mix is not None:
+            namm = namm.replace(head_mix=cfg.namm_head_mix)
+            namm_label += f", head_mix {cfg.namm_head_mix:g}"
         if cfg.namm_budget is not None:
             namm = namm.with_budget(cfg.namm_budget)
             namm_label += f", capped at {cfg.namm_budget} tokens per layer and KV head"

@@ -121,3 +121,5 @@ def test_plugin_errors_name_the_problem(setup):
         cls(model=str(setup["model"]), policy="H2O")
     with pytest.raises(ValueError, match="batch_size must be 1"):
         cls(model=str(setup["model"]), policy="FullCache", batch_size=4)
+    with pytest.raises(ValueError, match="joint NAMM only"):  # the setup's NAMM scores each head alone
+        cls(model=str(setup["model"]), policy="NAMM", namm=str(setup["namm"]), head_mix="0.5")

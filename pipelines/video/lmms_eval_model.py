@@ -18,6 +18,7 @@ Model args (``key=value``, comma separated):
   ``from_pretrained`` directory; ``loader``: ``module:function`` returning ``(model, tokenizer)`` instead.
 - ``policy``: a registered policy name (``FullCache``, ``NAMM``, ``Recency``, ``H2O``, ...).
 - ``namm``: the NAMM (shipped name, directory or Hub id) for ``policy=NAMM``.
+- ``head_mix``: a joint NAMM's :attr:`~namm_transfer.NAMMConfig.head_mix` (default: the NAMM's own).
 - ``budget``: tokens kept per layer and KV head (the NAMM's hard cap, or a baseline's budget);
   baselines need it. ``update_every``: the cadence, also the prompt's prefill chunk.
 - ``num_frames`` (default: the model's own, else 32), ``max_new_tokens``, ``device``, ``dtype``, ``seed``,
@@ -55,7 +56,8 @@ class NAMMTransferVideo(lmms):
     is_simple = True
 
     def __init__(self, model: str | None = None, loader: str | None = None, policy: str = "NAMM",
-                 namm: str = "smollm2-text", budget: int | str | None = None, update_every: int | str = 32,
+                 namm: str = "smollm2-text", head_mix: float | str | None = None,
+                 budget: int | str | None = None, update_every: int | str = 32,
                  num_frames: int | str | None = None, max_new_tokens: int | str = 16, device: str = "cpu",
                  dtype: str = "float32", seed: int | str = 0, system: str | None = None,
                  answer_prefix: str = "", batch_size: int | str = 1, **unused: Any) -> None:
@@ -76,6 +78,8 @@ class NAMMTransferVideo(lmms):
         loaded = None
         if policy == NAMM_NAME:
             loaded = NAMM.from_pretrained(namm).replace(update_every=self.update_every)
+            if head_mix not in (None, "", "None", "none"):
+                loaded = loaded.replace(head_mix=float(head_mix))
             if budget is not None:
                 loaded = loaded.with_budget(budget)
         if policy not in (NAMM_NAME, FULL_CACHE) and budget is None:

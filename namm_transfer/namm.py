@@ -119,6 +119,14 @@ class NAMMConfig:
         return cls(**data)
 
 
+def _per_slot(per_token: torch.Tensor, view: CacheView) -> torch.Tensor:
+    """``[B, H, S]`` the value of each slot's token in ``per_token`` ``[B' (1 or B), H' (1 or H), T]``;
+    -inf on invalid slots."""
+    per_token = per_token.to(view.positions.device).expand(*view.positions.shape[:2], -1)
+    index = view.positions.clamp(0, per_token.shape[-1] - 1)
+    return per_token.gather(2, index).masked_fill(~view.valid, float("-inf"))
+
+
 class NAMM(MemoryPolicy):
     """A NAMM memory policy.
 
@@ -282,10 +290,7 @@ class NAMM(MemoryPolicy):
     def _rerank_per_head(self, keep: torch.Tensor, view: CacheView) -> torch.Tensor:
         """``head_mix > 0``: each KV head keeps as many tokens as the joint ``keep`` mask gives it, the
         best of its own ranking (:func:`~namm_transfer.joint.head_mixed`)."""
-        own = self._pending_heads[:, view.layer_idx].to(view.positions.device)  # [B', H, T]
-        own = own.expand(view.positions.shape[0], -1, -1)
-        own = own.gather(2, view.positions.clamp(0, own.shape[-1] - 1))
-        own = own.masked_fill(~view.valid, float("-inf"))
+        own = _per_slot(self._pending_heads[:, view.layer_idx], view)
         if self.config.sink_tokens:
             own = own.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
         return select_tokens(own, view.valid, view.positions, None, keep.sum(-1, keepdim=True), view.protect)
@@ -319,10 +324,7 @@ class NAMM(MemoryPolicy):
                 "a joint NAMM scores all layers at once: use it through an EvictingCache (attach, "
                 "ContextPrefill.fork), which calls prepare_joint before the layers' keep()"
             )
-        pending = self._pending.to(view.positions.device)
-        pending = pending.expand(view.positions.shape[0], -1)
-        index = view.positions.clamp(0, pending.shape[-1] - 1).flatten(1)
-        return pending.gather(1, index).view_as(view.positions).masked_fill(~view.valid, float("-inf"))
+        return _per_slot(self._pending[:, None], view)
 
     def token_cap(self, view: CacheView) -> int | torch.Tensor | None:
         """The hard cap (``budget`` or ``compression_ratio``), if any; None while collecting statistics

@@ -46,8 +46,9 @@ from namm_transfer.pipelines.video.loading import load_video_model
 MODEL_ID = "namm_transfer"
 
 
-def _optional_int(value: Any) -> int | None:
-    return None if value in (None, "", "None", "none") else int(value)
+def _optional(value: Any, cast: type) -> Any:
+    """A model arg's value as ``cast``, or None where lmms-eval passes none."""
+    return None if value in (None, "", "None", "none") else cast(value)
 
 
 class NAMMTransferVideo(lmms):
@@ -70,16 +71,16 @@ class NAMMTransferVideo(lmms):
         if model is None and loader is None:
             raise ValueError(f"{MODEL_ID} needs model=<video model> or loader=<module:function>")
         self.video_model = load_video_model(model or "", loader, device, parse_dtype(dtype))
-        self.num_frames = _optional_int(num_frames) or self.video_model.num_frames or 32
+        self.num_frames = _optional(num_frames, int) or self.video_model.num_frames or 32
         self.update_every = int(update_every)
         self.max_new_tokens = int(max_new_tokens)
         self.system, self.answer_prefix = system, answer_prefix
-        budget = _optional_int(budget)
+        budget = _optional(budget, int)
         loaded = None
         if policy == NAMM_NAME:
             loaded = NAMM.from_pretrained(namm).replace(update_every=self.update_every)
-            if head_mix not in (None, "", "None", "none"):
-                loaded = loaded.replace(head_mix=float(head_mix))
+            if (head_mix := _optional(head_mix, float)) is not None:
+                loaded = loaded.replace(head_mix=head_mix)
             if budget is not None:
                 loaded = loaded.with_budget(budget)
         if policy not in (NAMM_NAME, FULL_CACHE) and budget is None:

@@ -23,6 +23,7 @@ from namm_transfer.pipelines.video import evaluate as ev
 from namm_transfer.pipelines.video.loading import load_video_model
 
 NAMM_PATH = "benchmarks/results/video_128_namm_joint/videostats_val/namm_ema9999_videostats"
+FRAMES, CADENCE = 128, 256  # as the runs of benchmarks/results/video_128*/
 
 
 def main() -> None:
@@ -47,19 +48,18 @@ def main() -> None:
         raise SystemExit(f"no {args.task_type or ''} questions in {args.annotations}")
     video_model = load_video_model("smollm2-shapes-128")
     layout = video_layout(video_model.model)
-    namm = NAMM.from_pretrained(args.namm).replace(update_every=256)
+    namm = NAMM.from_pretrained(args.namm)
     if args.head_mix is not None:
         namm = namm.replace(head_mix=args.head_mix)
-    frames = 128
     results: dict[str, dict] = {}
     for name in args.policies:
         def factory(ids: list[int], name: str = name):
-            return ev.capped_policy(name, namm, args.budget, args.protocol, ids, layout.video_tokens(frames),
-                                    layout.video_token_id, 256)
+            return ev.capped_policy(name, namm, args.budget, args.protocol, ids, layout.video_tokens(FRAMES),
+                                    layout.video_token_id, CADENCE)
 
         answer, other, correct = [], [], []
         for sample in samples:
-            row, retention = ev.evaluate_sample(video_model, sample, factory, frames, 256, 8)
+            row, retention = ev.evaluate_sample(video_model, sample, factory, FRAMES, CADENCE, 8)
             keys = np.zeros(retention.shape[1], dtype=bool)
             keys[key_frames[sample.sample_id]] = True
             answer.append(retention[:, keys].mean(axis=1))

@@ -52,10 +52,10 @@ def prepare_with_window(self, states, views):
     orig(self, states, views)
     if not args.window:
         return
-    tokens = self._pending.shape[-1]
-    self._pending[:, max(0, tokens - args.window):] = float("inf")
+    start = max(0, self._pending.shape[-1] - args.window)  # scores are indexed by token position
+    self._pending[:, start:] = float("inf")
     if self._pending_heads is not None:
-        self._pending_heads[..., max(0, tokens - args.window):] = float("inf")
+        self._pending_heads[..., start:] = float("inf")
 
 
 NAMM.prepare_joint = prepare_with_window

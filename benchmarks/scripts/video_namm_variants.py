@@ -1,13 +1,15 @@
 """Diagnostic, not a policy: variants of the joint NAMM at 15% of the video tokens (progressive).
 
 Runs the EMA-0.9999 joint NAMM with video statistics, progressive at 15% of the video tokens, changed in
-one of two ways, to see what the text-evolved NAMM lacks on video:
+one of three ways, to see what the text-evolved NAMM lacks on video:
 
 - ``--window W``: a recent window. H2O keeps one of half its budget, SnapKV its last 32 positions. The
   NAMM's scores of the last ``W`` token positions are set to +inf before every eviction (always kept;
   with a head mix, each head's scores too).
 - ``--age-scale S``: its age (recency) weights times ``S`` (0: no age term). Evolved on text, it keeps
   the video's first frames as it would a prompt's first tokens.
+- ``--mix-per layer``: the head mix with each layer's own term (the sum of its KV heads' terms) in place
+  of each head's: every head of a layer keeps the same tokens, and layers differ.
 
 Only the capped run (no uncapped NAMM). The 72 validation questions by default:
 
@@ -21,7 +23,8 @@ import argparse
 
 import torch
 
-from namm_transfer import NAMM
+from namm_transfer import NAMM, joint
+from namm_transfer import namm as namm_module
 from namm_transfer.pipelines.video import evaluate
 from namm_transfer.pipelines.video.evaluate import EvalVideoConfig, run_eval_video
 
@@ -30,6 +33,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--window", type=int, default=0, help="token positions always kept (0: none)")
 parser.add_argument("--age-scale", type=float, default=1.0, help="factor on the age weights (1: as evolved)")
 parser.add_argument("--head-mix", type=float, default=None, help="the NAMM's head_mix (default: its own)")
+parser.add_argument("--mix-per", choices=("head", "layer"), default="head", help="whose own term is mixed in")
 parser.add_argument("--annotations", default="runs/video_qa_128/val.jsonl")
 parser.add_argument("--limit", type=int, default=72)
 parser.add_argument("--output-dir", default=None, help="default runs/diag_val_w{window}_a{age_scale}")
@@ -58,7 +62,21 @@ def prepare_with_window(self, states, views):
         self._pending_heads[..., start:] = float("inf")
 
 
+def layer_mixed(params, scores, features, positions, valid, held, age_dim, mix):
+    """joint.head_mixed with each layer's own term (its KV heads' terms summed) for all its heads."""
+    heads, n_bins = features[0].shape[1], features[0].shape[-1] - age_dim
+    x = joint.joint_inputs(features, positions, valid, age_dim)[:, : scores.shape[-1]]
+    x = x.unflatten(-1, (-1, n_bins))  # [B, T, rows, n_bins]
+    w = params[:, : x.shape[2] * n_bins].unflatten(-1, (-1, n_bins)).expand(x.shape[0], -1, -1)
+    own = torch.einsum("btrk,brk->brt", x, w).unflatten(1, (len(features), heads)).sum(2)  # [B, layers, T]
+    mixed = joint._zscore(scores, held)[:, None] + mix * joint._zscore(own, held[:, None])
+    mixed = mixed.masked_fill(~held[:, None], float("-inf"))
+    return mixed[:, :, None].expand(-1, -1, heads, -1)
+
+
 NAMM.prepare_joint = prepare_with_window
+if args.mix_per == "layer":
+    namm_module.head_mixed = layer_mixed
 cfg = EvalVideoConfig(
     annotations=args.annotations, model="smollm2-shapes-128", namm=NAMM_PATH,
     num_frames=128, policies=["NAMM"], budgets=[0.15], protocols=["progressive"], own_budget=False,

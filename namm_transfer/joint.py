@@ -135,17 +135,27 @@ def head_mixed(
     """``[B, layers, KV heads, T]`` each layer-head's ranking score: the joint ``scores`` ``[B, T]``
     (:func:`joint_scores`) plus ``mix`` times the layer-head's own term of them, both z-scored over the
     ``held`` ``[B, T]`` tokens (module doc). Tokens not held score -inf."""
-    batch, heads = features[0].shape[:2]
-    n_bins = features[0].shape[-1] - age_dim
-    x = joint_inputs(features, positions, valid, age_dim)  # [B, T', rows * n_bins]
-    tokens = scores.shape[-1]
-    x = x[:, :tokens].unflatten(-1, (-1, n_bins))  # [B, T, rows, n_bins]
-    w = params[:, : x.shape[2] * n_bins].unflatten(-1, (-1, n_bins))  # [P, rows, n_bins]
-    w = w.expand(batch, -1, -1)
-    own = torch.einsum("btrk,brk->brt", x, w)  # [B, rows, T]
+    own = own_terms(params, features, positions, valid, age_dim, scores.shape[-1])
     mixed = _zscore(scores, held)[:, None] + mix * _zscore(own, held[:, None])
     mixed = mixed.masked_fill(~held[:, None], float("-inf"))
-    return mixed.unflatten(1, (len(features), heads))
+    return mixed.unflatten(1, (len(features), features[0].shape[1]))
+
+
+def own_terms(
+    params: torch.Tensor,
+    features: Sequence[torch.Tensor],
+    positions: Sequence[torch.Tensor],
+    valid: Sequence[torch.Tensor],
+    age_dim: int,
+    tokens: int,
+) -> torch.Tensor:
+    """``[B, rows, tokens]`` each layer-head's term of the joint read-out, ``sum_k w[r, k] x_r(t)[k]``
+    (rows in layer-major order: ``layer * KV heads + head``)."""
+    n_bins = features[0].shape[-1] - age_dim
+    x = joint_inputs(features, positions, valid, age_dim)  # [B, T', rows * n_bins]
+    x = x[:, :tokens].unflatten(-1, (-1, n_bins))  # [B, T, rows, n_bins]
+    w = params[:, : x.shape[2] * n_bins].unflatten(-1, (-1, n_bins))  # [P, rows, n_bins]
+    return torch.einsum("btrk,brk->brt", x, w.expand(x.shape[0], -1, -1))
 
 
 REFERENCES = ("absolute", "fresh-median")

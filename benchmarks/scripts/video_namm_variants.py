@@ -64,11 +64,9 @@ def prepare_with_window(self, states, views):
 
 def layer_mixed(params, scores, features, positions, valid, held, age_dim, mix):
     """joint.head_mixed with each layer's own term (its KV heads' terms summed) for all its heads."""
-    heads, n_bins = features[0].shape[1], features[0].shape[-1] - age_dim
-    x = joint.joint_inputs(features, positions, valid, age_dim)[:, : scores.shape[-1]]
-    x = x.unflatten(-1, (-1, n_bins))  # [B, T, rows, n_bins]
-    w = params[:, : x.shape[2] * n_bins].unflatten(-1, (-1, n_bins)).expand(x.shape[0], -1, -1)
-    own = torch.einsum("btrk,brk->brt", x, w).unflatten(1, (len(features), heads)).sum(2)  # [B, layers, T]
+    heads = features[0].shape[1]
+    own = joint.own_terms(params, features, positions, valid, age_dim, scores.shape[-1])
+    own = own.unflatten(1, (len(features), heads)).sum(2)  # [B, layers, T]
     mixed = joint._zscore(scores, held)[:, None] + mix * joint._zscore(own, held[:, None])
     mixed = mixed.masked_fill(~held[:, None], float("-inf"))
     return mixed[:, :, None].expand(-1, -1, heads, -1)

@@ -290,6 +290,21 @@ def test_joint_warm_start_ranks_its_labels_first_and_calibration_hits_the_keep_t
     assert np.mean(kept) == pytest.approx(0.4, abs=0.02)
 
 
+def test_joint_label_of_some_layer_heads_reads_only_their_attention():
+    entries, _ = _synthetic_entries(n=1, tokens=60)
+    entry = entries[0]
+    positions = torch.arange(60)
+    entry.target[0] = 0.0  # layer-head 0 attends to 6 tokens only, layer-head 1 elsewhere
+    entry.target[0, 10:16] = torch.arange(6.0, 0.0, -1.0)
+    entry.target[1] = torch.linspace(0, 1, 60)
+    first = joint_label(entry, positions, "topk", rows=slice(0, 1))
+    assert first.nonzero()[:, 0].tolist() == [10, 11, 12, 13, 14]  # 10% of the 56 tokens after the sinks
+    second = joint_label(entry, positions, "topk", rows=slice(1, 2))
+    assert second.nonzero()[:, 0].tolist() == list(range(55, 60))
+    assert torch.equal(joint_label(entry, positions, "topk", rows=slice(0, 2)),
+                       joint_label(entry, positions, "topk"))
+
+
 def test_joint_gains_scale_each_layer_heads_weights_and_start_at_the_warm_start():
     base = np.arange(2 * 3 + 2 + 1, dtype=float)  # 2 layer-heads x 3 bins, 2 age dims, bias
     gains = JointGains(base, rows=2, n_bins=3, age_dim=2)

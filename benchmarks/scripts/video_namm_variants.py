@@ -1,7 +1,7 @@
 """Diagnostic, not a policy: variants of the joint NAMM at 15% of the video tokens (progressive).
 
 Runs the EMA-0.9999 joint NAMM with video statistics, progressive at 15% of the video tokens, changed in
-one of three ways, to see what the text-evolved NAMM lacks on video:
+one of these ways, to see what the text-evolved NAMM lacks on video:
 
 - ``--window W``: a recent window. H2O keeps one of half its budget, SnapKV its last 32 positions. The
   NAMM's scores of the last ``W`` token positions are set to +inf before every eviction (always kept;
@@ -10,6 +10,14 @@ one of three ways, to see what the text-evolved NAMM lacks on video:
   the video's first frames as it would a prompt's first tokens.
 - ``--mix-per layer``: the head mix with each layer's own term (the sum of its KV heads' terms) in place
   of each head's: every head of a layer keeps the same tokens, and layers differ.
+- ``--deal D --core C``: every layer keeps the ``C`` share of its cap that the joint score ranks best;
+  the rest of the cap is dealt out in score order across ``D`` sets of layers (layer ``l`` in set
+  ``l % D`` takes the next-best tokens of ranks ``d, d + D, d + 2D, ...`` beyond those), so the model as
+  a whole holds more distinct tokens. Ranks by the joint score: the head mix is not used, though the
+  run's ``setting.json`` says ``namm_head_mix`` 1 (any m > 0 routes ``keep()`` through the per-head
+  ranking this replaces).
+- ``--other-layers A-B``: a baseline (``--other``, default H2O; same cap and cadence) decides which tokens
+  layers A to B keep, the NAMM the others: where, by depth, the NAMM's choices cost it accuracy.
 
 Only the capped run (no uncapped NAMM). The 72 validation questions by default:
 
@@ -27,6 +35,7 @@ from namm_transfer import NAMM, joint
 from namm_transfer import namm as namm_module
 from namm_transfer.pipelines.video import evaluate
 from namm_transfer.pipelines.video.evaluate import EvalVideoConfig, run_eval_video
+from namm_transfer.policies import MemoryPolicy
 
 NAMM_PATH = "benchmarks/results/video_128_namm_joint/videostats_val/namm_ema9999_videostats"
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,6 +43,10 @@ parser.add_argument("--window", type=int, default=0, help="token positions alway
 parser.add_argument("--age-scale", type=float, default=1.0, help="factor on the age weights (1: as evolved)")
 parser.add_argument("--head-mix", type=float, default=None, help="the NAMM's head_mix (default: its own)")
 parser.add_argument("--mix-per", choices=("head", "layer"), default="head", help="whose own term is mixed in")
+parser.add_argument("--deal", type=int, default=0, help="D: sets of layers the rest is dealt to (0: off)")
+parser.add_argument("--core", type=float, default=0.5, help="C: share of the cap every layer keeps alike")
+parser.add_argument("--other-layers", default=None, help="A-B: layers A..B (inclusive) evict by --other")
+parser.add_argument("--other", default="H2O", help="the baseline of --other-layers")
 parser.add_argument("--annotations", default="runs/video_qa_128/val.jsonl")
 parser.add_argument("--limit", type=int, default=72)
 parser.add_argument("--output-dir", default=None, help="default runs/diag_val_w{window}_a{age_scale}")
@@ -62,6 +75,62 @@ def prepare_with_window(self, states, views):
         self._pending_heads[..., start:] = float("inf")
 
 
+def dealt(self, keep, view):
+    """NAMM._rerank_per_head for ``--deal``: the same count per head, the tokens chosen as dealt."""
+    scores = namm_module._per_slot(self._pending[:, None], view)  # [B, H, S] the joint score, -inf invalid
+    if self.config.sink_tokens:
+        scores = scores.masked_fill(namm_module.sink_slots(view, self.config.sink_tokens), float("inf"))
+    slots = scores.shape[-1]
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(slots).expand_as(order))
+    count = keep.sum(-1, keepdim=True)
+    core = (count * args.core).floor().long()
+    beyond = rank - core
+    mine = (beyond >= 0) & (beyond % args.deal == view.layer_idx % args.deal)
+    tier = torch.where(rank < core, 0, torch.where(mine, 1, 2))  # core, this set's deal, the rest
+    key = -(tier * slots + rank).float()
+    return namm_module.select_tokens(key.masked_fill(~view.valid, float("-inf")), view.valid, view.positions,
+                                     None, count, view.protect)
+
+
+class ByDepth(MemoryPolicy):
+    """The joint NAMM in every layer but ``layers``, where ``other`` decides; both observe every layer."""
+
+    joint = needs_attention = True
+
+    def __init__(self, namm: NAMM, other: MemoryPolicy, layers: range):
+        super().__init__(namm.update_every)
+        self.namm, self.other, self.layers = namm, other, layers
+
+    def new_state(self, layer_idx):
+        return self.namm.new_state(layer_idx), self.other.new_state(layer_idx)
+
+    def observe(self, state, attention, row_valid):
+        self.namm.observe(state[0], attention, row_valid)
+        self.other.observe(state[1], attention, row_valid)
+
+    def on_select(self, state, index):
+        self.namm.on_select(state[0], index)
+        self.other.on_select(state[1], index)
+
+    def keep(self, state, view):
+        if view.layer_idx in self.layers:
+            return self.other.keep(state[1], view)
+        return self.namm.keep(state[0], view)
+
+    def token_cap(self, view):
+        return self.namm.token_cap(view)
+
+    def state_nbytes(self, state):
+        return self.namm.state_nbytes(state[0]) + self.other.state_nbytes(state[1])
+
+    def prepare_joint(self, states, views):
+        self.namm.prepare_joint([s[0] for s in states], views)
+
+    def release_joint(self):
+        self.namm.release_joint()
+
+
 def layer_mixed(params, scores, features, positions, valid, held, age_dim, mix):
     """joint.head_mixed with each layer's own term (its KV heads' terms summed) for all its heads."""
     heads = features[0].shape[1]
@@ -75,6 +144,27 @@ def layer_mixed(params, scores, features, positions, valid, held, age_dim, mix):
 NAMM.prepare_joint = prepare_with_window
 if args.mix_per == "layer":
     namm_module.head_mixed = layer_mixed
+if args.deal:
+    if args.deal < 1 or not 0 <= args.core <= 1:
+        raise SystemExit(f"--deal must be >= 1 and --core in [0, 1], got {args.deal} and {args.core}")
+    NAMM._rerank_per_head = dealt
+    args.head_mix = args.head_mix or 1.0  # any m > 0 routes keep() through the per-head re-ranking
+if args.other_layers:
+    try:
+        first, last = (int(x) for x in args.other_layers.split("-"))
+    except ValueError:
+        raise SystemExit(f"--other-layers takes A-B (two layer indices), got {args.other_layers!r}") from None
+    other_layers = range(first, last + 1)
+    capped = evaluate.capped_policy
+
+    def capped_by_depth(name, namm, *rest):
+        policy, chunk, info = capped(name, namm, *rest)
+        if name == evaluate.NAMM_NAME:
+            other, _, _ = capped(args.other, namm, *rest)
+            policy = ByDepth(policy, other, other_layers)
+        return policy, chunk, info
+
+    evaluate.capped_policy = capped_by_depth
 cfg = EvalVideoConfig(
     annotations=args.annotations, model="smollm2-shapes-128", namm=NAMM_PATH,
     num_frames=128, policies=["NAMM"], budgets=[0.15], protocols=["progressive"], own_budget=False,

@@ -284,17 +284,20 @@ def joint_inputs_of(entry: PoolEntry, namm: NAMM) -> tuple[torch.Tensor, torch.T
     return joint_inputs([feats[None]], [positions[None]], [valid[None]], age_dim)[0], feats[0, :, :age_dim]
 
 
-def joint_label(entry: PoolEntry, positions: torch.Tensor, loss: str, top: float = 0.1) -> torch.Tensor:
+def joint_label(entry: PoolEntry, positions: torch.Tensor, loss: str, top: float = 0.1,
+                rows: slice | None = None) -> torch.Tensor:
     """``[S]`` bool: the tokens a joint warm start ranks first. ``"topk"``: the ``top`` share of the
     context by the attention the question and answer paid it (each layer-head's share, averaged over
-    layer-heads); ``"evidence"``: every fact token of the prompt (question-agnostic). The first
-    :data:`SINKS` tokens are left out (a joint NAMM keeps them whatever its scores)."""
+    the layer-heads ``rows``, layer-major; None: all); ``"evidence"``: every fact token of the prompt
+    (question-agnostic). The first :data:`SINKS` tokens are left out (a joint NAMM keeps them whatever
+    its scores)."""
     sinks = positions < SINKS
     if loss == "evidence":
         if entry.evidence is None:
             raise ValueError(f"task {entry.task!r} has no evidence tokens: use another warm_loss")
         return evidence_target(entry.evidence, positions[None])[0] & ~sinks
-    share = entry.target / entry.target.sum(-1, keepdim=True).clamp_min(1e-12)
+    target = entry.target if rows is None else entry.target[rows]
+    share = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
     share = share.mean(0).masked_fill(sinks, -1.0)
     k = max(1, int(top * int((~sinks).sum())))
     return torch.zeros_like(sinks).scatter(0, share.topk(k).indices, True)
@@ -302,10 +305,11 @@ def joint_label(entry: PoolEntry, positions: torch.Tensor, loss: str, top: float
 
 def joint_warm_start(
     entries: list[PoolEntry], namm: NAMM, steps: int, lr: float, seed: int, loss: str = "topk",
-    progress: bool = True,
+    progress: bool = True, label_rows: slice | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """A joint NAMM's parameters fitted by Adam so that, per prompt, ``softmax(scores)`` over the context
-    puts its mass on :func:`joint_label`'s tokens (listwise cross-entropy), the inputs z-scored per
+    puts its mass on :func:`joint_label`'s tokens (of the layer-heads ``label_rows``; None: all)
+    (listwise cross-entropy), the inputs z-scored per
     dimension over the pool; the z-scoring is then folded into the weights and bias, so the result
     reads the NAMM's own features. Returns ``[n_params]`` and the loss curve."""
     from tqdm.auto import tqdm
@@ -314,7 +318,8 @@ def joint_warm_start(
     for entry in entries:
         x, age = joint_inputs_of(entry, namm)
         positions = torch.arange(x.shape[0])
-        data.append((torch.cat([x, age], -1), joint_label(entry, positions, loss), positions >= SINKS))
+        label = joint_label(entry, positions, loss, rows=label_rows)
+        data.append((torch.cat([x, age], -1), label, positions >= SINKS))
     allx = torch.cat([d[0] for d in data])
     mean, std = allx.mean(0), allx.std(0) + 1e-6
     torch.manual_seed(seed)

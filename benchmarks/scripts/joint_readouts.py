@@ -1,0 +1,240 @@
+"""Diagnostic, not a policy: read-outs fitted on text beyond the joint one, tried on video at 15%.
+
+The joint NAMM gives every layer and head one score. Two ways to give each layer or head its own, both
+fitted on the text pool of the shipped joint NAMM's recipe (passkey, kv, docs; 16 training prompts per
+task of 1,024 or 1,536 tokens; EMA 0.9999, 4 sinks), then run on the video validation split at 15% of the
+video tokens, progressive, with the video statistics of the shipped video NAMM:
+
+- ``fit`` (per layer group): for each group of consecutive layers a joint read-out (all layer-heads'
+  features, as the joint one) by the listwise warm start of ``evolve --scorer joint``, towards the tokens
+  the question and answer attended to *in that group's layers*; writes ``groups{G}.pt`` (``[G, n_params]``)
+  per group count. G = 1 is the control: the joint warm start alone, before CMA-ES. ``eval --params``:
+  each layer keeps the top of its group's score (plus ``m`` times each head's own term of it, as
+  ``--namm-head-mix``); ``--group K`` uses group K's read-out in every layer.
+- ``fit-heads`` (per layer-head): each layer-head's linear read-out of its *own* spectral features,
+  towards the tokens the question and answer attended to *in that head*: what H2O's accumulated attention
+  guesses by hand. ``eval --own``: the shipped NAMM's joint score plus ``m`` times that read-out, both
+  z-scored, per head (the head mix with these as its own terms).
+
+Capped, rankings alone matter, so no bias is set.
+
+    python benchmarks/scripts/joint_readouts.py fit --groups 1 3 6 --out-dir runs/layer_groups
+    python benchmarks/scripts/joint_readouts.py eval --params runs/layer_groups/groups3.pt \\
+        --annotations runs/video_qa_128_val216/val.jsonl --limit 216 --output-dir runs/lg_val_g3
+    python benchmarks/scripts/joint_readouts.py fit-heads --out-dir runs/layer_groups
+    python benchmarks/scripts/joint_readouts.py eval --own runs/layer_groups/per_head.pt --head-mix 1 \\
+        --output-dir runs/own_val_m1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from namm_transfer import NAMM, joint
+from namm_transfer import namm as namm_module
+
+VIDEO_NAMM = "benchmarks/results/video_128_namm_joint/videostats_val/namm_ema9999_videostats"
+
+
+def layer_groups(layers: int, groups: int) -> list[range]:
+    """``groups`` runs of consecutive layers, as equal as they can be (the first ones one longer)."""
+    if not 1 <= groups <= layers:
+        raise ValueError(f"need 1 <= groups <= {layers} layers, got {groups}")
+    size, extra = divmod(layers, groups)
+    out, start = [], 0
+    for g in range(groups):
+        end = start + size + (g < extra)
+        out.append(range(start, end))
+        start = end
+    return out
+
+
+def text_pool():
+    """``(training entries, probe NAMM with their statistics)``: the text pool of the joint NAMM's recipe."""
+    from namm_transfer.adapters import attach
+    from namm_transfer.pipelines.models import load_named_model
+    from namm_transfer.pipelines.text.evolve import EvolveConfig
+    from namm_transfer.pipelines.text.evolve_shared import PrefillPool, collect_statistics, pool_seeds
+    from namm_transfer.pipelines.text.tasks import TASKS
+
+    torch.set_num_threads(1)
+    cfg = EvolveConfig(engine="shared-prefill", scorer="joint", sink_tokens=4, update_every=256, seed=0,
+                       ema_decay=0.9999, joint_reference="fresh-median")
+    model, tokenizer = load_named_model("smollm2")
+    feature_cfg = cfg.namm_config()
+    with attach(model, NAMM(feature_cfg)) as handle:
+        pool = PrefillPool(model, tokenizer, handle, TASKS, feature_cfg, [1024, 1536])
+        train = [pool.get(t, s) for t in ("passkey", "kv", "docs") for s in pool_seeds(0, "train", 16)]
+    mean, var = collect_statistics(train, feature_cfg)
+    return train, NAMM(feature_cfg, None, torch.as_tensor(mean), torch.as_tensor(var))
+
+
+def fit(args) -> None:
+    from namm_transfer.pipelines.text.evolve_shared import joint_label, joint_warm_start
+
+    train, probe = text_pool()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers = len(train[0].prefill.cache.layers)
+    heads = train[0].prefill.cache.layers[0].keys.shape[1]
+    for n_groups in args.groups:
+        groups = layer_groups(layers, n_groups)
+        record = {"groups": [[g.start, g.stop] for g in groups], "losses": [], "label_overlap": []}
+        params = []
+        full_labels = [joint_label(e, torch.arange(e.target.shape[1]), "topk") for e in train]
+        for g in groups:
+            rows = slice(g.start * heads, g.stop * heads)
+            p, losses = joint_warm_start(train, probe, args.steps, args.lr, 0, label_rows=rows,
+                                         progress=False)
+            params.append(p)
+            labels = [joint_label(e, torch.arange(e.target.shape[1]), "topk", rows=rows) for e in train]
+            jaccard = [float((a & b).sum() / (a | b).sum()) for a, b in zip(labels, full_labels, strict=True)]
+            overlap = sum(jaccard) / len(jaccard)
+            record["losses"].append([sum(losses[:50]) / 50, sum(losses[-50:]) / 50])
+            record["label_overlap"].append(overlap)
+            print(f"G={n_groups} layers {g.start}-{g.stop - 1}: loss {record['losses'][-1][0]:.3f} -> "
+                  f"{record['losses'][-1][1]:.3f}; label Jaccard with all layers' {overlap:.3f}", flush=True)
+        torch.save({"params": torch.stack(params), **record}, out_dir / f"groups{n_groups}.pt")
+        (out_dir / f"groups{n_groups}.json").write_text(json.dumps(
+            {**record, "steps": args.steps, "lr": args.lr, "prompts": len(train),
+             "command": shlex.join(["python", *sys.argv])}, indent=2))
+
+
+def fit_heads(args) -> None:
+    """Per layer-head read-outs of its own spectral features, fitted (Adam, listwise, all rows at once)
+    towards the top 10% of the context by the attention the question and answer paid *in that head*."""
+    from namm_transfer.pipelines.text.evolve_shared import entry_features, topk_loss
+    from namm_transfer.pipelines.text.tasks import SINKS
+
+    train, probe = text_pool()
+    age_dim = probe.config.age_dim
+    data = []
+    for entry in train:
+        feats, valid, positions = entry_features(entry, probe)  # [rows, S, age_dim + bins]
+        data.append((feats[..., age_dim:], entry.target, valid & (positions >= SINKS)))
+    rows, bins = data[0][0].shape[0], data[0][0].shape[-1]
+    weights = torch.zeros(rows, bins, requires_grad=True)
+    opt = torch.optim.Adam([weights], lr=args.lr)
+    order = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(args.steps):
+        x, target, allowed = data[int(torch.randint(len(data), (), generator=order))]
+        loss = topk_loss(torch.einsum("rsk,rk->rs", x, weights), target, allowed)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    record = {"losses": [sum(losses[:50]) / 50, sum(losses[-50:]) / 50], "steps": args.steps, "lr": args.lr,
+              "prompts": len(train), "command": shlex.join(["python", *sys.argv])}
+    print(f"per-head read-outs: loss {record['losses'][0]:.3f} -> {record['losses'][1]:.3f}", flush=True)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"weights": weights.detach(), **record}, out_dir / "per_head.pt")
+    (out_dir / "per_head.json").write_text(json.dumps(record, indent=2))
+
+
+def grouped_mixed(grouped: torch.Tensor, groups: list[range], mix: float, age_base: float):
+    """A stand-in for :func:`joint.head_mixed`: each layer's heads rank by their group's joint score (plus
+    ``mix`` times each head's own term of it), z-scored over the tokens held."""
+
+    def mixed_scores(params, scores, features, positions, valid, held, age_dim, _mix):
+        heads = features[0].shape[1]
+        out = []
+        for g, p in zip(groups, grouped.to(scores.device), strict=True):
+            s = joint.joint_scores(p[None], features, positions, valid, age_dim, age_base)
+            z = joint._zscore(s, held)[:, None]  # [B, 1, T]
+            if mix:
+                own = joint.own_terms(p[None], features, positions, valid, age_dim, s.shape[-1])
+                z = z + mix * joint._zscore(own[:, g.start * heads : g.stop * heads], held[:, None])
+            out.append(z.expand(-1, len(g) * heads, -1))
+        out = torch.cat(out, 1).masked_fill(~held[:, None], float("-inf"))
+        return out.unflatten(1, (len(features), heads))
+
+    return mixed_scores
+
+
+def own_mixed(weights: torch.Tensor, mix: float):
+    """A stand-in for :func:`joint.head_mixed` whose own term is each layer-head's fitted read-out of its
+    own features (``weights`` ``[rows, bins]``, from ``fit-heads``) instead of its term of the joint one."""
+    own_params = torch.cat([weights.flatten(), weights.new_zeros(1)])[None]  # own_terms reads [:rows * bins]
+
+    def mixed_scores(params, scores, features, positions, valid, held, age_dim, _mix):
+        own = joint.own_terms(own_params.to(scores.device), features, positions, valid, age_dim,
+                              scores.shape[-1])
+        out = joint._zscore(scores, held)[:, None] + mix * joint._zscore(own, held[:, None])
+        out = out.masked_fill(~held[:, None], float("-inf"))
+        return out.unflatten(1, (len(features), features[0].shape[1]))
+
+    return mixed_scores
+
+
+def evaluate_video(args) -> None:
+    torch.set_num_threads(1)
+    namm = NAMM.from_pretrained(VIDEO_NAMM)
+    if args.own is not None:  # the shipped joint score, with fitted per-head own terms in the mix
+        weights = torch.load(args.own)["weights"].float()
+        namm_module.head_mixed = own_mixed(weights, args.head_mix)
+        run_capped(namm, args)
+        return
+    saved = torch.load(args.params)
+    grouped, groups = saved["params"].float(), [range(a, b) for a, b in saved["groups"]]
+    if args.group is not None:  # one group's read-out for every layer
+        if not 0 <= args.group < len(groups):
+            raise SystemExit(f"--group {args.group}: {args.params} has groups 0 to {len(groups) - 1}")
+        grouped, groups = grouped[args.group : args.group + 1], [range(groups[0].start, groups[-1].stop)]
+    if grouped.shape[-1] != namm.params.shape[-1]:
+        raise SystemExit(f"{args.params}: {grouped.shape[-1]} parameters per group, the video NAMM has "
+                         f"{namm.params.shape[-1]}")
+    with torch.no_grad():
+        namm.params.copy_(grouped[:1])  # capped, how many it keeps does not read it; which (per layer) does
+    namm_module.head_mixed = grouped_mixed(grouped, groups, args.head_mix, namm.config.age_base)
+    run_capped(namm, args)
+
+
+def run_capped(namm: NAMM, args) -> None:
+    from namm_transfer.pipelines.video import evaluate
+    from namm_transfer.pipelines.video.evaluate import EvalVideoConfig, run_eval_video
+
+    cfg = EvalVideoConfig(
+        annotations=args.annotations, model="smollm2-shapes-128", namm=VIDEO_NAMM,
+        num_frames=128, policies=["NAMM"], budgets=[0.15], protocols=["progressive"], own_budget=False,
+        limit=args.limit, threads=1, heatmaps=0, namm_head_mix=1.0,  # nonzero: each layer ranks on its own
+        shard=args.shard, output_dir=args.output_dir)
+    evaluate.video_policies = lambda: []  # the capped run only (budget_runs); no uncapped NAMM
+    run_eval_video(cfg, namm=namm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_fit = sub.add_parser("fit", help="warm-start a read-out per layer group on the text pool")
+    p_fit.add_argument("--groups", type=int, nargs="+", default=[1, 3, 6], help="group counts to fit")
+    p_fit.add_argument("--steps", type=int, default=6000, help="Adam steps per group (the shipped recipe's)")
+    p_fit.add_argument("--lr", type=float, default=0.003)
+    p_fit.add_argument("--out-dir", default="runs/layer_groups")
+    p_heads = sub.add_parser("fit-heads", help="fit each layer-head's read-out of its own features on text")
+    p_heads.add_argument("--steps", type=int, default=6000, help="Adam steps")
+    p_heads.add_argument("--lr", type=float, default=0.01)
+    p_heads.add_argument("--out-dir", default="runs/layer_groups")
+    p_eval = sub.add_parser("eval", help="15%% progressive on video with one fitted set of read-outs")
+    which = p_eval.add_mutually_exclusive_group(required=True)
+    which.add_argument("--params", help="a groups{G}.pt written by fit")
+    which.add_argument("--own", help="a per_head.pt written by fit-heads: the own terms of the head mix")
+    p_eval.add_argument("--group", type=int, default=None, help="K: group K's read-out in every layer")
+    p_eval.add_argument("--head-mix", type=float, default=0.0, help="m: each head's own term's weight")
+    p_eval.add_argument("--annotations", default="runs/video_qa_128_val216/val.jsonl")
+    p_eval.add_argument("--limit", type=int, default=216)
+    p_eval.add_argument("--output-dir", required=True)
+    p_eval.add_argument("--shard", default="0/1", help="K/N: this process's share of the questions")
+    args = parser.parse_args()
+    {"fit": fit, "fit-heads": fit_heads, "eval": evaluate_video}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -308,10 +308,10 @@ def joint_warm_start(
     progress: bool = True, label_rows: slice | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """A joint NAMM's parameters fitted by Adam so that, per prompt, ``softmax(scores)`` over the context
-    puts its mass on :func:`joint_label`'s tokens (of the layer-heads ``label_rows``; None: all)
-    (listwise cross-entropy), the inputs z-scored per
-    dimension over the pool; the z-scoring is then folded into the weights and bias, so the result
-    reads the NAMM's own features. Returns ``[n_params]`` and the loss curve."""
+    puts its mass on :func:`joint_label`'s tokens (listwise cross-entropy; ``label_rows``: the layer-heads
+    whose attention picks them, None: all), the inputs z-scored per dimension over the pool; the
+    z-scoring is then folded into the weights and bias, so the result reads the NAMM's own features.
+    Returns ``[n_params]`` and the loss curve."""
     from tqdm.auto import tqdm
 
     data = []

@@ -1,6 +1,7 @@
-"""Diagnostic, not a policy: variants of the joint NAMM at 15% of the video tokens (progressive).
+"""Diagnostic, not a policy: variants of the joint NAMM at one capped budget (default 15%, progressive).
 
-Runs the EMA-0.9999 joint NAMM with video statistics, progressive at 15% of the video tokens, changed in
+Runs the EMA-0.9999 joint NAMM with video statistics, capped at ``--budget`` of the video tokens under
+``--protocol`` (default 15%, progressive), changed in
 one of these ways, to see what the text-evolved NAMM lacks on video:
 
 - ``--window W``: a recent window. H2O keeps one of half its budget, SnapKV its last 32 positions. The
@@ -47,6 +48,8 @@ parser.add_argument("--deal", type=int, default=0, help="D: sets of layers the r
 parser.add_argument("--core", type=float, default=0.5, help="C: share of the cap every layer keeps alike")
 parser.add_argument("--other-layers", default=None, help="A-B: layers A..B (inclusive) evict by --other")
 parser.add_argument("--other", default="H2O", help="the baseline of --other-layers")
+parser.add_argument("--budget", type=float, default=0.15, help="share of the video tokens")
+parser.add_argument("--protocol", default="progressive", choices=evaluate.PROTOCOLS)
 parser.add_argument("--annotations", default="runs/video_qa_128/val.jsonl")
 parser.add_argument("--limit", type=int, default=72)
 parser.add_argument("--output-dir", default=None, help="default runs/diag_val_w{window}_a{age_scale}")
@@ -167,7 +170,7 @@ if args.other_layers:
     evaluate.capped_policy = capped_by_depth
 cfg = EvalVideoConfig(
     annotations=args.annotations, model="smollm2-shapes-128", namm=NAMM_PATH,
-    num_frames=128, policies=["NAMM"], budgets=[0.15], protocols=["progressive"], own_budget=False,
+    num_frames=128, policies=["NAMM"], budgets=[args.budget], protocols=[args.protocol], own_budget=False,
     limit=args.limit, threads=1, heatmaps=0, namm_head_mix=args.head_mix, shard=args.shard,
     output_dir=args.output_dir or f"runs/diag_val_w{args.window}_a{args.age_scale:g}")
 evaluate.video_policies = lambda: []  # the capped run only (budget_runs); no uncapped NAMM

@@ -144,17 +144,12 @@ def grouped_mixed(grouped: torch.Tensor, groups: list[range], mix: float, age_ba
     ``mix`` times each head's own term of it), z-scored over the tokens held."""
 
     def mixed_scores(params, scores, features, positions, valid, held, age_dim, _mix):
-        heads = features[0].shape[1]
         out = []
         for g, p in zip(groups, grouped.to(scores.device), strict=True):
             s = joint.joint_scores(p[None], features, positions, valid, age_dim, age_base)
-            z = joint._zscore(s, held)[:, None]  # [B, 1, T]
-            if mix:
-                own = joint.own_terms(p[None], features, positions, valid, age_dim, s.shape[-1])
-                z = z + mix * joint._zscore(own[:, g.start * heads : g.stop * heads], held[:, None])
-            out.append(z.expand(-1, len(g) * heads, -1))
-        out = torch.cat(out, 1).masked_fill(~held[:, None], float("-inf"))
-        return out.unflatten(1, (len(features), heads))
+            ranked = joint.head_mixed(p[None], s, features, positions, valid, held, age_dim, mix)
+            out.append(ranked[:, g.start : g.stop])
+        return torch.cat(out, 1)
 
     return mixed_scores
 
@@ -165,11 +160,8 @@ def own_mixed(weights: torch.Tensor, mix: float):
     own_params = torch.cat([weights.flatten(), weights.new_zeros(1)])[None]  # own_terms reads [:rows * bins]
 
     def mixed_scores(params, scores, features, positions, valid, held, age_dim, _mix):
-        own = joint.own_terms(own_params.to(scores.device), features, positions, valid, age_dim,
-                              scores.shape[-1])
-        out = joint._zscore(scores, held)[:, None] + mix * joint._zscore(own, held[:, None])
-        out = out.masked_fill(~held[:, None], float("-inf"))
-        return out.unflatten(1, (len(features), features[0].shape[1]))
+        own = own_params.to(scores.device)
+        return joint.head_mixed(own, scores, features, positions, valid, held, age_dim, mix)
 
     return mixed_scores
 

@@ -35,11 +35,10 @@ import sys
 from pathlib import Path
 
 import torch
+from video_diagnostics import VIDEO_NAMM, run_capped_namm
 
 from namm_transfer import NAMM, joint
 from namm_transfer import namm as namm_module
-
-VIDEO_NAMM = "benchmarks/results/video_128_namm_joint/videostats_val/namm_ema9999_videostats"
 
 
 def layer_groups(layers: int, groups: int) -> list[range]:
@@ -190,16 +189,9 @@ def evaluate_video(args) -> None:
 
 
 def run_capped(namm: NAMM, args) -> None:
-    from namm_transfer.pipelines.video import evaluate
-    from namm_transfer.pipelines.video.evaluate import EvalVideoConfig, run_eval_video
-
-    cfg = EvalVideoConfig(
-        annotations=args.annotations, model="smollm2-shapes-128", namm=VIDEO_NAMM,
-        num_frames=128, policies=["NAMM"], budgets=[0.15], protocols=["progressive"], own_budget=False,
-        limit=args.limit, threads=1, heatmaps=0, namm_head_mix=1.0,  # nonzero: each layer ranks on its own
-        shard=args.shard, output_dir=args.output_dir)
-    evaluate.video_policies = lambda: []  # the capped run only (budget_runs); no uncapped NAMM
-    run_eval_video(cfg, namm=namm)
+    # head_mix nonzero: every layer ranks on its own scores (the patched head_mixed's)
+    run_capped_namm(namm, annotations=args.annotations, limit=args.limit, output_dir=args.output_dir,
+                    shard=args.shard, head_mix=1.0)
 
 
 def main() -> None:

@@ -16,14 +16,12 @@ import json
 
 import numpy as np
 import torch
+from video_diagnostics import CADENCE, FRAMES, VIDEO_NAMM
 
 from namm_transfer import NAMM
 from namm_transfer.adapters import video_layout
 from namm_transfer.pipelines.video import evaluate as ev
 from namm_transfer.pipelines.video.loading import load_video_model
-
-NAMM_PATH = "benchmarks/results/video_128_namm_joint/videostats_val/namm_ema9999_videostats"
-FRAMES, CADENCE = 128, 256  # as the runs of benchmarks/results/video_128*/
 
 
 def main() -> None:
@@ -32,7 +30,7 @@ def main() -> None:
     parser.add_argument("--task-type", default=None, help="only these questions (colour, majority)")
     parser.add_argument("--limit", type=int, default=36, help="questions, in file order")
     parser.add_argument("--policies", nargs="+", default=["NAMM", "H2O"])
-    parser.add_argument("--namm", default=NAMM_PATH)
+    parser.add_argument("--namm", default=VIDEO_NAMM)
     parser.add_argument("--head-mix", type=float, default=None, help="the NAMM's head_mix (default: its own)")
     parser.add_argument("--budget", type=float, default=0.15, help="share of the video tokens")
     parser.add_argument("--protocol", default="progressive", choices=ev.PROTOCOLS)

@@ -31,14 +31,13 @@ Only the capped run (no uncapped NAMM). The 72 validation questions by default:
 import argparse
 
 import torch
+from video_diagnostics import VIDEO_NAMM, run_capped_namm
 
 from namm_transfer import NAMM, joint
 from namm_transfer import namm as namm_module
 from namm_transfer.pipelines.video import evaluate
-from namm_transfer.pipelines.video.evaluate import EvalVideoConfig, run_eval_video
 from namm_transfer.policies import MemoryPolicy
 
-NAMM_PATH = "benchmarks/results/video_128_namm_joint/videostats_val/namm_ema9999_videostats"
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--window", type=int, default=0, help="token positions always kept (0: none)")
 parser.add_argument("--age-scale", type=float, default=1.0, help="factor on the age weights (1: as evolved)")
@@ -59,9 +58,9 @@ if args.window < 0:
     raise SystemExit(f"the window must be >= 0 tokens (0: none), got {args.window}")
 torch.set_num_threads(1)
 
-namm = NAMM.from_pretrained(NAMM_PATH)
+namm = NAMM.from_pretrained(VIDEO_NAMM)
 if not namm.joint:
-    raise SystemExit(f"{NAMM_PATH} is not a joint NAMM")
+    raise SystemExit(f"{VIDEO_NAMM} is not a joint NAMM")
 age = slice(-1 - namm.config.age_dim, -1)  # joint parameters: spectral weights, age weights, bias
 with torch.no_grad():
     namm.params[:, age] *= args.age_scale
@@ -168,10 +167,6 @@ if args.other_layers:
         return policy, chunk, info
 
     evaluate.capped_policy = capped_by_depth
-cfg = EvalVideoConfig(
-    annotations=args.annotations, model="smollm2-shapes-128", namm=NAMM_PATH,
-    num_frames=128, policies=["NAMM"], budgets=[args.budget], protocols=[args.protocol], own_budget=False,
-    limit=args.limit, threads=1, heatmaps=0, namm_head_mix=args.head_mix, shard=args.shard,
-    output_dir=args.output_dir or f"runs/diag_val_w{args.window}_a{args.age_scale:g}")
-evaluate.video_policies = lambda: []  # the capped run only (budget_runs); no uncapped NAMM
-run_eval_video(cfg, namm=namm)
+run_capped_namm(namm, annotations=args.annotations, limit=args.limit, shard=args.shard,
+                head_mix=args.head_mix, budget=args.budget, protocol=args.protocol,
+                output_dir=args.output_dir or f"runs/diag_val_w{args.window}_a{args.age_scale:g}")

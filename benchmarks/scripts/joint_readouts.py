@@ -82,11 +82,11 @@ def fit(args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = len(train[0].prefill.cache.layers)
     heads = train[0].prefill.cache.layers[0].keys.shape[1]
+    full_labels = [joint_label(e, torch.arange(e.target.shape[1]), "topk") for e in train]
     for n_groups in args.groups:
         groups = layer_groups(layers, n_groups)
         record = {"groups": [[g.start, g.stop] for g in groups], "losses": [], "label_overlap": []}
         params = []
-        full_labels = [joint_label(e, torch.arange(e.target.shape[1]), "topk") for e in train]
         for g in groups:
             rows = slice(g.start * heads, g.stop * heads)
             p, losses = joint_warm_start(train, probe, args.steps, args.lr, 0, label_rows=rows,

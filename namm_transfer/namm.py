@@ -1,7 +1,7 @@
 """The Neural Attention Memory Model policy (Cetin et al. 2024, arXiv 2410.13166).
 
 Per layer and KV head, every ``update_every`` tokens: features = [age embedding, z-scored attention
-spectrogram EMA] -> scorer (BAM or MLP) -> keep iff score >= threshold (newest always kept, padding
+spectrogram EMA] -> scorer (BAM, MLP or linear) -> keep iff score >= threshold (newest always kept, padding
 never, optional hard budget).
 """
 
@@ -62,6 +62,10 @@ class NAMMConfig:
     # their score: a hand-written prior on top of the learned policy, 0 (off) as evolved. Within a budget
     # they take part of it.
     sink_tokens: int = 0
+    # Always keep each sample's newest ``recent_tokens`` tokens (H2O's recent window), whatever their
+    # score: a token that arrived since the last update has been read by few queries, so a score built on
+    # received attention cannot judge it yet. 0: off (the reference). Within a budget they take part of it.
+    recent_tokens: int = 0
     # Threshold mode only: never keep fewer than the ``min_tokens`` best-scoring tokens per sample and KV
     # head (within a budget: at most the budget). An early update judges tokens that few queries have read
     # yet; a floor keeps it from evicting a short context's tokens on that evidence. 0: off (the reference).
@@ -83,6 +87,8 @@ class NAMMConfig:
             raise ValueError(f"joint_reference must be one of {REFERENCES}, got {self.joint_reference!r}")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.recent_tokens < 0:
+            raise ValueError(f"recent_tokens must be >= 0, got {self.recent_tokens}")
         if not self.head_mix >= 0:
             raise ValueError(f"head_mix must be >= 0, got {self.head_mix}")
         if self.head_mix and self.scorer != "joint":
@@ -275,8 +281,7 @@ class NAMM(MemoryPolicy):
         else:
             feats = self.features(state, view)
             scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
-        if self.config.sink_tokens:
-            scores = scores.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
+        scores = self._always_kept(scores, view)
         keep = select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
         if self.config.min_tokens and self.config.threshold is not None:
             floor = self.config.min_tokens
@@ -290,10 +295,17 @@ class NAMM(MemoryPolicy):
     def _rerank_per_head(self, keep: torch.Tensor, view: CacheView) -> torch.Tensor:
         """``head_mix > 0``: each KV head keeps as many tokens as the joint ``keep`` mask gives it, the
         best of its own ranking (:func:`~namm_transfer.joint.head_mixed`)."""
-        own = _per_slot(self._pending_heads[:, view.layer_idx], view)
-        if self.config.sink_tokens:
-            own = own.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
+        own = self._always_kept(_per_slot(self._pending_heads[:, view.layer_idx], view), view)
         return select_tokens(own, view.valid, view.positions, None, keep.sum(-1, keepdim=True), view.protect)
+
+    def _always_kept(self, scores: torch.Tensor, view: CacheView) -> torch.Tensor:
+        """``scores`` with the sink tokens and the recent window (``sink_tokens``, ``recent_tokens``) at
+        +inf: always kept."""
+        if self.config.sink_tokens:
+            scores = scores.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
+        if self.config.recent_tokens:
+            scores = scores.masked_fill(view.valid & (view.age < self.config.recent_tokens), float("inf"))
+        return scores
 
     def prepare_joint(self, states: list[StreamingSpectrogram], views: list[CacheView]) -> None:
         """Score every token from all layers' ``states`` and ``views`` (one per layer, in order) for the

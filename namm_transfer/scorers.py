@@ -1,6 +1,7 @@
-"""NAMM token scorers: backward attention memory (BAM) and the MLP ablation (arXiv 2410.13166, sec. 3.2).
+"""NAMM token scorers: backward attention memory (BAM) and the MLP ablation (arXiv 2410.13166, sec. 3.2),
+and a linear read-out of each token's features (no hidden layer).
 
-Both are pure functions of a flat parameter vector so that a whole CMA-ES population can be scored at
+All are pure functions of a flat parameter vector so that a whole CMA-ES population can be scored at
 once: ``params`` is ``[P, n_params]`` with P equal to 1 (shared) or to the batch size (one member per
 batch element). Weights are laid out ``in x out`` and flattened in the reference order
 (qkv weight, qkv bias, out weight, out bias, final weight, final bias).
@@ -25,10 +26,12 @@ class ScorerShapes:
 
     in_dim: int = 25
     hidden: int = 32
-    kind: str = "bam"  # "bam" (counter-causal attention) or "mlp" (no token-to-token attention)
+    kind: str = "bam"  # "bam" (counter-causal attention), "mlp" (no token-to-token attention), "linear"
 
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
         d, h = self.in_dim, self.hidden
+        if self.kind == "linear":  # score = features @ w + b: no hidden layer
+            return [("final_weight", (d, 1)), ("final_bias", (1,))]
         first = ("qkv", (d, 3 * h)) if self.kind == "bam" else ("proj", (d, h))
         return [
             (f"{first[0]}_weight", first[1]),
@@ -96,6 +99,8 @@ def score_tokens(
     all_valid = bool(valid.all())
     # garbage in empty slots must not leak
     x = features if all_valid else features.masked_fill(~valid[..., None], 0.0)
+    if shapes.kind == "linear":
+        return _linear(x, p["final_weight"], p["final_bias"]).squeeze(-1)
     tracked = torch.is_grad_enabled() and (features.requires_grad or params.requires_grad)
     folded = params.shape[0] == 1 and not tracked  # the read-out folded into the first projection
     flipped, order = False, None
@@ -125,7 +130,7 @@ def score_tokens(
     elif shapes.kind == "mlp":
         mixed = torch.relu(_linear(x, p["proj_weight"], p["proj_bias"]))
     else:
-        raise ValueError(f"unknown scorer kind {shapes.kind!r}; expected 'bam' or 'mlp'")
+        raise ValueError(f"unknown scorer kind {shapes.kind!r}; expected 'bam', 'mlp' or 'linear'")
     if folded:
         scores = _folded_readout(mixed, x, p, shapes.in_dim)
     elif tracked:

@@ -58,7 +58,8 @@ def trained_like(tmp_seed=0, **config):
     return namm
 
 
-@pytest.mark.parametrize("config", [{}, {"budget": [6, 9]}, {"scorer": "mlp", "threshold": 0.1}])
+@pytest.mark.parametrize("config", [{}, {"budget": [6, 9]}, {"scorer": "mlp", "threshold": 0.1},
+                                    {"scorer": "linear", "budget": 7, "recent_tokens": 3}])
 def test_save_load_roundtrip(tmp_path, config):
     namm = trained_like(**config)
     path = namm.save_pretrained(tmp_path / "ckpt")

@@ -226,6 +226,28 @@ def test_namm_sink_tokens_are_kept_within_the_budget_and_change_nothing_else():
         NAMMConfig(sink_tokens=-1)
 
 
+def test_namm_recent_tokens_are_kept_within_the_budget_and_change_nothing_else():
+    """recent_tokens=3: each sample's 3 newest tokens survive a budget of 7 whatever their scores (as H2O's
+    window); the other 4 kept are among the window-free NAMM's; a negative window is refused."""
+    namm = NAMM.init_random(3, config=NAMMConfig(update_every=32, budget=7, threshold=None))
+    kept = {}
+    for recent in (0, 3):
+        mem = LayerMemory(namm.replace(recent_tokens=recent), 0)
+        mem.append(2, 1, 32, torch.device("cpu"))
+        mem.mark_padding(torch.arange(32)[None, :] >= torch.tensor([0, 5])[:, None])
+        mem.observe(softmax_rows(mem, 32), torch.arange(32)[None, :] >= torch.tensor([0, 5])[:, None])
+        mem.maybe_evict()
+        kept[recent] = [mem.positions[b, 0][mem.valid[b, 0]].tolist() for b in range(2)]
+    for b in range(2):
+        window = {29, 30, 31}
+        assert window <= set(kept[3][b]) and len(kept[3][b]) == 7
+        others = set(kept[3][b]) - window
+        assert len(others) == 4 and others <= set(kept[0][b]) - window
+    assert kept[0] != kept[3]  # the window changed what was kept: the check above is not vacuous
+    with pytest.raises(ValueError, match="recent_tokens"):
+        NAMMConfig(recent_tokens=-1)
+
+
 def _kept_after_one_update(namm: NAMM) -> list[list[int]]:
     mem = LayerMemory(namm, 0)
     mem.append(2, 1, 32, torch.device("cpu"))

@@ -11,6 +11,7 @@ from namm_transfer.scorers import ScorerShapes, keep_all_params, score_tokens, u
 
 BAM = ScorerShapes()
 MLP = ScorerShapes(kind="mlp")
+LINEAR = ScorerShapes(kind="linear")
 
 
 def make_inputs(batch=2, heads=2, slots=7, seed=0, shuffle=True):
@@ -186,7 +187,7 @@ def test_folded_readout_equals_the_plain_one(monkeypatch, shapes, case):
     torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)  # empty slots too (-inf or not)
 
 
-@pytest.mark.parametrize("shapes", [BAM, MLP], ids=["bam", "mlp"])
+@pytest.mark.parametrize("shapes", [BAM, MLP, LINEAR], ids=["bam", "mlp", "linear"])
 def test_keep_all_params_give_bias(shapes):
     x, valid, positions = make_inputs(seed=8)
     params = keep_all_params(shapes, bias=0.75)
@@ -218,7 +219,20 @@ def test_mlp_matches_manual_formula():
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shapes", [BAM, MLP], ids=["bam", "mlp"])
+def test_linear_scores_are_features_times_weights_plus_bias():
+    """kind="linear": in_dim weights and a bias; each token's score reads its own features only, and one
+    parameter vector per sample scores its own sample."""
+    assert LINEAR.n_params == 26 and LINEAR.layout() == [("final_weight", (25, 1)), ("final_bias", (1,))]
+    x, valid, positions = make_inputs(batch=2, heads=3, slots=5, seed=13)
+    params = random_params(LINEAR, n=2, seed=14)
+    got = score_tokens(params, x, valid, positions, LINEAR)
+    expected = torch.einsum("bhsd,bd->bhs", x.double(), params[:, :25].double()) + params[:, 25, None, None]
+    torch.testing.assert_close(got[valid].double(), expected[valid], atol=1e-5, rtol=1e-5)
+    shared = score_tokens(params[:1], x, valid, positions, LINEAR)
+    torch.testing.assert_close(shared[0], got[0])
+
+
+@pytest.mark.parametrize("shapes", [BAM, MLP, LINEAR], ids=["bam", "mlp", "linear"])
 def test_wrong_parameter_count_raises(shapes):
     x, valid, positions = make_inputs()
     with pytest.raises(ValueError, match=f"needs {shapes.n_params} parameters, got a vector of 4000"):

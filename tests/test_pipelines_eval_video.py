@@ -278,6 +278,20 @@ def test_namm_budget_caps_the_namm_it_loads(tmp_path, data):
         EvalVideoConfig(annotations="a.json", namm_budget=0)
 
 
+def test_a_rank_only_namm_runs_capped_only(tmp_path, data):
+    """A NAMM without a threshold (scorer="linear", ranking only) keeps everything uncapped, so eval-video
+    runs only its capped rows (each at the cap), and refuses baselines at its own budget."""
+    ranker = NAMM.init_random(4, config=NAMMConfig(scorer="linear", threshold=None, recent_tokens=4))
+    cfg = _config(tmp_path, data["jsonl"], policies=[NAMM_NAME], budgets=[0.5], own_budget=False)
+    run_eval_video(cfg, loader=tiny_loader, namm=ranker)
+    rows = _rows(cfg)
+    assert rows and {r["policy"] for r in rows} == {"NAMM @ 50%"}
+    assert all(r["evictions"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="no-own-budget"):
+        run_eval_video(_config(tmp_path / "own", data["jsonl"], policies=[NAMM_NAME, "H2O"]),
+                       loader=tiny_loader, namm=ranker)
+
+
 def test_namm_head_mix_is_checked_and_applies_to_a_joint_namm_only(tmp_path, data):
     with pytest.raises(ValueError, match="namm_head_mix"):
         EvalVideoConfig(annotations="a.json", namm_head_mix=-0.5)

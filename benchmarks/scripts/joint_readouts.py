@@ -14,7 +14,12 @@ video tokens, progressive, with the video statistics of the shipped video NAMM:
 - ``fit-heads`` (per layer-head): each layer-head's linear read-out of its *own* spectral features,
   towards the tokens the question and answer attended to *in that head*: what H2O's accumulated attention
   guesses by hand. ``eval --own``: the shipped NAMM's joint score plus ``m`` times that read-out, both
-  z-scored, per head (the head mix with these as its own terms).
+  z-scored, per head (the head mix with these as its own terms). ``--shared``: one read-out for every
+  layer-head; ``--future f``: the target is the attention everything after the first ``f`` of the context
+  paid to it (which tokens each head goes on reading); ``--exclude-recent W``: the last ``W`` positions,
+  kept by a recent window anyway, are left out of the fit; ``--save-namm DIR``: the shared read-out as a
+  per-head NAMM (``scorer="linear"``, ``recent_tokens``), what ``benchmarks/results/video_128_linear/``
+  evaluates.
 
 Capped, rankings alone matter, so no bias is set.
 
@@ -24,6 +29,8 @@ Capped, rankings alone matter, so no bias is set.
     python benchmarks/scripts/joint_readouts.py fit-heads --out-dir runs/layer_groups
     python benchmarks/scripts/joint_readouts.py eval --own runs/layer_groups/per_head.pt --head-mix 1 \\
         --output-dir runs/own_val_m1
+    python benchmarks/scripts/joint_readouts.py fit-heads --shared --future 0.6 --exclude-recent 64 \\
+        --name linear --out-dir runs/linear --save-namm runs/linear/namm_text --recent-tokens 61
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from video_diagnostics import VIDEO_NAMM, run_capped_namm
 
-from namm_transfer import NAMM, joint
+from namm_transfer import NAMM, NAMMConfig, joint
 from namm_transfer import namm as namm_module
 
 
@@ -54,12 +62,24 @@ def layer_groups(layers: int, groups: int) -> list[range]:
     return out
 
 
-def text_pool():
-    """``(training entries, probe NAMM with their statistics)``: the text pool of the joint NAMM's recipe."""
+def text_pool(future: float | None = None):
+    """``(training entries, probe NAMM with their statistics)``: the text pool of the joint NAMM's recipe.
+
+    ``future = f``: each prompt's context is cut after its first ``f`` share of tokens, and the target is
+    the attention everything after the cut paid to the tokens before it (the rest of the context, the
+    question and the answer): which tokens each head goes on reading, whatever the task asks.
+    """
     from namm_transfer.adapters import attach
     from namm_transfer.pipelines.models import load_named_model
     from namm_transfer.pipelines.text.evolve import EvolveConfig
-    from namm_transfer.pipelines.text.evolve_shared import PrefillPool, collect_statistics, pool_seeds
+    from namm_transfer.pipelines.text.evolve_shared import (
+        PoolEntry,
+        PrefillPool,
+        answer_attention,
+        collect_statistics,
+        pool_seeds,
+    )
+    from namm_transfer.pipelines.text.shared_prefill import answer_token_ids, prefill_context, split_context
     from namm_transfer.pipelines.text.tasks import TASKS
 
     torch.set_num_threads(1)
@@ -67,9 +87,22 @@ def text_pool():
                        ema_decay=0.9999, joint_reference="fresh-median")
     model, tokenizer = load_named_model("smollm2")
     feature_cfg = cfg.namm_config()
+    lengths = [1024, 1536]
+    seeds = [(t, s) for t in ("passkey", "kv", "docs") for s in pool_seeds(0, "train", 16)]
     with attach(model, NAMM(feature_cfg)) as handle:
-        pool = PrefillPool(model, tokenizer, handle, TASKS, feature_cfg, [1024, 1536])
-        train = [pool.get(t, s) for t in ("passkey", "kv", "docs") for s in pool_seeds(0, "train", 16)]
+        if future is None:
+            pool = PrefillPool(model, tokenizer, handle, TASKS, feature_cfg, lengths)
+            train = [pool.get(t, s) for t, s in seeds]
+        else:
+            train = []
+            for task, seed in seeds:  # as PrefillPool._build, with the context cut short
+                example = TASKS[task].make(tokenizer, seed, lengths[seed % len(lengths)])
+                cut = int(split_context(example, tokenizer) * future)
+                prefill = prefill_context(model, handle, example, tokenizer, [NAMM(feature_cfg)],
+                                          context_len=cut)
+                answer = answer_token_ids(tokenizer, example)
+                full, target = answer_attention(model, prefill, answer)
+                train.append(PoolEntry(task, seed, prefill, answer, full, target, None))
     mean, var = collect_statistics(train, feature_cfg)
     return train, NAMM(feature_cfg, None, torch.as_tensor(mean), torch.as_tensor(var))
 
@@ -111,31 +144,82 @@ def fit_heads(args) -> None:
     from namm_transfer.pipelines.text.evolve_shared import entry_features, topk_loss
     from namm_transfer.pipelines.text.tasks import SINKS
 
-    train, probe = text_pool()
-    age_dim = probe.config.age_dim
-    data = []
-    for entry in train:
-        feats, valid, positions = entry_features(entry, probe)  # [rows, S, age_dim + bins]
-        data.append((feats[..., age_dim:], entry.target, valid & (positions >= SINKS)))
+    torch.set_num_threads(1)
+    cached = Path(args.cache) if args.cache else None
+    if cached is not None and cached.exists():  # the pool's features, targets and statistics, as below
+        saved = torch.load(cached)
+    else:
+        train, probe = text_pool(args.future)
+        age_dim = probe.config.age_dim
+        pool = []
+        for entry in train:
+            feats, valid, positions = entry_features(entry, probe)  # [rows, S, age_dim + bins]
+            pool.append((feats[..., age_dim:], entry.target, valid, positions))
+        saved = {"pool": pool, "config": asdict(probe.config), "mean": probe.norm_mean, "var": probe.norm_var}
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(saved, cached)
+    pool = saved["pool"]
+    # --exclude-recent W: the last W positions are kept by a recent window anyway, so they neither count
+    # in the loss nor in its labels
+    data = [(x, t, v & (p >= SINKS) & (p <= p.masked_fill(~v, -1).amax() - args.exclude_recent))
+            for x, t, v, p in pool]
     rows, bins = data[0][0].shape[0], data[0][0].shape[-1]
-    weights = torch.zeros(rows, bins, requires_grad=True)
-    opt = torch.optim.Adam([weights], lr=args.lr)
+    # --shared: one read-out for every layer-head; --bins: only those bins are read (the others weigh 0)
+    free = torch.zeros(1 if args.shared else rows, bins, requires_grad=True)
+    used = torch.zeros(bins)
+    used[args.bins if args.bins is not None else slice(None)] = 1.0
+    opt = torch.optim.Adam([free], lr=args.lr)
     order = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(args.steps):
         x, target, allowed = data[int(torch.randint(len(data), (), generator=order))]
+        weights = (free * used).expand(rows, bins)
         loss = topk_loss(torch.einsum("rsk,rk->rs", x, weights), target, allowed)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+    weights = (free * used).expand(rows, bins).detach().clone()
     record = {"losses": [sum(losses[:50]) / 50, sum(losses[-50:]) / 50], "steps": args.steps, "lr": args.lr,
-              "prompts": len(train), "command": shlex.join(["python", *sys.argv])}
-    print(f"per-head read-outs: loss {record['losses'][0]:.3f} -> {record['losses'][1]:.3f}", flush=True)
+              "shared": args.shared, "bins": args.bins, "future": args.future,
+              "exclude_recent": args.exclude_recent, "prompts": len(data),
+              "command": shlex.join(["python", *sys.argv])}
+    with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
+        uniform = sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in data) / len(data)
+        mass = min(sum(float(topk_loss(scale * x[..., 0], t, a)) for x, t, a in data) / len(data)
+                   for scale in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
+        fitted = sum(float(topk_loss(torch.einsum("rsk,rk->rs", x, weights), t, a))
+                     for x, t, a in data) / len(data)
+    record["reference_losses"] = {"equal scores": uniform, "bin 0 alone": mass, "fitted": fitted}
+    print(f"per-head read-outs: loss {record['losses'][0]:.3f} -> {record['losses'][1]:.3f}; over every "
+          f"prompt: fitted {fitted:.3f}, bin 0 alone {mass:.3f}, equal scores {uniform:.3f}", flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"weights": weights.detach(), **record}, out_dir / "per_head.pt")
-    (out_dir / "per_head.json").write_text(json.dumps(record, indent=2))
+    torch.save({"weights": weights, **record}, out_dir / f"{args.name}.pt")
+    (out_dir / f"{args.name}.json").write_text(json.dumps(record, indent=2))
+    if args.save_namm:
+        save_linear_namm(weights[0], saved, args, record)
+
+
+def save_linear_namm(weights: torch.Tensor, saved: dict, args, record: dict) -> None:
+    """A per-head NAMM (``scorer="linear"``) whose read-out is the shared fitted one: no age weights, no
+    bias and no threshold (it ranks; capped runs only), the pool's feature config and text statistics,
+    ``recent_tokens`` always kept."""
+    if not args.shared:
+        raise SystemExit("--save-namm needs --shared: a per-head NAMM reads one read-out in every layer-head")
+    config = NAMMConfig.from_dict({**saved["config"], "scorer": "linear", "joint_rows": 0,
+                                   "joint_reference": "absolute", "recent_tokens": args.recent_tokens,
+                                   "threshold": None})
+    params = torch.cat([weights.new_zeros(config.age_dim), weights, weights.new_zeros(1)])[None]
+    namm = NAMM(config, params, saved["mean"], saved["var"])
+    out = Path(args.save_namm)
+    namm.save_pretrained(out)
+    from namm_transfer.pipelines.common import run_metadata
+
+    meta = {**run_metadata(), "seed": 0, "optimiser": "Adam", "loss": "topk_loss (listwise, top 10%)"}
+    (out / "training.json").write_text(json.dumps({**meta, **record}, indent=2))  # the script's command
+    print(f"wrote {out}: {namm!r}", flush=True)
 
 
 def grouped_mixed(grouped: torch.Tensor, groups: list[range], mix: float, age_base: float):
@@ -206,6 +290,20 @@ def main() -> None:
     p_heads.add_argument("--steps", type=int, default=6000, help="Adam steps")
     p_heads.add_argument("--lr", type=float, default=0.01)
     p_heads.add_argument("--out-dir", default="runs/layer_groups")
+    p_heads.add_argument("--shared", action="store_true", help="one read-out shared by every layer-head")
+    p_heads.add_argument("--bins", type=int, nargs="+", default=None, help="read only these bins")
+    p_heads.add_argument("--name", default="per_head", help="writes NAME.pt and NAME.json")
+    p_heads.add_argument("--future", type=float, default=None,
+                         help="f: cut each context after its first f share; the target is the attention "
+                              "paid by everything after the cut (default: the question and answer's)")
+    p_heads.add_argument("--exclude-recent", type=int, default=0,
+                         help="W: leave each context's last W positions out of the fit (a window keeps them)")
+    p_heads.add_argument("--save-namm", default=None,
+                         help="DIR: also write a per-head linear NAMM of the shared read-out (--shared)")
+    p_heads.add_argument("--recent-tokens", type=int, default=61,
+                         help="the saved NAMM's recent window (61: H2O's at 15%% of the video tokens)")
+    p_heads.add_argument("--cache", default=None,
+                         help="a file for the pool's features and targets (written once, then read)")
     p_eval = sub.add_parser("eval", help="15%% progressive on video with one fitted set of read-outs")
     which = p_eval.add_mutually_exclusive_group(required=True)
     which.add_argument("--params", help="a groups{G}.pt written by fit")

@@ -17,6 +17,8 @@ one of these ways, to see what the text-evolved NAMM lacks on video:
   a whole holds more distinct tokens. Ranks by the joint score: the head mix is not used, though the
   run's ``setting.json`` says ``namm_head_mix`` 1 (any m > 0 routes ``keep()`` through the per-head
   ranking this replaces).
+- ``--own PATH``: the head mix's own terms are the per-head read-outs of a ``joint_readouts.py fit-heads``
+  file (``{"weights": [layer-heads, bins]}``) instead of each head's term of the joint read-out.
 - ``--other-layers A-B``: a baseline (``--other``, default H2O; same cap and cadence) decides which tokens
   layers A to B keep, the NAMM the others: where, by depth, the NAMM's choices cost it accuracy.
 
@@ -45,6 +47,7 @@ parser.add_argument("--head-mix", type=float, default=None, help="the NAMM's hea
 parser.add_argument("--mix-per", choices=("head", "layer"), default="head", help="whose own term is mixed in")
 parser.add_argument("--deal", type=int, default=0, help="D: sets of layers the rest is dealt to (0: off)")
 parser.add_argument("--core", type=float, default=0.5, help="C: share of the cap every layer keeps alike")
+parser.add_argument("--own", default=None, help="a fit-heads file: the head mix's own terms")
 parser.add_argument("--other-layers", default=None, help="A-B: layers A..B (inclusive) evict by --other")
 parser.add_argument("--other", default="H2O", help="the baseline of --other-layers")
 parser.add_argument("--budget", type=float, default=0.15, help="share of the video tokens")
@@ -146,6 +149,10 @@ def layer_mixed(params, scores, features, positions, valid, held, age_dim, mix):
 NAMM.prepare_joint = prepare_with_window
 if args.mix_per == "layer":
     namm_module.head_mixed = layer_mixed
+if args.own:
+    from joint_readouts import own_mixed
+
+    namm_module.head_mixed = own_mixed(torch.load(args.own)["weights"].float(), args.head_mix or 0.0)
 if args.deal:
     if args.deal < 1 or not 0 <= args.core <= 1:
         raise SystemExit(f"--deal must be >= 1 and --core in [0, 1], got {args.deal} and {args.core}")

@@ -751,6 +751,16 @@ def run_eval_video(cfg: EvalVideoConfig, argv: list[str] | None = None, loader: 
     budget, frames_k = None, None
     order = [p for p in video_policies() if p in cfg.policies
              and (cfg.own_budget or p not in (*BASELINES, UNIFORM))]
+    rank_only = namm is not None and namm.config.threshold is None and namm.budget is None \
+        and namm.compression_ratio is None
+    if rank_only and NAMM_NAME in order:
+        # a rank-only NAMM (no threshold, no cap) keeps everything uncapped: it has no operating point of
+        # its own, so only its capped runs (and no own-budget baselines) mean anything
+        if cfg.own_budget and any(p in (*BASELINES, UNIFORM) for p in order):
+            raise ValueError(f"{namm_label} only ranks (threshold None): it has no budget of its own for the "
+                             "baselines to match; pass --no-own-budget")
+        log(f"{namm_label} only ranks (threshold None): no uncapped run, only the capped ones")
+        order.remove(NAMM_NAME)
     ids = {s.sample_id for s in samples}
     video_tokens = layout.video_tokens(cfg.num_frames)
 

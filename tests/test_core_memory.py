@@ -204,48 +204,31 @@ def test_recency_keeps_sinks_and_most_recent():
     assert kept1 == [5, 6, 7, 33, 34, 35, 36]  # sinks are the first *real* tokens
 
 
-def test_namm_sink_tokens_are_kept_within_the_budget_and_change_nothing_else():
-    """sink_tokens=3: each sample's first 3 real tokens survive a budget of 7 whatever their scores; the
-    other 4 kept are among the sink-free NAMM's (same scores)."""
+@pytest.mark.parametrize(("field", "always"), [
+    ("sink_tokens", lambda first: {first, first + 1, first + 2}),  # each sample's first 3 real tokens
+    ("recent_tokens", lambda first: {29, 30, 31}),  # its 3 newest (H2O's window)
+])
+def test_namm_always_kept_tokens_fit_the_budget_and_change_nothing_else(field, always):
+    """sink_tokens=3 / recent_tokens=3: those 3 tokens of each sample survive a budget of 7 whatever their
+    scores; the other 4 kept are among the NAMM's without them (same scores); a negative count is refused."""
     namm = NAMM.init_random(3, config=NAMMConfig(update_every=32, budget=7, threshold=None))
     kept = {}
-    for sinks in (0, 3):
-        mem = LayerMemory(namm.replace(sink_tokens=sinks), 0)
+    for count in (0, 3):
+        mem = LayerMemory(namm.replace(**{field: count}), 0)
         mem.append(2, 1, 32, torch.device("cpu"))
         mem.mark_padding(torch.arange(32)[None, :] >= torch.tensor([0, 5])[:, None])
         mem.observe(softmax_rows(mem, 32), torch.arange(32)[None, :] >= torch.tensor([0, 5])[:, None])
         mem.maybe_evict()
-        kept[sinks] = [mem.positions[b, 0][mem.valid[b, 0]].tolist() for b in range(2)]
+        kept[count] = [mem.positions[b, 0][mem.valid[b, 0]].tolist() for b in range(2)]
     for b, first in enumerate((0, 5)):
-        sinks = [first, first + 1, first + 2]
-        assert set(sinks) <= set(kept[3][b]) and len(kept[3][b]) == 7
-        # the other 4 are the best non-sinks: inside the sink-free top 7 (which holds >= 4 non-sinks)
-        others = set(kept[3][b]) - set(sinks)
-        assert len(others) == 4 and others <= set(kept[0][b]) - set(sinks)
-    with pytest.raises(ValueError, match="sink_tokens"):
-        NAMMConfig(sink_tokens=-1)
-
-
-def test_namm_recent_tokens_are_kept_within_the_budget_and_change_nothing_else():
-    """recent_tokens=3: each sample's 3 newest tokens survive a budget of 7 whatever their scores (as H2O's
-    window); the other 4 kept are among the window-free NAMM's; a negative window is refused."""
-    namm = NAMM.init_random(3, config=NAMMConfig(update_every=32, budget=7, threshold=None))
-    kept = {}
-    for recent in (0, 3):
-        mem = LayerMemory(namm.replace(recent_tokens=recent), 0)
-        mem.append(2, 1, 32, torch.device("cpu"))
-        mem.mark_padding(torch.arange(32)[None, :] >= torch.tensor([0, 5])[:, None])
-        mem.observe(softmax_rows(mem, 32), torch.arange(32)[None, :] >= torch.tensor([0, 5])[:, None])
-        mem.maybe_evict()
-        kept[recent] = [mem.positions[b, 0][mem.valid[b, 0]].tolist() for b in range(2)]
-    for b in range(2):
-        window = {29, 30, 31}
-        assert window <= set(kept[3][b]) and len(kept[3][b]) == 7
-        others = set(kept[3][b]) - window
-        assert len(others) == 4 and others <= set(kept[0][b]) - window
-    assert kept[0] != kept[3]  # the window changed what was kept: the check above is not vacuous
-    with pytest.raises(ValueError, match="recent_tokens"):
-        NAMMConfig(recent_tokens=-1)
+        protected = always(first)
+        assert protected <= set(kept[3][b]) and len(kept[3][b]) == 7
+        # the other 4 are the best of the rest: inside the plain top 7 (which holds >= 4 of the rest)
+        others = set(kept[3][b]) - protected
+        assert len(others) == 4 and others <= set(kept[0][b]) - protected
+    assert kept[0] != kept[3]  # they changed what was kept: the checks above are not vacuous
+    with pytest.raises(ValueError, match=field):
+        NAMMConfig(**{field: -1})
 
 
 def _kept_after_one_update(namm: NAMM) -> list[list[int]]:

@@ -28,6 +28,7 @@ from namm_transfer.policies.base import (
     CacheView,
     MemoryPolicy,
     check_budget,
+    recent_slots,
     resolve_budget,
     sink_slots,
     within_cap,
@@ -304,7 +305,7 @@ class NAMM(MemoryPolicy):
         if self.config.sink_tokens:
             scores = scores.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
         if self.config.recent_tokens:
-            scores = scores.masked_fill(view.valid & (view.age < self.config.recent_tokens), float("inf"))
+            scores = scores.masked_fill(recent_slots(view, self.config.recent_tokens), float("inf"))
         return scores
 
     def prepare_joint(self, states: list[StreamingSpectrogram], views: list[CacheView]) -> None:

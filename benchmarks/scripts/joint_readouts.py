@@ -72,14 +72,7 @@ def text_pool(future: float | None = None):
     from namm_transfer.adapters import attach
     from namm_transfer.pipelines.models import load_named_model
     from namm_transfer.pipelines.text.evolve import EvolveConfig
-    from namm_transfer.pipelines.text.evolve_shared import (
-        PoolEntry,
-        PrefillPool,
-        answer_attention,
-        collect_statistics,
-        pool_seeds,
-    )
-    from namm_transfer.pipelines.text.shared_prefill import answer_token_ids, prefill_context, split_context
+    from namm_transfer.pipelines.text.evolve_shared import PrefillPool, collect_statistics, pool_seeds
     from namm_transfer.pipelines.text.tasks import TASKS
 
     torch.set_num_threads(1)
@@ -87,22 +80,9 @@ def text_pool(future: float | None = None):
                        ema_decay=0.9999, joint_reference="fresh-median")
     model, tokenizer = load_named_model("smollm2")
     feature_cfg = cfg.namm_config()
-    lengths = [1024, 1536]
-    seeds = [(t, s) for t in ("passkey", "kv", "docs") for s in pool_seeds(0, "train", 16)]
     with attach(model, NAMM(feature_cfg)) as handle:
-        if future is None:
-            pool = PrefillPool(model, tokenizer, handle, TASKS, feature_cfg, lengths)
-            train = [pool.get(t, s) for t, s in seeds]
-        else:
-            train = []
-            for task, seed in seeds:  # as PrefillPool._build, with the context cut short
-                example = TASKS[task].make(tokenizer, seed, lengths[seed % len(lengths)])
-                cut = int(split_context(example, tokenizer) * future)
-                prefill = prefill_context(model, handle, example, tokenizer, [NAMM(feature_cfg)],
-                                          context_len=cut)
-                answer = answer_token_ids(tokenizer, example)
-                full, target = answer_attention(model, prefill, answer)
-                train.append(PoolEntry(task, seed, prefill, answer, full, target, None))
+        pool = PrefillPool(model, tokenizer, handle, TASKS, feature_cfg, [1024, 1536], context_share=future)
+        train = [pool.get(t, s) for t in ("passkey", "kv", "docs") for s in pool_seeds(0, "train", 16)]
     mean, var = collect_statistics(train, feature_cfg)
     return train, NAMM(feature_cfg, None, torch.as_tensor(mean), torch.as_tensor(var))
 
@@ -165,24 +145,21 @@ def fit_heads(args) -> None:
     data = [(x, t, v & (p >= SINKS) & (p <= p.masked_fill(~v, -1).amax() - args.exclude_recent))
             for x, t, v, p in pool]
     rows, bins = data[0][0].shape[0], data[0][0].shape[-1]
-    # --shared: one read-out for every layer-head; --bins: only those bins are read (the others weigh 0)
-    free = torch.zeros(1 if args.shared else rows, bins, requires_grad=True)
-    used = torch.zeros(bins)
-    used[args.bins if args.bins is not None else slice(None)] = 1.0
+    free = torch.zeros(1 if args.shared else rows, bins, requires_grad=True)  # --shared: one for every row
     opt = torch.optim.Adam([free], lr=args.lr)
     order = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(args.steps):
         x, target, allowed = data[int(torch.randint(len(data), (), generator=order))]
-        weights = (free * used).expand(rows, bins)
+        weights = free.expand(rows, bins)
         loss = topk_loss(torch.einsum("rsk,rk->rs", x, weights), target, allowed)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    weights = (free * used).expand(rows, bins).detach().clone()
+    weights = free.detach().expand(rows, bins).clone()
     record = {"losses": [sum(losses[:50]) / 50, sum(losses[-50:]) / 50], "steps": args.steps, "lr": args.lr,
-              "shared": args.shared, "bins": args.bins, "future": args.future,
+              "shared": args.shared, "future": args.future,
               "exclude_recent": args.exclude_recent, "prompts": len(data),
               "command": shlex.join(["python", *sys.argv])}
     with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
@@ -291,7 +268,6 @@ def main() -> None:
     p_heads.add_argument("--lr", type=float, default=0.01)
     p_heads.add_argument("--out-dir", default="runs/layer_groups")
     p_heads.add_argument("--shared", action="store_true", help="one read-out shared by every layer-head")
-    p_heads.add_argument("--bins", type=int, nargs="+", default=None, help="read only these bins")
     p_heads.add_argument("--name", default="per_head", help="writes NAME.pt and NAME.json")
     p_heads.add_argument("--future", type=float, default=None,
                          help="f: cut each context after its first f share; the target is the attention "

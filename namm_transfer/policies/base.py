@@ -172,6 +172,12 @@ def sink_slots(view: CacheView, sink: int) -> torch.Tensor:
     return view.valid & (view.positions < first + sink)
 
 
+def recent_slots(view: CacheView, recent: int | torch.Tensor) -> torch.Tensor:
+    """``[B, H, S]`` bool: the valid slots holding each sample's newest ``recent`` tokens (a recent window;
+    an int or a per-sample ``[B, 1, 1]`` tensor)."""
+    return view.valid & (view.age < recent)
+
+
 class ScoredPolicy(MemoryPolicy):
     """A policy that scores tokens and keeps the ``budget`` best per (sample, KV head).
 

@@ -6,7 +6,15 @@ from typing import Any
 
 import torch
 
-from namm_transfer.policies.base import Budget, CacheView, MemoryPolicy, ScoredPolicy, per_sample, sink_slots
+from namm_transfer.policies.base import (
+    Budget,
+    CacheView,
+    MemoryPolicy,
+    ScoredPolicy,
+    per_sample,
+    recent_slots,
+    sink_slots,
+)
 
 
 class FullCache(MemoryPolicy):
@@ -84,7 +92,7 @@ class H2O(ScoredPolicy):
         else:
             cap = self.cap(view)
             recent = 0 if cap is None else per_sample(cap // 2, view.positions)  # [B, 1, 1] for a ratio
-        in_window = view.valid & (view.age < recent)
+        in_window = recent_slots(view, recent)
         return acc.masked_fill(in_window, float("inf"))
 
     def state_nbytes(self, state: dict) -> int:

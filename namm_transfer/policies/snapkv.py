@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from namm_transfer.policies.base import Budget, CacheView, ScoredPolicy
+from namm_transfer.policies.base import Budget, CacheView, ScoredPolicy, recent_slots
 
 
 class SnapKV(ScoredPolicy):
@@ -91,7 +91,7 @@ class SnapKV(ScoredPolicy):
             if rows.shape[-1] < n_slots:
                 rows = F.pad(rows, (0, n_slots - rows.shape[-1]))
             mean = rows.sum(-2) / count.clamp(min=1)[:, None, None]  # [B, H, S]
-        in_window = view.valid & (view.age < self.window)
+        in_window = recent_slots(view, self.window)
         pooled = self._pool(mean, view.valid & ~in_window)
         return pooled.masked_fill(in_window, float("inf"))
 

@@ -50,6 +50,7 @@ from namm_transfer.pipelines.text.shared_prefill import (
     TeacherForced,
     answer_token_ids,
     prefill_context,
+    split_context,
     teacher_forced,
 )
 from namm_transfer.pipelines.text.tasks import SINKS, evidence_mask
@@ -74,11 +75,14 @@ class PrefillPool:
     """Context prefills of training / validation prompts, computed once and reused every generation."""
 
     def __init__(self, model, tokenizer, handle, tasks: dict, namm_cfg: NAMMConfig,
-                 prompt_tokens: int | list[int]):
+                 prompt_tokens: int | list[int], context_share: float | None = None):
         self.model, self.tokenizer, self.handle, self.tasks = model, tokenizer, handle, tasks
         # several lengths: each prompt's is drawn by its seed, so a pool mixes them reproducibly
         self.lengths = [prompt_tokens] if isinstance(prompt_tokens, int) else list(prompt_tokens)
         self.namm_cfg = namm_cfg
+        # f: prefill only the first f of each context; the rest of it joins the question and answer, so
+        # the target is the attention everything after the cut pays to the tokens before it
+        self.context_share = context_share
         self.entries: dict[tuple[str, int], PoolEntry] = {}
 
     def get(self, task: str, seed: int) -> PoolEntry:
@@ -90,7 +94,10 @@ class PrefillPool:
     @torch.no_grad()
     def _build(self, task: str, seed: int) -> PoolEntry:
         example = self.tasks[task].make(self.tokenizer, seed, self.lengths[seed % len(self.lengths)])
-        prefill = prefill_context(self.model, self.handle, example, self.tokenizer, [NAMM(self.namm_cfg)])
+        share = self.context_share
+        cut = None if share is None else int(split_context(example, self.tokenizer) * share)
+        prefill = prefill_context(self.model, self.handle, example, self.tokenizer, [NAMM(self.namm_cfg)],
+                                  context_len=cut)
         answer = answer_token_ids(self.tokenizer, example)
         full, target = answer_attention(self.model, prefill, answer)
         try:

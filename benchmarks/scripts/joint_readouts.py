@@ -62,12 +62,16 @@ def layer_groups(layers: int, groups: int) -> list[range]:
     return out
 
 
-def text_pool(future: float | None = None):
+def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.9999):
     """``(training entries, probe NAMM with their statistics)``: the text pool of the joint NAMM's recipe.
 
     ``future = f``: each prompt's context is cut after its first ``f`` share of tokens, and the target is
     the attention everything after the cut paid to the tokens before it (the rest of the context, the
-    question and the answer): which tokens each head goes on reading, whatever the task asks.
+    question and the answer): which tokens each head goes on reading, whatever the task asks. Several
+    shares: every prompt once per share (an eviction early and late in a long prefill, as the
+    progressive protocol makes them), the statistics over all of them.
+    ``ema_decay``: the features' per-query EMA decay (0.9999: the joint NAMM's recipe, a memory of
+    every query; 0.99: about the last 100).
     """
     from namm_transfer.adapters import attach
     from namm_transfer.pipelines.models import load_named_model
@@ -77,12 +81,16 @@ def text_pool(future: float | None = None):
 
     torch.set_num_threads(1)
     cfg = EvolveConfig(engine="shared-prefill", scorer="joint", sink_tokens=4, update_every=256, seed=0,
-                       ema_decay=0.9999, joint_reference="fresh-median")
+                       ema_decay=ema_decay, joint_reference="fresh-median")
     model, tokenizer = load_named_model("smollm2")
     feature_cfg = cfg.namm_config()
+    shares = future if isinstance(future, list) else [future]
+    train = []
     with attach(model, NAMM(feature_cfg)) as handle:
-        pool = PrefillPool(model, tokenizer, handle, TASKS, feature_cfg, [1024, 1536], context_share=future)
-        train = [pool.get(t, s) for t in ("passkey", "kv", "docs") for s in pool_seeds(0, "train", 16)]
+        for share in shares:
+            pool = PrefillPool(model, tokenizer, handle, TASKS, feature_cfg, [1024, 1536],
+                               context_share=share)
+            train += [pool.get(t, s) for t in ("passkey", "kv", "docs") for s in pool_seeds(0, "train", 16)]
     mean, var = collect_statistics(train, feature_cfg)
     return train, NAMM(feature_cfg, None, torch.as_tensor(mean), torch.as_tensor(var))
 
@@ -125,21 +133,32 @@ def fit_heads(args) -> None:
     from namm_transfer.pipelines.text.tasks import SINKS
 
     torch.set_num_threads(1)
+    future = None if args.future is None else args.future[0] if len(args.future) == 1 else args.future
     cached = Path(args.cache) if args.cache else None
     if cached is not None and cached.exists():  # the pool's features, targets and statistics, as below
         saved = torch.load(cached)
+        if saved["config"]["ema_decay"] != args.ema_decay:
+            raise SystemExit(f"{cached} holds features of EMA decay {saved['config']['ema_decay']}, "
+                             f"not --ema-decay {args.ema_decay}: name another --cache")
     else:
-        train, probe = text_pool(args.future)
+        train, probe = text_pool(future, args.ema_decay)
         age_dim = probe.config.age_dim
         pool = []
         for entry in train:
             feats, valid, positions = entry_features(entry, probe)  # [rows, S, age_dim + bins]
-            pool.append((feats[..., age_dim:], entry.target, valid, positions))
-        saved = {"pool": pool, "config": asdict(probe.config), "mean": probe.norm_mean, "var": probe.norm_var}
+            pool.append((feats, entry.target, valid, positions))
+        saved = {"pool": pool, "config": asdict(probe.config), "mean": probe.norm_mean, "var": probe.norm_var,
+                 "with_age": True}
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(saved, cached)
-    pool = saved["pool"]
+    age_dim = saved["config"]["age_dim"]
+    if saved.get("with_age"):  # the features begin with the age embedding: read it only with --with-age
+        pool = [(x if args.with_age else x[..., age_dim:], t, v, p) for x, t, v, p in saved["pool"]]
+    elif args.with_age:
+        raise SystemExit(f"{cached} holds the spectral features only: --with-age needs a new --cache")
+    else:
+        pool = saved["pool"]
     # --exclude-recent W: the last W positions are kept by a recent window anyway, so they neither count
     # in the loss nor in its labels
     data = [(x, t, v & (p >= SINKS) & (p <= p.masked_fill(~v, -1).amax() - args.exclude_recent))
@@ -159,12 +178,14 @@ def fit_heads(args) -> None:
         losses.append(float(loss.detach()))
     weights = free.detach().expand(rows, bins).clone()
     record = {"losses": [sum(losses[:50]) / 50, sum(losses[-50:]) / 50], "steps": args.steps, "lr": args.lr,
-              "shared": args.shared, "future": args.future,
+              "shared": args.shared, "future": future, "ema_decay": args.ema_decay,
+              "with_age": args.with_age,
               "exclude_recent": args.exclude_recent, "prompts": len(data),
               "command": shlex.join(["python", *sys.argv])}
     with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
         uniform = sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in data) / len(data)
-        mass = min(sum(float(topk_loss(scale * x[..., 0], t, a)) for x, t, a in data) / len(data)
+        first_bin = age_dim if args.with_age else 0
+        mass = min(sum(float(topk_loss(scale * x[..., first_bin], t, a)) for x, t, a in data) / len(data)
                    for scale in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
         fitted = sum(float(topk_loss(torch.einsum("rsk,rk->rs", x, weights), t, a))
                      for x, t, a in data) / len(data)
@@ -180,15 +201,17 @@ def fit_heads(args) -> None:
 
 
 def save_linear_namm(weights: torch.Tensor, saved: dict, args, record: dict) -> None:
-    """A per-head NAMM (``scorer="linear"``) whose read-out is the shared fitted one: no age weights, no
-    bias and no threshold (it ranks; capped runs only), the pool's feature config and text statistics,
-    ``recent_tokens`` always kept."""
+    """A per-head NAMM (``scorer="linear"``) whose read-out is the shared fitted one: its age weights
+    (zero without ``--with-age``), no bias and no threshold (it ranks; capped runs only), the pool's
+    feature config and text statistics, ``recent_tokens`` always kept."""
     if not args.shared:
         raise SystemExit("--save-namm needs --shared: a per-head NAMM reads one read-out in every layer-head")
     config = NAMMConfig.from_dict({**saved["config"], "scorer": "linear", "joint_rows": 0,
                                    "joint_reference": "absolute", "recent_tokens": args.recent_tokens,
                                    "threshold": None})
-    params = torch.cat([weights.new_zeros(config.age_dim), weights, weights.new_zeros(1)])[None]
+    if not args.with_age:  # no age weights
+        weights = torch.cat([weights.new_zeros(config.age_dim), weights])
+    params = torch.cat([weights, weights.new_zeros(1)])[None]
     namm = NAMM(config, params, saved["mean"], saved["var"])
     out = Path(args.save_namm)
     namm.save_pretrained(out)
@@ -269,11 +292,16 @@ def main() -> None:
     p_heads.add_argument("--out-dir", default="runs/layer_groups")
     p_heads.add_argument("--shared", action="store_true", help="one read-out shared by every layer-head")
     p_heads.add_argument("--name", default="per_head", help="writes NAME.pt and NAME.json")
-    p_heads.add_argument("--future", type=float, default=None,
+    p_heads.add_argument("--future", type=float, nargs="+", default=None,
                          help="f: cut each context after its first f share; the target is the attention "
-                              "paid by everything after the cut (default: the question and answer's)")
+                              "paid by everything after the cut (default: the question and answer's). "
+                              "Several: each prompt once per share")
     p_heads.add_argument("--exclude-recent", type=int, default=0,
                          help="W: leave each context's last W positions out of the fit (a window keeps them)")
+    p_heads.add_argument("--ema-decay", type=float, default=0.9999,
+                         help="the features' per-query EMA decay (0.9999: every query; 0.99: ~the last 100)")
+    p_heads.add_argument("--with-age", action="store_true",
+                         help="fit the read-out's 8 age weights too (the NAMM's age embedding of each token)")
     p_heads.add_argument("--save-namm", default=None,
                          help="DIR: also write a per-head linear NAMM of the shared read-out (--shared)")
     p_heads.add_argument("--recent-tokens", type=int, default=61,

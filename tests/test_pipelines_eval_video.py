@@ -672,10 +672,14 @@ def test_video_keep_calibration_finds_the_largest_bias_within_the_share():
         calibrate_video_keep(namm, lambda n: 0.9, 0.5, steps=2)
 
 
-def test_video_stats_with_keep_sets_a_threshold_that_keeps_at_most_that_share(tmp_path, data):
+@pytest.mark.parametrize("rank_only", [False, True])
+def test_video_stats_with_keep_sets_a_threshold_that_keeps_at_most_that_share(tmp_path, data, rank_only):
+    """--keep bisects the final bias; a NAMM that only ranks (threshold None) is given the threshold 0."""
     from namm_transfer.pipelines.video.stats import VideoStatsConfig, kept_video_share, run_video_stats
 
     source = _text_namm(tmp_path)
+    if rank_only:
+        NAMM.from_pretrained(source).replace(threshold=None).save_pretrained(source)
     cfg = VideoStatsConfig(namm=str(source), model="llava_next_video", annotations=str(data["jsonl"]),
                            num_frames=6, update_every=16, keep=0.5, bisection_steps=3,
                            out_dir=str(tmp_path / "adapted"))
@@ -688,6 +692,7 @@ def test_video_stats_with_keep_sets_a_threshold_that_keeps_at_most_that_share(tm
     kept = kept_video_share(adapted, video_model, load_annotations(data["jsonl"]), 6, 16)
     assert kept == pytest.approx(record["kept_after"]) and kept <= 0.5
     assert any(t["kept"] > 0.5 for t in record["tried"])  # the bracket's other end keeps more
+    assert NAMM.from_pretrained(tmp_path / "adapted").config.threshold == 0.0
 
 
 @pytest.mark.parametrize("bad", [{"limit": 0}, {"num_frames": 0}, {"update_every": 0}, {"keep": 1.0},

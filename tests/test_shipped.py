@@ -129,3 +129,20 @@ def test_one_resolver_for_every_kind_of_shipped_artefact(tmp_path):
         pretrained_dir("nope", "dt")
     with pytest.raises(ValueError, match="unknown artefact kind 'weights'"):
         available("weights")
+
+
+def test_the_linear_namm_ships_as_fitted_with_its_record():
+    """smollm2-text-linear is the read-out the video tables used (benchmarks/results/video_128_linear/)."""
+    namm = namm_transfer.pretrained("smollm2-text-linear")
+    cfg = namm.config
+    assert (cfg.scorer, cfg.threshold, cfg.recent_tokens, cfg.sink_tokens) == ("linear", None, 61, 4)
+    assert namm.params.shape == (1, 26)
+    assert torch.equal(namm.params[0, : cfg.age_dim], torch.zeros(cfg.age_dim))  # no age weights
+    record = training_record("smollm2-text-linear")
+    assert "joint_readouts.py fit-heads --shared" in record["command"] and record["seed"] == 0
+    assert record["reference_losses"]["fitted"] < record["reference_losses"]["equal scores"]
+    from pathlib import Path
+
+    # the same parameters and statistics as the copy the benchmark tables read
+    used = NAMM.from_pretrained(Path(__file__).parents[1] / "benchmarks/results/video_128_linear/namm_text")
+    assert torch.equal(used.params, namm.params) and torch.equal(used.norm_var, namm.norm_var)

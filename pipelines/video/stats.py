@@ -47,7 +47,8 @@ class VideoStatsConfig:
         keep: also set the NAMM's threshold operating point for this model: its final bias is bisected so
             that, uncapped (its own threshold and floor, evicting every ``update_every`` tokens as
             ``eval-video`` runs it), it keeps at most this share of the video tokens on the same videos.
-            Only the kept share is measured, no answer. None: the bias stays as evolved.
+            Only the kept share is measured, no answer. A NAMM that only ranks (threshold None) is given
+            the threshold 0 first. None: the bias stays as evolved.
         bisection_steps: bias bisection steps for ``keep`` (each answers every video once).
         out_dir: where the NAMM is written (``config.json``, ``model.safetensors``, ``video_stats.json``).
         device: torch device.
@@ -196,7 +197,9 @@ def run_video_stats(cfg: VideoStatsConfig, argv: list[str] | None = None,
         raise ValueError(f"{cfg.annotations}: no samples")
     namm = NAMM.from_pretrained(cfg.namm)
     if cfg.keep is not None and namm.config.threshold is None:
-        raise ValueError(f"{cfg.namm} ranks only (threshold None): --keep sets a threshold's operating point")
+        # a NAMM that only ranks gets a threshold (0, as `calibrate` sets it), the bias its operating point
+        log(f"{cfg.namm} ranks only (threshold None): --keep gives it the threshold 0 and bisects its bias")
+        namm = namm.replace(threshold=0.0)
     video_model = load_video_model(cfg.model or "", loader if loader is not None else cfg.loader,
                                    cfg.device, parse_dtype(cfg.dtype))
     num_frames = cfg.num_frames or video_model.num_frames or 32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,8 +142,6 @@ def test_the_linear_namm_ships_as_fitted_with_its_record():
     record = training_record("smollm2-text-linear")
     assert "joint_readouts.py fit-heads --shared" in record["command"] and record["seed"] == 0
     assert record["reference_losses"]["fitted"] < record["reference_losses"]["equal scores"]
-    from pathlib import Path
-
     # the same parameters and statistics as the copy the benchmark tables read
     used = NAMM.from_pretrained(Path(__file__).parents[1] / "benchmarks/results/video_128_linear/namm_text")
     assert torch.equal(used.params, namm.params) and torch.equal(used.norm_var, namm.norm_var)

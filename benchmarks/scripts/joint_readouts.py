@@ -137,9 +137,10 @@ def fit_heads(args) -> None:
     cached = Path(args.cache) if args.cache else None
     if cached is not None and cached.exists():  # the pool's features, targets and statistics, as below
         saved = torch.load(cached)
-        if saved["config"]["ema_decay"] != args.ema_decay:
-            raise SystemExit(f"{cached} holds features of EMA decay {saved['config']['ema_decay']}, "
-                             f"not --ema-decay {args.ema_decay}: name another --cache")
+        wanted = {"future": future, "ema_decay": args.ema_decay}
+        held = {"future": saved.get("future", future), "ema_decay": saved["config"]["ema_decay"]}
+        if held != wanted:  # (caches written before the cut was recorded are taken at their word)
+            raise SystemExit(f"{cached} holds the pool of {held}, not {wanted}: name another --cache")
     else:
         train, probe = text_pool(future, args.ema_decay)
         age_dim = probe.config.age_dim
@@ -148,7 +149,7 @@ def fit_heads(args) -> None:
             feats, valid, positions = entry_features(entry, probe)  # [rows, S, age_dim + bins]
             pool.append((feats, entry.target, valid, positions))
         saved = {"pool": pool, "config": asdict(probe.config), "mean": probe.norm_mean, "var": probe.norm_var,
-                 "with_age": True}
+                 "with_age": True, "future": future}
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(saved, cached)

@@ -133,7 +133,7 @@ def fit_heads(args) -> None:
     from namm_transfer.pipelines.text.tasks import SINKS
 
     torch.set_num_threads(1)
-    future = None if args.future is None else args.future[0] if len(args.future) == 1 else args.future
+    future = args.future[0] if args.future and len(args.future) == 1 else args.future  # one share: a float
     cached = Path(args.cache) if args.cache else None
     if cached is not None and cached.exists():  # the pool's features, targets and statistics, as below
         saved = torch.load(cached)

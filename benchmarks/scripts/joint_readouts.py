@@ -19,7 +19,8 @@ video tokens, progressive, with the video statistics of the shipped video NAMM:
   paid to it (which tokens each head goes on reading); ``--exclude-recent W``: the last ``W`` positions,
   kept by a recent window anyway, are left out of the fit; ``--save-namm DIR``: the shared read-out as a
   per-head NAMM (``scorer="linear"``, ``recent_tokens``), what ``benchmarks/results/video_128_linear/``
-  evaluates.
+  evaluates; ``--nonneg``: every weight kept >= 0.
+- ``text-bins``: each spectral bin alone as the ranking, per task of a cached pool (which bin text rewards).
 
 Capped, rankings alone matter, so no bias is set.
 
@@ -62,6 +63,10 @@ def layer_groups(layers: int, groups: int) -> list[range]:
     return out
 
 
+POOL_TASKS = ("passkey", "kv", "docs")  # the text pool's tasks, in its order (per cut share)
+POOL_PROMPTS = 16  # training prompts per task
+
+
 def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.9999):
     """``(training entries, probe NAMM with their statistics)``: the text pool of the joint NAMM's recipe.
 
@@ -90,7 +95,7 @@ def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.99
         for share in shares:
             pool = PrefillPool(model, tokenizer, handle, TASKS, feature_cfg, [1024, 1536],
                                context_share=share)
-            train += [pool.get(t, s) for t in ("passkey", "kv", "docs") for s in pool_seeds(0, "train", 16)]
+            train += [pool.get(t, s) for t in POOL_TASKS for s in pool_seeds(0, "train", POOL_PROMPTS)]
     mean, var = collect_statistics(train, feature_cfg)
     return train, NAMM(feature_cfg, None, torch.as_tensor(mean), torch.as_tensor(var))
 
@@ -176,11 +181,14 @@ def fit_heads(args) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if args.nonneg:  # projected Adam: more attention in any band never lowers a token's score
+            with torch.no_grad():
+                free.clamp_(min=0)
         losses.append(float(loss.detach()))
     weights = free.detach().expand(rows, bins).clone()
     record = {"losses": [sum(losses[:50]) / 50, sum(losses[-50:]) / 50], "steps": args.steps, "lr": args.lr,
               "shared": args.shared, "future": future, "ema_decay": args.ema_decay,
-              "with_age": args.with_age,
+              "with_age": args.with_age, "nonneg": args.nonneg,
               "exclude_recent": args.exclude_recent, "prompts": len(data),
               "command": shlex.join(["python", *sys.argv])}
     with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
@@ -199,6 +207,29 @@ def fit_heads(args) -> None:
     (out_dir / f"{args.name}.json").write_text(json.dumps(record, indent=2))
     if args.save_namm:
         save_linear_namm(weights[0], saved, args, record)
+
+
+def text_bins(args) -> None:
+    """Each spectral bin alone as the ranking, per task of a cached pool (``fit-heads --cache``): the
+    listwise loss at the best of six scales, against equal scores, over the fit's tokens
+    (``--exclude-recent``, sinks left out). Which single bin text rewards."""
+    from namm_transfer.pipelines.text.evolve_shared import topk_loss
+    from namm_transfer.pipelines.text.tasks import SINKS
+
+    torch.set_num_threads(1)
+    saved = torch.load(args.cache)
+    first = saved["config"]["age_dim"] if saved.get("with_age") else 0
+    pool = [(x[..., first:], t, v & (p >= SINKS) & (p <= p.masked_fill(~v, -1).amax() - args.exclude_recent))
+            for x, t, v, p in saved["pool"]]
+    bins = pool[0][0].shape[-1]
+    print(f"{saved['config']['ema_decay']=}: loss per task, each bin alone at its best scale")
+    print("| task | equal scores | " + " | ".join(f"bin {k}" for k in range(bins)) + " |")
+    for i, task in enumerate(POOL_TASKS):  # every cut share lists the tasks in this order
+        part = [e for j, e in enumerate(pool) if (j // POOL_PROMPTS) % len(POOL_TASKS) == i]
+        equal = sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in part) / len(part)
+        alone = [min(sum(float(topk_loss(scale * x[..., k], t, a)) for x, t, a in part) / len(part)
+                     for scale in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)) for k in range(bins)]
+        print(f"| {task} | {equal:.3f} | " + " | ".join(f"{v:.3f}" for v in alone) + " |", flush=True)
 
 
 def save_linear_namm(weights: torch.Tensor, saved: dict, args, record: dict) -> None:
@@ -303,12 +334,18 @@ def main() -> None:
                          help="the features' per-query EMA decay (0.9999: every query; 0.99: ~the last 100)")
     p_heads.add_argument("--with-age", action="store_true",
                          help="fit the read-out's 8 age weights too (the NAMM's age embedding of each token)")
+    p_heads.add_argument("--nonneg", action="store_true",
+                         help="keep every weight >= 0 (projected Adam): a token's score never falls as any "
+                              "band of its attention grows")
     p_heads.add_argument("--save-namm", default=None,
                          help="DIR: also write a per-head linear NAMM of the shared read-out (--shared)")
     p_heads.add_argument("--recent-tokens", type=int, default=61,
                          help="the saved NAMM's recent window (61: H2O's at 15%% of the video tokens)")
     p_heads.add_argument("--cache", default=None,
                          help="a file for the pool's features and targets (written once, then read)")
+    p_bins = sub.add_parser("text-bins", help="each bin alone as the ranking, per task of a cached pool")
+    p_bins.add_argument("--cache", required=True, help="a pool written by fit-heads --cache")
+    p_bins.add_argument("--exclude-recent", type=int, default=64, help="as fit-heads --exclude-recent")
     p_eval = sub.add_parser("eval", help="15%% progressive on video with one fitted set of read-outs")
     which = p_eval.add_mutually_exclusive_group(required=True)
     which.add_argument("--params", help="a groups{G}.pt written by fit")
@@ -320,7 +357,7 @@ def main() -> None:
     p_eval.add_argument("--output-dir", required=True)
     p_eval.add_argument("--shard", default="0/1", help="K/N: this process's share of the questions")
     args = parser.parse_args()
-    {"fit": fit, "fit-heads": fit_heads, "eval": evaluate_video}[args.command](args)
+    {"fit": fit, "fit-heads": fit_heads, "text-bins": text_bins, "eval": evaluate_video}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""`joint_readouts.py fit-heads` on a synthetic feature pool: what the fitted shared read-out learns, and
+what `--nonneg` constrains (the text pool itself needs the real SmolLM2, so the pool here is a cache file
+of the same layout)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scripts" / "joint_readouts.py"
+
+
+def script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def synthetic_cache(path: Path) -> None:
+    """Four prompts, 2 layer-heads, 160 positions, 3 bins: the attention a token goes on receiving grows
+    with bin 0 and falls with bin 1 (bin 2 is noise)."""
+    gen = torch.Generator().manual_seed(0)
+    pool = []
+    for _ in range(4):
+        x = torch.randn(2, 160, 3, generator=gen)
+        target = torch.exp(1.5 * x[..., 0] - 1.5 * x[..., 1]) + 0.05 * torch.rand(2, 160, generator=gen)
+        positions = torch.arange(160).expand(2, -1)
+        pool.append((x, target, torch.ones(2, 160, dtype=torch.bool), positions))
+    config = {"ema_decay": 0.9999, "age_dim": 8}
+    torch.save({"pool": pool, "config": config, "mean": None, "var": None, "with_age": False, "future": None},
+               path)
+
+
+def fit(tmp_path: Path, *extra: str) -> tuple[list[float], dict, subprocess.CompletedProcess]:
+    cache = tmp_path / "pool.pt"
+    if not cache.exists():
+        synthetic_cache(cache)
+    name = "nonneg" if "--nonneg" in extra else "free"
+    done = script("fit-heads", "--shared", "--steps", "400", "--lr", "0.05", "--cache", str(cache),
+                  "--name", name, "--out-dir", str(tmp_path), *extra)
+    if done.returncode != 0:
+        return [], {}, done
+    weights = torch.load(tmp_path / f"{name}.pt")["weights"]
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    return weights[0].tolist(), record, done
+
+
+def test_fit_heads_learns_signs_and_nonneg_projects_them(tmp_path):
+    free, record, done = fit(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert free[0] > 0.2 and free[1] < -0.2 and abs(free[2]) < 0.5 * min(free[0], -free[1])
+    assert record["nonneg"] is False
+    assert record["reference_losses"]["fitted"] < record["reference_losses"]["equal scores"]
+
+    nonneg, record, done = fit(tmp_path, "--nonneg")
+    assert done.returncode == 0, done.stderr
+    assert min(nonneg) >= 0.0 and nonneg[1] == 0.0 and nonneg[0] > 0.2
+    assert record["nonneg"] is True
+    # the constraint costs loss where the truth has a negative weight
+    assert record["reference_losses"]["fitted"] > json.loads((tmp_path / "free.json").read_text())[
+        "reference_losses"]["fitted"]
+
+
+def test_text_bins_finds_each_tasks_own_bin(tmp_path):
+    """A pool of 3 tasks x 16 prompts in the pool's order, where task k's future attention follows bin k:
+    per task, bin k alone ranks best, well below equal scores."""
+    gen = torch.Generator().manual_seed(1)
+    pool = []
+    for task in range(3):
+        for _ in range(16):
+            x = torch.randn(1, 120, 3, generator=gen)
+            target = torch.exp(2.0 * x[..., task])
+            pool.append((x, target, torch.ones(1, 120, dtype=torch.bool), torch.arange(120)[None]))
+    cache = tmp_path / "tasks.pt"
+    torch.save({"pool": pool, "config": {"ema_decay": 0.97, "age_dim": 8}, "with_age": False}, cache)
+    done = script("text-bins", "--cache", str(cache), "--exclude-recent", "0")
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == ["passkey", "kv", "docs"]
+    for task, row in enumerate(rows):
+        equal, alone = float(row[1]), [float(v) for v in row[2:]]
+        assert min(range(3), key=alone.__getitem__) == task
+        assert alone[task] < equal - 0.2
+
+
+def test_fit_heads_refuses_a_cache_of_another_decay(tmp_path):
+    synthetic_cache(tmp_path / "pool.pt")
+    _, _, done = fit(tmp_path, "--ema-decay", "0.99")
+    assert done.returncode != 0
+    assert "pool.pt holds the pool of" in done.stderr and "0.99" in done.stderr and "--cache" in done.stderr

@@ -19,7 +19,8 @@ video tokens, progressive, with the video statistics of the shipped video NAMM:
   paid to it (which tokens each head goes on reading); ``--exclude-recent W``: the last ``W`` positions,
   kept by a recent window anyway, are left out of the fit; ``--save-namm DIR``: the shared read-out as a
   per-head NAMM (``scorer="linear"``, ``recent_tokens``), what ``benchmarks/results/video_128_linear/``
-  evaluates; ``--nonneg``: every weight kept >= 0.
+  evaluates; ``--nonneg``: every weight kept >= 0; ``--tasks``: the text pool's tasks (default passkey,
+  kv, docs; also hop, vartrack, alias).
 - ``text-bins``: each spectral bin alone as the ranking, per task of a cached pool (which bin text rewards).
 
 Capped, rankings alone matter, so no bias is set.
@@ -67,7 +68,8 @@ POOL_TASKS = ("passkey", "kv", "docs")  # the text pool's tasks, in its order (p
 POOL_PROMPTS = 16  # training prompts per task
 
 
-def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.9999):
+def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.9999,
+              tasks: tuple[str, ...] = POOL_TASKS):
     """``(training entries, probe NAMM with their statistics)``: the text pool of the joint NAMM's recipe.
 
     ``future = f``: each prompt's context is cut after its first ``f`` share of tokens, and the target is
@@ -77,12 +79,14 @@ def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.99
     progressive protocol makes them), the statistics over all of them.
     ``ema_decay``: the features' per-query EMA decay (0.9999: the joint NAMM's recipe, a memory of
     every query; 0.99: about the last 100).
+    ``tasks``: the text tasks, :data:`POOL_PROMPTS` training prompts each (``vartrack`` and ``alias`` of
+    ``EXTRA_TASKS`` too: the future target needs the model's attention, not its answer).
     """
     from namm_transfer.adapters import attach
     from namm_transfer.pipelines.models import load_named_model
     from namm_transfer.pipelines.text.evolve import EvolveConfig
     from namm_transfer.pipelines.text.evolve_shared import PrefillPool, collect_statistics, pool_seeds
-    from namm_transfer.pipelines.text.tasks import TASKS
+    from namm_transfer.pipelines.text.tasks import EXTRA_TASKS, TASKS
 
     torch.set_num_threads(1)
     cfg = EvolveConfig(engine="shared-prefill", scorer="joint", sink_tokens=4, update_every=256, seed=0,
@@ -93,9 +97,9 @@ def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.99
     train = []
     with attach(model, NAMM(feature_cfg)) as handle:
         for share in shares:
-            pool = PrefillPool(model, tokenizer, handle, TASKS, feature_cfg, [1024, 1536],
+            pool = PrefillPool(model, tokenizer, handle, {**TASKS, **EXTRA_TASKS}, feature_cfg, [1024, 1536],
                                context_share=share)
-            train += [pool.get(t, s) for t in POOL_TASKS for s in pool_seeds(0, "train", POOL_PROMPTS)]
+            train += [pool.get(t, s) for t in tasks for s in pool_seeds(0, "train", POOL_PROMPTS)]
     mean, var = collect_statistics(train, feature_cfg)
     return train, NAMM(feature_cfg, None, torch.as_tensor(mean), torch.as_tensor(var))
 
@@ -142,19 +146,20 @@ def fit_heads(args) -> None:
     cached = Path(args.cache) if args.cache else None
     if cached is not None and cached.exists():  # the pool's features, targets and statistics, as below
         saved = torch.load(cached)
-        wanted = {"future": future, "ema_decay": args.ema_decay}
-        held = {"future": saved.get("future", future), "ema_decay": saved["config"]["ema_decay"]}
+        wanted = {"future": future, "ema_decay": args.ema_decay, "tasks": list(args.tasks)}
+        held = {"future": saved.get("future", future), "ema_decay": saved["config"]["ema_decay"],
+                "tasks": saved.get("tasks", list(POOL_TASKS))}
         if held != wanted:  # (caches written before the cut was recorded are taken at their word)
             raise SystemExit(f"{cached} holds the pool of {held}, not {wanted}: name another --cache")
     else:
-        train, probe = text_pool(future, args.ema_decay)
+        train, probe = text_pool(future, args.ema_decay, tuple(args.tasks))
         age_dim = probe.config.age_dim
         pool = []
         for entry in train:
             feats, valid, positions = entry_features(entry, probe)  # [rows, S, age_dim + bins]
             pool.append((feats, entry.target, valid, positions))
         saved = {"pool": pool, "config": asdict(probe.config), "mean": probe.norm_mean, "var": probe.norm_var,
-                 "with_age": True, "future": future}
+                 "with_age": True, "future": future, "tasks": list(args.tasks)}
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(saved, cached)
@@ -189,7 +194,7 @@ def fit_heads(args) -> None:
     record = {"losses": [sum(losses[:50]) / 50, sum(losses[-50:]) / 50], "steps": args.steps, "lr": args.lr,
               "shared": args.shared, "future": future, "ema_decay": args.ema_decay,
               "with_age": args.with_age, "nonneg": args.nonneg,
-              "exclude_recent": args.exclude_recent, "prompts": len(data),
+              "exclude_recent": args.exclude_recent, "prompts": len(data), "tasks": list(args.tasks),
               "command": shlex.join(["python", *sys.argv])}
     with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
         uniform = sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in data) / len(data)
@@ -224,8 +229,9 @@ def text_bins(args) -> None:
     bins = pool[0][0].shape[-1]
     print(f"{saved['config']['ema_decay']=}: loss per task, each bin alone at its best scale")
     print("| task | equal scores | " + " | ".join(f"bin {k}" for k in range(bins)) + " |")
-    for i, task in enumerate(POOL_TASKS):  # every cut share lists the tasks in this order
-        part = [e for j, e in enumerate(pool) if (j // POOL_PROMPTS) % len(POOL_TASKS) == i]
+    tasks = saved.get("tasks", POOL_TASKS)
+    for i, task in enumerate(tasks):  # every cut share lists the tasks in this order
+        part = [e for j, e in enumerate(pool) if (j // POOL_PROMPTS) % len(tasks) == i]
         equal = sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in part) / len(part)
         alone = [min(sum(float(topk_loss(scale * x[..., k], t, a)) for x, t, a in part) / len(part)
                      for scale in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)) for k in range(bins)]
@@ -337,6 +343,8 @@ def main() -> None:
     p_heads.add_argument("--nonneg", action="store_true",
                          help="keep every weight >= 0 (projected Adam): a token's score never falls as any "
                               "band of its attention grows")
+    p_heads.add_argument("--tasks", nargs="+", default=list(POOL_TASKS),
+                         help="the text pool's tasks (also hop, vartrack, alias)")
     p_heads.add_argument("--save-namm", default=None,
                          help="DIR: also write a per-head linear NAMM of the shared read-out (--shared)")
     p_heads.add_argument("--recent-tokens", type=int, default=61,

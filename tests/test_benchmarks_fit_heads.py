@@ -1,6 +1,6 @@
-"""`joint_readouts.py fit-heads` on a synthetic feature pool: what the fitted shared read-out learns, and
-what `--nonneg` constrains (the text pool itself needs the real SmolLM2, so the pool here is a cache file
-of the same layout)."""
+"""`joint_readouts.py fit-heads` and `text-bins` on synthetic feature pools: what the fitted shared read-out
+learns, what `--nonneg` constrains, which bin `text-bins` finds per task, and which caches `fit-heads`
+refuses (the text pool itself needs the real SmolLM2, so the pools here are cache files of its layout)."""
 
 import json
 import os

@@ -135,11 +135,28 @@ def fit(args) -> None:
              "command": shlex.join(["python", *sys.argv])}, indent=2))
 
 
+def fit_tokens(pool: list, exclude_recent: int) -> list:
+    """``(features, target, allowed)`` per prompt: the tokens a fit ranks (``--exclude-recent W``: the
+    last W positions are kept by a recent window anyway, so they count neither in the loss nor in its
+    labels; nor do the sinks)."""
+    from namm_transfer.pipelines.text.tasks import SINKS
+
+    return [(x, t, v & (p >= SINKS) & (p <= p.masked_fill(~v, -1).amax() - exclude_recent))
+            for x, t, v, p in pool]
+
+
+def alone_loss(data: list, k: int) -> float:
+    """The mean listwise loss of feature ``k`` alone as the ranking, at the best of six scales."""
+    from namm_transfer.pipelines.text.evolve_shared import topk_loss
+
+    return min(sum(float(topk_loss(scale * x[..., k], t, a)) for x, t, a in data) / len(data)
+               for scale in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
+
+
 def fit_heads(args) -> None:
     """Per layer-head read-outs of its own spectral features, fitted (Adam, listwise, all rows at once)
     towards the top 10% of the context by the attention the question and answer paid *in that head*."""
     from namm_transfer.pipelines.text.evolve_shared import entry_features, topk_loss
-    from namm_transfer.pipelines.text.tasks import SINKS
 
     torch.set_num_threads(1)
     future = args.future[0] if args.future and len(args.future) == 1 else args.future  # one share: a float
@@ -170,10 +187,7 @@ def fit_heads(args) -> None:
         raise SystemExit(f"{cached} holds the spectral features only: --with-age needs a new --cache")
     else:
         pool = saved["pool"]
-    # --exclude-recent W: the last W positions are kept by a recent window anyway, so they neither count
-    # in the loss nor in its labels
-    data = [(x, t, v & (p >= SINKS) & (p <= p.masked_fill(~v, -1).amax() - args.exclude_recent))
-            for x, t, v, p in pool]
+    data = fit_tokens(pool, args.exclude_recent)
     rows, bins = data[0][0].shape[0], data[0][0].shape[-1]
     free = torch.zeros(1 if args.shared else rows, bins, requires_grad=True)  # --shared: one for every row
     opt = torch.optim.Adam([free], lr=args.lr)
@@ -198,9 +212,7 @@ def fit_heads(args) -> None:
               "command": shlex.join(["python", *sys.argv])}
     with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
         uniform = sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in data) / len(data)
-        first_bin = age_dim if args.with_age else 0
-        mass = min(sum(float(topk_loss(scale * x[..., first_bin], t, a)) for x, t, a in data) / len(data)
-                   for scale in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
+        mass = alone_loss(data, age_dim if args.with_age else 0)
         fitted = sum(float(topk_loss(torch.einsum("rsk,rk->rs", x, weights), t, a))
                      for x, t, a in data) / len(data)
     record["reference_losses"] = {"equal scores": uniform, "bin 0 alone": mass, "fitted": fitted}
@@ -219,13 +231,11 @@ def text_bins(args) -> None:
     listwise loss at the best of six scales, against equal scores, over the fit's tokens
     (``--exclude-recent``, sinks left out). Which single bin text rewards."""
     from namm_transfer.pipelines.text.evolve_shared import topk_loss
-    from namm_transfer.pipelines.text.tasks import SINKS
 
     torch.set_num_threads(1)
     saved = torch.load(args.cache)
     first = saved["config"]["age_dim"] if saved.get("with_age") else 0
-    pool = [(x[..., first:], t, v & (p >= SINKS) & (p <= p.masked_fill(~v, -1).amax() - args.exclude_recent))
-            for x, t, v, p in saved["pool"]]
+    pool = fit_tokens([(x[..., first:], t, v, p) for x, t, v, p in saved["pool"]], args.exclude_recent)
     bins = pool[0][0].shape[-1]
     print(f"{saved['config']['ema_decay']=}: loss per task, each bin alone at its best scale")
     print("| task | equal scores | " + " | ".join(f"bin {k}" for k in range(bins)) + " |")
@@ -233,8 +243,7 @@ def text_bins(args) -> None:
     for i, task in enumerate(tasks):  # every cut share lists the tasks in this order
         part = [e for j, e in enumerate(pool) if (j // POOL_PROMPTS) % len(tasks) == i]
         equal = sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in part) / len(part)
-        alone = [min(sum(float(topk_loss(scale * x[..., k], t, a)) for x, t, a in part) / len(part)
-                     for scale in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)) for k in range(bins)]
+        alone = [alone_loss(part, k) for k in range(bins)]
         print(f"| {task} | {equal:.3f} | " + " | ".join(f"{v:.3f}" for v in alone) + " |", flush=True)
 
 

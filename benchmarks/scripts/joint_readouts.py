@@ -145,6 +145,24 @@ def fit_tokens(pool: list, exclude_recent: int) -> list:
             for x, t, v, p in pool]
 
 
+def pool_features(saved: dict, with_age: bool, cached: Path | str | None) -> list:
+    """A cached pool's ``(features, target, valid, positions)``: the spectral bins, after the age
+    embedding too with ``with_age`` (pools written before ``with_age`` was stored hold the bins only)."""
+    age_dim = saved["config"]["age_dim"]
+    if saved.get("with_age"):  # the features begin with the age embedding: read it only with --with-age
+        return [(x if with_age else x[..., age_dim:], t, v, p) for x, t, v, p in saved["pool"]]
+    if with_age:
+        raise SystemExit(f"{cached} holds the spectral features only: --with-age needs a new --cache")
+    return saved["pool"]
+
+
+def equal_loss(data: list) -> float:
+    """The mean listwise loss of equal scores (every ranking's reference)."""
+    from namm_transfer.pipelines.text.evolve_shared import topk_loss
+
+    return sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in data) / len(data)
+
+
 def alone_loss(data: list, k: int) -> float:
     """The mean listwise loss of feature ``k`` alone as the ranking, at the best of six scales."""
     from namm_transfer.pipelines.text.evolve_shared import topk_loss
@@ -166,7 +184,7 @@ def fit_heads(args) -> None:
         wanted = {"future": future, "ema_decay": args.ema_decay, "tasks": list(args.tasks)}
         held = {"future": saved.get("future", future), "ema_decay": saved["config"]["ema_decay"],
                 "tasks": saved.get("tasks", list(POOL_TASKS))}
-        if held != wanted:  # (caches written before the cut was recorded are taken at their word)
+        if held != wanted:  # (caches written before a setting was recorded are taken at their word)
             raise SystemExit(f"{cached} holds the pool of {held}, not {wanted}: name another --cache")
     else:
         train, probe = text_pool(future, args.ema_decay, tuple(args.tasks))
@@ -181,13 +199,7 @@ def fit_heads(args) -> None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(saved, cached)
     age_dim = saved["config"]["age_dim"]
-    if saved.get("with_age"):  # the features begin with the age embedding: read it only with --with-age
-        pool = [(x if args.with_age else x[..., age_dim:], t, v, p) for x, t, v, p in saved["pool"]]
-    elif args.with_age:
-        raise SystemExit(f"{cached} holds the spectral features only: --with-age needs a new --cache")
-    else:
-        pool = saved["pool"]
-    data = fit_tokens(pool, args.exclude_recent)
+    data = fit_tokens(pool_features(saved, args.with_age, cached), args.exclude_recent)
     rows, bins = data[0][0].shape[0], data[0][0].shape[-1]
     free = torch.zeros(1 if args.shared else rows, bins, requires_grad=True)  # --shared: one for every row
     opt = torch.optim.Adam([free], lr=args.lr)
@@ -211,7 +223,7 @@ def fit_heads(args) -> None:
               "exclude_recent": args.exclude_recent, "prompts": len(data), "tasks": list(args.tasks),
               "command": shlex.join(["python", *sys.argv])}
     with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
-        uniform = sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in data) / len(data)
+        uniform = equal_loss(data)
         mass = alone_loss(data, age_dim if args.with_age else 0)
         fitted = sum(float(topk_loss(torch.einsum("rsk,rk->rs", x, weights), t, a))
                      for x, t, a in data) / len(data)
@@ -230,21 +242,17 @@ def text_bins(args) -> None:
     """Each spectral bin alone as the ranking, per task of a cached pool (``fit-heads --cache``): the
     listwise loss at the best of six scales, against equal scores, over the fit's tokens
     (``--exclude-recent``, sinks left out). Which single bin text rewards."""
-    from namm_transfer.pipelines.text.evolve_shared import topk_loss
-
     torch.set_num_threads(1)
     saved = torch.load(args.cache)
-    first = saved["config"]["age_dim"] if saved.get("with_age") else 0
-    pool = fit_tokens([(x[..., first:], t, v, p) for x, t, v, p in saved["pool"]], args.exclude_recent)
+    pool = fit_tokens(pool_features(saved, False, args.cache), args.exclude_recent)
     bins = pool[0][0].shape[-1]
     print(f"{saved['config']['ema_decay']=}: loss per task, each bin alone at its best scale")
     print("| task | equal scores | " + " | ".join(f"bin {k}" for k in range(bins)) + " |")
     tasks = saved.get("tasks", POOL_TASKS)
     for i, task in enumerate(tasks):  # every cut share lists the tasks in this order
         part = [e for j, e in enumerate(pool) if (j // POOL_PROMPTS) % len(tasks) == i]
-        equal = sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in part) / len(part)
-        alone = [alone_loss(part, k) for k in range(bins)]
-        print(f"| {task} | {equal:.3f} | " + " | ".join(f"{v:.3f}" for v in alone) + " |", flush=True)
+        cells = [equal_loss(part)] + [alone_loss(part, k) for k in range(bins)]
+        print(f"| {task} | " + " | ".join(f"{v:.3f}" for v in cells) + " |", flush=True)
 
 
 def save_linear_namm(weights: torch.Tensor, saved: dict, args, record: dict) -> None:

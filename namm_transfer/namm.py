@@ -80,6 +80,11 @@ class NAMMConfig:
     # ranks by the z-scored joint score plus m times its own z-scored term of it (joint.head_mixed), so
     # the heads keep different tokens. A threshold still decides how many each head keeps.
     head_mix: float = 0.0
+    # Divide each token's spectrogram EMA by the total weight of the frames emitted since it arrived
+    # (1 - (decay ** hop) ** frames): its features become a weighted mean of its frames' magnitudes, not
+    # a sum that grows with its age, so an old token and a new one read alike are scored alike. With a
+    # decay near 1 that is the mean attention a token has received per query. False: the reference.
+    ema_unbiased: bool = False
 
     def __post_init__(self) -> None:
         if self.scorer == "joint" and self.joint_rows < 1:
@@ -124,6 +129,16 @@ class NAMMConfig:
         if unknown:
             raise ValueError(f"unknown NAMMConfig fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+def emitted_weight(state: StreamingSpectrogram, age: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S]`` the total EMA weight of the frames emitted since each token arrived: a frame is
+    emitted each time a sample's rows seen reach a multiple of ``hop``, and a token ``age`` rows before the
+    newest arrived at row ``rows_seen - 1 - age``; frames before it hold none of its attention. At least
+    one frame's weight, so a token no frame has read yet keeps its zero features."""
+    seen = state.rows_seen.to(age.device)[:, None, None]
+    frames = seen // state.hop - (seen - 1 - age.clamp_min(0)) // state.hop
+    return (1 - state.frame_decay ** frames.clamp_min(1).double()).float()
 
 
 def _per_slot(per_token: torch.Tensor, view: CacheView) -> torch.Tensor:
@@ -262,7 +277,9 @@ class NAMM(MemoryPolicy):
         if state.ema is None:
             return torch.zeros(*view.positions.shape, self.config.n_bins, device=view.positions.device)
         state.grow(view.positions.shape[-1])
-        return state.ema
+        if not self.config.ema_unbiased:
+            return state.ema
+        return state.ema / emitted_weight(state, view.age)[..., None]
 
     def keep(self, state: StreamingSpectrogram, view: CacheView) -> torch.Tensor:
         if self._collect is not None:

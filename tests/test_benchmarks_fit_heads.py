@@ -85,10 +85,12 @@ def test_text_bins_finds_each_tasks_own_bin(tmp_path):
         assert alone[task] < equal - 0.2
 
 
-def test_fit_heads_refuses_a_cache_of_another_decay_or_tasks(tmp_path):
+def test_fit_heads_refuses_a_cache_of_another_decay_tasks_or_features(tmp_path):
     synthetic_cache(tmp_path / "pool.pt")
     _, _, done = fit(tmp_path, "--ema-decay", "0.99")
     assert done.returncode != 0
     assert "pool.pt holds the pool of" in done.stderr and "0.99" in done.stderr and "--cache" in done.stderr
     _, _, done = fit(tmp_path, "--tasks", "hop", "vartrack")  # a cache of the default tasks
     assert done.returncode != 0 and "'tasks': ['hop', 'vartrack']" in done.stderr
+    _, _, done = fit(tmp_path, "--ema-unbiased")  # a cache of the reference's (summed) features
+    assert done.returncode != 0 and "'ema_unbiased': True" in done.stderr

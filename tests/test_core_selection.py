@@ -25,6 +25,14 @@ def test_keep_iff_score_at_least_threshold():
     assert keep.tolist() == [[[False, False, False, False, True, True]]]  # newest (slot 5) forced anyway
 
 
+def test_ties_under_a_budget_go_to_the_earliest_slots():
+    """Equal scores (a read-out of zeros) keep the first slots, in a fresh cache the oldest tokens, and
+    the newest (forced): what ``joint_readouts.py text-fitness`` calls "equal scores"."""
+    valid, positions = slots(8)
+    keep = select_tokens(torch.zeros(1, 1, 8), valid, positions, threshold=None, budget=3)
+    assert keep.tolist() == [[[True, True, False, False, False, False, False, True]]]
+
+
 def test_newest_valid_always_kept():
     scores = torch.full((2, 2, 5), -1e9)
     valid, _ = slots(5, 2, 2)

@@ -22,6 +22,8 @@ video tokens, progressive, with the video statistics of the shipped video NAMM:
   evaluates; ``--nonneg``: every weight kept >= 0; ``--tasks``: the text pool's tasks (default passkey,
   kv, docs; also hop, vartrack, alias).
 - ``text-bins``: each spectral bin alone as the ranking, per task of a cached pool (which bin text rewards).
+- ``text-fitness``: the text task fitness evolution climbs (one-shot, capped) of hand-set read-outs:
+  whether CMA-ES on text could find what the future-attention fit does not.
 
 Capped, rankings alone matter, so no bias is set.
 
@@ -41,7 +43,7 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -69,7 +71,7 @@ POOL_PROMPTS = 16  # training prompts per task
 
 
 def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.9999,
-              tasks: tuple[str, ...] = POOL_TASKS):
+              tasks: tuple[str, ...] = POOL_TASKS, ema_unbiased: bool = False):
     """``(training entries, probe NAMM with their statistics)``: the text pool of the joint NAMM's recipe.
 
     ``future = f``: each prompt's context is cut after its first ``f`` share of tokens, and the target is
@@ -81,6 +83,8 @@ def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.99
     every query; 0.99: about the last 100).
     ``tasks``: the text tasks, :data:`POOL_PROMPTS` training prompts each (``vartrack`` and ``alias`` of
     ``EXTRA_TASKS`` too: the future target needs the model's attention, not its answer).
+    ``ema_unbiased``: features divided by the weight of the frames since each token arrived
+    (``NAMMConfig.ema_unbiased``: a token's mean attention spectrum, not a sum growing with its age).
     """
     from namm_transfer.adapters import attach
     from namm_transfer.pipelines.models import load_named_model
@@ -92,7 +96,7 @@ def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.99
     cfg = EvolveConfig(engine="shared-prefill", scorer="joint", sink_tokens=4, update_every=256, seed=0,
                        ema_decay=ema_decay, joint_reference="fresh-median")
     model, tokenizer = load_named_model("smollm2")
-    feature_cfg = cfg.namm_config()
+    feature_cfg = replace(cfg.namm_config(), ema_unbiased=ema_unbiased)
     shares = future if isinstance(future, list) else [future]
     train = []
     with attach(model, NAMM(feature_cfg)) as handle:
@@ -181,13 +185,15 @@ def fit_heads(args) -> None:
     cached = Path(args.cache) if args.cache else None
     if cached is not None and cached.exists():  # the pool's features, targets and statistics, as below
         saved = torch.load(cached)
-        wanted = {"future": future, "ema_decay": args.ema_decay, "tasks": list(args.tasks)}
+        wanted = {"future": future, "ema_decay": args.ema_decay, "tasks": list(args.tasks),
+                  "ema_unbiased": args.ema_unbiased}
         held = {"future": saved.get("future", future), "ema_decay": saved["config"]["ema_decay"],
-                "tasks": saved.get("tasks", list(POOL_TASKS))}
+                "tasks": saved.get("tasks", list(POOL_TASKS)),
+                "ema_unbiased": saved["config"].get("ema_unbiased", False)}
         if held != wanted:  # (caches written before a setting was recorded are taken at their word)
             raise SystemExit(f"{cached} holds the pool of {held}, not {wanted}: name another --cache")
     else:
-        train, probe = text_pool(future, args.ema_decay, tuple(args.tasks))
+        train, probe = text_pool(future, args.ema_decay, tuple(args.tasks), args.ema_unbiased)
         age_dim = probe.config.age_dim
         pool = []
         for entry in train:
@@ -219,6 +225,7 @@ def fit_heads(args) -> None:
     weights = free.detach().expand(rows, bins).clone()
     record = {"losses": [sum(losses[:50]) / 50, sum(losses[-50:]) / 50], "steps": args.steps, "lr": args.lr,
               "shared": args.shared, "future": future, "ema_decay": args.ema_decay,
+              "ema_unbiased": args.ema_unbiased,
               "with_age": args.with_age, "nonneg": args.nonneg,
               "exclude_recent": args.exclude_recent, "prompts": len(data), "tasks": list(args.tasks),
               "command": shlex.join(["python", *sys.argv])}
@@ -253,6 +260,60 @@ def text_bins(args) -> None:
         part = [e for j, e in enumerate(pool) if (j // POOL_PROMPTS) % len(tasks) == i]
         cells = [equal_loss(part)] + [alone_loss(part, k) for k in range(bins)]
         print(f"| {task} | " + " | ".join(f"{v:.3f}" for v in cells) + " |", flush=True)
+
+
+def text_fitness(args) -> None:
+    """Whether task fitness on text could teach a read-out bin 0: the shared-prefill engine's fitness
+    (``evolve --engine shared-prefill``: answer likelihood and exact match against the full cache, the
+    context compressed once to a budget, sinks and a recent window kept) of hand-set read-outs on the text
+    pool's training prompts: ``--namm``'s read-out, each of ``--bins`` alone, and equal scores (ties).
+    A markdown table per task, normalised to the full cache."""
+    import numpy as np
+
+    from namm_transfer.adapters import attach
+    from namm_transfer.pipelines.models import load_named_model
+    from namm_transfer.pipelines.text.evolve_shared import (
+        PrefillPool,
+        collect_statistics,
+        pool_seeds,
+        population_fitness,
+    )
+    from namm_transfer.pipelines.text.tasks import TASKS
+
+    torch.set_num_threads(1)
+    source = NAMM.from_pretrained(args.namm)
+    cfg = replace(source.config, budget=None)
+    model, tokenizer = load_named_model("smollm2")
+    base = source.params[0].double().numpy()
+    readouts = {f"{args.namm} read-out": base}
+    for k in args.bins:
+        alone = np.zeros_like(base)
+        alone[cfg.age_dim + k] = 1.0
+        readouts[f"bin {k} alone"] = alone
+    readouts["equal scores"] = np.zeros_like(base)
+    params = np.stack(list(readouts.values()))
+    lines = [f"Text task fitness, one-shot, {args.prompts} {args.split} prompts per task (normalised to the "
+             f"full cache; `{shlex.join(['python', *sys.argv])}`)", "",
+             "| window | budget | read-out | " + " | ".join(POOL_TASKS) + " | mean |",
+             "|---|---|---|" + "---|" * (len(POOL_TASKS) + 1)]
+    with attach(model, NAMM(cfg)) as handle:
+        pool = PrefillPool(model, tokenizer, handle, TASKS, cfg, [1024, 1536])
+        entries = {t: [pool.get(t, s) for s in pool_seeds(0, args.split, args.prompts)] for t in POOL_TASKS}
+        norm = collect_statistics([e for part in entries.values() for e in part], cfg)
+        for window in args.windows:
+            for budget in args.budgets:
+                scored = replace(cfg, recent_tokens=window)
+                per_task = np.stack([  # [tasks, read-outs]
+                    population_fitness(model, part, [budget] * len(part), scored, params, norm, 8, 0.5)
+                    ["fitness"] for part in entries.values()])
+                for j, name in enumerate(readouts):
+                    cells = [f"{v:.3f}" for v in per_task[:, j]] + [f"{per_task[:, j].mean():.3f}"]
+                    lines.append(f"| {window} | {budget:.0%} | {name} | " + " | ".join(cells) + " |")
+                print("\n".join(lines[-len(readouts):]), flush=True)
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
 
 
 def save_linear_namm(weights: torch.Tensor, saved: dict, args, record: dict) -> None:
@@ -355,6 +416,9 @@ def main() -> None:
                          help="W: leave each context's last W positions out of the fit (a window keeps them)")
     p_heads.add_argument("--ema-decay", type=float, default=0.9999,
                          help="the features' per-query EMA decay (0.9999: every query; 0.99: ~the last 100)")
+    p_heads.add_argument("--ema-unbiased", action="store_true",
+                         help="features divided by the weight of the frames since each token arrived "
+                              "(NAMMConfig.ema_unbiased: mean attention, not a sum growing with age)")
     p_heads.add_argument("--with-age", action="store_true",
                          help="fit the read-out's 8 age weights too (the NAMM's age embedding of each token)")
     p_heads.add_argument("--nonneg", action="store_true",
@@ -371,6 +435,14 @@ def main() -> None:
     p_bins = sub.add_parser("text-bins", help="each bin alone as the ranking, per task of a cached pool")
     p_bins.add_argument("--cache", required=True, help="a pool written by fit-heads --cache")
     p_bins.add_argument("--exclude-recent", type=int, default=64, help="as fit-heads --exclude-recent")
+    p_fitness = sub.add_parser("text-fitness", help="text task fitness (one-shot, capped) of set read-outs")
+    p_fitness.add_argument("--namm", default="smollm2-text-linear", help="whose read-out and features")
+    p_fitness.add_argument("--bins", type=int, nargs="+", default=[0, 1, 2], help="bins scored alone")
+    p_fitness.add_argument("--budgets", type=float, nargs="+", default=[0.15, 0.25], help="kept shares")
+    p_fitness.add_argument("--windows", type=int, nargs="+", default=[61, 32], help="recent windows")
+    p_fitness.add_argument("--prompts", type=int, default=POOL_PROMPTS, help="prompts per task")
+    p_fitness.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p_fitness.add_argument("--out", default=None, help="also write the table to this markdown file")
     p_eval = sub.add_parser("eval", help="15%% progressive on video with one fitted set of read-outs")
     which = p_eval.add_mutually_exclusive_group(required=True)
     which.add_argument("--params", help="a groups{G}.pt written by fit")
@@ -382,7 +454,9 @@ def main() -> None:
     p_eval.add_argument("--output-dir", required=True)
     p_eval.add_argument("--shard", default="0/1", help="K/N: this process's share of the questions")
     args = parser.parse_args()
-    {"fit": fit, "fit-heads": fit_heads, "text-bins": text_bins, "eval": evaluate_video}[args.command](args)
+    commands = {"fit": fit, "fit-heads": fit_heads, "text-bins": text_bins, "text-fitness": text_fitness,
+                "eval": evaluate_video}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`joint_readouts.py fit-heads` and `text-bins` on synthetic feature pools: what the fitted shared read-out
 learns, what `--nonneg` constrains, which bin `text-bins` finds per task, and which caches `fit-heads`
-refuses (the text pool itself needs the real SmolLM2, so the pools here are cache files of its layout)."""
+refuses (the text pool itself needs the real SmolLM2, so the pools here are cache files of its layout);
+and the NAMMs and bins `text-fitness` refuses."""
 
 import json
 import os
@@ -94,3 +95,11 @@ def test_fit_heads_refuses_a_cache_of_another_decay_tasks_or_features(tmp_path):
     assert done.returncode != 0 and "'tasks': ['hop', 'vartrack']" in done.stderr
     _, _, done = fit(tmp_path, "--ema-unbiased")  # a cache of the reference's (summed) features
     assert done.returncode != 0 and "'ema_unbiased': True" in done.stderr
+
+
+def test_text_fitness_refuses_a_namm_without_a_linear_read_out_and_bins_out_of_range():
+    """Both checks come before the model loads: a clear message, not a wrong table."""
+    done = script("text-fitness", "--namm", "smollm2-text")
+    assert done.returncode != 0 and "'bam' scorer" in done.stderr and "linear" in done.stderr
+    done = script("text-fitness", "--bins", "17")
+    assert done.returncode != 0 and "--bins must be in 0..16" in done.stderr

@@ -282,6 +282,11 @@ def text_fitness(args) -> None:
 
     torch.set_num_threads(1)
     source = NAMM.from_pretrained(args.namm)
+    if source.config.scorer != "linear":
+        raise SystemExit(f"{args.namm} has a {source.config.scorer!r} scorer; text-fitness sets bins of a "
+                         "linear read-out (scorer='linear', e.g. smollm2-text-linear)")
+    if not all(0 <= k < source.config.n_bins for k in args.bins):
+        raise SystemExit(f"--bins must be in 0..{source.config.n_bins - 1}, got {args.bins}")
     cfg = replace(source.config, budget=None)
     model, tokenizer = load_named_model("smollm2")
     base = source.params[0].double().numpy()

@@ -68,6 +68,7 @@ def layer_groups(layers: int, groups: int) -> list[range]:
 
 POOL_TASKS = ("passkey", "kv", "docs")  # the text pool's tasks, in its order (per cut share)
 POOL_PROMPTS = 16  # training prompts per task
+POOL_LENGTHS = [1024, 1536]  # prompt lengths in tokens, one drawn per prompt by its seed
 
 
 def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.9999,
@@ -101,7 +102,7 @@ def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.99
     train = []
     with attach(model, NAMM(feature_cfg)) as handle:
         for share in shares:
-            pool = PrefillPool(model, tokenizer, handle, {**TASKS, **EXTRA_TASKS}, feature_cfg, [1024, 1536],
+            pool = PrefillPool(model, tokenizer, handle, {**TASKS, **EXTRA_TASKS}, feature_cfg, POOL_LENGTHS,
                                context_share=share)
             train += [pool.get(t, s) for t in tasks for s in pool_seeds(0, "train", POOL_PROMPTS)]
     mean, var = collect_statistics(train, feature_cfg)
@@ -272,6 +273,7 @@ def text_fitness(args) -> None:
 
     from namm_transfer.adapters import attach
     from namm_transfer.pipelines.models import load_named_model
+    from namm_transfer.pipelines.text.evolve import EvolveConfig
     from namm_transfer.pipelines.text.evolve_shared import (
         PrefillPool,
         collect_statistics,
@@ -302,15 +304,17 @@ def text_fitness(args) -> None:
              "| window | budget | read-out | " + " | ".join(POOL_TASKS) + " | mean |",
              "|---|---|---|" + "---|" * (len(POOL_TASKS) + 1)]
     with attach(model, NAMM(cfg)) as handle:
-        pool = PrefillPool(model, tokenizer, handle, TASKS, cfg, [1024, 1536])
+        pool = PrefillPool(model, tokenizer, handle, TASKS, cfg, POOL_LENGTHS)
         entries = {t: [pool.get(t, s) for s in pool_seeds(0, args.split, args.prompts)] for t in POOL_TASKS}
+        engine = EvolveConfig()  # the evolve engine's block size and exact-match weight
         norm = collect_statistics([e for part in entries.values() for e in part], cfg)
         for window in args.windows:
             for budget in args.budgets:
                 scored = replace(cfg, recent_tokens=window)
                 per_task = np.stack([  # [tasks, read-outs]
-                    population_fitness(model, part, [budget] * len(part), scored, params, norm, 8, 0.5)
-                    ["fitness"] for part in entries.values()])
+                    population_fitness(model, part, [budget] * len(part), scored, params, norm,
+                                       engine.members_per_batch, engine.em_weight)["fitness"]
+                    for part in entries.values()])
                 for j, name in enumerate(readouts):
                     cells = [f"{v:.3f}" for v in per_task[:, j]] + [f"{per_task[:, j].mean():.3f}"]
                     lines.append(f"| {window} | {budget:.0%} | {name} | " + " | ".join(cells) + " |")

@@ -203,6 +203,16 @@ class StreamingSpectrogram:
     def frame_decay(self) -> float:
         return self.decay**self.hop
 
+    def emitted_weight(self, age: torch.Tensor) -> torch.Tensor:
+        """``[B, H, S]`` the total EMA weight of the frames emitted since each key arrived (``age``: rows
+        before each sample's newest, ``[B, H, S]``): a frame is emitted each time ``rows_seen`` reaches a
+        multiple of ``hop``, a key ``age`` rows before the newest arrived at row ``rows_seen - 1 - age``,
+        and frames before it hold none of its attention. At least one frame's weight, so a key no frame
+        has read yet keeps its zero EMA. ``ema`` over it is the weighted mean of the key's frames."""
+        seen = self.rows_seen.to(age.device)[:, None, None]
+        frames = seen // self.hop - (seen - 1 - age.clamp_min(0)) // self.hop
+        return (1 - self.frame_decay ** frames.clamp_min(1).double()).float()
+
     def _init(self, batch: int, heads: int, device: torch.device) -> None:
         self._ring = torch.zeros(batch, heads, self.n_fft, 0, device=device)
         self._spec = torch.zeros(batch, heads, self.n_bins, 0, device=device)

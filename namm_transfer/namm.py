@@ -131,16 +131,6 @@ class NAMMConfig:
         return cls(**data)
 
 
-def emitted_weight(state: StreamingSpectrogram, age: torch.Tensor) -> torch.Tensor:
-    """``[B, H, S]`` the total EMA weight of the frames emitted since each token arrived: a frame is
-    emitted each time a sample's rows seen reach a multiple of ``hop``, and a token ``age`` rows before the
-    newest arrived at row ``rows_seen - 1 - age``; frames before it hold none of its attention. At least
-    one frame's weight, so a token no frame has read yet keeps its zero features."""
-    seen = state.rows_seen.to(age.device)[:, None, None]
-    frames = seen // state.hop - (seen - 1 - age.clamp_min(0)) // state.hop
-    return (1 - state.frame_decay ** frames.clamp_min(1).double()).float()
-
-
 def _per_slot(per_token: torch.Tensor, view: CacheView) -> torch.Tensor:
     """``[B, H, S]`` the value of each slot's token in ``per_token`` ``[B' (1 or B), H' (1 or H), T]``;
     -inf on invalid slots."""
@@ -279,7 +269,7 @@ class NAMM(MemoryPolicy):
         state.grow(view.positions.shape[-1])
         if not self.config.ema_unbiased:
             return state.ema
-        return state.ema / emitted_weight(state, view.age)[..., None]
+        return state.ema / state.emitted_weight(view.age)[..., None]
 
     def keep(self, state: StreamingSpectrogram, view: CacheView) -> torch.Tensor:
         if self._collect is not None:

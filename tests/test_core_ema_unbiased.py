@@ -7,7 +7,6 @@ import torch
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.features import StreamingSpectrogram
-from namm_transfer.namm import emitted_weight
 from namm_transfer.policies.base import CacheView
 
 N_FFT, HOP = 32, 16
@@ -29,9 +28,9 @@ def test_emitted_weight_is_the_ema_weight_of_the_frames_since_arrival(rows_seen,
     state = StreamingSpectrogram(N_FFT, HOP, decay)
     state.observe(causal_rows(rows_seen), causal=True)
     age = torch.arange(rows_seen)[None, None]  # every token, newest (age 0) to the first
-    got = emitted_weight(state, age)[0, 0]
+    got = state.emitted_weight(age)[0, 0]
     fd = decay**HOP
-    emitted = [r for r in range(HOP, rows_seen + 1, HOP)]  # a frame at each multiple of hop
+    emitted = range(HOP, rows_seen + 1, HOP)  # a frame at each multiple of hop
     for a in range(rows_seen):
         arrival = rows_seen - 1 - a
         k = sum(r - 1 >= arrival for r in emitted)  # frames whose rows include the token's
@@ -48,7 +47,7 @@ def test_unbiased_features_are_the_ema_divided_by_that_weight():
     age_dim = biased.config.age_dim
     plain = biased.features(state, view)[..., age_dim:]
     mean = unbiased.features(state, view)[..., age_dim:]
-    torch.testing.assert_close(mean, plain / emitted_weight(state, view.age)[..., None])
+    torch.testing.assert_close(mean, plain / state.emitted_weight(view.age)[..., None])
     # the age embedding is untouched
     ages = [namm.features(state, view)[..., :age_dim] for namm in (unbiased, biased)]
     torch.testing.assert_close(*ages)

@@ -91,6 +91,8 @@ class NAMMConfig:
             raise ValueError("a joint NAMM needs joint_rows = the model's layers x KV heads (>= 1)")
         if self.joint_reference not in REFERENCES:
             raise ValueError(f"joint_reference must be one of {REFERENCES}, got {self.joint_reference!r}")
+        if not 0 < self.ema_decay < 1:  # 1 would weight every frame by 1 - decay ** hop = 0
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         if self.recent_tokens < 0:

@@ -71,3 +71,10 @@ def test_off_by_default_and_kept_by_save_and_load(tmp_path):
     namm = NAMM(NAMMConfig(scorer="linear", ema_unbiased=True))
     namm.save_pretrained(tmp_path / "namm")
     assert NAMM.from_pretrained(tmp_path / "namm").config.ema_unbiased is True
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, 1.5, -0.5])
+def test_an_ema_decay_outside_0_1_is_refused(decay):
+    # 1 would weight every frame by 1 - decay ** hop = 0: all-zero features, not a never-forgetting sum
+    with pytest.raises(ValueError, match="ema_decay must be in \\(0, 1\\)"):
+        NAMMConfig(ema_decay=decay)

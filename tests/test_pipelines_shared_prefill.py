@@ -380,3 +380,45 @@ def test_a_pool_of_several_lengths_draws_each_prompts_length_by_its_seed(monkeyp
     for seed in (10, 11, 12, 11):
         pool.get("t", seed)
     assert asked == [(10, 1024), (11, 1536), (12, 1024)]  # the same seed, the same prompt (built once)
+
+
+def test_a_pool_with_the_question_in_its_prefill_cuts_before_the_prompts_last_token(monkeypatch):
+    from types import SimpleNamespace
+
+    from namm_transfer.pipelines.text import evolve_shared
+
+    cuts = []
+    task = SimpleNamespace(make=lambda tokenizer, seed, n: SimpleNamespace(prompt_ids=list(range(40))))
+
+    def prefill(*args, context_len=None, **kwargs):
+        cuts.append(context_len)
+        return SimpleNamespace(context_len=context_len)
+
+    monkeypatch.setattr(evolve_shared, "prefill_context", prefill)
+    monkeypatch.setattr(evolve_shared, "answer_token_ids", lambda *a: None)
+    monkeypatch.setattr(evolve_shared, "answer_attention", lambda *a: (None, None))
+    monkeypatch.setattr(evolve_shared, "evidence_mask", lambda *a: [])
+    evolve_shared.PrefillPool(None, None, None, {"t": task}, NAMMConfig(), 1024).get("t", 0)
+    evolve_shared.PrefillPool(None, None, None, {"t": task}, NAMMConfig(), 1024,
+                              question_in_prefill=True).get("t", 0)
+    # the default leaves the cut to prefill_context (before the question); with the question, every
+    # prompt token but the last, which the answer's first token is predicted from
+    assert cuts == [None, 39]
+    with pytest.raises(ValueError, match="choose one"):
+        evolve_shared.PrefillPool(None, None, None, {"t": task}, NAMMConfig(), 1024, context_share=0.5,
+                                  question_in_prefill=True)
+
+
+def test_teacher_forced_after_a_prefill_of_all_but_the_prompts_last_token_scores_the_answer(model):
+    # the question_in_prefill cut: the suffix is one token, from which the answer's first token is predicted
+    ids = _ids(5)
+    prompt = CONTEXT + SUFFIX
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[None]).logits[0, prompt - 1 : -1].float(), -1)
+    expected = logp.gather(-1, ids[prompt:, None]).sum()
+    with attach(model, _namm()) as handle:
+        prefill = prefill_context(model, handle, _Example(ids[:prompt].tolist()), None, [_namm()],
+                                  context_len=prompt - 1)
+        result = teacher_forced(model, prefill, prefill.fork(0, FullCache()), ids[prompt:])
+    assert prefill.suffix_ids.tolist() == [int(ids[prompt - 1])]
+    assert result.logprob[0] == pytest.approx(float(expected), abs=1e-4)

@@ -268,7 +268,9 @@ def text_fitness(args) -> None:
     (``evolve --engine shared-prefill``: answer likelihood and exact match against the full cache, the
     context compressed once to a budget, sinks and a recent window kept) of hand-set read-outs on the text
     pool's training prompts: ``--namm``'s read-out, each of ``--bins`` alone, and equal scores (ties).
-    A markdown table per task, normalised to the full cache."""
+    A markdown table per task, normalised to the full cache. ``--ema-decay``: the features' memory
+    (default: ``--namm``'s); ``--question-in-prefill``: the eviction after the question instead of before
+    it (it reads the question's attention; only the answer is scored after it)."""
     import numpy as np
 
     from namm_transfer.adapters import attach
@@ -290,6 +292,8 @@ def text_fitness(args) -> None:
     if not all(0 <= k < source.config.n_bins for k in args.bins):
         raise SystemExit(f"--bins must be in 0..{source.config.n_bins - 1}, got {args.bins}")
     cfg = replace(source.config, budget=None)
+    if args.ema_decay is not None:
+        cfg = replace(cfg, ema_decay=args.ema_decay)
     model, tokenizer = load_named_model("smollm2")
     base = source.params[0].double().numpy()
     readouts = {f"{args.namm} read-out": base}
@@ -299,12 +303,15 @@ def text_fitness(args) -> None:
         readouts[f"bin {k} alone"] = alone
     readouts["equal scores"] = np.zeros_like(base)
     params = np.stack(list(readouts.values()))
-    lines = [f"Text task fitness, one-shot, {args.prompts} {args.split} prompts per task (normalised to the "
-             f"full cache; `{shlex.join(['python', *sys.argv])}`)", "",
+    where = "after the question" if args.question_in_prefill else "before the question"
+    command = shlex.join(["python", *sys.argv])
+    lines = [f"Text task fitness, one-shot {where}, features' EMA {cfg.ema_decay}, "
+             f"{args.prompts} {args.split} prompts per task (normalised to the full cache; `{command}`)", "",
              "| window | budget | read-out | " + " | ".join(POOL_TASKS) + " | mean |",
              "|---|---|---|" + "---|" * (len(POOL_TASKS) + 1)]
     with attach(model, NAMM(cfg)) as handle:
-        pool = PrefillPool(model, tokenizer, handle, TASKS, cfg, POOL_LENGTHS)
+        pool = PrefillPool(model, tokenizer, handle, TASKS, cfg, POOL_LENGTHS,
+                           question_in_prefill=args.question_in_prefill)
         entries = {t: [pool.get(t, s) for s in pool_seeds(0, args.split, args.prompts)] for t in POOL_TASKS}
         engine = EvolveConfig()  # the evolve engine's block size and exact-match weight
         norm = collect_statistics([e for part in entries.values() for e in part], cfg)
@@ -451,6 +458,10 @@ def main() -> None:
     p_fitness.add_argument("--windows", type=int, nargs="+", default=[61, 32], help="recent windows")
     p_fitness.add_argument("--prompts", type=int, default=POOL_PROMPTS, help="prompts per task")
     p_fitness.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p_fitness.add_argument("--ema-decay", type=float, default=None,
+                           help="the features' EMA (default: --namm's)")
+    p_fitness.add_argument("--question-in-prefill", action="store_true",
+                           help="evict after the question (its attention read), not before it")
     p_fitness.add_argument("--out", default=None, help="also write the table to this markdown file")
     p_eval = sub.add_parser("eval", help="15%% progressive on video with one fitted set of read-outs")
     which = p_eval.add_mutually_exclusive_group(required=True)

@@ -75,7 +75,11 @@ class PrefillPool:
     """Context prefills of training / validation prompts, computed once and reused every generation."""
 
     def __init__(self, model, tokenizer, handle, tasks: dict, namm_cfg: NAMMConfig,
-                 prompt_tokens: int | list[int], context_share: float | None = None):
+                 prompt_tokens: int | list[int], context_share: float | None = None,
+                 question_in_prefill: bool = False):
+        if context_share is not None and question_in_prefill:
+            raise ValueError("context_share cuts the context before the question; question_in_prefill "
+                             "prefills past it: choose one")
         self.model, self.tokenizer, self.handle, self.tasks = model, tokenizer, handle, tasks
         # several lengths: each prompt's is drawn by its seed, so a pool mixes them reproducibly
         self.lengths = [prompt_tokens] if isinstance(prompt_tokens, int) else list(prompt_tokens)
@@ -83,6 +87,10 @@ class PrefillPool:
         # f: prefill only the first f of each context; the rest of it joins the question and answer, so
         # the target is the attention everything after the cut pays to the tokens before it
         self.context_share = context_share
+        # the question and answer prefix prefilled too (all but the prompt's last token, which the answer
+        # is predicted from): the eviction reads the question's attention, as the reference's last
+        # progressive eviction after the prompt does; only the answer's likelihood is scored after it
+        self.question_in_prefill = question_in_prefill
         self.entries: dict[tuple[str, int], PoolEntry] = {}
 
     def get(self, task: str, seed: int) -> PoolEntry:
@@ -96,6 +104,8 @@ class PrefillPool:
         example = self.tasks[task].make(self.tokenizer, seed, self.lengths[seed % len(self.lengths)])
         share = self.context_share
         cut = None if share is None else int(split_context(example, self.tokenizer) * share)
+        if self.question_in_prefill:
+            cut = len(example.prompt_ids) - 1
         prefill = prefill_context(self.model, self.handle, example, self.tokenizer, [NAMM(self.namm_cfg)],
                                   context_len=cut)
         answer = answer_token_ids(self.tokenizer, example)

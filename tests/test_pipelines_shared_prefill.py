@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import _tiny_decoders
 import numpy as np
@@ -12,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.adapters import attach
+from namm_transfer.pipelines.text import evolve_shared
 from namm_transfer.pipelines.text.evolve_shared import (
     JointGains,
     PoolEntry,
@@ -361,21 +363,22 @@ def test_received_attention_follows_compacted_slots():
     assert torch.equal(state["received"], before.gather(-1, index))
 
 
+def _stub_pool_builders(monkeypatch, prefill=lambda *a, **k: SimpleNamespace(context_len=1)):
+    """A PrefillPool's model work replaced by stubs (``prefill``: what ``prefill_context`` does)."""
+    monkeypatch.setattr(evolve_shared, "prefill_context", prefill)
+    monkeypatch.setattr(evolve_shared, "answer_token_ids", lambda *a: None)
+    monkeypatch.setattr(evolve_shared, "answer_attention", lambda *a: (None, None))
+    monkeypatch.setattr(evolve_shared, "evidence_mask", lambda *a: [])
+
+
 def test_a_pool_of_several_lengths_draws_each_prompts_length_by_its_seed(monkeypatch):
-    from types import SimpleNamespace
-
-    from namm_transfer.pipelines.text import evolve_shared
-
     asked = []
     def make(tokenizer, seed, n):
         asked.append((seed, n))
         return SimpleNamespace(prompt_ids=[])
 
     task = SimpleNamespace(make=make)
-    monkeypatch.setattr(evolve_shared, "prefill_context", lambda *a, **k: SimpleNamespace(context_len=1))
-    monkeypatch.setattr(evolve_shared, "answer_token_ids", lambda *a: None)
-    monkeypatch.setattr(evolve_shared, "answer_attention", lambda *a: (None, None))
-    monkeypatch.setattr(evolve_shared, "evidence_mask", lambda *a: [])
+    _stub_pool_builders(monkeypatch)
     pool = evolve_shared.PrefillPool(None, None, None, {"t": task}, NAMMConfig(), [1024, 1536])
     for seed in (10, 11, 12, 11):
         pool.get("t", seed)
@@ -383,10 +386,6 @@ def test_a_pool_of_several_lengths_draws_each_prompts_length_by_its_seed(monkeyp
 
 
 def test_a_pool_with_the_question_in_its_prefill_cuts_before_the_prompts_last_token(monkeypatch):
-    from types import SimpleNamespace
-
-    from namm_transfer.pipelines.text import evolve_shared
-
     cuts = []
     task = SimpleNamespace(make=lambda tokenizer, seed, n: SimpleNamespace(prompt_ids=list(range(40))))
 
@@ -394,10 +393,7 @@ def test_a_pool_with_the_question_in_its_prefill_cuts_before_the_prompts_last_to
         cuts.append(context_len)
         return SimpleNamespace(context_len=context_len)
 
-    monkeypatch.setattr(evolve_shared, "prefill_context", prefill)
-    monkeypatch.setattr(evolve_shared, "answer_token_ids", lambda *a: None)
-    monkeypatch.setattr(evolve_shared, "answer_attention", lambda *a: (None, None))
-    monkeypatch.setattr(evolve_shared, "evidence_mask", lambda *a: [])
+    _stub_pool_builders(monkeypatch, prefill)
     evolve_shared.PrefillPool(None, None, None, {"t": task}, NAMMConfig(), 1024).get("t", 0)
     evolve_shared.PrefillPool(None, None, None, {"t": task}, NAMMConfig(), 1024,
                               question_in_prefill=True).get("t", 0)

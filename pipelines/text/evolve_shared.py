@@ -102,10 +102,12 @@ class PrefillPool:
     @torch.no_grad()
     def _build(self, task: str, seed: int) -> PoolEntry:
         example = self.tasks[task].make(self.tokenizer, seed, self.lengths[seed % len(self.lengths)])
-        share = self.context_share
-        cut = None if share is None else int(split_context(example, self.tokenizer) * share)
         if self.question_in_prefill:
             cut = len(example.prompt_ids) - 1
+        elif self.context_share is not None:
+            cut = int(split_context(example, self.tokenizer) * self.context_share)
+        else:
+            cut = None  # prefill_context's own cut: the whole context, before the question
         prefill = prefill_context(self.model, self.handle, example, self.tokenizer, [NAMM(self.namm_cfg)],
                                   context_len=cut)
         answer = answer_token_ids(self.tokenizer, example)

@@ -195,7 +195,6 @@ def fit_heads(args) -> None:
             raise SystemExit(f"{cached} holds the pool of {held}, not {wanted}: name another --cache")
     else:
         train, probe = text_pool(future, args.ema_decay, tuple(args.tasks), args.ema_unbiased)
-        age_dim = probe.config.age_dim
         pool = []
         for entry in train:
             feats, valid, positions = entry_features(entry, probe)  # [rows, S, age_dim + bins]

@@ -28,6 +28,7 @@ from namm_transfer.policies.base import (
     CacheView,
     MemoryPolicy,
     check_budget,
+    pool_over_slots,
     recent_slots,
     resolve_budget,
     sink_slots,
@@ -67,6 +68,12 @@ class NAMMConfig:
     # score: a token that arrived since the last update has been read by few queries, so a score built on
     # received attention cannot judge it yet. 0: off (the reference). Within a budget they take part of it.
     recent_tokens: int = 0
+    # Smooth each token's score with its neighbours' before selection: the mean over the ``score_pool``
+    # (odd) nearest scored tokens in arrival order (SnapKV's average pool; the sinks and the recent window
+    # are not pooled). Neighbouring tokens belong together (a word's pieces, a video frame's patches), so a
+    # token is kept with its span. 1: off (the reference). On the 128-frame videos it costs accuracy
+    # (benchmarks/results/video_128_linear/, "SnapKV's pool in the NAMM").
+    score_pool: int = 1
     # Threshold mode only: never keep fewer than the ``min_tokens`` best-scoring tokens per sample and KV
     # head (within a budget: at most the budget). An early update judges tokens that few queries have read
     # yet; a floor keeps it from evicting a short context's tokens on that evidence. 0: off (the reference).
@@ -97,6 +104,8 @@ class NAMMConfig:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         if self.recent_tokens < 0:
             raise ValueError(f"recent_tokens must be >= 0, got {self.recent_tokens}")
+        if self.score_pool < 1 or self.score_pool % 2 == 0:
+            raise ValueError(f"score_pool must be an odd size >= 1, got {self.score_pool}")
         if not self.head_mix >= 0:
             raise ValueError(f"head_mix must be >= 0, got {self.head_mix}")
         if self.head_mix and self.scorer != "joint":
@@ -291,7 +300,7 @@ class NAMM(MemoryPolicy):
         else:
             feats = self.features(state, view)
             scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
-        scores = self._always_kept(scores, view)
+        scores = self._always_kept(self._pooled(scores, view), view)
         keep = select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
         if self.config.min_tokens and self.config.threshold is not None:
             floor = self.config.min_tokens
@@ -307,6 +316,18 @@ class NAMM(MemoryPolicy):
         best of its own ranking (:func:`~namm_transfer.joint.head_mixed`)."""
         own = self._always_kept(_per_slot(self._pending_heads[:, view.layer_idx], view), view)
         return select_tokens(own, view.valid, view.positions, None, keep.sum(-1, keepdim=True), view.protect)
+
+    def _pooled(self, scores: torch.Tensor, view: CacheView) -> torch.Tensor:
+        """``scores`` averaged over ``score_pool`` neighbours among the slots neither sink nor window."""
+        c = self.config
+        if c.score_pool == 1:
+            return scores
+        pooled = view.valid
+        if c.sink_tokens:
+            pooled = pooled & ~sink_slots(view, c.sink_tokens)
+        if c.recent_tokens:
+            pooled = pooled & ~recent_slots(view, c.recent_tokens)
+        return pool_over_slots(scores, pooled, c.score_pool)
 
     def _always_kept(self, scores: torch.Tensor, view: CacheView) -> torch.Tensor:
         """``scores`` with the sink tokens and the recent window (``sink_tokens``, ``recent_tokens``) at

@@ -103,3 +103,26 @@ def test_text_fitness_refuses_a_namm_without_a_linear_read_out_and_bins_out_of_r
     assert done.returncode != 0 and "'bam' scorer" in done.stderr and "linear" in done.stderr
     done = script("text-fitness", "--bins", "17")
     assert done.returncode != 0 and "--bins must be in 0..16" in done.stderr
+
+
+def test_fit_heads_score_pool_fits_a_target_spread_over_neighbours(tmp_path):
+    """A target that follows bin 0 averaged over 5 neighbouring tokens: the read-out fitted with
+    ``--score-pool 5`` ranks it better than the unpooled fit (its loss is lower), and the record says so."""
+    gen = torch.Generator().manual_seed(2)
+    pool = []
+    for _ in range(4):
+        x = torch.randn(2, 160, 3, generator=gen)
+        spread = torch.nn.functional.avg_pool1d(x[None, ..., 0], 5, 1, 2, count_include_pad=False)[0]
+        positions = torch.arange(160).expand(2, -1)
+        pool.append((x, torch.exp(3.0 * spread), torch.ones(2, 160, dtype=torch.bool), positions))
+    cache = tmp_path / "spread.pt"
+    torch.save({"pool": pool, "config": {"ema_decay": 0.9999, "age_dim": 8}, "with_age": False}, cache)
+    losses = {}
+    for kernel in ("1", "5"):
+        done = script("fit-heads", "--shared", "--steps", "400", "--lr", "0.05", "--cache", str(cache),
+                      "--name", f"pool{kernel}", "--out-dir", str(tmp_path), "--score-pool", kernel)
+        assert done.returncode == 0, done.stderr
+        record = json.loads((tmp_path / f"pool{kernel}.json").read_text())
+        assert record["score_pool"] == int(kernel)
+        losses[kernel] = record["reference_losses"]["fitted"]
+    assert losses["5"] < losses["1"] - 0.1

@@ -20,7 +20,8 @@ video tokens, progressive, with the video statistics of the shipped video NAMM:
   kept by a recent window anyway, are left out of the fit; ``--save-namm DIR``: the shared read-out as a
   per-head NAMM (``scorer="linear"``, ``recent_tokens``), what ``benchmarks/results/video_128_linear/``
   evaluates; ``--nonneg``: every weight kept >= 0; ``--tasks``: the text pool's tasks (default passkey,
-  kv, docs; also hop, vartrack, alias).
+  kv, docs; also hop, vartrack, alias); ``--score-pool K``: the read-out of scores averaged over K
+  neighbouring tokens (``NAMMConfig.score_pool``, SnapKV's pool), saved with it.
 - ``text-bins``: each spectral bin alone as the ranking, per task of a cached pool (which bin text rewards).
 - ``text-fitness``: the text task fitness evolution climbs (one-shot, capped) of hand-set read-outs:
   whether CMA-ES on text could find what the future-attention fit does not.
@@ -161,6 +162,18 @@ def pool_features(saved: dict, with_age: bool, cached: Path | str | None) -> lis
     return saved["pool"]
 
 
+def pooled_tokens(data: list, kernel: int) -> list:
+    """``fit_tokens``'s prompts with each ranked token's features averaged over its ``kernel`` nearest
+    ranked tokens (``NAMMConfig.score_pool``: a linear read-out of pooled features is the pooled
+    read-out, so fitting on them fits the NAMM that pools its scores)."""
+    from namm_transfer.policies.base import pool_over_slots
+
+    if kernel == 1:
+        return data
+    return [(pool_over_slots(x.transpose(-1, -2), a[:, None, :].expand(-1, x.shape[-1], -1), kernel)
+             .transpose(-1, -2), t, a) for x, t, a in data]
+
+
 def equal_loss(data: list) -> float:
     """The mean listwise loss of equal scores (every ranking's reference)."""
     from namm_transfer.pipelines.text.evolve_shared import topk_loss
@@ -205,7 +218,8 @@ def fit_heads(args) -> None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(saved, cached)
     age_dim = saved["config"]["age_dim"]
-    data = fit_tokens(pool_features(saved, args.with_age, cached), args.exclude_recent)
+    data = pooled_tokens(fit_tokens(pool_features(saved, args.with_age, cached), args.exclude_recent),
+                         args.score_pool)
     rows, bins = data[0][0].shape[0], data[0][0].shape[-1]
     free = torch.zeros(1 if args.shared else rows, bins, requires_grad=True)  # --shared: one for every row
     opt = torch.optim.Adam([free], lr=args.lr)
@@ -227,7 +241,8 @@ def fit_heads(args) -> None:
               "shared": args.shared, "future": future, "ema_decay": args.ema_decay,
               "ema_unbiased": args.ema_unbiased,
               "with_age": args.with_age, "nonneg": args.nonneg,
-              "exclude_recent": args.exclude_recent, "prompts": len(data), "tasks": list(args.tasks),
+              "exclude_recent": args.exclude_recent, "score_pool": args.score_pool,
+              "prompts": len(data), "tasks": list(args.tasks),
               "command": shlex.join(["python", *sys.argv])}
     with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
         uniform = equal_loss(data)
@@ -339,7 +354,7 @@ def save_linear_namm(weights: torch.Tensor, saved: dict, args, record: dict) -> 
         raise SystemExit("--save-namm needs --shared: a per-head NAMM reads one read-out in every layer-head")
     config = NAMMConfig.from_dict({**saved["config"], "scorer": "linear", "joint_rows": 0,
                                    "joint_reference": "absolute", "recent_tokens": args.recent_tokens,
-                                   "threshold": None})
+                                   "threshold": None, "score_pool": args.score_pool})
     if not args.with_age:  # no age weights
         weights = torch.cat([weights.new_zeros(config.age_dim), weights])
     params = torch.cat([weights, weights.new_zeros(1)])[None]
@@ -445,6 +460,8 @@ def main() -> None:
                          help="DIR: also write a per-head linear NAMM of the shared read-out (--shared)")
     p_heads.add_argument("--recent-tokens", type=int, default=61,
                          help="the saved NAMM's recent window (61: H2O's at 15%% of the video tokens)")
+    p_heads.add_argument("--score-pool", type=int, default=1,
+                         help="K: fit (and save) a read-out of scores averaged over K neighbouring tokens")
     p_heads.add_argument("--cache", default=None,
                          help="a file for the pool's features and targets (written once, then read)")
     p_bins = sub.add_parser("text-bins", help="each bin alone as the ranking, per task of a cached pool")

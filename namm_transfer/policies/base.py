@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from namm_transfer.selection import select_tokens
 
@@ -176,6 +177,32 @@ def recent_slots(view: CacheView, recent: int | torch.Tensor) -> torch.Tensor:
     """``[B, H, S]`` bool: the valid slots holding each sample's newest ``recent`` tokens (a recent window;
     an int or a per-sample ``[B, 1, 1]`` tensor)."""
     return view.valid & (view.age < recent)
+
+
+def pool_over_slots(scores: torch.Tensor, mask: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``scores`` ``[B, H, S]`` with each ``mask`` slot's score replaced by the mean over the ``kernel``
+    (odd) nearest ``mask`` slots in slot (= arrival) order, itself included: SnapKV's 1-D average pool
+    (stride 1, same size, slots outside ``mask`` count as padding, padding not counted). Slots outside
+    ``mask`` keep their score. ``kernel = 1``: unchanged.
+    """
+    if kernel == 1:
+        return scores
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"the pool's kernel must be an odd size >= 1, got {kernel}")
+    # Pack the pooled slots to the front (slot order is arrival order), pool, scatter back.
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
+    packed_mask = mask.gather(-1, order)
+    packed = scores.gather(-1, order)
+    weights = packed_mask.to(scores.dtype)
+    values = torch.where(packed_mask, packed, torch.zeros_like(packed))  # +-inf outside the mask stays out
+    lead, n_slots, pad = packed.shape[:-1], packed.shape[-1], kernel // 2
+    # Pool the masked sum and the mask count alike (zero padding): their ratio is the mean over the
+    # pooled slots in each window, i.e. count_include_pad=False with masked slots as padding.
+    total = F.avg_pool1d(values.reshape(-1, 1, n_slots), kernel, 1, pad)
+    counts = F.avg_pool1d(weights.reshape(-1, 1, n_slots), kernel, 1, pad)
+    pooled = (total / counts.clamp(min=1e-12)).reshape(*lead, n_slots)
+    pooled = torch.where(packed_mask, pooled, packed)
+    return torch.empty_like(pooled).scatter_(-1, order, pooled)
 
 
 class ScoredPolicy(MemoryPolicy):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from namm_transfer.policies.base import Budget, CacheView, ScoredPolicy, recent_slots
+from namm_transfer.policies.base import Budget, CacheView, ScoredPolicy, pool_over_slots, recent_slots
 
 
 class SnapKV(ScoredPolicy):
@@ -92,25 +92,8 @@ class SnapKV(ScoredPolicy):
                 rows = F.pad(rows, (0, n_slots - rows.shape[-1]))
             mean = rows.sum(-2) / count.clamp(min=1)[:, None, None]  # [B, H, S]
         in_window = recent_slots(view, self.window)
-        pooled = self._pool(mean, view.valid & ~in_window)
+        pooled = pool_over_slots(mean, view.valid & ~in_window, self.kernel)
         return pooled.masked_fill(in_window, float("inf"))
-
-    def _pool(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Average pool of ``scores`` over the ``mask`` slots taken in slot (= arrival) order."""
-        if self.kernel == 1:
-            return scores
-        # Pack the pooled slots to the front (slot order is arrival order), pool, scatter back.
-        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
-        packed_mask = mask.gather(-1, order).float()
-        packed = scores.gather(-1, order) * packed_mask
-        lead, n_slots, pad = packed.shape[:-1], packed.shape[-1], self.kernel // 2
-        # Pool the masked sum and the mask count alike (zero padding): their ratio is the mean over the
-        # pooled slots in each window, i.e. count_include_pad=False with masked slots as padding.
-        total = F.avg_pool1d(packed.reshape(-1, 1, n_slots), self.kernel, 1, pad)
-        counts = F.avg_pool1d(packed_mask.reshape(-1, 1, n_slots), self.kernel, 1, pad)
-        pooled = (total / counts.clamp(min=1e-12)).reshape(*lead, n_slots)
-        pooled = torch.where(packed_mask > 0, pooled, packed)
-        return torch.empty_like(pooled).scatter_(-1, order, pooled)
 
     def state_nbytes(self, state: dict) -> int:
         rows, count = state["rows"], state["count"]

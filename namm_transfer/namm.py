@@ -314,7 +314,8 @@ class NAMM(MemoryPolicy):
     def _rerank_per_head(self, keep: torch.Tensor, view: CacheView) -> torch.Tensor:
         """``head_mix > 0``: each KV head keeps as many tokens as the joint ``keep`` mask gives it, the
         best of its own ranking (:func:`~namm_transfer.joint.head_mixed`)."""
-        own = self._always_kept(_per_slot(self._pending_heads[:, view.layer_idx], view), view)
+        own = self._pooled(_per_slot(self._pending_heads[:, view.layer_idx], view), view)
+        own = self._always_kept(own, view)
         return select_tokens(own, view.valid, view.positions, None, keep.sum(-1, keepdim=True), view.protect)
 
     def _pooled(self, scores: torch.Tensor, view: CacheView) -> torch.Tensor:

@@ -126,3 +126,40 @@ def test_fit_heads_score_pool_fits_a_target_spread_over_neighbours(tmp_path):
         assert record["score_pool"] == int(kernel)
         losses[kernel] = record["reference_losses"]["fitted"]
     assert losses["5"] < losses["1"] - 0.1
+
+
+def test_fit_bam_learns_a_ranking_and_starts_from_a_linear_read_out(tmp_path):
+    """fit-bam on the synthetic pool: from scratch it ranks the target far better than equal scores and
+    saves a ranking BAM NAMM without age features; warm-started from a linear NAMM, its step-0 loss is that
+    read-out's own listwise loss; a missing cache is named."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from namm_transfer import NAMM, NAMMConfig
+    from namm_transfer.pipelines.text.evolve_shared import topk_loss
+
+    cache = tmp_path / "pool.pt"
+    synthetic_cache(cache)
+    saved = torch.load(cache)
+    saved["config"].update(n_fft=4, hop=2)  # 3 spectral bins, as the synthetic features
+    torch.save(saved, cache)
+    done = script("fit-bam", "--cache", str(cache), "--steps", "300", "--lr", "0.03", "--exclude-recent", "0",
+                  "--save-namm", str(tmp_path / "bam"))
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "bam" / "training.json").read_text())
+    losses = record["reference_losses"]
+    assert losses["fitted"] < losses["equal scores"] - 0.3
+    namm = NAMM.from_pretrained(tmp_path / "bam")
+    assert (namm.config.scorer, namm.config.age_dim, namm.config.recent_tokens, namm.config.threshold) == (
+        "bam", 0, 61, None)
+
+    weights = torch.tensor([1.0, -0.5, 0.2])
+    config = NAMMConfig(n_fft=4, hop=2, scorer="linear", threshold=None)
+    NAMM(config, torch.cat([torch.zeros(8), weights, torch.zeros(1)])[None]).save_pretrained(tmp_path / "lin")
+    done = script("fit-bam", "--cache", str(cache), "--steps", "0", "--exclude-recent", "0",
+                  "--warm-start", str(tmp_path / "lin"), "--save-namm", str(tmp_path / "warm"))
+    assert done.returncode == 0, done.stderr
+    start = json.loads((tmp_path / "warm" / "training.json").read_text())["reference_losses"]["warm start"]
+    expected = sum(float(topk_loss(x @ weights, t, v & (p >= 4))) for x, t, v, p in saved["pool"]) / 4
+    assert abs(start - expected) < 1e-4
+
+    done = script("fit-bam", "--cache", str(tmp_path / "none.pt"), "--save-namm", str(tmp_path / "x"))
+    assert done.returncode != 0 and "none.pt does not exist" in done.stderr

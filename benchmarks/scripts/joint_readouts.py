@@ -22,6 +22,9 @@ video tokens, progressive, with the video statistics of the shipped video NAMM:
   evaluates; ``--nonneg``: every weight kept >= 0; ``--tasks``: the text pool's tasks (default passkey,
   kv, docs; also hop, vartrack, alias); ``--score-pool K``: the read-out of scores averaged over K
   neighbouring tokens (``NAMMConfig.score_pool``, SnapKV's pool), saved with it.
+- ``fit-bam``: one BAM read-out (the reference's scorer) shared by every layer-head, fitted as ``fit-heads
+  --shared`` on a cached pool's spectral features and saved as a ranking NAMM (``--warm-start``: from a
+  linear NAMM's read-out, which it scores exactly at step 0).
 - ``text-bins``: each spectral bin alone as the ranking, per task of a cached pool (which bin text rewards).
 - ``text-fitness``: the text task fitness evolution climbs (one-shot, capped) of hand-set read-outs:
   whether CMA-ES on text could find what the future-attention fit does not.
@@ -260,6 +263,77 @@ def fit_heads(args) -> None:
         save_linear_namm(weights[0], saved, args, record)
 
 
+def fit_bam(args) -> None:
+    """One BAM read-out shared by every layer-head (the reference's scorer: each token attends to itself and
+    the newer ones), fitted like ``fit-heads --shared`` (Adam, listwise, towards the tokens each head goes
+    on reading) on a cached pool's spectral features (``age_dim = 0``: no text age profile), and saved as a
+    per-head NAMM that only ranks, ``recent_tokens`` always kept. ``--warm-start``: a linear NAMM's
+    spectral weights as the final read-out and a zero output projection, so step 0 scores as it does."""
+    from namm_transfer.pipelines.common import run_metadata
+    from namm_transfer.pipelines.text.evolve_shared import topk_loss
+    from namm_transfer.scorers import score_tokens
+
+    torch.set_num_threads(1)
+    if not Path(args.cache).exists():
+        raise SystemExit(f"{args.cache} does not exist: write the pool with fit-heads --cache {args.cache}")
+    saved = torch.load(args.cache)
+    raw = pool_features(saved, False, args.cache)  # [rows, S, bins], target, valid, positions
+    data = [(x, t, v, a, p) for (x, t, v, p), (_, _, a) in zip(raw, fit_tokens(raw, args.exclude_recent),
+                                                             strict=True)]
+    config = NAMMConfig.from_dict({**saved["config"], "scorer": "bam", "age_dim": 0, "joint_rows": 0,
+                                   "joint_reference": "absolute", "recent_tokens": args.recent_tokens,
+                                   "threshold": None})
+    shapes = config.shapes
+    layout = dict(shapes.layout())
+    noise = 0.01 * torch.randn(shapes.n_params, generator=torch.Generator().manual_seed(0))
+    chunks = dict(zip(layout, noise.split([torch.Size(v).numel() for v in layout.values()]), strict=True))
+    chunks["out_weight"] = torch.zeros_like(chunks["out_weight"])  # the BAM's term starts at zero
+    chunks["out_bias"] = torch.zeros_like(chunks["out_bias"])
+    chunks["final_bias"] = torch.zeros(1)
+    chunks["final_weight"] = torch.zeros(shapes.in_dim)
+    if args.warm_start:
+        linear = NAMM.from_pretrained(args.warm_start)
+        if linear.config.scorer != "linear" or linear.config.n_bins != shapes.in_dim:
+            raise SystemExit(f"--warm-start needs a linear NAMM with {shapes.in_dim} bins, got {linear!r}")
+        age = linear.config.age_dim
+        chunks["final_weight"] = linear.params[0, age: age + shapes.in_dim]
+    free = torch.cat([chunks[name] for name in layout])[None].clone().requires_grad_(True)
+
+    def loss_of(params, x, target, valid, allowed, positions):
+        scores = score_tokens(params, x[None], valid[None], positions[None], shapes)[0]
+        return topk_loss(scores, target, allowed)
+
+    with torch.no_grad():
+        start = sum(float(loss_of(free, *d)) for d in data) / len(data)
+    opt = torch.optim.Adam([free], lr=args.lr)
+    order = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(args.steps):
+        loss = loss_of(free, *data[int(torch.randint(len(data), (), generator=order))])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1}: loss {sum(losses[-100:]) / 100:.4f}", flush=True)
+    with torch.no_grad():
+        fitted = sum(float(loss_of(free, *d)) for d in data) / len(data)
+        uniform = equal_loss([(x, t, a) for x, t, _, a, _ in data])
+    print(f"BAM read-out over every prompt: fitted {fitted:.3f}, warm start {start:.3f}, equal scores "
+          f"{uniform:.3f}", flush=True)
+    namm = NAMM(config, free.detach().clone(), saved["mean"], saved["var"])
+    out = Path(args.save_namm)
+    namm.save_pretrained(out)
+    record = {**run_metadata(), "seed": 0, "optimiser": "Adam", "loss": "topk_loss (listwise, top 10%)",
+              "steps": args.steps, "lr": args.lr, "exclude_recent": args.exclude_recent,
+              "warm_start_namm": args.warm_start, "cache": str(args.cache),
+              "reference_losses": {"equal scores": uniform, "warm start": start, "fitted": fitted},
+              "losses": [sum(part) / max(1, len(part)) for part in (losses[:50], losses[-50:])],
+              "command": shlex.join(["python", *sys.argv])}
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}: {namm!r}", flush=True)
+
+
 def text_bins(args) -> None:
     """Each spectral bin alone as the ranking, per task of a cached pool (``fit-heads --cache``): the
     listwise loss at the best of six scales, against equal scores, over the fit's tokens
@@ -464,6 +538,14 @@ def main() -> None:
                          help="K: fit (and save) a read-out of scores averaged over K neighbouring tokens")
     p_heads.add_argument("--cache", default=None,
                          help="a file for the pool's features and targets (written once, then read)")
+    p_bam = sub.add_parser("fit-bam", help="fit one shared BAM read-out on a cached text pool, save a NAMM")
+    p_bam.add_argument("--cache", required=True, help="a pool written by fit-heads --cache")
+    p_bam.add_argument("--steps", type=int, default=3000, help="Adam steps (one prompt each)")
+    p_bam.add_argument("--lr", type=float, default=0.003)
+    p_bam.add_argument("--exclude-recent", type=int, default=64, help="as fit-heads --exclude-recent")
+    p_bam.add_argument("--warm-start", default=None, help="a linear NAMM whose read-out starts the fit")
+    p_bam.add_argument("--recent-tokens", type=int, default=61, help="the saved NAMM's recent window")
+    p_bam.add_argument("--save-namm", required=True, help="the NAMM's directory (with training.json)")
     p_bins = sub.add_parser("text-bins", help="each bin alone as the ranking, per task of a cached pool")
     p_bins.add_argument("--cache", required=True, help="a pool written by fit-heads --cache")
     p_bins.add_argument("--exclude-recent", type=int, default=64, help="as fit-heads --exclude-recent")
@@ -490,8 +572,8 @@ def main() -> None:
     p_eval.add_argument("--output-dir", required=True)
     p_eval.add_argument("--shard", default="0/1", help="K/N: this process's share of the questions")
     args = parser.parse_args()
-    commands = {"fit": fit, "fit-heads": fit_heads, "text-bins": text_bins, "text-fitness": text_fitness,
-                "eval": evaluate_video}
+    commands = {"fit": fit, "fit-heads": fit_heads, "fit-bam": fit_bam, "text-bins": text_bins,
+                "text-fitness": text_fitness, "eval": evaluate_video}
     commands[args.command](args)
 
 

@@ -280,9 +280,7 @@ def fit_bam(args) -> None:
     raw = pool_features(saved, False, args.cache)  # [rows, S, bins], target, valid, positions
     data = [(x, t, v, a, p) for (x, t, v, p), (_, _, a) in zip(raw, fit_tokens(raw, args.exclude_recent),
                                                              strict=True)]
-    config = NAMMConfig.from_dict({**saved["config"], "scorer": "bam", "age_dim": 0, "joint_rows": 0,
-                                   "joint_reference": "absolute", "recent_tokens": args.recent_tokens,
-                                   "threshold": None})
+    config = ranking_config(saved, "bam", args.recent_tokens, age_dim=0)
     shapes = config.shapes
     layout = dict(shapes.layout())
     noise = 0.01 * torch.randn(shapes.n_params, generator=torch.Generator().manual_seed(0))
@@ -420,15 +418,21 @@ def text_fitness(args) -> None:
         Path(args.out).write_text(table)
 
 
+def ranking_config(saved: dict, scorer: str, recent_tokens: int, **changes) -> NAMMConfig:
+    """The config of a per-head NAMM read off a cached pool: the pool's features and cadence, ``scorer``,
+    no threshold (it ranks; capped runs only), ``recent_tokens`` always kept, and ``changes``."""
+    return NAMMConfig.from_dict({**saved["config"], "scorer": scorer, "joint_rows": 0,
+                                 "joint_reference": "absolute", "recent_tokens": recent_tokens,
+                                 "threshold": None, **changes})
+
+
 def save_linear_namm(weights: torch.Tensor, saved: dict, args, record: dict) -> None:
     """A per-head NAMM (``scorer="linear"``) whose read-out is the shared fitted one: its age weights
     (zero without ``--with-age``), no bias and no threshold (it ranks; capped runs only), the pool's
     feature config and text statistics, ``recent_tokens`` always kept."""
     if not args.shared:
         raise SystemExit("--save-namm needs --shared: a per-head NAMM reads one read-out in every layer-head")
-    config = NAMMConfig.from_dict({**saved["config"], "scorer": "linear", "joint_rows": 0,
-                                   "joint_reference": "absolute", "recent_tokens": args.recent_tokens,
-                                   "threshold": None, "score_pool": args.score_pool})
+    config = ranking_config(saved, "linear", args.recent_tokens, score_pool=args.score_pool)
     if not args.with_age:  # no age weights
         weights = torch.cat([weights.new_zeros(config.age_dim), weights])
     params = torch.cat([weights, weights.new_zeros(1)])[None]

@@ -300,7 +300,7 @@ class NAMM(MemoryPolicy):
         else:
             feats = self.features(state, view)
             scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
-        scores = self._always_kept(self._pooled(scores, view), view)
+        scores = self._selection_scores(scores, view)
         keep = select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
         if self.config.min_tokens and self.config.threshold is not None:
             floor = self.config.min_tokens
@@ -314,30 +314,22 @@ class NAMM(MemoryPolicy):
     def _rerank_per_head(self, keep: torch.Tensor, view: CacheView) -> torch.Tensor:
         """``head_mix > 0``: each KV head keeps as many tokens as the joint ``keep`` mask gives it, the
         best of its own ranking (:func:`~namm_transfer.joint.head_mixed`)."""
-        own = self._pooled(_per_slot(self._pending_heads[:, view.layer_idx], view), view)
-        own = self._always_kept(own, view)
+        own = self._selection_scores(_per_slot(self._pending_heads[:, view.layer_idx], view), view)
         return select_tokens(own, view.valid, view.positions, None, keep.sum(-1, keepdim=True), view.protect)
 
-    def _pooled(self, scores: torch.Tensor, view: CacheView) -> torch.Tensor:
-        """``scores`` averaged over ``score_pool`` neighbours among the slots neither sink nor window."""
-        c = self.config
-        if c.score_pool == 1:
-            return scores
-        pooled = view.valid
-        if c.sink_tokens:
-            pooled = pooled & ~sink_slots(view, c.sink_tokens)
-        if c.recent_tokens:
-            pooled = pooled & ~recent_slots(view, c.recent_tokens)
-        return pool_over_slots(scores, pooled, c.score_pool)
-
-    def _always_kept(self, scores: torch.Tensor, view: CacheView) -> torch.Tensor:
-        """``scores`` with the sink tokens and the recent window (``sink_tokens``, ``recent_tokens``) at
+    def _selection_scores(self, scores: torch.Tensor, view: CacheView) -> torch.Tensor:
+        """``scores`` as selection reads them: averaged over ``score_pool`` neighbours among the slots that
+        are neither sinks nor the recent window, and those slots (``sink_tokens``, ``recent_tokens``) at
         +inf: always kept."""
-        if self.config.sink_tokens:
-            scores = scores.masked_fill(sink_slots(view, self.config.sink_tokens), float("inf"))
-        if self.config.recent_tokens:
-            scores = scores.masked_fill(recent_slots(view, self.config.recent_tokens), float("inf"))
-        return scores
+        c = self.config
+        always = torch.zeros_like(view.valid)
+        if c.sink_tokens:
+            always |= sink_slots(view, c.sink_tokens)
+        if c.recent_tokens:
+            always |= recent_slots(view, c.recent_tokens)
+        if c.score_pool > 1:
+            scores = pool_over_slots(scores, view.valid & ~always, c.score_pool)
+        return scores.masked_fill(always, float("inf"))
 
     def prepare_joint(self, states: list[StreamingSpectrogram], views: list[CacheView]) -> None:
         """Score every token from all layers' ``states`` and ``views`` (one per layer, in order) for the

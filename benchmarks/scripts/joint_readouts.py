@@ -55,6 +55,7 @@ from video_diagnostics import VIDEO_NAMM, run_capped_namm
 
 from namm_transfer import NAMM, NAMMConfig, joint
 from namm_transfer import namm as namm_module
+from namm_transfer.policies.base import pool_over_slots
 
 
 def layer_groups(layers: int, groups: int) -> list[range]:
@@ -169,8 +170,6 @@ def pooled_tokens(data: list, kernel: int) -> list:
     """``fit_tokens``'s prompts with each ranked token's features averaged over its ``kernel`` nearest
     ranked tokens (``NAMMConfig.score_pool``: a linear read-out of pooled features is the pooled
     read-out, so fitting on them fits the NAMM that pools its scores)."""
-    from namm_transfer.policies.base import pool_over_slots
-
     if kernel == 1:
         return data
     return [(pool_over_slots(x.transpose(-1, -2), a[:, None, :].expand(-1, x.shape[-1], -1), kernel)
@@ -269,7 +268,6 @@ def fit_bam(args) -> None:
     on reading) on a cached pool's spectral features (``age_dim = 0``: no text age profile), and saved as a
     per-head NAMM that only ranks, ``recent_tokens`` always kept. ``--warm-start``: a linear NAMM's
     spectral weights as the final read-out and a zero output projection, so step 0 scores as it does."""
-    from namm_transfer.pipelines.common import run_metadata
     from namm_transfer.pipelines.text.evolve_shared import topk_loss
     from namm_transfer.scorers import score_tokens
 
@@ -319,17 +317,12 @@ def fit_bam(args) -> None:
         uniform = equal_loss([(x, t, a) for x, t, _, a, _ in data])
     print(f"BAM read-out over every prompt: fitted {fitted:.3f}, warm start {start:.3f}, equal scores "
           f"{uniform:.3f}", flush=True)
-    namm = NAMM(config, free.detach().clone(), saved["mean"], saved["var"])
-    out = Path(args.save_namm)
-    namm.save_pretrained(out)
-    record = {**run_metadata(), "seed": 0, "optimiser": "Adam", "loss": "topk_loss (listwise, top 10%)",
-              "steps": args.steps, "lr": args.lr, "exclude_recent": args.exclude_recent,
+    record = {"steps": args.steps, "lr": args.lr, "exclude_recent": args.exclude_recent,
               "warm_start_namm": args.warm_start, "cache": str(args.cache),
               "reference_losses": {"equal scores": uniform, "warm start": start, "fitted": fitted},
               "losses": [sum(part) / max(1, len(part)) for part in (losses[:50], losses[-50:])],
               "command": shlex.join(["python", *sys.argv])}
-    (out / "training.json").write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}: {namm!r}", flush=True)
+    save_fitted_namm(NAMM(config, free.detach().clone(), saved["mean"], saved["var"]), args.save_namm, record)
 
 
 def text_bins(args) -> None:
@@ -436,13 +429,18 @@ def save_linear_namm(weights: torch.Tensor, saved: dict, args, record: dict) -> 
     if not args.with_age:  # no age weights
         weights = torch.cat([weights.new_zeros(config.age_dim), weights])
     params = torch.cat([weights, weights.new_zeros(1)])[None]
-    namm = NAMM(config, params, saved["mean"], saved["var"])
-    out = Path(args.save_namm)
-    namm.save_pretrained(out)
+    save_fitted_namm(NAMM(config, params, saved["mean"], saved["var"]), args.save_namm, record)
+
+
+def save_fitted_namm(namm: NAMM, directory: str | Path, record: dict) -> None:
+    """``namm`` in ``directory`` with a ``training.json``: the run's metadata, the fit (seed 0, Adam, the
+    listwise top-10% loss) and ``record`` (the script's command, steps, losses)."""
     from namm_transfer.pipelines.common import run_metadata
 
+    out = Path(directory)
+    namm.save_pretrained(out)
     meta = {**run_metadata(), "seed": 0, "optimiser": "Adam", "loss": "topk_loss (listwise, top 10%)"}
-    (out / "training.json").write_text(json.dumps({**meta, **record}, indent=2))  # the script's command
+    (out / "training.json").write_text(json.dumps({**meta, **record}, indent=2))
     print(f"wrote {out}: {namm!r}", flush=True)
 
 

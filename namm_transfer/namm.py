@@ -35,8 +35,9 @@ from namm_transfer.policies.base import (
     within_cap,
 )
 from namm_transfer.scorers import ScorerShapes, keep_all_params, score_tokens
-from namm_transfer.selection import select_tokens
+from namm_transfer.selection import select_tokens, select_tokens_across_heads
 
+HEAD_BUDGETS = ("each", "shared")
 
 @dataclass(frozen=True)
 class NAMMConfig:
@@ -92,6 +93,11 @@ class NAMMConfig:
     # a sum that grows with its age, so an old token and a new one read alike are scored alike. With a
     # decay near 1 that is the mean attention a token has received per query. False: the reference.
     ema_unbiased: bool = False
+    # How a budget is split among a layer's KV heads: "each" (every head keeps its own cap, as every
+    # baseline does) or "shared" (the heads of a sample keep H x cap tokens between them, the best-scored
+    # of all heads: AdaKV's allocation, as the reference's threshold lets heads differ). The same tokens
+    # in all; the cache stores each layer as wide as its fullest head (stats()["stored_to_kept"]).
+    head_budget: str = "each"
 
     def __post_init__(self) -> None:
         if self.scorer == "joint" and self.joint_rows < 1:
@@ -112,6 +118,8 @@ class NAMMConfig:
             raise ValueError(f"head_mix applies to a joint NAMM only (scorer={self.scorer!r})")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.head_budget not in HEAD_BUDGETS:
+            raise ValueError(f"head_budget must be one of {HEAD_BUDGETS}, got {self.head_budget!r}")
         check_budget(self.budget, self.compression_ratio, owner="NAMMConfig.budget")
         if self.update_every < 1 or self.hop < 1 or self.n_fft < self.hop:
             raise ValueError(
@@ -301,7 +309,8 @@ class NAMM(MemoryPolicy):
             feats = self.features(state, view)
             scores = score_tokens(params, feats, view.valid, view.positions, self.config.shapes)
         scores = self._selection_scores(scores, view)
-        keep = select_tokens(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
+        select = select_tokens_across_heads if self.config.head_budget == "shared" else select_tokens
+        keep = select(scores, view.valid, view.positions, self.config.threshold, cap, view.protect)
         if self.config.min_tokens and self.config.threshold is not None:
             floor = self.config.min_tokens
             if cap is not None:

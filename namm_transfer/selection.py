@@ -59,6 +59,34 @@ def select_tokens(
     return keep
 
 
+def select_tokens_across_heads(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    threshold: float | None = 0.0,
+    budget: torch.Tensor | int | None = None,
+    protect: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`select_tokens` with the KV heads of a sample sharing one budget: ``H x budget`` slots
+    go to the best-scored tokens of all ``H`` heads together (AdaKV's allocation), so a head whose
+    scores stand out keeps more than one whose scores are flat. Each head still keeps its newest token
+    and its ``protect`` slots, counted in the shared budget first. Arguments as :func:`select_tokens`;
+    a ``[B, H]`` budget is summed over the heads."""
+    b, h, s = scores.shape
+    forced = newest_slot(positions, valid)
+    if protect is not None:
+        forced = forced | (protect & valid)
+    if budget is not None:
+        budget = torch.as_tensor(budget, device=scores.device)
+        budget = budget.sum(-1) if budget.ndim == 2 else budget * h
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(b, 1, h * s)
+
+    keep = select_tokens(flat(scores), flat(valid), flat(positions), threshold, budget, flat(forced))
+    return keep.reshape(b, h, s)
+
+
 def compact_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather indices that pack kept slots to the front, preserving their order.
 

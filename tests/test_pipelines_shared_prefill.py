@@ -418,3 +418,28 @@ def test_teacher_forced_after_a_prefill_of_all_but_the_prompts_last_token_scores
         result = teacher_forced(model, prefill, prefill.fork(0, FullCache()), ids[prompt:])
     assert prefill.suffix_ids.tolist() == [int(ids[prompt - 1])]
     assert result.logprob[0] == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_pool_features_and_target_stack_layers_of_different_widths(sliding_model):
+    """On sliding-window layers (fewer slots than the global ones) the pool's features, validity,
+    positions and answer-attention target are padded to the widest layer: each layer's rows begin with
+    its own slots unchanged, and its padding is invalid with zero target."""
+    ids = _ids(5, vocab=_tiny_decoders.VOCAB)
+    namm = NAMM(NAMMConfig(update_every=16))
+    with attach(sliding_model, namm) as handle:
+        prefill = prefill_context(sliding_model, handle, _Example(ids[: CONTEXT + SUFFIX].tolist()), None,
+                                  [namm], context_len=CONTEXT)
+        _, target = evolve_shared.answer_attention(sliding_model, prefill, ids[CONTEXT + SUFFIX:])
+        feats, valid, positions = evolve_shared.cache_features(prefill.cache, namm, 0)
+    memories = [layer.memory for layer in prefill.cache.layers]
+    widths = [m.valid.shape[-1] for m in memories]
+    assert min(widths) < max(widths) or sliding_model.config.model_type != "gemma3_text"
+    heads = memories[0].valid.shape[1]
+    assert feats.shape[:2] == valid.shape == positions.shape == target.shape == (len(memories) * heads,
+                                                                                 max(widths))
+    for layer, (mem, width) in enumerate(zip(memories, widths, strict=True)):
+        rows = slice(layer * heads, (layer + 1) * heads)
+        assert torch.equal(valid[rows, :width], mem.valid[0])
+        assert torch.equal(positions[rows, :width], mem.positions[0])
+        assert not valid[rows, width:].any() and (positions[rows, width:] == -1).all()
+        assert (target[rows, width:] == 0).all() and (feats[rows, width:] == 0).all()

@@ -135,7 +135,22 @@ def answer_attention(model, prefill: ContextPrefill,
         layer.memory.state = recorder.new_state(layer.memory.layer_idx)
     full = teacher_forced(model, prefill, cache, answer_ids)
     n = prefill.context_len
-    return full, torch.cat([layer.memory.state["received"][0, :, :n] for layer in cache.layers])
+    received = [layer.memory.state["received"][0, :, :n] for layer in cache.layers]
+    return full, torch.cat(padded_slots(received, 0.0))
+
+
+def padded_slots(rows: list[torch.Tensor], fill) -> list[torch.Tensor]:
+    """Per-layer ``[H, S_l, ...]`` slot tensors widened with ``fill`` to the widest layer's slots, so they
+    stack: a sliding-window layer (Gemma 3's local layers) holds fewer slots than a global one; its
+    padding is invalid (``fill`` False / -1 / 0), so a fit never reads it."""
+    width = max(r.shape[1] for r in rows)
+    out = []
+    for r in rows:
+        if r.shape[1] < width:
+            pad = r.new_full((r.shape[0], width - r.shape[1], *r.shape[2:]), fill)
+            r = torch.cat([r, pad], dim=1)
+        out.append(r)
+    return out
 
 
 def entry_features(entry: PoolEntry, namm: NAMM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,7 +172,8 @@ def cache_features(
         feats.append(namm.features(state, view)[0])
         valid.append(mem.valid[0])
         positions.append(mem.positions[0])
-    return torch.cat(feats), torch.cat(valid), torch.cat(positions)
+    return (torch.cat(padded_slots(feats, 0.0)), torch.cat(padded_slots(valid, False)),
+            torch.cat(padded_slots(positions, -1)))
 
 
 def collect_statistics(entries: list[PoolEntry], namm_cfg: NAMMConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -77,7 +77,7 @@ POOL_LENGTHS = [1024, 1536]  # prompt lengths in tokens, one drawn per prompt by
 
 
 def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.9999,
-              tasks: tuple[str, ...] = POOL_TASKS, ema_unbiased: bool = False):
+              tasks: tuple[str, ...] = POOL_TASKS, ema_unbiased: bool = False, model_name: str = "smollm2"):
     """``(training entries, probe NAMM with their statistics)``: the text pool of the joint NAMM's recipe.
 
     ``future = f``: each prompt's context is cut after its first ``f`` share of tokens, and the target is
@@ -91,6 +91,8 @@ def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.99
     ``EXTRA_TASKS`` too: the future target needs the model's attention, not its answer).
     ``ema_unbiased``: features divided by the weight of the frames since each token arrived
     (``NAMMConfig.ema_unbiased``: a token's mean attention spectrum, not a sum growing with its age).
+    ``model_name``: whose attention (``smollm2``, or ``gemma3-270m``: another text model, whose read-out
+    then transfers across models as well as to video).
     """
     from namm_transfer.adapters import attach
     from namm_transfer.pipelines.models import load_named_model
@@ -101,7 +103,7 @@ def text_pool(future: float | list[float] | None = None, ema_decay: float = 0.99
     torch.set_num_threads(1)
     cfg = EvolveConfig(engine="shared-prefill", scorer="joint", sink_tokens=4, update_every=256, seed=0,
                        ema_decay=ema_decay, joint_reference="fresh-median")
-    model, tokenizer = load_named_model("smollm2")
+    model, tokenizer = load_named_model(model_name)
     feature_cfg = replace(cfg.namm_config(), ema_unbiased=ema_unbiased)
     shares = future if isinstance(future, list) else [future]
     train = []
@@ -202,20 +204,21 @@ def fit_heads(args) -> None:
     if cached is not None and cached.exists():  # the pool's features, targets and statistics, as below
         saved = torch.load(cached)
         wanted = {"future": future, "ema_decay": args.ema_decay, "tasks": list(args.tasks),
-                  "ema_unbiased": args.ema_unbiased}
+                  "ema_unbiased": args.ema_unbiased, "model": args.model}
         held = {"future": saved.get("future", future), "ema_decay": saved["config"]["ema_decay"],
                 "tasks": saved.get("tasks", list(POOL_TASKS)),
-                "ema_unbiased": saved["config"].get("ema_unbiased", False)}
+                "ema_unbiased": saved["config"].get("ema_unbiased", False),
+                "model": saved.get("model", "smollm2")}
         if held != wanted:  # (caches written before a setting was recorded are taken at their word)
             raise SystemExit(f"{cached} holds the pool of {held}, not {wanted}: name another --cache")
     else:
-        train, probe = text_pool(future, args.ema_decay, tuple(args.tasks), args.ema_unbiased)
+        train, probe = text_pool(future, args.ema_decay, tuple(args.tasks), args.ema_unbiased, args.model)
         pool = []
         for entry in train:
             feats, valid, positions = entry_features(entry, probe)  # [rows, S, age_dim + bins]
             pool.append((feats, entry.target, valid, positions))
         saved = {"pool": pool, "config": asdict(probe.config), "mean": probe.norm_mean, "var": probe.norm_var,
-                 "with_age": True, "future": future, "tasks": list(args.tasks)}
+                 "with_age": True, "future": future, "tasks": list(args.tasks), "model": args.model}
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(saved, cached)
@@ -244,7 +247,7 @@ def fit_heads(args) -> None:
               "ema_unbiased": args.ema_unbiased,
               "with_age": args.with_age, "nonneg": args.nonneg,
               "exclude_recent": args.exclude_recent, "score_pool": args.score_pool,
-              "prompts": len(data), "tasks": list(args.tasks),
+              "prompts": len(data), "tasks": list(args.tasks), "model": args.model,
               "command": shlex.join(["python", *sys.argv])}
     with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
         uniform = equal_loss(data)
@@ -532,6 +535,8 @@ def main() -> None:
                               "band of its attention grows")
     p_heads.add_argument("--tasks", nargs="+", default=list(POOL_TASKS),
                          help="the text pool's tasks (also hop, vartrack, alias)")
+    p_heads.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3-270m"),
+                         help="whose text attention the pool reads (gemma3-270m: the gemma extra's packages)")
     p_heads.add_argument("--save-namm", default=None,
                          help="DIR: also write a per-head linear NAMM of the shared read-out (--shared)")
     p_heads.add_argument("--recent-tokens", type=int, default=61,

@@ -39,6 +39,7 @@ from namm_transfer.selection import select_tokens, select_tokens_across_heads
 
 HEAD_BUDGETS = ("each", "shared")
 
+
 @dataclass(frozen=True)
 class NAMMConfig:
     """Every size and cadence of a NAMM; the defaults are the reference's (docs/design.md, "The NAMM").
@@ -95,7 +96,7 @@ class NAMMConfig:
     ema_unbiased: bool = False
     # How a budget is split among a layer's KV heads: "each" (every head keeps its own cap, as every
     # baseline does) or "shared" (the heads of a sample keep H x cap tokens between them, the best-scored
-    # of all heads: AdaKV's allocation, as the reference's threshold lets heads differ). The same tokens
+    # of all heads: AdaKV's allocation, as the reference's threshold lets heads differ). As many tokens
     # in all; the cache stores each layer as wide as its fullest head (stats()["stored_to_kept"]).
     head_budget: str = "each"
 

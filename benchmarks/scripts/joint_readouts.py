@@ -55,6 +55,7 @@ from video_diagnostics import VIDEO_NAMM, run_capped_namm
 
 from namm_transfer import NAMM, NAMMConfig, joint
 from namm_transfer import namm as namm_module
+from namm_transfer.pipelines.models import MODELS
 from namm_transfer.policies.base import pool_over_slots
 
 
@@ -535,7 +536,7 @@ def main() -> None:
                               "band of its attention grows")
     p_heads.add_argument("--tasks", nargs="+", default=list(POOL_TASKS),
                          help="the text pool's tasks (also hop, vartrack, alias)")
-    p_heads.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3-270m"),
+    p_heads.add_argument("--model", default="smollm2", choices=tuple(MODELS),
                          help="whose text attention the pool reads (gemma3-270m: the gemma extra's packages)")
     p_heads.add_argument("--save-namm", default=None,
                          help="DIR: also write a per-head linear NAMM of the shared read-out (--shared)")

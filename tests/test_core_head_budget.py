@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _memories import observed_memory
 
-from namm_transfer import NAMM, LayerMemory, NAMMConfig
+from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.policies.base import recent_slots, sink_slots
-from namm_transfer.scorers import score_tokens
 from namm_transfer.selection import newest_slot, select_tokens, select_tokens_across_heads
 
 torch.set_num_threads(1)
@@ -74,14 +74,7 @@ def test_namm_with_a_shared_budget_keeps_the_top_of_all_heads():
     namm = NAMM.init_random(1, sigma=1.0, config=config)
     kept = {}
     for head_budget in ("each", "shared"):
-        mem = LayerMemory(namm.replace(head_budget=head_budget), 0)
-        mem.append(1, 2, 40, torch.device("cpu"))
-        mask = mem.attention_mask(40)
-        logits = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * 3
-        mem.observe(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1))
-        view = mem.view()
-        raw = score_tokens(namm.params, namm.features(mem.state, view), view.valid, view.positions,
-                           config.shapes)
+        mem, view, raw = observed_memory(namm.replace(head_budget=head_budget), seed=0)
         protected = sink_slots(view, 4) | recent_slots(view, 6)
         mem.maybe_evict()
         kept[head_budget] = [mem.positions[0, h][mem.valid[0, h]].tolist() for h in range(2)]

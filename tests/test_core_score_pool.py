@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _memories import observed_memory
 
-from namm_transfer import NAMM, LayerMemory, NAMMConfig
+from namm_transfer import NAMM, NAMMConfig
 from namm_transfer.policies.base import pool_over_slots, recent_slots, sink_slots
-from namm_transfer.scorers import score_tokens
 
 torch.set_num_threads(1)
 
@@ -55,14 +55,7 @@ def test_namm_score_pool_keeps_the_top_of_its_pooled_scores():
     namm = NAMM.init_random(1, sigma=1.0, config=config)
     kept = {}
     for pool in (1, 5):
-        mem = LayerMemory(namm.replace(score_pool=pool), 0)
-        mem.append(1, 2, 40, torch.device("cpu"))
-        mask = mem.attention_mask(40)
-        logits = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3)) * 3
-        mem.observe(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1))
-        view = mem.view()
-        raw = score_tokens(namm.params, namm.features(mem.state, view), view.valid, view.positions,
-                           config.shapes)
+        mem, view, raw = observed_memory(namm.replace(score_pool=pool), seed=3)
         protected = sink_slots(view, 4) | recent_slots(view, 6)
         pooled = reference_pool(raw, view.valid & ~protected, pool).masked_fill(protected, float("inf"))
         expected = pooled.topk(14, dim=-1).indices.sort(-1).values

@@ -12,6 +12,13 @@ def newest_slot(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return valid & (masked == newest)
 
 
+def forced_slots(positions: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None) -> torch.Tensor:
+    """``[B, H, S]`` bool of the slots every selection keeps: each (sample, head)'s newest valid slot and
+    its valid ``protect`` slots."""
+    forced = newest_slot(positions, valid)
+    return forced if protect is None else forced | (protect & valid)
+
+
 def select_tokens(
     scores: torch.Tensor,
     valid: torch.Tensor,
@@ -34,9 +41,7 @@ def select_tokens(
     Returns:
         ``[B, H, S]`` bool keep mask.
     """
-    forced = newest_slot(positions, valid)
-    if protect is not None:
-        forced = forced | (protect & valid)
+    forced = forced_slots(positions, valid, protect)
     nan = torch.isnan(scores)
     keep = valid & (nan | forced)
     if threshold is not None:
@@ -73,9 +78,7 @@ def select_tokens_across_heads(
     and its ``protect`` slots, counted in the shared budget first. Arguments as :func:`select_tokens`;
     a ``[B, H]`` budget is summed over the heads."""
     b, h, s = scores.shape
-    forced = newest_slot(positions, valid)
-    if protect is not None:
-        forced = forced | (protect & valid)
+    forced = forced_slots(positions, valid, protect)
     if budget is not None:
         budget = torch.as_tensor(budget, device=scores.device)
         budget = budget.sum(-1) if budget.ndim == 2 else budget * h

@@ -139,7 +139,7 @@ def answer_attention(model, prefill: ContextPrefill,
     return full, torch.cat(padded_slots(received, 0.0))
 
 
-def padded_slots(rows: list[torch.Tensor], fill) -> list[torch.Tensor]:
+def padded_slots(rows: list[torch.Tensor], fill: float | bool | int) -> list[torch.Tensor]:
     """Per-layer ``[H, S_l, ...]`` slot tensors widened with ``fill`` to the widest layer's slots, so they
     stack: a sliding-window layer (Gemma 3's local layers) holds fewer slots than a global one; its
     padding is invalid (``fill`` False / -1 / 0), so a fit never reads it."""

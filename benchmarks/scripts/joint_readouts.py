@@ -179,25 +179,31 @@ def pooled_tokens(data: list, kernel: int) -> list:
              .transpose(-1, -2), t, a) for x, t, a in data]
 
 
+def readout_loss(scores: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The listwise loss every fit here minimises: towards each row's top 10% of ``target`` (attention),
+    or, for a bool ``target``, towards exactly its marked tokens (the answer frames of a video pool)."""
+    from namm_transfer.pipelines.text.evolve_shared import listwise_loss, topk_loss
+
+    if target.dtype == torch.bool:
+        return listwise_loss(scores, target, allowed)
+    return topk_loss(scores, target, allowed)
+
+
 def equal_loss(data: list) -> float:
     """The mean listwise loss of equal scores (every ranking's reference)."""
-    from namm_transfer.pipelines.text.evolve_shared import topk_loss
-
-    return sum(float(topk_loss(torch.zeros_like(t), t, a)) for _, t, a in data) / len(data)
+    return sum(float(readout_loss(torch.zeros_like(x[..., 0]), t, a)) for x, t, a in data) / len(data)
 
 
 def alone_loss(data: list, k: int) -> float:
     """The mean listwise loss of feature ``k`` alone as the ranking, at the best of six scales."""
-    from namm_transfer.pipelines.text.evolve_shared import topk_loss
-
-    return min(sum(float(topk_loss(scale * x[..., k], t, a)) for x, t, a in data) / len(data)
+    return min(sum(float(readout_loss(scale * x[..., k], t, a)) for x, t, a in data) / len(data)
                for scale in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
 
 
 def fit_heads(args) -> None:
     """Per layer-head read-outs of its own spectral features, fitted (Adam, listwise, all rows at once)
     towards the top 10% of the context by the attention the question and answer paid *in that head*."""
-    from namm_transfer.pipelines.text.evolve_shared import entry_features, topk_loss
+    from namm_transfer.pipelines.text.evolve_shared import entry_features
 
     torch.set_num_threads(1)
     future = args.future[0] if args.future and len(args.future) == 1 else args.future  # one share: a float
@@ -223,6 +229,12 @@ def fit_heads(args) -> None:
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(saved, cached)
+    fit_shared_readout(saved, args, cached)
+
+
+def fit_shared_readout(saved: dict, args, cached: Path | None) -> None:
+    """``fit-heads``' fit on a pool (``saved``: its features, targets and statistics, as ``--cache`` holds
+    them): the read-outs (one with ``--shared``), their record, and with ``--save-namm`` the NAMM."""
     age_dim = saved["config"]["age_dim"]
     data = pooled_tokens(fit_tokens(pool_features(saved, args.with_age, cached), args.exclude_recent),
                          args.score_pool)
@@ -234,7 +246,7 @@ def fit_heads(args) -> None:
     for _ in range(args.steps):
         x, target, allowed = data[int(torch.randint(len(data), (), generator=order))]
         weights = free.expand(rows, bins)
-        loss = topk_loss(torch.einsum("rsk,rk->rs", x, weights), target, allowed)
+        loss = readout_loss(torch.einsum("rsk,rk->rs", x, weights), target, allowed)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -244,16 +256,18 @@ def fit_heads(args) -> None:
         losses.append(float(loss.detach()))
     weights = free.detach().expand(rows, bins).clone()
     record = {"losses": [sum(losses[:50]) / 50, sum(losses[-50:]) / 50], "steps": args.steps, "lr": args.lr,
-              "shared": args.shared, "future": future, "ema_decay": args.ema_decay,
-              "ema_unbiased": args.ema_unbiased,
+              "shared": args.shared, "future": saved.get("future"), "ema_decay": saved["config"]["ema_decay"],
+              "ema_unbiased": saved["config"].get("ema_unbiased", False),
               "with_age": args.with_age, "nonneg": args.nonneg,
               "exclude_recent": args.exclude_recent, "score_pool": args.score_pool,
-              "prompts": len(data), "tasks": list(args.tasks), "model": args.model,
+              "prompts": len(data), "target": saved.get("target", "attention"),
+              "tasks": list(saved.get("tasks", POOL_TASKS)),
+              "model": saved.get("model", "smollm2"),
               "command": shlex.join(["python", *sys.argv])}
     with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
         uniform = equal_loss(data)
         mass = alone_loss(data, age_dim if args.with_age else 0)
-        fitted = sum(float(topk_loss(torch.einsum("rsk,rk->rs", x, weights), t, a))
+        fitted = sum(float(readout_loss(torch.einsum("rsk,rk->rs", x, weights), t, a))
                      for x, t, a in data) / len(data)
     record["reference_losses"] = {"equal scores": uniform, "bin 0 alone": mass, "fitted": fitted}
     print(f"per-head read-outs: loss {record['losses'][0]:.3f} -> {record['losses'][1]:.3f}; over every "
@@ -443,7 +457,8 @@ def save_fitted_namm(namm: NAMM, directory: str | Path, record: dict) -> None:
 
     out = Path(directory)
     namm.save_pretrained(out)
-    meta = {**run_metadata(), "seed": 0, "optimiser": "Adam", "loss": "topk_loss (listwise, top 10%)"}
+    meta = {**run_metadata(), "seed": 0, "optimiser": "Adam",
+            "loss": "listwise: top 10% of the target, or a bool target's tokens"}
     (out / "training.json").write_text(json.dumps({**meta, **record}, indent=2))
     print(f"wrote {out}: {namm!r}", flush=True)
 

@@ -82,3 +82,23 @@ def test_fit_towards_the_answer_frames_ranks_them_first(tmp_path):
     done = script("fit", "--target", "evidence", "--cache", str(tmp_path / "bare.pt"),
                   "--save-namm", str(tmp_path / "x"))
     assert done.returncode != 0 and "holds no answer frames" in done.stderr
+
+
+def test_one_shot_fraction_keeps_eval_videos_one_shot_cap():
+    """evolve scores each member at the cap eval-video's one-shot run gives (capped_policy): a budget share
+    of the video tokens plus the text before the video's end, for any text length and budget."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from video_readout_fit import one_shot_fraction
+
+    from namm_transfer.pipelines.video.evaluate import capped_policy
+
+    video_token = 99
+    for text_before, video_tokens, budget in ((3, 512, 0.15), (7, 128, 0.25), (1, 300, 0.5)):
+        ids = [1] * text_before + [video_token] * video_tokens + [2] * 20
+        context = text_before + video_tokens  # the prefill stops at the video's end
+        _, _, info = capped_policy("H2O", None, budget, "one-shot", ids, video_tokens, video_token, 256)
+        entry = SimpleNamespace(prefill=SimpleNamespace(context_len=context))
+        assert info["video_end"] == context
+        assert round(one_shot_fraction(entry, budget, video_tokens) * context) == info["cap"]

@@ -229,7 +229,7 @@ def evolve(args) -> None:
               "videos": len(entries), "annotations": args.annotations, "features": args.features,
               "start": args.start or "bin 0 alone", "best_generation": best_generation,
               "best_score": best_score, "log": state["log"],
-              "command": shlex.join(["python", *sys.argv]), **run_metadata()}
+              **run_metadata(), "command": shlex.join(["python", *sys.argv])}
     (out / "evolve.json").write_text(json.dumps(record, indent=2))
     save_fitted_namm(namm, out / "namm", record)
 

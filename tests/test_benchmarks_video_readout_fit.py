@@ -102,3 +102,31 @@ def test_one_shot_fraction_keeps_eval_videos_one_shot_cap():
         entry = SimpleNamespace(prefill=SimpleNamespace(context_len=context))
         assert info["video_end"] == context
         assert round(one_shot_fraction(entry, budget, video_tokens) * context) == info["cap"]
+
+
+def test_run_generations_keeps_the_scored_mean_and_climbs():
+    """On a quadratic, run_generations climbs from the start, logs every generation, and keeps as best the
+    mean it scored with that very score (not the mean after the update), saving after each generation."""
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from video_readout_fit import run_generations
+
+    from namm_transfer.pipelines.text.cma import ResumableSepCMA
+
+    optimum = np.array([1.0, -2.0, 0.5])
+
+    def fitness(rows):
+        score = -((rows - optimum) ** 2).sum(-1)
+        return score, (score > -0.1).astype(float)
+
+    start = np.zeros(3)
+    optimizer = ResumableSepCMA(mean=start.copy(), sigma=0.5, population_size=8, seed=0)
+    state = {"generation": 0, "optimizer": optimizer,
+             "best": (float(fitness(start[None])[0][0]), start, 0), "log": []}
+    saves = []
+    run_generations(state, fitness, 8, 25, lambda: saves.append(state["generation"]))
+    score, best, generation = state["best"]
+    assert saves == list(range(1, 26)) and [r["generation"] for r in state["log"]] == saves
+    assert score == float(fitness(best[None])[0][0]) > -0.5 > fitness(start[None])[0][0]
+    assert state["log"][generation - 1]["mean_score"] == score

@@ -156,6 +156,30 @@ def one_shot_fraction(entry, budget: float, video_tokens: int) -> float:
     return (max(1, round(budget * video_tokens)) + text) / entry.prefill.context_len
 
 
+def run_generations(state: dict, fitness, population: int, generations: int, save=lambda: None) -> None:
+    """CMA-ES generations until ``state["generation"]`` reaches ``generations``: each asks ``population``
+    members, scores them and the mean they were drawn around in one call (``fitness``: ``[rows, dim]`` ->
+    ``(score, exact)`` per row, higher is better), tells the optimizer, logs the mean's score, and keeps in
+    ``state["best"]`` the best-scored mean with that score; ``save()`` after every generation."""
+    import numpy as np
+
+    opt = state["optimizer"]
+    while state["generation"] < generations:
+        members = [opt.ask() for _ in range(population)]
+        centre = opt.mean.copy()  # the mean these members were drawn around, scored with them
+        score, exact = fitness(np.stack(members + [centre]))  # last row: the CMA mean
+        opt.tell([(x, -float(f)) for x, f in zip(members, score[:-1], strict=True)])
+        state["generation"] += 1
+        g = state["generation"]
+        state["log"].append({"generation": g, "mean_score": float(score[-1]), "mean_exact": float(exact[-1]),
+                             "members_best": float(score[:-1].max()), "sigma": opt.sigma})
+        if score[-1] > state["best"][0]:
+            state["best"] = (float(score[-1]), centre, g)
+        save()
+        print(f"generation {g}: CMA mean score {score[-1]:.4f}, exact {exact[-1]:.3f}; best member "
+              f"{score[:-1].max():.4f}; sigma {opt.sigma:.3f}", flush=True)
+
+
 def evolve(args) -> None:
     """Separable CMA-ES over the read-out's spectral weights, scored by the answers themselves: every
     member's one-shot eviction at ``--budget`` on every training video, then the reference answer
@@ -202,29 +226,18 @@ def evolve(args) -> None:
         else:
             start[0] = 1.0  # bin 0 alone: the attention mass, the hand-set point level with SnapKV
         score, exact = fitness(decode(start))
-        state = {"generation": 0, "optimizer": ResumableSepCMA(mean=start, sigma=args.sigma,
+        state = {"generation": 0, "optimizer": ResumableSepCMA(mean=start.copy(), sigma=args.sigma,
                                                                population_size=args.population, seed=0),
                  "best": (float(score[0]), start, 0), "log": [{"generation": 0, "mean_score": float(score[0]),
                                                                "mean_exact": float(exact[0])}]}
         print(f"start: score {score[0]:.4f}, exact {exact[0]:.3f}", flush=True)
-    opt = state["optimizer"]
-    while state["generation"] < args.generations:
-        members = [opt.ask() for _ in range(args.population)]
-        score, exact = fitness(decode(np.stack(members + [opt.mean])))  # last row: the CMA mean
-        opt.tell([(x, -float(f)) for x, f in zip(members, score[:-1], strict=True)])
-        state["generation"] += 1
-        g = state["generation"]
-        row = {"generation": g, "mean_score": float(score[-1]), "mean_exact": float(exact[-1]),
-               "members_best": float(score[:-1].max()), "sigma": opt.sigma}
-        state["log"].append(row)
-        if score[-1] > state["best"][0]:
-            state["best"] = (float(score[-1]), opt.mean.copy(), g)
-        state_path.write_bytes(pickle.dumps(state))
-        print(f"generation {g}: CMA mean score {score[-1]:.4f}, exact {exact[-1]:.3f}; best member "
-              f"{score[:-1].max():.4f}; sigma {opt.sigma:.3f}", flush=True)
+    run_generations(state, lambda thetas: fitness(decode(thetas)), args.population, args.generations,
+                    lambda: state_path.write_bytes(pickle.dumps(state)))
     best_score, best, best_generation = state["best"]
     namm = NAMM(config, torch.as_tensor(decode(best), dtype=torch.float32), probe.norm_mean, probe.norm_var)
-    record = {"target": "answers (CMA-ES, one-shot)", "budget": args.budget, "em_weight": args.em_weight,
+    record = {"target": "answers (one-shot)", "optimiser": "separable CMA-ES (seed 0)",
+              "loss": "member_scores: exact match and likelihood against the full cache's",
+              "budget": args.budget, "em_weight": args.em_weight,
               "population": args.population, "sigma": args.sigma, "generations": args.generations,
               "videos": len(entries), "annotations": args.annotations, "features": args.features,
               "start": args.start or "bin 0 alone", "best_generation": best_generation,

@@ -68,7 +68,7 @@ def video_entries(annotations: str, probe: NAMM, video_model, limit: int | None)
 
     from namm_transfer.adapters import attach, video_layout
     from namm_transfer.pipelines.text.evolve_shared import PoolEntry, answer_attention
-    from namm_transfer.pipelines.text.shared_prefill import prefill_context
+    from namm_transfer.pipelines.text.shared_prefill import answer_token_ids, prefill_context
     from namm_transfer.pipelines.video.annotations import load_annotations
     from namm_transfer.pipelines.video.evaluate import prompt_ids, video_end
     from namm_transfer.pipelines.video.io import read_frames
@@ -85,7 +85,7 @@ def video_entries(annotations: str, probe: NAMM, video_model, limit: int | None)
             end = video_end(ids, layout.video_token_id)
             prefill = prefill_context(model, handle, SimpleNamespace(prompt_ids=ids), tokenizer, [probe],
                                       context_len=end, inputs={"pixel_values_videos": pixels})
-            answer = torch.tensor(tokenizer.encode(" " + sample.answer, add_special_tokens=False))
+            answer = answer_token_ids(tokenizer, sample)  # " B", as the model writes it
             full, target = answer_attention(model, prefill, answer)
             evidence = key_frame_mask(ids[:end], layout, sample.meta["key_frames"])
             yield PoolEntry("video", i, prefill, answer, full, target, evidence)
@@ -139,11 +139,11 @@ def fit(args) -> None:
     if saved.get("tasks") != ["video"]:
         raise SystemExit(f"{args.cache} is not a video pool (tasks {saved.get('tasks')}): "
                          "write one with pool")
-    # fit-heads' settings this fit does not vary: one read-out for every layer-head, spectral bins only
     if args.target == "evidence":
         if "evidence" not in saved:
             raise SystemExit(f"{args.cache} holds no answer frames: write it again with pool")
         saved = {**saved, "pool": evidence_targets(saved), "target": "evidence"}
+    # fit-heads' settings this fit does not vary: one read-out for every layer-head, spectral bins only
     settings = SimpleNamespace(shared=True, with_age=False, nonneg=False, score_pool=1, **vars(args))
     fit_shared_readout(saved, settings, Path(args.cache))
 
@@ -152,8 +152,10 @@ def one_shot_fraction(entry, budget: float, video_tokens: int) -> float:
     """The share of ``entry``'s prefill that ``eval-video``'s one-shot cap keeps: ``budget`` of the
     ``video_tokens`` plus every text token before the video's end (``capped_policy``), as a share
     ``member_scores`` turns back into exactly that many tokens."""
-    text = entry.prefill.context_len - video_tokens
-    return (max(1, round(budget * video_tokens)) + text) / entry.prefill.context_len
+    from namm_transfer.pipelines.video.evaluate import video_cap
+
+    context = entry.prefill.context_len
+    return video_cap(budget, video_tokens, context - video_tokens) / context
 
 
 def run_generations(state: dict, fitness, population: int, generations: int, save=lambda: None) -> None:

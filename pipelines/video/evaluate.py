@@ -155,6 +155,12 @@ def video_end(ids: list[int], video_token_id: int) -> int:
     return where[-1] + 1
 
 
+def video_cap(fraction: float, video_tokens: int, text_tokens: int) -> int:
+    """Tokens per layer and KV head every capped run keeps: ``fraction`` of the video tokens (at least
+    one) plus the ``text_tokens`` the protocol holds besides them."""
+    return max(1, round(fraction * video_tokens)) + text_tokens
+
+
 def capped_policy(name: str, namm, fraction: float, protocol: str, ids: list[int], video_tokens: int,
                   video_token_id: int, update_every: int, seed: int = 0):
     """The policy, prefill chunk and ``{"cap", "video_end"}`` of one capped run on one prompt.
@@ -169,7 +175,7 @@ def capped_policy(name: str, namm, fraction: float, protocol: str, ids: list[int
         every, chunk, text = ONE_SHOT_CADENCE, end, end - video_tokens
     else:
         every, chunk, text = update_every, update_every, len(ids) - video_tokens
-    cap = max(1, round(fraction * video_tokens)) + text
+    cap = video_cap(fraction, video_tokens, text)
     info = {"cap": cap, "video_end": end}
     if name == NAMM_NAME:
         return namm.replace(update_every=every).with_budget(cap, keep_threshold=False), chunk, info

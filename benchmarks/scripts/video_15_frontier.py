@@ -19,6 +19,7 @@ import argparse
 import gzip
 import json
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from namm_transfer.pipelines.harness import mean_se
@@ -88,12 +89,13 @@ class Accuracy:
         return f"{self.mean:.3f} ± {self.se:.3f}"
 
 
-def read_rows(run: Path) -> list[dict]:
+@cache  # a run holding several policies is read once
+def read_rows(run: Path) -> tuple[dict, ...]:
     path = run / "rows.jsonl.gz" if (run / "rows.jsonl.gz").exists() else run / "rows.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no rows.jsonl(.gz) in {run}")
     with (gzip.open if path.suffix == ".gz" else open)(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return tuple(json.loads(line) for line in f if line.strip())
 
 
 def accuracy(run: Path, policy: str) -> Accuracy:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scripts" / "video_15_frontier.py"
+sys.path.insert(0, str(SCRIPT.parent))  # it reads rows with its sibling video_failures.py
 spec = importlib.util.spec_from_file_location("video_15_frontier", SCRIPT)
 frontier = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = frontier  # its dataclass looks its module up
@@ -19,6 +20,7 @@ spec.loader.exec_module(frontier)
 def test_accuracy_skips_failed_rows_and_other_policies(tmp_path):
     rows = [{"policy": "A", "correct": c, "failed": False} for c in (True, True, False, True)]
     rows += [{"policy": "A", "correct": False, "failed": True}, {"policy": "B", "correct": False}]
+    rows = [{**r, "sample_id": f"s{i}"} for i, r in enumerate(rows)]  # as eval-video's rows carry
     with gzip.open(tmp_path / "rows.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     acc = frontier.accuracy(tmp_path, "A")

@@ -16,11 +16,11 @@ panel: the 216 test questions, the shipped NAMM, the video-evolved read-out and 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from video_failures import read_rows
 
 from namm_transfer.pipelines.harness import mean_se
 
@@ -90,17 +90,17 @@ class Accuracy:
 
 
 @cache  # a run holding several policies is read once
-def read_rows(run: Path) -> tuple[dict, ...]:
-    path = run / "rows.jsonl.gz" if (run / "rows.jsonl.gz").exists() else run / "rows.jsonl"
-    if not path.exists():
+def run_rows(run: Path) -> dict[str, dict[str, dict]]:
+    """``{policy: {sample_id: row}}`` of one eval-video output folder (video_failures' reader)."""
+    if not any(run.glob("rows*.jsonl*")):
         raise FileNotFoundError(f"no rows.jsonl(.gz) in {run}")
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rt") as f:
-        return tuple(json.loads(line) for line in f if line.strip())
+    return read_rows([str(run)])
 
 
 def accuracy(run: Path, policy: str) -> Accuracy:
     """Share correct over the run's answered rows of `policy`, as eval-video's summary computes it."""
-    correct = [float(r["correct"]) for r in read_rows(run) if r["policy"] == policy and not r.get("failed")]
+    rows = run_rows(run).get(policy, {}).values()
+    correct = [float(r["correct"]) for r in rows if not r.get("failed")]
     if not correct:
         raise ValueError(f"{run} has no answered rows of policy {policy!r}")
     return Accuracy(*mean_se(correct), len(correct))
@@ -114,9 +114,8 @@ def collect() -> dict[str, list[tuple[str, str, Accuracy, Accuracy]]]:
     for name in TEST_BASELINES:
         found = {}
         for run in TEST_BASELINE_RUNS:
-            policies = {r["policy"] for r in read_rows(run)}
             for protocol, policy in (("prog", f"{name} @ 15%"), ("one", f"{name} @ 15% one-shot")):
-                if policy in policies:
+                if policy in run_rows(run):
                     found[protocol] = accuracy(run, policy)
         test.append((name, "base", found["prog"], found["one"]))
     return {"validation": val, "test": test}
@@ -125,9 +124,9 @@ def collect() -> dict[str, list[tuple[str, str, Accuracy, Accuracy]]]:
 def best_baselines(panels: dict, val_base: dict[str, Accuracy]) -> dict[str, tuple[float, float]]:
     """Per panel, the best baseline's accuracy in each protocol: (progressive, one-shot)."""
     test = [(p.mean, o.mean) for _, kind, p, o in panels["test"] if kind == "base"]
-    return {"validation": (val_base["H2O @ 15%"].mean,
-                           max(val_base["SnapKV @ 15% one-shot"].mean, val_base["TOVA @ 15% one-shot"].mean)),
-            "test": (max(p for p, _ in test), max(o for _, o in test))}
+    val = {one_shot: max(a.mean for policy, a in val_base.items() if policy.endswith("one-shot") == one_shot)
+           for one_shot in (False, True)}  # the validation runs hold each baseline in one protocol
+    return {"validation": (val[False], val[True]), "test": (max(p for p, _ in test), max(o for _, o in test))}
 
 
 def markdown(panels: dict, val_base: dict[str, Accuracy], best: dict[str, tuple[float, float]]) -> str:

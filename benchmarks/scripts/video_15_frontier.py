@@ -117,6 +117,8 @@ def collect() -> dict[str, list[tuple[str, str, Accuracy, Accuracy]]]:
             for protocol, policy in (("prog", f"{name} @ 15%"), ("one", f"{name} @ 15% one-shot")):
                 if policy in run_rows(run):
                     found[protocol] = accuracy(run, policy)
+        if len(found) < 2:
+            raise ValueError(f"{name} @ 15% is missing a protocol in {[str(r) for r in TEST_BASELINE_RUNS]}")
         test.append((name, "base", found["prog"], found["one"]))
     return {"validation": val, "test": test}
 
@@ -162,7 +164,7 @@ def plot(panels: dict, best: dict[str, tuple[float, float]], path: Path) -> None
                         ms=10 if kind == "base" else 6, alpha=0.8, elinewidth=0.6,
                         label=None if kind in seen else legend)
             seen.add(kind)
-            if split == "test" and prog.mean > 0.85 or one.mean > 0.9:  # the crowded corner is labelled
+            if (split == "test" and prog.mean > 0.85) or one.mean > 0.9:  # the crowded corner is labelled
                 labels.setdefault((prog.mean, one.mean, kind == "base"), []).append(label)  # one per spot
         for (x, y, base), names in labels.items():  # baselines' labels below left, the others' above right
             ax.annotate(" = ".join(names), (x, y), fontsize=7, xytext=(-4, -10) if base else (4, 3),

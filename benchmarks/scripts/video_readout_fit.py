@@ -95,12 +95,12 @@ def video_pool(annotations: str, features: str, limit: int | None) -> dict:
     """``fit-heads --cache``'s pool of the videos of ``annotations`` (:func:`video_entries`): per video,
     the probe's features of every prompt token up to the video's end (z-scored by its video statistics),
     the question's attention target, validity and positions; and the answer frames' positions."""
-    from namm_transfer.pipelines.text.evolve_shared import cache_features
+    from namm_transfer.pipelines.text.evolve_shared import entry_features
 
     probe, video_model = video_setup(features)
     pool, exact, evidence = [], [], []
     for entry in video_entries(annotations, probe, video_model, limit):
-        feats, valid, positions = cache_features(entry.prefill.cache, probe, 0)
+        feats, valid, positions = entry_features(entry, probe)  # as fit-heads reads a text pool
         pool.append((feats, entry.target, valid, positions))
         exact.append(bool(entry.full.exact[0]))
         evidence.append(entry.evidence)

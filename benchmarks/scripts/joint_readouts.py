@@ -200,6 +200,15 @@ def alone_loss(data: list, k: int) -> float:
                for scale in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
 
 
+def pool_settings(saved: dict, future=None) -> dict:
+    """The settings a cached pool was written with; a cache written before a setting was recorded is
+    taken at its word (the defaults, and ``future`` for the cut share)."""
+    return {"future": saved.get("future", future), "ema_decay": saved["config"]["ema_decay"],
+            "tasks": list(saved.get("tasks", POOL_TASKS)),
+            "ema_unbiased": saved["config"].get("ema_unbiased", False),
+            "model": saved.get("model", "smollm2")}
+
+
 def fit_heads(args) -> None:
     """Per layer-head read-outs of its own spectral features, fitted (Adam, listwise, all rows at once)
     towards the top 10% of the context by the attention the question and answer paid *in that head*."""
@@ -212,11 +221,8 @@ def fit_heads(args) -> None:
         saved = torch.load(cached)
         wanted = {"future": future, "ema_decay": args.ema_decay, "tasks": list(args.tasks),
                   "ema_unbiased": args.ema_unbiased, "model": args.model}
-        held = {"future": saved.get("future", future), "ema_decay": saved["config"]["ema_decay"],
-                "tasks": saved.get("tasks", list(POOL_TASKS)),
-                "ema_unbiased": saved["config"].get("ema_unbiased", False),
-                "model": saved.get("model", "smollm2")}
-        if held != wanted:  # (caches written before a setting was recorded are taken at their word)
+        held = pool_settings(saved, future)
+        if held != wanted:
             raise SystemExit(f"{cached} holds the pool of {held}, not {wanted}: name another --cache")
     else:
         train, probe = text_pool(future, args.ema_decay, tuple(args.tasks), args.ema_unbiased, args.model)
@@ -256,13 +262,10 @@ def fit_shared_readout(saved: dict, args, cached: Path | None) -> None:
         losses.append(float(loss.detach()))
     weights = free.detach().expand(rows, bins).clone()
     record = {"losses": [sum(losses[:50]) / 50, sum(losses[-50:]) / 50], "steps": args.steps, "lr": args.lr,
-              "shared": args.shared, "future": saved.get("future"), "ema_decay": saved["config"]["ema_decay"],
-              "ema_unbiased": saved["config"].get("ema_unbiased", False),
+              "shared": args.shared, **pool_settings(saved),
               "with_age": args.with_age, "nonneg": args.nonneg,
               "exclude_recent": args.exclude_recent, "score_pool": args.score_pool,
               "prompts": len(data), "target": saved.get("target", "attention"),
-              "tasks": list(saved.get("tasks", POOL_TASKS)),
-              "model": saved.get("model", "smollm2"),
               "command": shlex.join(["python", *sys.argv])}
     with torch.no_grad():  # references: equal scores, and the attention mass (bin 0) alone at its best scale
         uniform = equal_loss(data)

@@ -224,6 +224,7 @@ def fit_heads(args) -> None:
         held = pool_settings(saved, future)
         if held != wanted:
             raise SystemExit(f"{cached} holds the pool of {held}, not {wanted}: name another --cache")
+        saved.setdefault("future", future)  # taken at its word above, so the fit's record gives it too
     else:
         train, probe = text_pool(future, args.ema_decay, tuple(args.tasks), args.ema_unbiased, args.model)
         pool = []

@@ -456,7 +456,8 @@ def save_linear_namm(weights: torch.Tensor, saved: dict, args, record: dict) -> 
 
 def save_fitted_namm(namm: NAMM, directory: str | Path, record: dict) -> None:
     """``namm`` in ``directory`` with a ``training.json``: the run's metadata, the fit (seed 0, Adam, the
-    listwise top-10% loss) and ``record`` (the script's command, steps, losses)."""
+    listwise top-10% loss, unless ``record`` names its own ``optimiser`` and ``loss``, as an evolution's
+    does) and ``record`` (the script's command, steps, losses)."""
     from namm_transfer.pipelines.common import run_metadata
 
     out = Path(directory)
